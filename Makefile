@@ -1,0 +1,37 @@
+# Every target creates/refreshes the virtual environment on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU wheel by default; on a GPU box: make TORCH_SPEC="torch" (or install your CUDA build into .venv first).
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.avfuse-installed
+
+.PHONY: venv test lint demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev,cluster]"
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
+	$(PY) -m mypy
+
+test: lint
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/avfuse demo --work demo-work
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_extract.py
+	$(PY) benchmarks/bench_melspec.py
+	$(PY) benchmarks/bench_store.py
+	$(PY) benchmarks/bench_train.py
+
+clean:
+	rm -rf demo-work .pytest_cache .mypy_cache .ruff_cache

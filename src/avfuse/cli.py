@@ -1,0 +1,89 @@
+"""Command line: each subcommand builds one config dataclass and calls one public function.
+
+Options come from the config dataclass's fields (see :mod:`avfuse.config`); any key, nested ones
+included, can also be given as ``--set key=value``, and a whole config as ``--config FILE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from avfuse import __version__
+from avfuse.config import add_arguments, apply_overrides, from_arguments, from_dict, read_mapping
+
+# subcommand -> (module, config class, function, one-line help)
+COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "scan": ("avfuse.manifest", "ScanConfig", "scan", "index a dataset into WORK/manifest.parquet"),
+    "extract": ("avfuse.extract", "ExtractConfig", "extract", "decode every sound track to FLAC"),
+    "features": (
+        "avfuse.features",
+        "FeaturesConfig",
+        "compute_features",
+        "compute log-mel features into the feature store",
+    ),
+    "train": ("avfuse.train", "TrainConfig", "train", "train the audio classifier"),
+    "predict": ("avfuse.predict", "PredictConfig", "predict", "write per-video audio scores"),
+    "evaluate": ("avfuse.evaluate", "EvaluateConfig", "evaluate", "metrics of a score file"),
+    "fuse": ("avfuse.fuse", "FuseConfig", "fuse", "fuse audio and video scores, write a report"),
+    "run": ("avfuse.pipeline", "RunConfig", "run", "run every stage from one config file"),
+    "demo": ("avfuse.demo", "DemoConfig", "demo", "generate the built-in dataset and run it"),
+}
+
+
+def _load(name: str) -> tuple[type, Any]:
+    module, cls_name, fn_name, _ = COMMANDS[name]
+    mod = importlib.import_module(module)
+    return getattr(mod, cls_name), getattr(mod, fn_name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="avfuse", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"avfuse {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, _, _, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", help="TOML/YAML/JSON file with this command's settings")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override any key, nested ones too (e.g. --set train.epochs=5)",
+        )
+        try:
+            cls, _fn = _load(name)
+        except ImportError:  # a stage whose optional dependency is missing stays listed
+            continue
+        add_arguments(p, cls)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if ns.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    cls, fn = _load(ns.command)
+    base = from_dict(cls, read_mapping(ns.config)) if ns.config else None
+    try:
+        cfg: Any = from_arguments(cls, ns, base)
+        cfg = apply_overrides(cfg, ns.set)
+    except (TypeError, ValueError) as exc:
+        parser.error(str(exc))
+    result = fn(cfg)
+    summary = getattr(result, "summary", None)
+    if callable(summary):
+        print(summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Frozen configuration dataclasses: TOML round trip, CLI flags, overrides, stable hashes.
+
+Every stage of avfuse is configured by one frozen dataclass. This module knows how to
+
+* turn such a dataclass into a plain dict and back (``to_dict`` / ``from_dict``),
+* save it as TOML and load it again (``save_config`` / ``load_config``),
+* derive ``argparse`` flags from its fields (``add_arguments`` / ``from_arguments``),
+* apply ``key.sub=value`` overrides (``apply_overrides``),
+* hash it stably (``config_hash``).
+
+A field's help text lives in its metadata (``field(metadata={"help": ...})``), so the CLI and
+the documentation come from one place. Metadata keys understood here:
+
+``help``        help text
+``positional``  the field is a positional CLI argument
+``flags``       extra option strings, e.g. ``("-o",)``
+``cli``         ``False`` hides the field from the CLI (still settable with ``--set``)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import tomli_w
+
+from avfuse.io import atomic_write
+
+T = TypeVar("T")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_dict(value)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain, JSON/TOML-friendly dict of a config dataclass (nested ones become tables)."""
+    return {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    tp, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{where}: None is not allowed")
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):  # type: ignore[arg-type]
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a table, got {value!r}")
+        return from_dict(tp, value, where=where)  # type: ignore[arg-type]
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ValueError(f"{where}: {value!r} is not one of {get_args(tp)}")
+        return value
+    if origin is tuple:
+        args = get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v] if value else []
+        inner = args[0] if args else str
+        return tuple(_coerce(inner, v, where) for v in value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a table, got {value!r}")
+        return dict(value)
+    if tp is Path:
+        return Path(value)
+    if tp is bool:
+        if isinstance(value, str):
+            low = value.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"{where}: {value!r} is not a boolean")
+        return bool(value)
+    if tp is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"{where}: {value!r} is not an integer")
+        return int(value)
+    if tp is float:
+        return float(value)
+    if tp is str:
+        return str(value)
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build ``cls`` from a plain dict; unknown keys are an error (typos must not pass silently)."""
+    hints = _field_types(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(
+            f"unknown key(s) for {cls.__name__}{' at ' + where if where else ''}: "
+            f"{', '.join(unknown)}; known: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    # TOML has no null: a missing key means "default", which is None for optional fields.
+    return {k: (_drop_none(v) if isinstance(v, dict) else v) for k, v in d.items() if v is not None}
+
+
+def dumps(cfg: Any) -> str:
+    return tomli_w.dumps(_drop_none(to_dict(cfg)))
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    """Write ``cfg`` as TOML, atomically. Returns the path."""
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(dumps(cfg), encoding="utf-8")
+    return path
+
+
+def read_mapping(path: str | Path) -> dict[str, Any]:
+    """Read a TOML, YAML or JSON file into a dict (by extension)."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    elif path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        data = tomllib.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_config(cls: type[T], path: str | Path) -> T:
+    return from_dict(cls, read_mapping(path))
+
+
+def config_hash(cfg: Any, length: int = 16) -> str:
+    """Stable hash of a config: sha256 of its canonical JSON (sorted keys)."""
+    blob = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:length]
+
+
+def _set_nested(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur = data
+    for k in keys[:-1]:
+        nxt = cur.get(k)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[k] = nxt
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def _parse_value(text: str) -> Any:
+    # TOML literal syntax where it parses (numbers, booleans, arrays, quoted strings), else a string.
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(cfg: T, overrides: typing.Iterable[str]) -> T:
+    """Apply ``a.b=value`` overrides (TOML literal syntax for the value) to a config."""
+    data = to_dict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        _set_nested(data, key.strip(), _parse_value(raw.strip()))
+    return from_dict(type(cfg), _drop_none(data))
+
+
+def _cli_type(tp: Any) -> tuple[Any, dict[str, Any]]:
+    tp, _ = _unwrap_optional(tp)
+    origin = get_origin(tp)
+    if origin is Literal:
+        return str, {"choices": list(get_args(tp))}
+    if origin is tuple:
+        return str, {"metavar": "A,B,..."}
+    if tp is Path:
+        return Path, {}
+    if tp in (int, float, str):
+        return tp, {}
+    return None, {}
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one CLI option per simple field of ``cls`` (nested tables are set with ``--set``)."""
+    hints = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if meta.get("cli", True) is False:
+            continue
+        tp = hints[f.name]
+        base, _ = _unwrap_optional(tp)
+        if dataclasses.is_dataclass(base):
+            continue
+        help_text = meta.get("help", "")
+        opt = "--" + f.name.replace("_", "-")
+        if base is bool:
+            parser.add_argument(
+                opt,
+                *meta.get("flags", ()),
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=help_text,
+            )
+            continue
+        conv, extra = _cli_type(tp)
+        if conv is None:
+            continue
+        if meta.get("positional"):
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            parser.add_argument(
+                f.name,
+                type=conv,
+                nargs=None if required else "?",
+                default=None,
+                help=help_text,
+                **extra,
+            )
+        else:
+            parser.add_argument(
+                opt,
+                *meta.get("flags", ()),
+                dest=f.name,
+                type=conv,
+                default=None,
+                help=help_text,
+                **extra,
+            )
+
+
+def from_arguments(cls: type[T], ns: argparse.Namespace, base: T | None = None) -> T:
+    """Build ``cls`` from parsed arguments on top of ``base`` (or the defaults)."""
+    data: dict[str, Any] = to_dict(base) if base is not None else {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        value = getattr(ns, f.name, None)
+        if value is not None:
+            data[f.name] = value
+    return from_dict(cls, _drop_none(data))

@@ -1,0 +1,146 @@
+"""Crash-safe file output and per-stage record logs.
+
+Everything avfuse writes goes to a temporary name in the destination folder and is renamed into
+place (``os.replace`` is atomic on POSIX), so a kill at any moment leaves either the old file or
+the complete new one, never a truncated one.
+
+Stage results are kept in a :class:`RecordLog`: a folder of small Parquet "part" files, each
+written atomically by whichever worker finished a batch. A rerun reads the parts to learn which
+videos are done; :meth:`RecordLog.consolidate` writes the single table the next stage reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TMP_MARK = ".tmp-"
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it onto ``path``.
+
+    On an exception the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", "utf-8")
+    return path
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text("utf-8"))
+
+
+def write_table(
+    df: pd.DataFrame, path: str | Path, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write a DataFrame as Parquet atomically, with optional key/value schema metadata."""
+    path = Path(path)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    if metadata:
+        merged = dict(table.schema.metadata or {})
+        merged.update({k.encode(): v.encode() for k, v in metadata.items()})
+        table = table.replace_schema_metadata(merged)
+    with atomic_write(path) as tmp:
+        pq.write_table(table, tmp)
+    return path
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    return pq.read_table(path).to_pandas()
+
+
+def table_metadata(path: str | Path) -> dict[str, str]:
+    meta = pq.read_schema(path).metadata or {}
+    return {k.decode(): v.decode() for k, v in meta.items() if not k.startswith(b"pandas")}
+
+
+def remove_stale_temporaries(folder: str | Path) -> int:
+    """Delete leftovers of writes that were killed before their rename. Returns how many."""
+    folder = Path(folder)
+    if not folder.exists():
+        return 0
+    n = 0
+    for p in folder.rglob(f"*{TMP_MARK}*"):
+        if p.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                n += 1
+    return n
+
+
+class RecordLog:
+    """Append-only log of per-video records, one atomic Parquet part per finished batch.
+
+    Records are dicts with at least a ``video_id`` key. When a video appears in several parts
+    (a batch retried after a worker died, say) the newest part wins.
+    """
+
+    def __init__(self, folder: str | Path, key: str = "video_id") -> None:
+        self.folder = Path(folder)
+        self.key = key
+
+    def write(self, records: Iterable[Mapping[str, Any]]) -> Path | None:
+        rows = list(records)
+        if not rows:
+            return None
+        self.folder.mkdir(parents=True, exist_ok=True)
+        # Name sorts by time, so "newest wins" is a plain sort on the file name.
+        name = f"part-{time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+        return write_table(pd.DataFrame(rows), self.folder / name)
+
+    def parts(self) -> list[Path]:
+        if not self.folder.exists():
+            return []
+        return sorted(p for p in self.folder.glob("part-*.parquet") if TMP_MARK not in p.name)
+
+    def read(self) -> pd.DataFrame:
+        frames = [read_table(p) for p in self.parts()]
+        frames = [f for f in frames if len(f)]
+        if not frames:
+            return pd.DataFrame({self.key: pd.Series([], dtype=str)})
+        df = pd.concat(frames, ignore_index=True)
+        return df.drop_duplicates(self.key, keep="last").reset_index(drop=True)
+
+    def done_ids(self) -> set[str]:
+        return set(self.read()[self.key].astype(str))
+
+    def clear(self) -> None:
+        for p in self.parts():
+            p.unlink()
+
+    def consolidate(
+        self, path: str | Path, metadata: Mapping[str, str] | None = None
+    ) -> pd.DataFrame:
+        df = self.read().sort_values(self.key).reset_index(drop=True)
+        write_table(df, path, metadata)
+        return df
+
+
+def time_ns() -> int:
+    import time
+
+    return time.time_ns()

@@ -1,0 +1,236 @@
+"""The feature store: full-length log-mel sequences in a few large shards plus one index.
+
+On disk (``WORK/features/``)::
+
+    store.json               dtype, n_mels, front-end config and its hash, class list, version
+    index.parquet            video_id, shard, offset, frames   (committed index)
+    shards/shard-XXXXX.npy   2-D array (rows, n_mels), rows of many videos back to back
+
+A video's features are rows ``offset : offset + frames`` of its shard. Shards are plain ``.npy``
+files, so reading needs numpy alone::
+
+    import json, numpy as np, pyarrow.parquet as pq
+    meta = json.load(open("features/store.json"))
+    index = pq.read_table("features/index.parquet").to_pandas().set_index("video_id")
+    row = index.loc["val/abseiling/ZzW2b8ZfnHM_000060_000070"]
+    shard = np.load(f"features/shards/{row.shard}", mmap_mode="r")
+    window = shard[row.offset + 10 : row.offset + 10 + 96]      # one 96 x 64 example
+
+Writers (one per worker batch) each write whole shards under a unique name and return index
+rows; only the final commit (``commit_index``) makes them visible, so a killed run leaves at most
+unreferenced shard files, which a rerun removes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from avfuse import __version__
+from avfuse.io import atomic_write, read_json, read_table, write_json, write_table
+
+META = "store.json"
+INDEX = "index.parquet"
+SHARDS = "shards"
+
+
+class FrontendMismatchError(ValueError):
+    pass
+
+
+class ShardWriter:
+    """Accumulates feature matrices and writes them as one or more shards of ~``max_mb``."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        n_mels: int,
+        dtype: str = "float16",
+        max_mb: float = 256,
+        prefix: str | None = None,
+    ) -> None:
+        self.dir = Path(root) / SHARDS
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.n_mels = n_mels
+        self.dtype = np.dtype(dtype)
+        self.max_rows = max(1, int(max_mb * 2**20 / (n_mels * self.dtype.itemsize)))
+        self.prefix = prefix or uuid.uuid4().hex[:12]
+        self._buf: list[tuple[str, np.ndarray]] = []
+        self._rows = 0
+        self._count = 0
+        self.index_rows: list[dict[str, Any]] = []
+
+    def add(self, video_id: str, feats: np.ndarray) -> None:
+        """Queue ``feats`` of shape (frames, n_mels) for ``video_id``."""
+        if feats.ndim != 2 or feats.shape[1] != self.n_mels:
+            raise ValueError(
+                f"{video_id}: features of shape {feats.shape}, expected (T, {self.n_mels})"
+            )
+        self._buf.append((video_id, feats.astype(self.dtype, copy=False)))
+        self._rows += len(feats)
+        if self._rows >= self.max_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buf:
+            return
+        name = f"shard-{self.prefix}-{self._count:05d}.npy"
+        offset = 0
+        for vid, f in self._buf:
+            self.index_rows.append(
+                {"video_id": vid, "shard": name, "offset": offset, "frames": len(f)}
+            )
+            offset += len(f)
+        data = np.concatenate([f for _, f in self._buf], axis=0)
+        with atomic_write(self.dir / name) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, data)
+        self._buf, self._rows = [], 0
+        self._count += 1
+
+    def close(self) -> list[dict[str, Any]]:
+        """Write what is queued; return the index rows of everything this writer wrote."""
+        self.flush()
+        return self.index_rows
+
+
+def write_meta(
+    root: str | Path,
+    *,
+    frontend: Mapping[str, Any],
+    frontend_hash: str,
+    classes: list[str],
+    dtype: str,
+    n_mels: int,
+) -> None:
+    write_json(
+        Path(root) / META,
+        {
+            "format": "avfuse-feature-store/1",
+            "avfuse_version": __version__,
+            "dtype": dtype,
+            "n_mels": n_mels,
+            "frontend": dict(frontend),
+            "frontend_hash": frontend_hash,
+            "classes": list(classes),
+        },
+    )
+
+
+def commit_index(root: str | Path, rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """Atomically replace the committed index with ``rows`` (sorted by video_id)."""
+    df = pd.DataFrame(list(rows), columns=["video_id", "shard", "offset", "frames"])
+    df = df.drop_duplicates("video_id", keep="last").sort_values("video_id").reset_index(drop=True)
+    df["offset"] = df["offset"].astype("int64")
+    df["frames"] = df["frames"].astype("int64")
+    write_table(df, Path(root) / INDEX)
+    return df
+
+
+def remove_unreferenced_shards(root: str | Path, keep: set[str]) -> int:
+    n = 0
+    shard_dir = Path(root) / SHARDS
+    if shard_dir.exists():
+        for p in shard_dir.iterdir():
+            if p.name not in keep:
+                p.unlink()
+                n += 1
+    return n
+
+
+class FeatureStore:
+    """Read-only view of a committed store; every access is a slice of a memory map.
+
+    ``store[video_id]`` -> (frames, n_mels) array (a view, no copy).
+    ``store.window(video_id, start, length)`` -> (length, n_mels).
+    Memory maps are opened lazily per process, so a store object can be pickled into
+    DataLoader workers.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        if not (self.root / META).exists() or not (self.root / INDEX).exists():
+            raise FileNotFoundError(
+                f"{self.root} is not a committed feature store (run `avfuse features` first)"
+            )
+        self.meta: dict[str, Any] = read_json(self.root / META)
+        index = read_table(self.root / INDEX)
+        self.ids: list[str] = index["video_id"].astype(str).tolist()
+        self._shard_names: list[str] = sorted(set(index["shard"]))
+        sid = {n: i for i, n in enumerate(self._shard_names)}
+        self._shard = np.asarray([sid[s] for s in index["shard"]], dtype=np.int32)
+        self._offset = index["offset"].to_numpy(np.int64)
+        self._frames = index["frames"].to_numpy(np.int64)
+        self._pos = {v: i for i, v in enumerate(self.ids)}
+        self._maps: dict[int, np.ndarray] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_maps"] = {}
+        return state
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def frontend_hash(self) -> str:
+        return str(self.meta["frontend_hash"])
+
+    @property
+    def frontend(self) -> dict[str, Any]:
+        return dict(self.meta["frontend"])
+
+    @property
+    def n_mels(self) -> int:
+        return int(self.meta["n_mels"])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.meta["dtype"])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, video_id: object) -> bool:
+        return video_id in self._pos
+
+    def frames(self, video_id: str) -> int:
+        return int(self._frames[self._pos[video_id]])
+
+    def frames_array(self, ids: Iterable[str]) -> np.ndarray:
+        return np.asarray([self._frames[self._pos[v]] for v in ids], dtype=np.int64)
+
+    def _map(self, shard: int) -> np.ndarray:
+        m = self._maps.get(shard)
+        if m is None:
+            m = np.load(self.root / SHARDS / self._shard_names[shard], mmap_mode="r")
+            self._maps[shard] = m
+        return m
+
+    def __getitem__(self, video_id: str) -> np.ndarray:
+        i = self._pos[video_id]
+        o = self._offset[i]
+        return self._map(int(self._shard[i]))[o : o + self._frames[i]]
+
+    def window(self, video_id: str, start: int, length: int = 96) -> np.ndarray:
+        i = self._pos[video_id]
+        if start < 0 or start + length > self._frames[i]:
+            raise IndexError(
+                f"{video_id}: window [{start}, {start + length}) outside {self._frames[i]} frames"
+            )
+        o = self._offset[i] + start
+        return self._map(int(self._shard[i]))[o : o + length]
+
+    def check_frontend(self, expected_hash: str, what: str = "the model") -> None:
+        """Refuse to mix features of different front ends."""
+        if expected_hash != self.frontend_hash:
+            raise FrontendMismatchError(
+                f"feature store {self.root} was computed with front end {self.frontend_hash}, "
+                f"but {what} expects {expected_hash}; recompute the features with the model's "
+                "front-end settings or use a matching model"
+            )
