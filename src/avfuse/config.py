@@ -125,6 +125,18 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
             f"unknown key(s) for {cls.__name__}{' at ' + where if where else ''}: "
             f"{', '.join(unknown)}; known: {', '.join(sorted(names))}"
         )
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        if f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+        and f.name not in data
+    ]
+    if required:
+        raise ValueError(
+            f"missing required key(s) for {cls.__name__}{' at ' + where if where else ''}: "
+            f"{', '.join(required)}"
+        )
     kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -245,11 +257,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if conv is None:
             continue
         if meta.get("positional"):
-            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            # Optional on the command line even when required by the dataclass: a --config file
+            # may supply it; from_dict reports it by name if it is missing from both.
             parser.add_argument(
                 f.name,
                 type=conv,
-                nargs=None if required else "?",
+                nargs="?",
                 default=None,
                 help=help_text,
                 **extra,

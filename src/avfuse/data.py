@@ -1,0 +1,315 @@
+"""Torch datasets and samplers over the feature store.
+
+Training examples are 96-frame windows (0.96 s) of a video's full log-mel sequence, drawn
+anywhere in the video; evaluation enumerates every window with a hop. Videos are addressed by
+``video_id``; positions are only used inside one dataset object and mapped back to ids.
+
+Randomness lives in the sampler (run in the main process), never in ``__getitem__``: a sampler
+item is ``(video position, start frame)``, drawn from a generator seeded by ``(seed, epoch)``.
+That makes the data order independent of the DataLoader's worker count, identical on a resumed
+run (the sampler skips the samples already consumed) and easy to shard across ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from avfuse.store import FeatureStore
+
+WINDOW = 96
+
+
+@dataclass(frozen=True)
+class NormStats:
+    """Per-band mean and standard deviation, shape (n_mels,) each."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """(..., n_mels) -> (..., n_mels) float32, standardised per band."""
+        return ((np.asarray(x, dtype=np.float32) - self.mean) / self.std).astype(np.float32)
+
+    def to_state(self) -> dict[str, torch.Tensor]:
+        return {
+            "mean": torch.from_numpy(self.mean.copy()),
+            "std": torch.from_numpy(self.std.copy()),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> NormStats:
+        return cls(
+            np.asarray(state["mean"].cpu().numpy(), np.float32),
+            np.asarray(state["std"].cpu().numpy(), np.float32),
+        )
+
+
+def compute_norm_stats(
+    store: FeatureStore, ids: Sequence[str], max_videos: int = 0, seed: int = 0
+) -> NormStats:
+    """Per-band mean/std over every frame of ``ids`` (or of ``max_videos`` of them, chosen by
+    ``seed``, when ``max_videos`` > 0: a few thousand videos pin the statistics down).
+
+    Sums are accumulated in float64 so millions of frames do not lose precision.
+    """
+    ids = list(ids)
+    if not ids:
+        raise ValueError("no videos to compute normalisation statistics from")
+    if 0 < max_videos < len(ids):
+        rng = np.random.default_rng(seed)
+        ids = [ids[i] for i in sorted(rng.choice(len(ids), max_videos, replace=False))]
+    n = 0
+    s = np.zeros(store.n_mels, np.float64)
+    s2 = np.zeros(store.n_mels, np.float64)
+    for vid in ids:
+        x = np.asarray(store[vid], dtype=np.float64)
+        n += len(x)
+        s += x.sum(0)
+        s2 += (x * x).sum(0)
+    mean = s / n
+    var = np.maximum(s2 / n - mean * mean, 0.0)
+    # A constant band (e.g. above the audio's bandwidth) must not divide by zero.
+    std = np.sqrt(var) + 1e-5
+    return NormStats(mean.astype(np.float32), std.astype(np.float32))
+
+
+def _window(store: FeatureStore, vid: str, start: int, length: int) -> np.ndarray:
+    frames = store.frames(vid)
+    if frames >= start + length:
+        return np.asarray(store.window(vid, start, length))
+    # Shorter than one window: repeat-pad (keeps the band statistics, unlike zeros).
+    x = np.asarray(store[vid])
+    reps = -(-length // max(len(x), 1))
+    return np.tile(x, (reps, 1))[:length]
+
+
+class WindowDataset(Dataset[tuple[torch.Tensor, int, int]]):
+    """Map-style dataset: ``ds[(video_pos, start)] -> (x (96, n_mels) float32, label, video_pos)``.
+
+    Used with :class:`TrainWindowSampler` (random windows) or through :class:`EvalWindows`
+    (every window). ``labels`` is aligned with ``ids``; -1 for unlabelled videos.
+    """
+
+    def __init__(
+        self,
+        store: FeatureStore,
+        ids: Sequence[str],
+        labels: Sequence[int] | np.ndarray,
+        norm: NormStats,
+        window: int = WINDOW,
+    ) -> None:
+        self.store = store
+        self.ids = list(ids)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        if len(self.labels) != len(self.ids):
+            raise ValueError("labels must be aligned with ids")
+        self.norm = norm
+        self.window = window
+        self.frames = store.frames_array(self.ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, int]:  # type: ignore[override]
+        pos, start = int(item[0]), int(item[1])
+        x = self.norm.apply(_window(self.store, self.ids[pos], start, self.window))
+        return torch.from_numpy(x), int(self.labels[pos]), pos
+
+
+class TrainWindowSampler(Sampler[tuple[int, int]]):
+    """Random ``(video_pos, start)`` pairs: ``windows_per_video`` per video per epoch.
+
+    Windows lie anywhere in the video (``0 <= start <= frames - window``).
+
+    * ``balanced``: videos are drawn with replacement with probability inverse to their class
+      size (every class equally often), instead of each video ``windows_per_video`` times.
+    * Sharding: the epoch's global order is the same on every rank (seeded by seed and epoch);
+      rank ``r`` takes items ``r, r + W, ...`` after truncating to a multiple of ``W`` so every
+      rank runs the same number of steps.
+    * Resume: ``set_epoch(e, skip=k)`` drops this rank's first ``k`` items.
+    """
+
+    def __init__(
+        self,
+        frames: np.ndarray,
+        labels: np.ndarray | None = None,
+        windows_per_video: int = 1,
+        window: int = WINDOW,
+        balanced: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.frames = np.asarray(frames, dtype=np.int64)
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+        if balanced and self.labels is None:
+            raise ValueError("balanced sampling needs labels")
+        self.windows_per_video = windows_per_video
+        self.window = window
+        self.balanced = balanced
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch = epoch
+        self.skip = skip
+
+    def total(self) -> int:
+        """Items per epoch over all ranks (after truncation to a multiple of the world size)."""
+        n = len(self.frames) * self.windows_per_video
+        return n - n % self.world_size
+
+    def __len__(self) -> int:
+        return self.total() // self.world_size - self.skip
+
+    def epoch_items(self) -> np.ndarray:
+        """(items, 2) int64 array of (video_pos, start): this rank's full epoch, no skip."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        n_videos = len(self.frames)
+        n = n_videos * self.windows_per_video
+        if self.balanced:
+            assert self.labels is not None
+            _, inverse, counts = np.unique(self.labels, return_inverse=True, return_counts=True)
+            p = 1.0 / counts[inverse]
+            vids = rng.choice(n_videos, size=n, replace=True, p=p / p.sum())
+        else:
+            vids = rng.permutation(np.repeat(np.arange(n_videos), self.windows_per_video))
+        # Draw the window's centre uniformly over the video, then clip the window inside it:
+        # uniform starts would cover the first and last frames only once in (T - 95) draws,
+        # this covers every frame at least about half as often as a frame in the middle.
+        t = self.frames[vids]
+        centre = np.floor(rng.random(n) * t).astype(np.int64)
+        starts = np.clip(centre - self.window // 2, 0, np.maximum(t - self.window, 0))
+        items = np.stack([vids, starts], axis=1)[: self.total()]
+        return items[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        items = self.epoch_items()[self.skip :]
+        return iter([(int(v), int(s)) for v, s in items])
+
+
+def eval_windows(frames: np.ndarray, hop: int = WINDOW, window: int = WINDOW) -> np.ndarray:
+    """Every window start of each video: (items, 2) int64 of (video_pos, start).
+
+    Starts are ``0, hop, 2*hop, ...`` while the window fits; a video shorter than one window
+    gets one (padded) window at 0, so no video is scored from nothing.
+    """
+    if hop < 1:
+        raise ValueError("hop must be >= 1")
+    out = []
+    for pos, t in enumerate(np.asarray(frames, dtype=np.int64)):
+        starts = np.arange(0, max(int(t) - window, 0) + 1, hop, dtype=np.int64)
+        out.append(np.stack([np.full(len(starts), pos, np.int64), starts], axis=1))
+    if not out:
+        return np.zeros((0, 2), np.int64)
+    return np.concatenate(out, axis=0)
+
+
+class EvalWindows(Dataset[tuple[torch.Tensor, int, int]]):
+    """Every window of every video: ``ds[i] -> (x (96, n_mels), label, video_pos)``."""
+
+    def __init__(self, base: WindowDataset, hop: int = WINDOW) -> None:
+        self.base = base
+        self.items = eval_windows(base.frames, hop, base.window)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        v, s = self.items[i]
+        return self.base[(int(v), int(s))]
+
+
+# --------------------------------------------------------------------------- generated data
+
+
+def make_synthetic_work(
+    work: str | Path,
+    n_classes: int = 4,
+    videos_per_class: int = 8,
+    splits: Sequence[str] = ("train", "val"),
+    frames_range: tuple[int, int] = (150, 400),
+    n_mels: int = 64,
+    noise: float = 1.0,
+    seed: int = 0,
+    frontend_hash: str = "synthetic",
+    structured: bool = True,
+) -> pd.DataFrame:
+    """Write a small generated work folder: manifest, classes.txt and a feature store.
+
+    For tests, benchmarks and smoke runs without media. Each class is a (band group, pattern)
+    pair; with ``structured`` the patterns are an upward sweep, a downward sweep, fast pulses
+    and slow pulses over the same bands. Sweeps in both directions (and pulses at both rates)
+    give the same per-band mean and std over a video, so a classifier on those statistics
+    cannot separate them, while a model that sees time-frequency structure can.
+    Returns the manifest (``video_id, split, label, label_index, path, ...``).
+    """
+    from avfuse.io import write_table
+    from avfuse.manifest import CLASSES, MANIFEST, write_class_list
+    from avfuse.store import ShardWriter, commit_index, write_meta
+
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    patterns = 4 if structured else 1
+    groups = -(-n_classes // patterns)
+    band_w = max(4, n_mels // max(groups, 1) // 2)
+    classes = [f"class_{k:02d}" for k in range(n_classes)]
+    rows = []
+    writer = ShardWriter(work / "features", n_mels=n_mels, dtype="float16", max_mb=0.5)
+    for split in splits:
+        for k, name in enumerate(classes):
+            g, pat = divmod(k, patterns) if structured else (k, 0)
+            lo = (g * 2 * band_w) % max(n_mels - band_w, 1)
+            for j in range(videos_per_class):
+                t = int(rng.integers(frames_range[0], frames_range[1] + 1))
+                x = -4.0 + noise * rng.standard_normal((t, n_mels))
+                tt = np.arange(t)
+                phase = rng.uniform(0, 1)
+                if pat in (0, 1):
+                    # One sweep across the band group every 48 frames.
+                    pos = ((tt / 48.0 + phase) % 1.0) * band_w
+                    band = lo + (pos if pat == 0 else band_w - 1 - pos).astype(int)
+                    x[tt, np.clip(band, 0, n_mels - 1)] += 4.0
+                    x[tt, np.clip(band + 1, 0, n_mels - 1)] += 4.0
+                else:
+                    period = 8 if pat == 2 else 32
+                    on = ((tt / period + phase) % 1.0) < 0.5
+                    x[np.ix_(on, np.arange(lo, min(lo + band_w, n_mels)))] += 2.0
+                vid = f"{split}/{name}/v{j:03d}"
+                writer.add(vid, x.astype(np.float32))
+                rows.append(
+                    {
+                        "video_id": vid,
+                        "split": split,
+                        "label": name,
+                        "label_index": k,
+                        "path": f"/nonexistent/{vid}.mp4",
+                        "size_bytes": 0,
+                        "scan_status": "found",
+                    }
+                )
+    index_rows = writer.close()
+    write_meta(
+        work / "features",
+        frontend={"name": "synthetic", "n_mels": n_mels},
+        frontend_hash=frontend_hash,
+        classes=classes,
+        dtype="float16",
+        n_mels=n_mels,
+    )
+    commit_index(work / "features", index_rows)
+    write_class_list(work / CLASSES, classes)
+    manifest = pd.DataFrame(rows).sort_values("video_id").reset_index(drop=True)
+    write_table(manifest, work / MANIFEST)
+    return manifest

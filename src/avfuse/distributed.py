@@ -1,0 +1,189 @@
+"""Process-group helpers: one place for rank detection, collectives and rank-0-only output.
+
+Training and prediction run unchanged as a single process or under ``torchrun``::
+
+    torchrun --nproc_per_node=4 -m avfuse train WORK --model resnet
+    torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --nproc_per_node=8 -m avfuse train ...
+
+``torchrun`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; :func:`init` then joins the
+process group (NCCL when the device is CUDA, gloo on CPU). Without those variables every helper
+degrades to the single-process case, so callers never branch on "distributed or not".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def env() -> DistEnv:
+    """Rank, world size and local rank of this process (from the process group or torchrun)."""
+    if dist.is_available() and dist.is_initialized():
+        return DistEnv(
+            dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+        )
+    return DistEnv(
+        int(os.environ.get("RANK", "0")),
+        int(os.environ.get("WORLD_SIZE", "1")),
+        int(os.environ.get("LOCAL_RANK", "0")),
+    )
+
+
+def init(device_type: str) -> DistEnv:
+    """Join the process group if launched by torchrun (idempotent); returns this rank's env.
+
+    ``device_type`` is ``"cuda"`` or ``"cpu"``: NCCL needs one GPU per process, so with CUDA the
+    process binds to ``cuda:LOCAL_RANK`` first.
+    """
+    e = env()
+    if e.world_size <= 1 or not dist.is_available() or dist.is_initialized():
+        return e
+    if device_type == "cuda":
+        torch.cuda.set_device(e.local_rank)
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return env()
+
+
+def destroy() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_main() -> bool:
+    return env().is_main
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_gather_object(obj: T) -> list[T]:
+    """Every rank's ``obj``, in rank order (``[obj]`` in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """Rank ``src``'s ``obj`` on every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box: list[Any] = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]  # type: ignore[no-any-return]
+
+
+def all_reduce_sum(values: list[float], device: torch.device | str = "cpu") -> list[float]:
+    """Element-wise sum of ``values`` over ranks (used for epoch loss/accuracy totals)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return [float(v) for v in t.cpu().tolist()]
+
+
+class MainOnlyFilter(logging.Filter):
+    """Drop log records on ranks other than 0, so N processes print one log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return is_main()
+
+
+def get_logger(name: str) -> logging.Logger:
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, MainOnlyFilter) for f in logger.filters):
+        logger.addFilter(MainOnlyFilter())
+    return logger
+
+
+def save_on_main(obj: Any, path: str | Path) -> None:
+    """``torch.save`` atomically, on rank 0 only (the one place checkpoints are written)."""
+    if not is_main():
+        return
+    from avfuse.io import atomic_write
+
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
+
+
+# --------------------------------------------------------------------------- devices and AMP
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA if present (this rank's GPU under torchrun), else CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device=cuda requested but no CUDA device is available")
+        return torch.device("cuda", env().local_rank % max(torch.cuda.device_count(), 1))
+    if device != "cpu":
+        raise ValueError(f"unknown device {device!r} (auto, cpu or cuda)")
+    return torch.device("cpu")
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 / AMX / ARM BF16).
+
+    Without native support bf16 autocast on CPU is emulated and slower than float32.
+    """
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        pass
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16", " bf16"))
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for ``amp`` (auto, off, bf16, fp16) on ``device``; ``None`` = float32.
+
+    ``auto``: bf16 on CUDA where supported, else fp16; bf16 on a CPU with native bf16, else off.
+    """
+    if amp == "off":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise ValueError("amp=fp16 needs CUDA (use bf16 or off on CPU)")
+        return torch.float16
+    if amp != "auto":
+        raise ValueError(f"unknown amp {amp!r} (auto, off, bf16, fp16)")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_supports_bf16() else None
+
+
+def amp_name(dtype: torch.dtype | None) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "off") if dtype else "off"

@@ -1,0 +1,506 @@
+"""Stage 2: log-mel features of every video into the feature store (``avfuse features``).
+
+``avfuse features WORK`` reads ``WORK/manifest.parquet`` and either ``WORK/extract.parquet`` with
+the extracted sound tracks (default) or, with ``--from-video``, the videos themselves (decoded
+and resampled in one pass, no audio written to disk). It writes
+
+* ``WORK/features/``: the store (:mod:`avfuse.store`): ``store.json``, ``index.parquet``,
+  ``shards/*.npy``, plus ``config.toml`` (this stage's settings) and ``parts/`` (the record log);
+* ``WORK/features.parquet``: ``video_id, feature_status, feature_reason, num_frames`` for every
+  video of the manifest.
+
+Statuses: ``ok``; ``too_short`` (fewer than ``example_frames`` frames, i.e. under 0.975 s with the
+VGGish preset: no complete example, nothing stored); ``not_extracted`` (the extract status was
+not ok/partial, or with ``--from-video`` the video has no usable audio; the reason is copied);
+``error`` (reading the audio failed; retried by a rerun).
+
+Parallelism: videos are packed into batches of about ``shard_mb`` of features (estimated from
+the extracted lengths), each batch computed by one worker that writes its own shard file(s)
+under a name unique to that execution. A batch's records (index rows included) are logged only
+after its shards are fully written, so after a kill a rerun skips committed batches and the final
+commit (index, ``store.json``, ``features.parquet``) makes exactly the logged shards visible and
+deletes any other shard file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import shutil
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from avfuse import __version__
+from avfuse.config import load_config, save_config
+from avfuse.io import RecordLog, read_json, read_table, remove_stale_temporaries, write_table
+from avfuse.manifest import load_classes, load_manifest
+from avfuse.melspec import FrontendConfig, log_mel
+from avfuse.parallel import executor_width, make_executor, map_batches
+from avfuse.store import (
+    INDEX,
+    META,
+    SHARDS,
+    FrontendMismatchError,
+    ShardWriter,
+    commit_index,
+    remove_unreferenced_shards,
+    write_meta,
+)
+
+log = logging.getLogger(__name__)
+
+STORE_DIR = "features"
+TABLE = "features.parquet"
+PARTS = "features/parts"
+CONFIG = "features/config.toml"
+STATUSES = ("ok", "too_short", "not_extracted", "error")
+COLUMNS = ("video_id", "feature_status", "feature_reason", "num_frames")
+_USABLE = ("ok", "partial")  # extract statuses with audio
+# Length assumed for a video whose duration is unknown (--from-video): Kinetics clips are 10 s.
+_ASSUMED_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    """Settings of ``avfuse features``."""
+
+    work: Path = field(
+        metadata={
+            "help": "work folder holding manifest.parquet (and extract.parquet)",
+            "positional": True,
+        }
+    )
+    from_video: bool = field(
+        default=False,
+        metadata={"help": "decode the videos directly (one pass, no extracted audio needed)"},
+    )
+    frontend: FrontendConfig = field(
+        default_factory=FrontendConfig,
+        metadata={"help": "log-mel front end (default: VGGish preset); --set frontend.n_mels=80"},
+    )
+    dtype: Literal["float16", "float32"] = field(
+        default="float16", metadata={"help": "dtype of the stored features"}
+    )
+    shard_mb: float = field(
+        default=256, metadata={"help": "target size of one shard file (MB); one batch per shard"}
+    )
+    batch_size: int = field(
+        default=0,
+        metadata={"help": "max videos per task (0: as many as fill one shard)"},
+    )
+    num_workers: int | None = field(
+        default=None,
+        metadata={"help": "worker processes (default: all cores; 0: run in this process)"},
+    )
+    scheduler: str | None = field(
+        default=None,
+        metadata={"help": "Dask scheduler address (tcp://host:8786) to run on a cluster"},
+    )
+    force: bool = field(
+        default=False,
+        metadata={"help": "discard the existing store and its log, recompute everything"},
+    )
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+
+# --- worker side ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    # Each worker is one process per core: a multi-threaded BLAS in every one of them would
+    # oversubscribe the machine. threadpoolctl is optional (it ships with librosa/scikit-learn).
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(1):
+        yield
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+def _load(task: dict[str, Any], sample_rate: int) -> tuple[np.ndarray | None, str, str]:
+    """Samples of one task, or ``None`` with (status, reason) when there is no usable audio."""
+    from avfuse.extract import decode_audio, load_audio  # PyAV only where audio is read
+
+    if task["kind"] == "video":
+        res = decode_audio(task["path"], sample_rate)
+        if res.status not in _USABLE:
+            return None, "not_extracted", f"{res.status}: {res.reason}".rstrip(": ")
+        note = f"from partial audio: {res.reason}" if res.status == "partial" else ""
+        return res.samples, "ok", note
+    x = load_audio(task["path"], sample_rate=sample_rate)
+    note = f"from partial audio: {task['reason']}" if task.get("upstream") == "partial" else ""
+    return x, "ok", note
+
+
+def _feature_one(
+    task: dict[str, Any], frontend: FrontendConfig, writer: ShardWriter
+) -> dict[str, Any]:
+    rec: dict[str, Any] = {
+        "video_id": task["video_id"],
+        "feature_status": "error",
+        "feature_reason": "",
+        "num_frames": 0,
+    }
+    try:
+        x, status, reason = _load(task, frontend.sample_rate)
+        if x is None:
+            rec.update(feature_status=status, feature_reason=reason)
+            return rec
+        if not np.isfinite(x).all():
+            rec["feature_reason"] = "audio holds NaN or infinite samples"
+            return rec
+        feats = log_mel(x, frontend)
+        rec["num_frames"] = len(feats)
+        if len(feats) < frontend.example_frames:
+            rec["feature_status"] = "too_short"
+            rec["feature_reason"] = (
+                f"{len(x) / frontend.sample_rate:.3f} s of audio gives {len(feats)} frames, "
+                f"fewer than one example ({frontend.example_frames} frames = "
+                f"{frontend.min_samples / frontend.sample_rate:.3f} s)"
+            )
+            return rec
+        writer.add(task["video_id"], feats)
+        rec.update(feature_status="ok", feature_reason=reason)
+    except Exception as exc:  # one bad file fails alone
+        rec["feature_reason"] = _one_line(exc)
+    return rec
+
+
+def _feature_batch(
+    tasks: list[dict[str, Any]],
+    store: str,
+    frontend: FrontendConfig,
+    dtype: str,
+    shard_mb: float,
+) -> list[dict[str, Any]]:
+    """Worker side: features of one batch into this execution's own shard(s).
+
+    Returns one record per task; ``ok`` records carry their index row (``shard, offset,
+    frames``). Returns only after every shard is completely written.
+    """
+    # A fresh prefix per execution: a batch retried elsewhere never overwrites, and the copy that
+    # was not logged is an unreferenced file the commit deletes.
+    writer = ShardWriter(
+        store, frontend.n_mels, dtype=dtype, max_mb=shard_mb, prefix=uuid.uuid4().hex[:16]
+    )
+    with _one_blas_thread():
+        records = [_feature_one(t, frontend, writer) for t in tasks]
+    rows = {r["video_id"]: r for r in writer.close()}
+    for rec in records:
+        row = rows.get(rec["video_id"])
+        rec["shard"] = row["shard"] if row else ""
+        rec["offset"] = int(row["offset"]) if row else -1
+        rec["frames"] = int(row["frames"]) if row else 0
+    return records
+
+
+# --- driver side ---------------------------------------------------------------------------
+
+
+@dataclass
+class FeaturesResult:
+    """What :func:`compute_features` did; ``table`` has one row per manifest video."""
+
+    work: Path
+    store: Path
+    table: pd.DataFrame
+    computed: int
+    skipped: int
+    elapsed_s: float
+    num_shards: int
+    store_bytes: int
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(self.table["feature_status"]))
+
+    def summary(self) -> str:
+        counts = self.counts
+        order = [s for s in STATUSES if s in counts] + sorted(set(counts) - set(STATUSES))
+        ok = self.table[self.table["feature_status"] == "ok"]
+        frames = int(ok["num_frames"].sum())
+        rate = self.computed / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        lines = [
+            f"features: {len(ok)} of {len(self.table)} videos in {self.store} "
+            f"({frames} frames, {self.num_shards} shard(s), {self.store_bytes / 2**20:.1f} MB)",
+            f"  computed {self.computed} now ({rate:.1f} videos/s), {self.skipped} already done",
+            "  " + ", ".join(f"{s}: {counts[s]}" for s in order),
+        ]
+        bad = self.table[self.table["feature_status"] != "ok"]
+        for rec in bad.head(5).itertuples(index=False):
+            lines.append(f"  {rec.video_id}: {rec.feature_status}: {rec.feature_reason}")
+        if len(bad) > 5:
+            lines.append(f"  ... {len(bad) - 5} more in {self.work / TABLE}")
+        return "\n".join(lines)
+
+
+def _check_previous(store: Path, cfg: FeaturesConfig) -> None:
+    """Refuse to mix front ends or dtypes in one store (``force`` starts afresh instead)."""
+    want = (cfg.frontend.hash(), cfg.dtype)
+    if (store / META).exists():
+        meta = read_json(store / META)
+        have = (str(meta.get("frontend_hash")), str(meta.get("dtype")))
+        if have != want:
+            raise FrontendMismatchError(
+                f"{store} holds features of front end {have[0]} ({have[1]}), this run asks for "
+                f"{want[0]} ({want[1]}); pass --force to discard them, or use another work folder"
+            )
+    cfg_path = store.parent / CONFIG
+    if cfg_path.exists():  # an interrupted run's parts belong to its settings
+        with contextlib.suppress(Exception):
+            prev = load_config(FeaturesConfig, cfg_path)
+            have = (prev.frontend.hash(), prev.dtype)
+            if have != want:
+                raise FrontendMismatchError(
+                    f"{store} holds an unfinished run with front end {have[0]} ({have[1]}), "
+                    f"this run asks for {want[0]} ({want[1]}); pass --force to discard it"
+                )
+
+
+def _clear(store: Path) -> None:
+    for name in (META, INDEX):
+        with contextlib.suppress(FileNotFoundError):
+            (store / name).unlink()
+    shutil.rmtree(store / SHARDS, ignore_errors=True)
+    shutil.rmtree(store / "parts", ignore_errors=True)
+
+
+def _plan_tasks(
+    work: Path, cfg: FeaturesConfig, manifest: pd.DataFrame
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(tasks to compute, records of videos with no audio to compute from)."""
+    tasks: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    fe = cfg.frontend
+    assumed = int(_ASSUMED_SECONDS * fe.sample_rate)
+    if cfg.from_video:
+        for r in manifest.itertuples(index=False):
+            path = r.path if isinstance(r.path, str) else ""
+            if not path:
+                skipped.append(_skip(str(r.video_id), "missing: no file for this row"))
+                continue
+            tasks.append(
+                {"video_id": str(r.video_id), "kind": "video", "path": path, "samples": assumed}
+            )
+        return tasks, skipped
+
+    ext_path = work / "extract.parquet"
+    if not ext_path.exists():
+        raise FileNotFoundError(
+            f"{ext_path} not found: run `avfuse extract {work}` first, or pass --from-video"
+        )
+    ext = read_table(ext_path).set_index("video_id")
+    for vid in manifest["video_id"].astype(str):
+        if vid not in ext.index:
+            skipped.append(_skip(vid, "not in extract.parquet (run `avfuse extract` again)"))
+            continue
+        e = ext.loc[vid]
+        status, reason = str(e["status"]), str(e["reason"] or "")
+        if status not in _USABLE:
+            skipped.append(_skip(vid, f"{status}: {reason}".rstrip(": ")))
+            continue
+        rate, n = e.get("sample_rate"), e.get("num_samples")
+        ratio = fe.sample_rate / rate if pd.notna(rate) and rate > 0 else 1.0
+        n = int(n * ratio) if pd.notna(n) else assumed
+        tasks.append(
+            {
+                "video_id": vid,
+                "kind": "audio",
+                "path": str(work / str(e["audio_path"])),
+                "upstream": status,
+                "reason": reason,
+                "samples": n,
+            }
+        )
+    return tasks, skipped
+
+
+def _skip(video_id: str, reason: str) -> dict[str, Any]:
+    return {
+        "video_id": video_id,
+        "feature_status": "not_extracted",
+        "feature_reason": reason,
+        "num_frames": 0,
+    }
+
+
+def _pack(tasks: list[dict[str, Any]], cfg: FeaturesConfig, width: int) -> list[list[Any]]:
+    """Batches of about one shard of features each, and at least ~2 per worker when possible."""
+    fe = cfg.frontend
+    itemsize = np.dtype(cfg.dtype).itemsize
+    rows = [max(1, fe.num_frames(int(t["samples"]))) for t in tasks]
+    shard_rows = max(1, int(cfg.shard_mb * 2**20 / (fe.n_mels * itemsize)))
+    cap_rows = max(1, min(shard_rows, -(-sum(rows) // (2 * width))))
+    cap_videos = cfg.batch_size if cfg.batch_size > 0 else len(tasks)
+    batches: list[list[Any]] = []
+    cur: list[Any] = []
+    cur_rows = 0
+    for t, n in zip(tasks, rows):
+        if cur and (cur_rows + n > cap_rows or len(cur) >= cap_videos):
+            batches.append(cur)
+            cur, cur_rows = [], 0
+        cur.append({k: v for k, v in t.items() if k != "samples"})
+        cur_rows += n
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def _dir_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.npy")) if folder.exists() else 0
+
+
+def compute_features(cfg: FeaturesConfig, executor: Executor | None = None) -> FeaturesResult:
+    """Compute ``(frames, n_mels)`` log-mel features of every video into ``WORK/features``.
+
+    Returns a :class:`FeaturesResult`; per-video statuses go to ``WORK/features.parquet``.
+    Raises :class:`avfuse.store.FrontendMismatchError` if the store holds features of another
+    front end or dtype (unless ``force``).
+    """
+    t0 = time.perf_counter()
+    work = Path(cfg.work)
+    store = work / STORE_DIR
+    manifest = load_manifest(work, stages=False)
+    classes = load_classes(work)
+    if cfg.force:
+        _clear(store)
+    else:
+        _check_previous(store, cfg)
+    rlog = RecordLog(work / PARTS)
+    removed = remove_stale_temporaries(store)
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted run", removed)
+    save_config(cfg, work / CONFIG)
+
+    tasks, skipped = _plan_tasks(work, cfg, manifest)
+    prior = rlog.read()
+    done: set[str] = set()
+    if len(prior):
+        shard_dir = store / SHARDS
+        present = {p.name for p in shard_dir.iterdir()} if shard_dir.exists() else set()
+        for rec in prior.itertuples(index=False):
+            status = str(rec.feature_status)
+            if status == "error":
+                continue  # maybe transient: try again
+            if status == "ok" and str(rec.shard) not in present:
+                continue  # shard lost: recompute
+            done.add(str(rec.video_id))
+    todo = [t for t in tasks if t["video_id"] not in done]
+
+    if todo:
+        fn = functools.partial(
+            _feature_batch,
+            store=str(store),
+            frontend=cfg.frontend,
+            dtype=cfg.dtype,
+            shard_mb=cfg.shard_mb,
+        )
+        ctx = (
+            contextlib.nullcontext(executor)
+            if executor is not None
+            else make_executor(cfg.num_workers, cfg.scheduler)
+        )
+        with ctx as ex:
+            batches = _pack(todo, cfg, executor_width(ex))
+            for records in map_batches(
+                fn, batches, ex, desc="features", unit="video", progress=cfg.progress
+            ):
+                # Logged only now, when the worker has returned: its shards are complete.
+                rlog.write(records)
+
+    table, shards = _commit(work, store, cfg, manifest, classes, rlog.read(), skipped)
+    return FeaturesResult(
+        work=work,
+        store=store,
+        table=table,
+        computed=len(todo),
+        skipped=len(tasks) - len(todo),
+        elapsed_s=time.perf_counter() - t0,
+        num_shards=len(shards),
+        store_bytes=_dir_bytes(store / SHARDS),
+    )
+
+
+def _commit(
+    work: Path,
+    store: Path,
+    cfg: FeaturesConfig,
+    manifest: pd.DataFrame,
+    classes: list[str],
+    logged: pd.DataFrame,
+    skipped: list[dict[str, Any]],
+) -> tuple[pd.DataFrame, set[str]]:
+    ids = set(manifest["video_id"].astype(str))
+    skip_ids = {r["video_id"] for r in skipped}
+    if len(logged):
+        # Upstream decides for videos that now have no audio; the log for the rest.
+        logged = logged[logged["video_id"].isin(ids - skip_ids)]
+    ok = logged[logged["feature_status"] == "ok"] if len(logged) else logged
+    index_rows: list[dict[str, Any]] = [
+        {"video_id": str(r.video_id), "shard": str(r.shard), "offset": r.offset, "frames": r.frames}
+        for r in ok.itertuples(index=False)
+    ]
+    shard_dir = store / SHARDS
+    missing = {str(r["shard"]) for r in index_rows} - (
+        {p.name for p in shard_dir.iterdir()} if shard_dir.exists() else set()
+    )
+    if missing:  # a logged shard vanished while this run went on: never commit a dangling index
+        raise RuntimeError(f"shard file(s) missing from {shard_dir}: {sorted(missing)[:3]}")
+    fe = cfg.frontend
+    write_meta(
+        store,
+        frontend=fe.to_dict(),
+        frontend_hash=fe.hash(),
+        classes=classes,
+        dtype=cfg.dtype,
+        n_mels=fe.n_mels,
+    )
+    index = commit_index(store, index_rows)
+    frames = [
+        pd.DataFrame(logged, columns=list(COLUMNS)) if len(logged) else None,
+        pd.DataFrame(skipped, columns=list(COLUMNS)) if skipped else None,
+    ]
+    table = pd.concat([f for f in frames if f is not None], ignore_index=True)
+    table = pd.DataFrame(table, columns=list(COLUMNS))
+    table["num_frames"] = table["num_frames"].fillna(0).astype("int64")
+    table["feature_reason"] = table["feature_reason"].fillna("").astype(str)
+    table = table.sort_values("video_id").reset_index(drop=True)
+    lost = ids - set(table["video_id"])
+    if lost:  # cannot happen unless a log part was lost; say so, never drop videos silently
+        raise RuntimeError(f"{len(lost)} video(s) have no feature record, e.g. {sorted(lost)[:3]}")
+    write_table(
+        table,
+        work / TABLE,
+        {"avfuse_version": __version__, "frontend_hash": fe.hash(), "dtype": cfg.dtype},
+    )
+    keep = set(index["shard"].astype(str))
+    removed = remove_unreferenced_shards(store, keep)
+    if removed:
+        log.info("removed %d shard file(s) no committed video refers to", removed)
+    return table, keep
+
+
+__all__ = [
+    "COLUMNS",
+    "STATUSES",
+    "FeaturesConfig",
+    "FeaturesResult",
+    "compute_features",
+]

@@ -1,0 +1,706 @@
+"""``avfuse run``: every stage, from one config, redoing only what a change requires.
+
+One :class:`RunConfig` nests the config of every stage (``[scan]``, ``[extract]``,
+``[features]``, ``[train]``, ``[predict]``, ``[evaluate]``, ``[fuse]``); ``default_run.toml``
+next to this module documents every key. The dataset ``root`` and the work folder ``work`` are
+given once, at the top: each stage's own ``work`` (and scan's ``root``) is filled from them, and
+setting it inside a section is an error (one run, one work folder).
+
+Splits. ``predict.split`` (default ``val``) is the split the audio model scores and the report
+evaluates. With ``fuse.weight_selection = "heldout"`` the fusion weights are chosen on the
+``heldout_split`` videos, which the audio model then scores too; with ``"cv"`` (the default)
+they come from k-fold cross-validation on the evaluated split. Unset score paths of ``[fuse]``
+and ``[evaluate]`` point at the files ``predict`` writes (``WORK/scores/audio_SPLIT.npz``).
+
+Skipping. After each stage, ``WORK/pipeline.json`` records a key: the hash of the stage's
+config (without fields that do not change results: ``progress``, worker counts, schedulers)
+chained with the keys of the stages before it, plus, for fusion, the size and time of the
+video score files. A stage is skipped when its recorded key equals the current one and its
+outputs exist. So a rerun after a crash resumes where it stopped (extract and features are
+themselves resumable, training continues from ``last.pt``), and a changed key redoes that stage
+and every later one, never the earlier ones. A stage whose own or upstream config changed is
+run with ``force`` (extract, features) or from scratch (train). ``force = ["train"]`` (or
+``["all"]``) redoes stages regardless.
+
+The run ends with ``WORK/report.md`` / ``report.html`` (stage outcomes, training curves,
+audio-only metrics and the fusion figures; ``WORK/fusion/report.md`` has the fusion details)
+and a console summary table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from avfuse.config import from_dict, to_dict
+from avfuse.evaluate import EvaluateConfig
+from avfuse.extract import ExtractConfig
+from avfuse.features import FeaturesConfig
+from avfuse.fuse import FuseConfig
+from avfuse.io import atomic_write, read_json, write_json
+from avfuse.manifest import ScanConfig
+from avfuse.predict import PredictConfig
+from avfuse.train import TrainConfig
+
+log = logging.getLogger(__name__)
+
+STATE = "pipeline.json"
+STAGES = ("scan", "extract", "features", "train", "predict", "evaluate", "fuse", "report")
+_UNSET = Path(".")
+_FILLED_HELP = "filled from the run's top-level value; leave unset"
+
+# Fields that change how a stage runs, not what it produces: changing them redoes nothing.
+_NON_SEMANTIC = {
+    "work",
+    "progress",
+    "num_workers",
+    "scheduler",
+    "force",
+    "resume",
+    "checkpoint_every",
+}
+_NON_SEMANTIC_BY_STAGE = {"extract": {"batch_size"}, "features": {"batch_size"}}
+
+
+# Sections: the stage configs with ``work`` (and scan's ``root``) optional, filled by the run.
+@dataclass(frozen=True)
+class ScanSection(ScanConfig):
+    root: Path = field(default=_UNSET, metadata={"help": _FILLED_HELP, "cli": False})
+    work: Path = field(default=_UNSET, metadata={"help": _FILLED_HELP, "cli": False})
+
+
+@dataclass(frozen=True)
+class ExtractSection(ExtractConfig):
+    work: Path = field(default=_UNSET, metadata={"help": _FILLED_HELP, "cli": False})
+
+
+@dataclass(frozen=True)
+class FeaturesSection(FeaturesConfig):
+    work: Path = field(default=_UNSET, metadata={"help": _FILLED_HELP, "cli": False})
+
+
+@dataclass(frozen=True)
+class TrainSection(TrainConfig):
+    work: Path = field(default=_UNSET, metadata={"help": _FILLED_HELP, "cli": False})
+
+
+@dataclass(frozen=True)
+class PredictSection(PredictConfig):
+    work: Path = field(default=_UNSET, metadata={"help": _FILLED_HELP, "cli": False})
+
+
+@dataclass(frozen=True)
+class EvaluateSection(EvaluateConfig):
+    work: Path = field(default=_UNSET, metadata={"help": _FILLED_HELP, "cli": False})
+
+
+@dataclass(frozen=True)
+class FuseSection(FuseConfig):
+    work: Path = field(default=_UNSET, metadata={"help": _FILLED_HELP, "cli": False})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every stage of avfuse from one file: ``avfuse run ROOT -o WORK --config run.toml``."""
+
+    root: Path | None = field(
+        default=None,
+        metadata={"help": "dataset root holding SPLIT/CLASS/VIDEO files", "positional": True},
+    )
+    work: Path = field(
+        default=Path("work"),
+        metadata={"help": "work folder for every output of every stage", "flags": ("-o",)},
+    )
+    heldout_split: str = field(
+        default="heldout",
+        metadata={
+            "help": "split whose audio and video scores choose the fusion weights when "
+            "fuse.weight_selection = 'heldout' (scored by the audio model as well)"
+        },
+    )
+    force: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "stages to redo even if complete (e.g. train,fuse; 'all': every one)"},
+    )
+    stop_after: str = field(
+        default="report", metadata={"help": f"last stage to run, one of {', '.join(STAGES)}"}
+    )
+    scan: ScanSection = field(default_factory=ScanSection, metadata={"help": "avfuse scan"})
+    extract: ExtractSection = field(
+        default_factory=ExtractSection, metadata={"help": "avfuse extract"}
+    )
+    features: FeaturesSection = field(
+        default_factory=FeaturesSection, metadata={"help": "avfuse features"}
+    )
+    train: TrainSection = field(default_factory=TrainSection, metadata={"help": "avfuse train"})
+    predict: PredictSection = field(
+        default_factory=PredictSection, metadata={"help": "avfuse predict"}
+    )
+    evaluate: EvaluateSection = field(
+        default_factory=EvaluateSection, metadata={"help": "avfuse evaluate"}
+    )
+    fuse: FuseSection = field(default_factory=FuseSection, metadata={"help": "avfuse fuse"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage configs from the run config
+
+
+def _stage(cls: type[Any], section: Any, name: str, **fill: Any) -> Any:
+    """The real stage config: the section's values, with the run-level ones filled in."""
+    data = {f.name: getattr(section, f.name) for f in dataclasses.fields(cls)}
+    for key, value in fill.items():
+        if key in ("work", "root") and data.get(key) not in (None, _UNSET):
+            raise ValueError(
+                f"[{name}].{key} is set to {data[key]}; set `{key}` once, at the top of the run "
+                "config (every stage shares it)"
+            )
+        data[key] = value
+    return cls(**data)
+
+
+def _audio_scores(work: Path, split: str) -> Path:
+    return work / "scores" / f"audio_{split}.npz"
+
+
+@dataclass(frozen=True)
+class StageConfigs:
+    """The resolved per-stage configs of one run (what each stage function receives)."""
+
+    scan: ScanConfig
+    extract: ExtractConfig
+    features: FeaturesConfig
+    train: TrainConfig
+    predict: dict[str, PredictConfig]  # split -> config
+    evaluate: dict[str, EvaluateConfig]
+    fuse: FuseConfig | None  # None: no video scores configured (audio-only run)
+
+
+def stage_configs(cfg: RunConfig) -> StageConfigs:
+    """Resolve ``cfg`` into the config each stage function is called with."""
+    if cfg.root is None:
+        raise ValueError("no dataset root: `avfuse run ROOT -o WORK` (or root = ... in the file)")
+    work = Path(cfg.work)
+    split = cfg.predict.split
+    fz = cfg.fuse
+    splits = [split]
+    if fz.weight_selection == "heldout":
+        splits.append(cfg.heldout_split)
+    predict = {}
+    evaluate = {}
+    for sp in splits:
+        out = cfg.predict.output if sp == split and cfg.predict.output else None
+        predict[sp] = _stage(PredictConfig, dataclasses.replace(cfg.predict, split=sp, output=out), "predict", work=work)
+        evaluate[sp] = _stage(
+            EvaluateConfig,
+            dataclasses.replace(
+                cfg.evaluate,
+                split=sp,
+                scores=Path(predict[sp].output or _audio_scores(work, sp)),
+            ),
+            "evaluate",
+            work=work,
+        )
+    fuse: FuseConfig | None = None
+    if fz.video_scores:
+        repl: dict[str, Any] = {
+            "audio_scores": fz.audio_scores or predict[split].output or _audio_scores(work, split),
+            "split": fz.split or split,
+        }
+        if fz.weight_selection == "heldout" and fz.heldout_audio is None:
+            repl["heldout_audio"] = _audio_scores(work, cfg.heldout_split)
+        fuse = _stage(FuseConfig, dataclasses.replace(fz, **repl), "fuse", work=work)
+    return StageConfigs(
+        scan=_stage(ScanConfig, cfg.scan, "scan", root=Path(cfg.root), work=work),
+        extract=_stage(ExtractConfig, cfg.extract, "extract", work=work),
+        features=_stage(FeaturesConfig, cfg.features, "features", work=work),
+        train=_stage(TrainConfig, cfg.train, "train", work=work),
+        predict=predict,
+        evaluate=evaluate,
+        fuse=fuse,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys: what a stage's output depends on
+
+
+def _semantic(stage: str, cfg: Any) -> Any:
+    drop = _NON_SEMANTIC | _NON_SEMANTIC_BY_STAGE.get(stage, set())
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {k: v for k, v in to_dict(cfg).items() if k not in drop}
+    if isinstance(cfg, dict):
+        return {k: _semantic(stage, v) for k, v in sorted(cfg.items())}
+    return cfg
+
+
+def _digest(obj: Any) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def _file_stamp(paths: Any) -> list[Any]:
+    out = []
+    for p in paths:
+        if p is None:
+            continue
+        p = Path(p)
+        st = p.stat() if p.exists() else None
+        out.append([str(p), st.st_size if st else -1, st.st_mtime_ns if st else -1])
+    return out
+
+
+def stage_keys(sc: StageConfigs) -> dict[str, dict[str, str]]:
+    """Per stage: ``key`` (skip when unchanged) and ``config`` (force when it changed).
+
+    ``config`` chains the configs of the stage and the stages before it except scan: a
+    rescan with new videos lets extract and features add them incrementally instead of
+    recomputing everything.
+    """
+    own: dict[str, Any] = {
+        "scan": _semantic("scan", sc.scan),
+        "extract": _semantic("extract", sc.extract),
+        "features": _semantic("features", sc.features),
+        "train": _semantic("train", sc.train),
+        "predict": _semantic("predict", sc.predict),
+        "evaluate": _semantic("evaluate", sc.evaluate),
+        "fuse": None
+        if sc.fuse is None
+        else {
+            "config": _semantic("fuse", sc.fuse),
+            # The user's video scores are inputs too: a new file must redo the fusion.
+            "files": _file_stamp(
+                [*sc.fuse.video_scores, *sc.fuse.heldout_video, sc.fuse.video_ids,
+                 sc.fuse.annotations, sc.fuse.heldout_video_ids, sc.fuse.video_label_map]
+            ),
+        },
+        "report": {"version": 1},
+    }
+    keys: dict[str, dict[str, str]] = {}
+    chain_key = ""
+    chain_cfg = ""
+    for name in STAGES:
+        h = _digest(own[name])
+        chain_key = _digest([chain_key, name, h])
+        chain_cfg = _digest([chain_cfg, name, h]) if name != "scan" else ""
+        keys[name] = {"key": chain_key, "config": chain_cfg}
+    return keys
+
+
+def _outputs(name: str, sc: StageConfigs) -> list[Path]:
+    work = Path(sc.scan.work)
+    if name == "scan":
+        return [work / "manifest.parquet", work / "classes.txt"]
+    if name == "extract":
+        return [work / "extract.parquet"]
+    if name == "features":
+        return [work / "features.parquet", work / "features" / "store.json"]
+    if name == "train":
+        return [work / "runs" / sc.train.name / "best.pt"]
+    if name == "predict":
+        return [Path(p.output or _audio_scores(work, p.split)) for p in sc.predict.values()]
+    if name == "evaluate":
+        return [
+            Path(e.scores or "").with_name(Path(e.scores or "").name.removesuffix(".npz") + ".metrics.json")
+            for e in sc.evaluate.values()
+        ]
+    if name == "fuse":
+        if sc.fuse is None:
+            return []
+        out = Path(sc.fuse.output or work / "fusion")
+        return [out / "fusion.json", out / "report.md"]
+    return [work / "report.md", work / "report.html"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    status: str  # ran | skipped | resumed | not configured | not run
+    seconds: float = 0.0
+    detail: str = ""
+
+
+@dataclass
+class RunResult:
+    """What :func:`run` did and where the results are."""
+
+    work: Path
+    stages: list[StageOutcome]
+    report: Path | None
+    fusion_report: Path | None
+    status_counts: dict[str, dict[str, int]]  # stage column -> status -> count
+    accuracy: dict[str, dict[str, float]]  # scope -> model -> top-1
+    gain: dict[str, list[float]]  # scope -> [gain, low, high]
+
+    @property
+    def ran(self) -> list[str]:
+        return [s.name for s in self.stages if s.status in ("ran", "resumed")]
+
+    @property
+    def skipped(self) -> list[str]:
+        return [s.name for s in self.stages if s.status == "skipped"]
+
+    def summary(self) -> str:
+        lines = [f"avfuse run -> {self.work}", f"  {'stage':<10}{'status':<16}{'time':>8}  detail"]
+        for s in self.stages:
+            t = f"{s.seconds:.1f}s" if s.status in ("ran", "resumed") else ""
+            lines.append(f"  {s.name:<10}{s.status:<16}{t:>8}  {s.detail}")
+        for col, title in (("status", "extract"), ("feature_status", "features")):
+            counts = self.status_counts.get(col)
+            if counts:
+                shown = ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda x: -x[1]))
+                lines.append(f"  videos by {title} status: {shown}")
+        if self.accuracy:
+            lines.append(f"  {'top-1 %':<22}{'video':>8}{'audio':>8}{'fused':>8}  gain (95% CI)")
+            for scope, acc in self.accuracy.items():
+                g = self.gain.get(scope)
+                gtxt = f"{100 * g[0]:+.1f} [{100 * g[1]:+.1f}, {100 * g[2]:+.1f}]" if g else ""
+                lines.append(
+                    f"  {scope:<22}"
+                    + "".join(
+                        f"{100 * acc[m]:>8.1f}" if m in acc else f"{'-':>8}"
+                        for m in ("video", "audio", "fused")
+                    )
+                    + f"  {gtxt}"
+                )
+        if self.report:
+            lines.append(f"  report: {self.report} (fusion details: {self.fusion_report})")
+        return "\n".join(lines)
+
+
+def _load_state(work: Path) -> dict[str, Any]:
+    path = work / STATE
+    if not path.exists():
+        return {}
+    try:
+        data = read_json(path)
+    except (OSError, ValueError):
+        return {}
+    return data.get("stages", {}) if isinstance(data, dict) else {}
+
+
+def _save_state(work: Path, stages: dict[str, Any]) -> None:
+    write_json(work / STATE, {"stages": stages})
+
+
+def save_run_config(cfg: RunConfig, path: str | Path) -> Path:
+    """Write ``cfg`` as TOML without the sections' filled-in ``work`` / ``root`` keys."""
+    import tomli_w
+
+    data = to_dict(cfg)
+    for name in ("scan", "extract", "features", "train", "predict", "evaluate", "fuse"):
+        sec = data[name]
+        for key in ("work", "root"):
+            if key in sec and Path(sec[key]) == _UNSET:
+                del sec[key]
+
+    def drop_none(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
+
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(tomli_w.dumps(drop_none(data)), "utf-8")
+    return path
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    from avfuse.config import read_mapping
+
+    return from_dict(RunConfig, read_mapping(path))
+
+
+def run(cfg: RunConfig, executor: Executor | None = None) -> RunResult:
+    """Run scan, extract, features, train, predict, evaluate, fuse and the report.
+
+    Stages whose outputs are complete for the current config are skipped (see the module
+    docstring). ``executor`` is handed to the parallel stages (extract, features); when
+    ``None`` each builds its own from its ``num_workers`` / ``scheduler``.
+    """
+    if cfg.stop_after not in STAGES:
+        raise ValueError(f"stop_after={cfg.stop_after!r} is not one of {STAGES}")
+    unknown = sorted(set(cfg.force) - {*STAGES, "all"})
+    if unknown:
+        raise ValueError(f"force: unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")
+    sc = stage_configs(cfg)
+    work = Path(cfg.work)
+    work.mkdir(parents=True, exist_ok=True)
+    save_run_config(cfg, work / "run.toml")
+    state = _load_state(work)
+    keys = stage_keys(sc)
+    outcomes: list[StageOutcome] = []
+    invalidated = False  # an earlier stage ran: every later one must run too
+    last = STAGES.index(cfg.stop_after)
+
+    for i, name in enumerate(STAGES):
+        if i > last:
+            outcomes.append(StageOutcome(name, "not run", detail=f"stop_after={cfg.stop_after}"))
+            continue
+        if name == "fuse" and sc.fuse is None:
+            outcomes.append(StageOutcome(name, "not configured", detail="no fuse.video_scores"))
+            continue
+        prev = state.get(name)
+        complete = all(p.exists() for p in _outputs(name, sc))
+        forced = name in cfg.force or "all" in cfg.force
+        if prev and prev.get("key") == keys[name]["key"] and complete and not invalidated and not forced:
+            outcomes.append(StageOutcome(name, "skipped", detail="up to date"))
+            continue
+        # A config change (this stage's or an earlier one's, scan aside) invalidates the
+        # stage's old outputs; an unchanged config with incomplete outputs is a resumable run.
+        redo = forced or (
+            prev is not None and prev.get("config") != keys[name]["config"]
+        ) or (prev is not None and prev.get("key") != keys[name]["key"] and name in ("train",))
+        resume = not redo and prev is None and name == "train" and state.get("train_started") == keys[name]["key"]
+        for later in STAGES[i:]:
+            state.pop(later, None)
+        if name == "train":
+            state["train_started"] = keys[name]["key"]
+        _save_state(work, state)
+        invalidated = True
+        t0 = time.perf_counter()
+        log.info("stage %s: %s", name, "redo" if redo else "run")
+        detail = _RUNNERS[name](sc, redo, resume, executor, cfg)
+        outcomes.append(
+            StageOutcome(name, "resumed" if resume else "ran", time.perf_counter() - t0, detail)
+        )
+        state[name] = {**keys[name], "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        _save_state(work, state)
+
+    return _result(work, sc, outcomes)
+
+
+# Stage runners: (stage configs, redo, resume, executor, run config) -> one-line detail
+
+
+def _run_scan(sc: StageConfigs, redo: bool, resume: bool, ex: Executor | None, cfg: RunConfig) -> str:
+    from avfuse.manifest import scan
+
+    df = scan(sc.scan)
+    counts = df["split"].value_counts().sort_index()
+    return f"{len(df)} videos ({', '.join(f'{k} {v}' for k, v in counts.items())})"
+
+
+def _first_line(result: Any) -> str:
+    summary = getattr(result, "summary", None)
+    return summary().splitlines()[0] if callable(summary) else ""
+
+
+def _run_extract(sc: StageConfigs, redo: bool, resume: bool, ex: Executor | None, cfg: RunConfig) -> str:
+    from avfuse.extract import extract
+
+    res = extract(dataclasses.replace(sc.extract, force=sc.extract.force or redo), ex)
+    print(res.summary())
+    return ", ".join(f"{k} {v}" for k, v in sorted(res.counts.items(), key=lambda x: -x[1]))
+
+
+def _run_features(sc: StageConfigs, redo: bool, resume: bool, ex: Executor | None, cfg: RunConfig) -> str:
+    from avfuse.features import compute_features
+
+    res = compute_features(dataclasses.replace(sc.features, force=sc.features.force or redo), ex)
+    print(res.summary())
+    return ", ".join(f"{k} {v}" for k, v in sorted(res.counts.items(), key=lambda x: -x[1]))
+
+
+def _run_train(sc: StageConfigs, redo: bool, resume: bool, ex: Executor | None, cfg: RunConfig) -> str:
+    from avfuse.train import train
+
+    res = train(dataclasses.replace(sc.train, resume=sc.train.resume or resume))
+    if res is None:
+        return "(not rank 0)"
+    print(res.summary())
+    return f"{res.epochs} epochs, best val top-1 {res.best_top1:.1%}"
+
+
+def _run_predict(sc: StageConfigs, redo: bool, resume: bool, ex: Executor | None, cfg: RunConfig) -> str:
+    from avfuse.predict import predict
+
+    parts = []
+    for split, pc in sc.predict.items():
+        res = predict(pc)
+        if res is not None:
+            print(res.summary())
+            parts.append(f"{split} {int(res.scores.has_scores.sum())}/{len(res.scores.ids)}")
+    return "scored " + ", ".join(parts)
+
+
+def _run_evaluate(sc: StageConfigs, redo: bool, resume: bool, ex: Executor | None, cfg: RunConfig) -> str:
+    from avfuse.evaluate import evaluate
+
+    parts = []
+    for split, ec in sc.evaluate.items():
+        res = evaluate(ec)
+        print(res.summary())
+        parts.append(f"{split} audio top-1 {res.metrics['top1']:.1%}")
+    return ", ".join(parts)
+
+
+def _run_fuse(sc: StageConfigs, redo: bool, resume: bool, ex: Executor | None, cfg: RunConfig) -> str:
+    from avfuse.fuse import fuse
+
+    assert sc.fuse is not None
+    res = fuse(sc.fuse, ex)
+    print(res.summary())
+    m = res.figures["metrics"]["all"]
+    return f"fused top-1 {m['fused']['top1']:.1%} (video {m['video']['top1']:.1%})"
+
+
+def _run_report(sc: StageConfigs, redo: bool, resume: bool, ex: Executor | None, cfg: RunConfig) -> str:
+    md, _ = write_run_report(sc)
+    return str(md)
+
+
+_RUNNERS: dict[str, Callable[[StageConfigs, bool, bool, Executor | None, RunConfig], str]] = {
+    "scan": _run_scan,
+    "extract": _run_extract,
+    "features": _run_features,
+    "train": _run_train,
+    "predict": _run_predict,
+    "evaluate": _run_evaluate,
+    "fuse": _run_fuse,
+    "report": _run_report,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The run report
+
+
+def _fusion_figures(sc: StageConfigs) -> dict[str, Any] | None:
+    if sc.fuse is None:
+        return None
+    path = Path(sc.fuse.output or Path(sc.scan.work) / "fusion") / "fusion.json"
+    return read_json(path) if path.exists() else None
+
+
+def write_run_report(sc: StageConfigs) -> tuple[Path, Path]:
+    """``WORK/report.md`` + ``.html``: stage outcomes, training curves, audio and fused results."""
+    import pandas as pd
+
+    from avfuse import report as rp
+    from avfuse.manifest import load_manifest
+
+    work = Path(sc.scan.work)
+    figs = work / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    r = rp.Report("avfuse run report")
+    man = load_manifest(work)
+    r.paragraph(
+        f"Dataset `{sc.scan.root}`, work folder `{work}`: {len(man)} videos, "
+        f"{man['label'].nunique()} classes. Settings of this run: `run.toml`."
+    )
+
+    r.heading("Stage outcomes")
+    table = rp.status_table(man)
+    r.table(table)
+    r.image(rp.plot_status_counts(table, figs / "status_counts.png"), "videos per stage status")
+    bad = man[man.get("status", pd.Series("ok", index=man.index)).astype(str) != "ok"]
+    if len(bad) and "reason" in bad:
+        r.paragraph("Videos whose sound track could not be used (first 10):")
+        r.table(bad[["video_id", "status", "reason"]].head(10))
+
+    metrics = work / "runs" / sc.train.name / "metrics.jsonl"
+    if metrics.exists():
+        r.heading("Audio model training")
+        r.paragraph(
+            f"Model `{sc.train.model}`, {sc.train.epochs} epochs; run folder "
+            f"`runs/{sc.train.name}` (TensorBoard: `tensorboard --logdir {work}/runs`)."
+        )
+        r.image(rp.plot_training_curves(metrics, figs / "training_curves.png"), "training curves")
+
+    rows = []
+    for split, ec in sc.evaluate.items():
+        p = Path(ec.scores or "")
+        mp = p.with_name(p.name.removesuffix(".npz") + ".metrics.json")
+        if mp.exists():
+            m = read_json(mp)
+            cov = m.get("coverage", {})
+            rows.append(
+                {
+                    "split": split,
+                    "top-1 %": 100 * m["top1"],
+                    "top-5 %": 100 * m["top5"],
+                    "mean class %": 100 * m["mean_class_accuracy"],
+                    "mAP": m["mAP"],
+                    "scored / videos": f"{cov.get('scored')} / {cov.get('videos')}",
+                }
+            )
+    if rows:
+        r.heading("Audio-only results (videos with usable audio)")
+        r.table(pd.DataFrame(rows))
+
+    fig = _fusion_figures(sc)
+    if fig is not None and sc.fuse is not None:
+        out = Path(sc.fuse.output or work / "fusion")
+        r.heading("Audio + video fusion")
+        for scope, title in (("all", "all videos"), ("with_audio", "videos with audio")):
+            m = fig["metrics"][scope]
+            g = m["gain_top1"]
+            r.paragraph(
+                f"**{title}** (n={m['fused']['n']}): top-1 video {100 * m['video']['top1']:.1f} %, "
+                f"audio {100 * m['audio']['top1']:.1f} %, fused {100 * m['fused']['top1']:.1f} %; "
+                f"gain {100 * g[0]:+.1f} points (95% CI {100 * g[1]:+.1f} to {100 * g[2]:+.1f})."
+            )
+        for png, cap in (
+            ("accuracy.png", "video-only, audio-only and fused accuracy with the gain's 95% CI"),
+            ("class_gain.png", "per-class top-1 change from adding audio"),
+            ("weight_curve.png", "top-1 against the audio weight"),
+        ):
+            if (out / png).exists():
+                r.image(out / png, cap)
+        r.paragraph(f"Details (alignment, chosen weights, classes): `{_rel(out / 'report.md', work)}`.")
+    return r.write(work, "report")
+
+
+def _rel(p: Path, base: Path) -> str:
+    try:
+        return p.resolve().relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return str(p)
+
+
+def _result(work: Path, sc: StageConfigs, outcomes: list[StageOutcome]) -> RunResult:
+    from avfuse.manifest import load_manifest
+
+    counts: dict[str, dict[str, int]] = {}
+    try:
+        man = load_manifest(work)
+        for col in ("status", "feature_status"):
+            if col in man:
+                vc = man[col].fillna("not run").astype(str).value_counts()
+                counts[col] = {str(k): int(v) for k, v in vc.items()}
+    except FileNotFoundError:
+        pass
+    accuracy: dict[str, dict[str, float]] = {}
+    gain: dict[str, list[float]] = {}
+    fig = _fusion_figures(sc)
+    if fig is not None:
+        for scope, title in (("all", "all videos"), ("with_audio", "videos with audio")):
+            m = fig["metrics"][scope]
+            n = m["fused"]["n"]
+            key = f"{title} (n={n})"
+            accuracy[key] = {k: float(m[k]["top1"]) for k in ("video", "audio", "fused")}
+            gain[key] = [float(x) for x in m["gain_top1"]]
+    report = work / "report.md"
+    fusion_report = None
+    if sc.fuse is not None:
+        fusion_report = Path(sc.fuse.output or work / "fusion") / "report.md"
+    return RunResult(
+        work,
+        outcomes,
+        report if report.exists() else None,
+        fusion_report if fusion_report and fusion_report.exists() else None,
+        counts,
+        accuracy,
+        gain,
+    )

@@ -1,0 +1,374 @@
+"""Human-readable reports: Markdown + HTML pages with matplotlib PNG plots.
+
+A :class:`Report` is a list of blocks (headings, paragraphs, tables, images, notes) written
+once as ``NAME.md`` and once as a self-contained ``NAME.html`` next to the PNGs it links.
+The plotting helpers are small and independent so that other stages can reuse them:
+:func:`plot_training_curves` for a run's ``metrics.jsonl``, :func:`status_table` /
+:func:`plot_status_counts` for extraction and feature outcomes, and the fusion plots.
+
+Plots use matplotlib's object API (``Figure`` + Agg canvas), never ``pyplot``: no global
+state, no display needed, safe from worker threads.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from avfuse.io import atomic_write
+
+_COLORS = {"video": "#4C72B0", "audio": "#DD8452", "fused": "#55A868", "loss": "#C44E52"}
+
+
+def _save(fig: Figure, png: str | Path) -> Path:
+    png = Path(png)
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    with atomic_write(png) as tmp, open(tmp, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=110)
+    return png
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float | np.floating):
+        if math.isnan(float(v)):
+            return "n/a"
+        return f"{float(v):.2f}" if abs(float(v)) < 1e4 else f"{float(v):.0f}"
+    return str(v)
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """GitHub-flavoured Markdown table of ``df`` (index dropped; floats to 4 digits)."""
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
+    for row in df.itertuples(index=False):
+        cells = [_fmt(v).replace("|", "\\|") for v in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def html_table(df: pd.DataFrame) -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>"
+        for row in df.itertuples(index=False)
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def status_table(manifest: pd.DataFrame, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """Counts of each stage status per split: one row per (stage, status), one column per split.
+
+    ``manifest`` is :func:`avfuse.manifest.load_manifest` output; the stage columns present
+    among ``scan_status``, ``status`` (extract) and ``feature_status`` are counted (missing
+    values count as ``not run``). Columns: ``stage, status, <split>..., total``.
+    """
+    stage_names = {"scan_status": "scan", "status": "extract", "feature_status": "features"}
+    cols = [c for c in (columns or stage_names) if c in manifest.columns]
+    split = (
+        manifest["split"].astype(str)
+        if "split" in manifest
+        else pd.Series("all", index=manifest.index)
+    )
+    splits = sorted(split.unique())
+    frames = []
+    for col in cols:
+        st = manifest[col].astype(object).where(manifest[col].notna(), "not run").astype(str)
+        counts = pd.crosstab(st, split).reindex(columns=splits, fill_value=0)
+        counts["total"] = counts.sum(axis=1)
+        counts = counts.sort_values("total", ascending=False)
+        counts.insert(0, "status", counts.index)
+        counts.insert(0, "stage", stage_names.get(col, col))
+        frames.append(counts.reset_index(drop=True))
+    if not frames:
+        return pd.DataFrame(columns=["stage", "status", "total"])
+    out = pd.concat(frames, ignore_index=True)
+    out.columns = [str(c) for c in out.columns]
+    return out
+
+
+def plot_status_counts(table: pd.DataFrame, png: str | Path) -> Path:
+    """Horizontal bars of :func:`status_table` totals, one group per stage."""
+    labels = [f"{s}: {t}" for s, t in zip(table["stage"], table["status"], strict=True)]
+    fig = Figure(figsize=(7, 0.35 * len(labels) + 1.2))
+    ax = fig.add_subplot()
+    y = np.arange(len(labels))
+    ok = table["status"].isin(["ok", "found"]).to_numpy()
+    ax.barh(y, table["total"], color=np.where(ok, "#55A868", "#C44E52"))
+    for yi, v in zip(y, table["total"], strict=True):
+        ax.text(float(v), float(yi), f" {int(v)}", va="center", fontsize=8)
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("videos")
+    ax.set_title("outcome of each stage")
+    return _save(fig, png)
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _read_jsonl(path: str | Path) -> pd.DataFrame:
+    rows = []
+    for line in Path(path).read_text("utf-8").splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a crash mid-write
+                continue
+    return pd.DataFrame(rows)
+
+
+def plot_training_curves(metrics_jsonl: str | Path, png: str | Path) -> Path:
+    """Loss and accuracy curves from a training run's ``metrics.jsonl``.
+
+    Each line is a JSON object; the x axis is ``epoch`` (else ``step``, else the line number).
+    Numeric keys containing ``loss`` go on the left panel, the others that look like
+    accuracies (``acc``, ``top``, ``map``) on the right.
+    """
+    df = _read_jsonl(metrics_jsonl)
+    if df.empty:
+        raise ValueError(f"{metrics_jsonl}: no metrics recorded")
+    xcol = next((c for c in ("epoch", "step") if c in df.columns), None)
+    x = df[xcol].to_numpy() if xcol else np.arange(len(df))
+    numeric = [
+        c for c in df.columns if c not in ("epoch", "step") and pd.api.types.is_numeric_dtype(df[c])
+    ]
+    losses = [c for c in numeric if "loss" in c.lower()]
+    accs = [c for c in numeric if any(k in c.lower() for k in ("acc", "top", "map"))]
+    fig = Figure(figsize=(10, 4))
+    ax1, ax2 = fig.subplots(1, 2)
+    for c in losses:
+        m = df[c].notna().to_numpy()
+        ax1.plot(x[m], df[c][m], marker="o", ms=3, label=c)
+    for c in accs:
+        m = df[c].notna().to_numpy()
+        ax2.plot(x[m], df[c][m], marker="o", ms=3, label=c)
+    for ax, title in ((ax1, "loss"), (ax2, "accuracy")):
+        ax.set_xlabel(xcol or "record")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    return _save(fig, png)
+
+
+def plot_accuracy_bars(
+    values: Mapping[str, Mapping[str, float]],
+    png: str | Path,
+    gain_ci: Mapping[str, tuple[float, float, float]] | None = None,
+    title: str = "",
+) -> Path:
+    """Grouped bars: ``values[metric][model]`` in percent (models: video / audio / fused).
+
+    ``gain_ci[metric] = (gain, low, high)`` in percentage points is written above the fused bar
+    and drawn as an error bar around the fused value (video + CI bounds).
+    """
+    metrics = list(values)
+    models = list(next(iter(values.values())))
+    fig = Figure(figsize=(2.6 * len(metrics) + 1.5, 4))
+    ax = fig.add_subplot()
+    width = 0.8 / len(models)
+    x = np.arange(len(metrics))
+    for j, model in enumerate(models):
+        v = np.asarray([values[m][model] for m in metrics], dtype=float)
+        pos = x + (j - (len(models) - 1) / 2) * width
+        ax.bar(pos, np.nan_to_num(v), width, label=model, color=_COLORS.get(model))
+        for p, val in zip(pos, v, strict=True):
+            if np.isfinite(val) and val > 8:  # inside the bar, clear of the CI error bar
+                ax.text(p, val - 2, f"{val:.1f}", ha="center", va="top", fontsize=7, color="w")
+        if model == "fused" and gain_ci and "video" in models:
+            for i, m in enumerate(metrics):
+                if m not in gain_ci:
+                    continue
+                g, lo, hi = gain_ci[m]
+                base = values[m]["video"]
+                ax.errorbar(
+                    pos[i],
+                    base + g,
+                    yerr=[[g - lo], [hi - g]],
+                    color="black",
+                    capsize=4,
+                    lw=1,
+                )
+                ax.text(
+                    pos[i],
+                    base + hi + 1.5,
+                    f"{g:+.2f} [{lo:+.2f}, {hi:+.2f}]",
+                    ha="center",
+                    fontsize=7,
+                )
+    ax.set_xticks(x, metrics)
+    ax.set_ylabel("accuracy (%)")
+    top = np.nanmax([values[m][k] for m in metrics for k in models])
+    ax.set_ylim(0, float(top) + 12)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title or "accuracy; fused bar: gain over video with 95% bootstrap CI")
+    return _save(fig, png)
+
+
+def plot_weight_curve(
+    weights: np.ndarray,
+    curves: Mapping[str, np.ndarray],
+    png: str | Path,
+    chosen: Sequence[float] = (),
+    xlabel: str = "audio weight",
+    title: str = "",
+) -> Path:
+    """Accuracy (%) against the fusion weight, one line per curve; chosen weights marked."""
+    fig = Figure(figsize=(6.5, 4))
+    ax = fig.add_subplot()
+    for name, y in curves.items():
+        style = "--" if "held" in name else "-"
+        ax.plot(weights, y, style, marker="o", ms=3, label=name)
+    for i, w in enumerate(sorted(set(float(c) for c in chosen))):
+        ax.axvline(w, color="black", ls=":", lw=1, label="chosen weight" if i == 0 else None)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_xlim(float(np.min(weights)) - 0.02, float(np.max(weights)) + 0.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "accuracy against the audio weight")
+    return _save(fig, png)
+
+
+def plot_class_gain(
+    classes: Sequence[str], gains: np.ndarray, png: str | Path, n: int = 10
+) -> Path:
+    """Bars for the ``n`` classes that gain most and the ``n`` that lose most (points)."""
+    gains = np.asarray(gains, dtype=float)
+    order = np.argsort(gains, kind="stable")
+    idx = list(order[::-1][:n]) + [i for i in order[:n] if i not in order[::-1][:n]]
+    idx = sorted(set(idx), key=lambda i: -gains[i])
+    fig = Figure(figsize=(7, 0.3 * len(idx) + 1.5))
+    ax = fig.add_subplot()
+    y = np.arange(len(idx))
+    g = gains[idx]
+    ax.barh(y, g, color=np.where(g >= 0, _COLORS["fused"], _COLORS["loss"]))
+    ax.set_yticks(y, [classes[i] for i in idx], fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_xlabel("top-1 accuracy change with audio (points)")
+    ax.set_title("classes that gain and lose most from audio")
+    return _save(fig, png)
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass
+class Report:
+    """An ordered list of blocks rendered to Markdown and HTML."""
+
+    title: str
+    blocks: list[tuple[str, Any]] = field(default_factory=list)
+
+    def heading(self, text: str, level: int = 2) -> None:
+        self.blocks.append(("heading", (level, text)))
+
+    def paragraph(self, text: str) -> None:
+        self.blocks.append(("paragraph", text))
+
+    def note(self, text: str) -> None:
+        """A highlighted warning (e.g. an optimistic result)."""
+        self.blocks.append(("note", text))
+
+    def table(self, df: pd.DataFrame) -> None:
+        self.blocks.append(("table", df))
+
+    def image(self, png: str | Path, caption: str) -> None:
+        """Link a PNG; it must sit in (or below) the folder the report is written to."""
+        self.blocks.append(("image", (Path(png), caption)))
+
+    def to_markdown(self, folder: Path) -> str:
+        out = [f"# {self.title}", ""]
+        for kind, val in self.blocks:
+            if kind == "heading":
+                out += ["#" * val[0] + " " + val[1], ""]
+            elif kind == "paragraph":
+                out += [val, ""]
+            elif kind == "note":
+                out += [f"> **Note:** {val}", ""]
+            elif kind == "table":
+                out += [markdown_table(val), ""]
+            elif kind == "image":
+                rel = _rel(val[0], folder)
+                out += [f"![{val[1]}]({rel})", "", f"*{val[1]}*", ""]
+        return "\n".join(out)
+
+    def to_html(self, folder: Path) -> str:
+        body = [f"<h1>{html.escape(self.title)}</h1>"]
+        for kind, val in self.blocks:
+            if kind == "heading":
+                body.append(f"<h{val[0]}>{html.escape(val[1])}</h{val[0]}>")
+            elif kind == "paragraph":
+                body.append(f"<p>{_inline_html(val)}</p>")
+            elif kind == "note":
+                body.append(f'<p class="note"><b>Note:</b> {_inline_html(val)}</p>')
+            elif kind == "table":
+                body.append(html_table(val))
+            elif kind == "image":
+                rel = html.escape(_rel(val[0], folder))
+                cap = html.escape(val[1])
+                body.append(
+                    f'<figure><img src="{rel}" alt="{cap}"><figcaption>{cap}</figcaption></figure>'
+                )
+        return _HTML.format(title=html.escape(self.title), body="\n".join(body))
+
+    def write(self, folder: str | Path, stem: str = "report") -> tuple[Path, Path]:
+        """Write ``folder/stem.md`` and ``folder/stem.html``; returns both paths."""
+        folder = Path(folder)
+        md, page = folder / f"{stem}.md", folder / f"{stem}.html"
+        with atomic_write(md) as tmp:
+            tmp.write_text(self.to_markdown(folder), "utf-8")
+        with atomic_write(page) as tmp:
+            tmp.write_text(self.to_html(folder), "utf-8")
+        return md, page
+
+
+def _rel(path: Path, folder: Path) -> str:
+    try:
+        return path.resolve().relative_to(folder.resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def _inline_html(text: str) -> str:
+    # The paragraphs we write use only `code` and **bold** inline markup.
+    out = html.escape(text)
+    parts = out.split("`")
+    out = "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+    parts = out.split("**")
+    return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+
+
+_HTML = """<!doctype html>
+<html><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 960px; margin: 2em auto; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
+th {{ background: #f3f3f3; }}
+td:first-child, th:first-child {{ text-align: left; }}
+img {{ max-width: 100%; }}
+figcaption {{ font-size: 0.9em; color: #555; }}
+.note {{ background: #fff3cd; border: 1px solid #e0c36c; padding: 0.6em; }}
+code {{ background: #f3f3f3; padding: 0 3px; }}
+</style></head>
+<body>
+{body}
+</body></html>
+"""

@@ -1,0 +1,616 @@
+"""Train the audio classifier on the feature store.
+
+``avfuse train WORK --model resnet --epochs 30`` writes ``WORK/runs/NAME/``::
+
+    config.toml     the full resolved TrainConfig (device and AMP as actually used)
+    metrics.jsonl   one line per epoch: loss, train accuracy, video-level val top-1/top-5, lr, samples/s
+    tb/             TensorBoard event files
+    last.pt         checkpoint after the latest epoch (and every ``checkpoint_every`` steps)
+    best.pt         checkpoint with the best video-level val top-1
+
+A checkpoint holds weights, optimizer, scheduler, grad-scaler and RNG states, epoch and step
+(including the position inside the epoch), the config, class list, per-band normalisation
+statistics and the feature front end (dict + hash). ``--resume`` continues from ``last.pt``
+exactly: the sampler skips the windows already used and every RNG is restored, so a resumed
+run ends with the same weights as an uninterrupted one (CPU, ``--deterministic``).
+
+Recipe: AdamW (no decay on biases and norm weights), per-step cosine schedule with linear
+warm-up, label smoothing, SpecAugment time/frequency masks, mixup, gradient clipping, AMP
+(bf16 where native, fp16 + GradScaler on older GPUs).
+
+Under ``torchrun --nproc_per_node=N -m avfuse train ...`` the same loop runs with
+DistributedDataParallel: every rank draws a distinct shard of the epoch's windows, rank 0 alone
+logs and writes files (:mod:`avfuse.distributed`). ``batch_size`` is per process; the effective
+batch is ``batch_size * world_size`` and the learning rate is scaled from ``base_batch_size``
+per ``lr_scaling``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from avfuse import distributed as D
+from avfuse.config import save_config, to_dict
+from avfuse.data import (
+    WINDOW,
+    NormStats,
+    TrainWindowSampler,
+    WindowDataset,
+    compute_norm_stats,
+)
+from avfuse.evaluate import metrics as score_metrics
+from avfuse.io import atomic_write
+from avfuse.manifest import load_classes, load_manifest
+from avfuse.models import MODELS, build_model, load_init
+from avfuse.predict import load_checkpoint, score_videos_distributed, video_status
+from avfuse.store import FeatureStore
+
+log = D.get_logger(__name__)
+
+ModelName = Literal["vggish", "resnet", "panns"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Model, recipe and run settings of ``avfuse train``."""
+
+    work: Path = field(
+        metadata={"help": "work folder (manifest + feature store)", "positional": True}
+    )
+    name: str = field(default="audio", metadata={"help": "run name: outputs in WORK/runs/NAME"})
+    model: ModelName = field(default="resnet", metadata={"help": "architecture"})
+    width: float = field(
+        default=1.0, metadata={"help": "channel-width multiplier (1.0 = published size)"}
+    )
+    dropout: float = field(default=0.3, metadata={"help": "dropout before the classifier"})
+    init: Path | None = field(
+        default=None,
+        metadata={"help": "state dict to initialise from (e.g. AudioSet VGGish weights)"},
+    )
+    epochs: int = field(default=30, metadata={"help": "training epochs"})
+    batch_size: int = field(default=64, metadata={"help": "windows per step and process"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate at base_batch_size"})
+    base_batch_size: int = field(
+        default=64, metadata={"help": "effective batch size the lr is given for"}
+    )
+    lr_scaling: Literal["linear", "sqrt", "none"] = field(
+        default="linear",
+        metadata={"help": "scale lr by (effective batch / base_batch_size) this way"},
+    )
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
+    warmup_epochs: float = field(default=1.0, metadata={"help": "linear warm-up length"})
+    label_smoothing: float = field(default=0.1, metadata={"help": "0 = off"})
+    specaugment: bool = field(default=True, metadata={"help": "SpecAugment time/freq masks"})
+    time_mask: int = field(default=16, metadata={"help": "max frames per time mask"})
+    freq_mask: int = field(default=8, metadata={"help": "max bands per frequency mask"})
+    num_masks: int = field(default=2, metadata={"help": "masks of each kind per window"})
+    mixup_alpha: float = field(default=0.0, metadata={"help": "mixup Beta(alpha, alpha); 0 = off"})
+    grad_clip: float = field(default=5.0, metadata={"help": "max gradient norm; 0 = off"})
+    windows_per_video: int = field(
+        default=4, metadata={"help": "random 96-frame windows drawn per video per epoch"}
+    )
+    balanced: bool = field(default=False, metadata={"help": "class-balanced video sampling"})
+    num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes"})
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "device"})
+    amp: Literal["auto", "off", "bf16", "fp16"] = field(
+        default="auto",
+        metadata={"help": "mixed precision; auto: bf16 on GPUs/CPUs that support it"},
+    )
+    channels_last: bool = field(default=True, metadata={"help": "channels-last memory format"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    deterministic: bool = field(
+        default=False, metadata={"help": "deterministic algorithms (bit-exact resume; slower)"}
+    )
+    resume: bool = field(default=False, metadata={"help": "continue WORK/runs/NAME/last.pt"})
+    train_split: str = field(default="train", metadata={"help": "split to train on"})
+    val_split: str = field(default="val", metadata={"help": "split for validation ('' = none)"})
+    eval_every: int = field(default=1, metadata={"help": "validate every N epochs; 0 = never"})
+    val_hop: int = field(default=WINDOW, metadata={"help": "hop between validation windows"})
+    checkpoint_every: int = field(
+        default=500, metadata={"help": "also write last.pt every N steps; 0 = per epoch only"}
+    )
+    norm_videos: int = field(
+        default=5000, metadata={"help": "training videos sampled for band statistics; 0 = all"}
+    )
+    progress: bool = field(default=True, metadata={"help": "progress bars"})
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    epochs: int
+    best_top1: float
+    last_metrics: dict[str, Any]
+    best_path: Path
+    last_path: Path
+
+    def summary(self) -> str:
+        m = self.last_metrics
+        val = (
+            f", val top-1 {m['val_top1']:.2%} top-5 {m['val_top5']:.2%}"
+            if m.get("val_top1") is not None
+            else ""
+        )
+        best = f"; best val top-1 {self.best_top1:.2%}" if self.best_top1 >= 0 else ""
+        return (
+            f"trained {self.epochs} epochs: loss {m.get('loss', float('nan')):.4f}, "
+            f"train acc {m.get('train_acc', float('nan')):.2%}{val}{best} -> {self.run_dir}"
+        )
+
+
+class StopTraining(Exception):
+    """Raised by an ``on_step`` hook to abort (tests use it to simulate a kill)."""
+
+
+# --------------------------------------------------------------------------- recipe pieces
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up to 1 over ``warmup`` steps, then cosine to 0 at ``total``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def spec_augment(
+    x: torch.Tensor, rng: np.random.Generator, time_mask: int, freq_mask: int, num_masks: int
+) -> torch.Tensor:
+    """Zero random time and frequency stripes: (B, T, F) -> (B, T, F).
+
+    Zero is the band mean after normalisation, so a mask removes information without adding
+    an out-of-distribution value. Mask positions come from ``rng`` (saved in checkpoints).
+    """
+    b, t, f = x.shape
+    keep = torch.ones(b, t, f, dtype=torch.bool)
+    ar_t, ar_f = torch.arange(t), torch.arange(f)
+    for _ in range(num_masks):
+        if time_mask > 0:
+            w = torch.from_numpy(rng.integers(0, time_mask + 1, b))
+            s = torch.from_numpy(rng.integers(0, np.maximum(t - w.numpy(), 0) + 1))
+            keep &= ~((ar_t[None] >= s[:, None]) & (ar_t[None] < (s + w)[:, None]))[:, :, None]
+        if freq_mask > 0:
+            w = torch.from_numpy(rng.integers(0, freq_mask + 1, b))
+            s = torch.from_numpy(rng.integers(0, np.maximum(f - w.numpy(), 0) + 1))
+            keep &= ~((ar_f[None] >= s[:, None]) & (ar_f[None] < (s + w)[:, None]))[:, None, :]
+    return x * keep.to(x.device, x.dtype)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on weight matrices and kernels only (not biases, norm scales)."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim > 1 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def effective_lr(cfg: TrainConfig, world_size: int) -> tuple[int, float]:
+    eff = cfg.batch_size * world_size
+    ratio = eff / cfg.base_batch_size
+    scale = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[cfg.lr_scaling]
+    return eff, cfg.lr * scale
+
+
+def _np_state_to_torch(state: Any) -> dict[str, Any]:
+    # The MT19937 key is an ndarray; as a tensor the checkpoint loads with weights_only=True.
+    out = dict(state)
+    out["state"] = {
+        k: (torch.from_numpy(v.astype(np.int64)) if isinstance(v, np.ndarray) else v)
+        for k, v in state["state"].items()
+    }
+    return out
+
+
+def _rng_state(aug_rng: np.random.Generator) -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": _np_state_to_torch(np.random.get_state(legacy=False)),
+        "torch": torch.get_rng_state(),
+        "aug": aug_rng.bit_generator.state,
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], aug_rng: np.random.Generator) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np_state = dict(state["numpy"])
+    np_state["state"] = {
+        k: (v.numpy().astype(np.uint32) if isinstance(v, torch.Tensor) else v)
+        for k, v in np_state["state"].items()
+    }
+    np.random.set_state(np_state)
+    torch.set_rng_state(state["torch"])
+    aug_rng.bit_generator.state = state["aug"]
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _usable_ids(man: Any, split: str, store: FeatureStore) -> tuple[list[str], np.ndarray]:
+    rows = man[(man["split"] == split) & (man["label_index"] >= 0)]
+    status = video_status(rows, store)
+    rows = rows[[status[str(v)] == "ok" for v in rows["video_id"]]].sort_values("video_id")
+    return rows["video_id"].astype(str).tolist(), rows["label_index"].to_numpy(np.int64)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model  # type: ignore[return-value]
+
+
+def train(
+    cfg: TrainConfig,
+    executor: Any = None,
+    *,
+    on_step: Callable[[int], None] | None = None,
+    sampler: TrainWindowSampler | None = None,
+) -> TrainResult | None:
+    """Train per ``cfg``; returns the result on rank 0 (``None`` on other ranks).
+
+    ``on_step(global_step)`` is called after every optimizer step (and after any checkpoint of
+    that step). ``sampler`` replaces the default :class:`TrainWindowSampler` (it must provide
+    ``set_epoch(epoch, skip)`` and yield ``(video_pos, start)`` over the training ids sorted by
+    video_id). ``executor`` is unused (training parallelism is DataLoader workers and DDP).
+    """
+    del executor
+    work = Path(cfg.work)
+    device = D.resolve_device(cfg.device)
+    e = D.init(device.type)
+    amp_dtype = D.resolve_amp(cfg.amp, device)
+    # The saved config records what actually ran, not "auto".
+    cfg = dataclasses.replace(cfg, device=device.type, amp=D.amp_name(amp_dtype))  # type: ignore[arg-type]
+    run_dir = work / "runs" / cfg.name
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    seed_everything(cfg.seed + e.rank, cfg.deterministic)
+    aug_rng = np.random.default_rng([cfg.seed, e.rank, 1])
+
+    store = FeatureStore(work / "features")
+    classes = load_classes(work)
+    if store.classes != classes:
+        raise ValueError(f"feature store {store.root} has a different class list than {work}")
+    man = load_manifest(work)
+    train_ids, train_labels = _usable_ids(man, cfg.train_split, store)
+    if not train_ids:
+        raise ValueError(f"no usable videos in split {cfg.train_split!r}")
+    val_ids, val_labels = (
+        _usable_ids(man, cfg.val_split, store) if cfg.val_split else ([], np.zeros(0, np.int64))
+    )
+
+    ckpt: dict[str, Any] | None = None
+    if cfg.resume and last_path.exists():
+        ckpt = load_checkpoint(last_path)
+        store.check_frontend(ckpt["frontend_hash"], what=f"checkpoint {last_path}")
+        norm = NormStats.from_state(ckpt["norm"])
+    elif cfg.resume:
+        log.warning("--resume: %s not found, starting a new run", last_path)
+        norm = compute_norm_stats(store, train_ids, cfg.norm_videos, cfg.seed)
+    else:
+        norm = compute_norm_stats(store, train_ids, cfg.norm_videos, cfg.seed)
+
+    model = build_model(cfg.model, len(classes), cfg.width, cfg.dropout)
+    if cfg.init and ckpt is None:
+        ignored = load_init(model, cfg.init)
+        log.info(
+            "initialised from %s%s", cfg.init, f" (ignored {len(ignored)} keys)" if ignored else ""
+        )
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    mem = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model.to(device, memory_format=mem)  # type: ignore[call-overload]
+    net: nn.Module = model
+    if e.distributed:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    dataset = WindowDataset(store, train_ids, train_labels, norm)
+    if sampler is None:
+        sampler = TrainWindowSampler(
+            dataset.frames,
+            train_labels,
+            windows_per_video=cfg.windows_per_video,
+            balanced=cfg.balanced,
+            seed=cfg.seed,
+            rank=e.rank,
+            world_size=e.world_size,
+        )
+    sampler.set_epoch(0)
+    steps_per_epoch = len(sampler) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{len(sampler)} windows per epoch and process < batch size {cfg.batch_size}: "
+            "lower --batch-size or raise --windows-per-video"
+        )
+    total_steps = steps_per_epoch * cfg.epochs
+    eff_batch, lr = effective_lr(cfg, e.world_size)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr)
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup)
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    start_epoch, skip_steps, global_step, best_top1 = 0, 0, 0, -1.0
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, skip_steps = int(ckpt["epoch"]), int(ckpt["step_in_epoch"])
+        global_step, best_top1 = int(ckpt["global_step"]), float(ckpt["best_top1"])
+        rngs = ckpt["rng"]
+        if len(rngs) == e.world_size:
+            pass
+        else:
+            log.warning(
+                "resuming with %d processes instead of %d: RNG streams reseeded",
+                e.world_size,
+                len(rngs),
+            )
+        if skip_steps >= steps_per_epoch:
+            start_epoch, skip_steps = start_epoch + 1, 0
+        log.info("resuming %s at epoch %d step %d", last_path, start_epoch + 1, skip_steps)
+
+    writer = None
+    if e.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.toml")
+        if ckpt is None and (run_dir / "tb").exists():
+            shutil.rmtree(run_dir / "tb")  # a fresh run must not mix curves with an old one
+        _trim_metrics(run_dir / "metrics.jsonl", start_epoch)
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tb"), purge_step=global_step or None)
+        log.info(
+            "%s: %d train / %d val videos, %d classes, %d steps/epoch, effective batch %d, "
+            "lr %.3g, device %s, amp %s, %d process(es)",
+            cfg.model,
+            len(train_ids),
+            len(val_ids),
+            len(classes),
+            steps_per_epoch,
+            eff_batch,
+            lr,
+            device,
+            D.amp_name(amp_dtype),
+            e.world_size,
+        )
+
+    def checkpoint(
+        epoch: int, step_in_epoch: int, path_list: list[Path], last: dict[str, Any]
+    ) -> None:
+        rngs = D.all_gather_object(_rng_state(aug_rng))
+        if not e.is_main:
+            return
+        state = {
+            "format": "avfuse-checkpoint/1",
+            "model": model.state_dict(),
+            "model_spec": {"name": cfg.model, "width": cfg.width, "dropout": cfg.dropout},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": rngs,
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "global_step": global_step,
+            "best_top1": best_top1,
+            "config": to_dict(cfg),
+            "classes": list(classes),
+            "norm": norm.to_state(),
+            "frontend_hash": store.frontend_hash,
+            "frontend": store.frontend,
+            "world_size": e.world_size,
+            "effective_batch_size": eff_batch,
+            "metrics": dict(last),
+        }
+        for p in path_list:
+            D.save_on_main(state, p)
+
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    last_metrics: dict[str, Any] = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        skip = skip_steps if epoch == start_epoch else 0
+        sampler.set_epoch(epoch, skip * cfg.batch_size)
+        loader = DataLoader(
+            dataset,
+            batch_size=cfg.batch_size,
+            sampler=sampler,  # type: ignore[arg-type]
+            num_workers=cfg.num_workers,
+            drop_last=True,
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,
+            # Its own generator: creating the iterator must not draw from the global RNG,
+            # or a resumed run's dropout stream would shift.
+            generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch),
+        )
+        net.train()
+        sums = [0.0, 0.0, 0.0]  # loss * n, correct, n
+        t0 = time.perf_counter()
+        bar = tqdm(
+            loader,
+            total=steps_per_epoch - skip,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            unit="step",
+            disable=not (cfg.progress and e.is_main),
+            leave=False,
+        )
+        step_in_epoch = skip
+        for x, y, _ in bar:
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            if cfg.specaugment:
+                x = spec_augment(x, aug_rng, cfg.time_mask, cfg.freq_mask, cfg.num_masks)
+            x = x.unsqueeze(1)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            lam, perm = 1.0, None
+            if cfg.mixup_alpha > 0:
+                lam = float(aug_rng.beta(cfg.mixup_alpha, cfg.mixup_alpha))
+                perm = torch.from_numpy(aug_rng.permutation(len(y))).to(device)
+                x = lam * x + (1.0 - lam) * x[perm]
+            with torch.autocast(
+                device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+            ):
+                logits = net(x)
+            logits = logits.float()
+            loss = criterion(logits, y)
+            if perm is not None:
+                loss = lam * loss + (1.0 - lam) * criterion(logits, y[perm])
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            global_step += 1
+            step_in_epoch += 1
+            n = len(y)
+            lv = float(loss.detach())
+            sums[0] += lv * n
+            sums[1] += float((logits.detach().argmax(1) == y).sum())
+            sums[2] += n
+            dt = time.perf_counter() - t0
+            if e.is_main:
+                bar.set_postfix(
+                    loss=f"{lv:.3f}", sps=f"{sums[2] * e.world_size / max(dt, 1e-9):.0f}"
+                )
+                if writer is not None and global_step % 10 == 0:
+                    writer.add_scalar("train/loss_step", lv, global_step)
+                    writer.add_scalar("train/lr", scheduler.get_last_lr()[0], global_step)
+            if (
+                cfg.checkpoint_every > 0
+                and global_step % cfg.checkpoint_every == 0
+                and step_in_epoch < steps_per_epoch
+            ):
+                checkpoint(epoch, step_in_epoch, [last_path], last_metrics)
+            if on_step is not None:
+                on_step(global_step)
+        bar.close()
+        elapsed = time.perf_counter() - t0
+        loss_sum, correct, count = D.all_reduce_sum(sums)
+        sps = count / max(elapsed, 1e-9)
+        last_metrics = {
+            "epoch": epoch + 1,
+            "step": global_step,
+            "loss": loss_sum / max(count, 1),
+            "train_acc": correct / max(count, 1),
+            "lr": scheduler.get_last_lr()[0],
+            "samples_per_s": sps,
+            "val_top1": None,
+            "val_top5": None,
+        }
+        validate = (
+            bool(val_ids)
+            and cfg.eval_every > 0
+            and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
+        )
+        if validate:
+            scored = score_videos_distributed(
+                model,
+                store,
+                val_ids,
+                norm,
+                hop=cfg.val_hop,
+                batch_size=cfg.batch_size * 4,
+                device=device,
+                amp_dtype=amp_dtype,
+                channels_last=cfg.channels_last,
+                progress=cfg.progress,
+            )
+            vm = score_metrics(np.stack([scored[v][0] for v in val_ids]), val_labels)
+            last_metrics.update(val_top1=vm["top1"], val_top5=vm["top5"], val_mAP=vm["mAP"])
+        improved = validate and last_metrics["val_top1"] > best_top1
+        if improved:
+            best_top1 = float(last_metrics["val_top1"])
+        if e.is_main:
+            _append_metrics(run_dir / "metrics.jsonl", last_metrics)
+            if writer is not None:
+                for k, v in last_metrics.items():
+                    if v is not None and k not in ("epoch", "step"):
+                        writer.add_scalar(f"epoch/{k}", v, epoch + 1)
+                writer.flush()
+            val = (
+                f" val top-1 {last_metrics['val_top1']:.2%} top-5 {last_metrics['val_top5']:.2%}"
+                if validate
+                else ""
+            )
+            log.info(
+                "epoch %d/%d: loss %.4f train acc %.2f%%%s lr %.2e %.0f samples/s%s",
+                epoch + 1,
+                cfg.epochs,
+                last_metrics["loss"],
+                100 * last_metrics["train_acc"],
+                val,
+                last_metrics["lr"],
+                sps,
+                " *" if improved else "",
+            )
+        # best.pt tracks val top-1; without validation it is simply the latest weights.
+        paths = [last_path] + ([best_path] if improved or not validate else [])
+        checkpoint(epoch + 1, 0, paths, last_metrics)
+    if writer is not None:
+        writer.close()
+    D.barrier()
+    if not e.is_main:
+        return None
+    return TrainResult(run_dir, cfg.epochs, best_top1, last_metrics, best_path, last_path)
+
+
+def _append_metrics(path: Path, record: dict[str, Any]) -> None:
+    lines = path.read_text("utf-8").splitlines() if path.exists() else []
+    lines.append(json.dumps(record, default=float))
+    with atomic_write(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n", "utf-8")
+
+
+def _trim_metrics(path: Path, start_epoch: int) -> None:
+    """On resume, drop lines of epochs that will be run again (written before the kill)."""
+    if not path.exists():
+        return
+    keep = [
+        ln
+        for ln in path.read_text("utf-8").splitlines()
+        if ln.strip() and json.loads(ln)["epoch"] <= start_epoch
+    ]
+    with atomic_write(path) as tmp:
+        tmp.write_text("".join(ln + "\n" for ln in keep), "utf-8")
+
+
+__all__ = ["MODELS", "StopTraining", "TrainConfig", "TrainResult", "train"]

@@ -1,0 +1,692 @@
+"""Read a video model's per-video class scores from the formats tools actually write.
+
+Every reader returns a :class:`VideoScores`: the ids as the source spells them, an ``(N, C)``
+float64 matrix and, when the source names them, the class of each column. Nothing here relies
+on row order: :func:`match_ids` joins rows to manifest ``video_id`` values through
+:func:`normalize_id`, and :func:`align_classes` reorders columns by class name.
+
+Formats (chosen by extension, or forced with ``fmt``):
+
+``.npz`` with ``ids``, ``classes``, ``scores``
+    an :class:`avfuse.scores.ScoreFile` (ours), or any npz with a 2-D array (``scores``,
+    ``logits``, ``probs`` or the only 2-D array) and optionally ``ids`` / ``video_ids`` /
+    ``names`` and ``classes`` / ``labels`` / ``class_names``.
+``.npy``
+    an ``(N, C)`` array; ids come from ``ids_file`` (one id a line) or ``annotations``.
+``.csv`` / ``.tsv``
+    wide (an id column, then one column per class) or long (``id, class, score`` columns).
+``.pkl`` / ``.pickle``
+    the ``--dump`` output of mmaction2's test tool: a list of score arrays, or of dicts with a
+    ``pred_score`` (numpy array or torch tensor); row ``i`` belongs to line ``i`` of the
+    ``annotations`` list. Only load pickles you trust; a restricted unpickler refuses anything
+    but numpy / torch arrays and plain containers.
+
+Annotation files giving the row order: mmaction2 lists (``path label`` or
+``path total_frames label`` lines), a plain id list, a CSV with a ``video_id`` / ``id`` column,
+or the Kinetics CSV (``label,youtube_id,time_start,time_end,split``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import pickle
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+Format = Literal["auto", "npz", "npy", "csv", "pkl"]
+
+# YouTube ids are 11 characters of [A-Za-z0-9_-]; Kinetics clips append start and end seconds.
+_KINETICS = re.compile(r"^(?P<yt>[A-Za-z0-9_-]{11})_(?P<start>\d+)_(?P<end>\d+)$")
+_EXTENSION = re.compile(r"^(?P<stem>.+)\.(?P<ext>[A-Za-z][A-Za-z0-9]{0,4})$")
+_LIST_LINE = re.compile(r"^(?P<path>.+?)(?:\s+-?\d+(?:,\d+)*){0,2}$")
+_ID_COLUMNS = ("video_id", "id", "video", "name", "filename", "file", "path", "vid", "youtube_id")
+_CLASS_COLUMNS = ("class", "label", "class_name", "category", "classname")
+_SCORE_COLUMNS = ("score", "prob", "probability", "logit", "value")
+_NONFINITE = ("nan", "inf", "-inf", "+inf", "infinity", "-infinity")
+_META_COLUMNS = {"status", "n_windows", "split", "label_index", "gt", "gt_label", "target"}
+
+
+class VideoScoreError(ValueError):
+    """A score, annotation or label-map file that cannot be used; the message names the file."""
+
+
+class AmbiguousIdError(VideoScoreError):
+    """Two videos of the manifest normalise to the same key."""
+
+
+@dataclass
+class VideoScores:
+    """Scores read from one or more files.
+
+    ``ids`` (N,) as the source spells them; ``scores`` (N, C) float64; ``classes`` the class
+    name of each column, or ``None`` when the source does not name its columns; ``kind`` is
+    ``"probs"`` when the format guarantees probabilities (our score files), else ``None``.
+    """
+
+    ids: list[str]
+    scores: np.ndarray
+    classes: list[str] | None
+    source: str
+    kind: Literal["logits", "probs"] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.scores = np.asarray(self.scores, dtype=np.float64)
+        if self.scores.ndim != 2:
+            raise VideoScoreError(
+                f"{self.source}: scores must be a 2-D (videos, classes) array, "
+                f"got shape {self.scores.shape}"
+            )
+        if len(self.ids) != self.scores.shape[0]:
+            raise VideoScoreError(
+                f"{self.source}: {len(self.ids)} ids for {self.scores.shape[0]} score rows"
+            )
+        if self.scores.shape[0] == 0:
+            raise VideoScoreError(f"{self.source}: no score rows (empty file)")
+        if self.classes is not None and len(self.classes) != self.scores.shape[1]:
+            raise VideoScoreError(
+                f"{self.source}: {len(self.classes)} class names for "
+                f"{self.scores.shape[1]} score columns"
+            )
+
+
+# --------------------------------------------------------------------------- ids
+
+
+def normalize_id(name: str) -> str:
+    """Key under which one video matches across tools.
+
+    Drops directories and one file extension, a ``v_`` prefix, and rewrites Kinetics clip names
+    to the YouTube id plus six-digit start and end seconds, so that
+    ``abseiling/ZzW2b8ZfnHM_000060_000070.mp4``, ``ZzW2b8ZfnHM_60_70`` and
+    ``val/abseiling/ZzW2b8ZfnHM_000060_000070`` all give ``ZzW2b8ZfnHM_000060_000070``.
+    """
+    s = unicodedata.normalize("NFC", str(name)).strip().replace("\\", "/").rstrip("/")
+    s = s.rsplit("/", 1)[-1]
+    m = _EXTENSION.match(s)
+    if m:
+        s = m["stem"]
+    for cand in (s, s[2:] if s.startswith("v_") else None):
+        if cand is None:
+            continue
+        k = _KINETICS.match(cand)
+        if k:
+            return f"{k['yt']}_{int(k['start']):06d}_{int(k['end']):06d}"
+    return s[2:] if s.startswith("v_") and len(s) > 2 else s
+
+
+def normalize_class(name: str) -> str:
+    """Class-name key: case, underscores and repeated blanks do not matter."""
+    s = unicodedata.normalize("NFC", str(name)).strip().strip("\"'").lower().replace("_", " ")
+    return " ".join(s.split())
+
+
+def _examples(items: Sequence[Any], n: int = 5) -> str:
+    shown = ", ".join(repr(x) for x in list(items)[:n])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > n else "")
+
+
+@dataclass
+class IdMatch:
+    """Rows of a source matched to target ids.
+
+    ``rows`` (T,) int64: the source row of each target id, ``-1`` where the source has none.
+    ``missing``: target ids without a source row; ``extra``: source ids matching no target;
+    ``duplicates``: source ids whose key was already taken (the first row is kept).
+    """
+
+    rows: np.ndarray
+    missing: list[str]
+    extra: list[str]
+    duplicates: list[str]
+    exact: bool
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "matched": int((self.rows >= 0).sum()),
+            "missing": len(self.missing),
+            "extra": len(self.extra),
+            "duplicates": len(self.duplicates),
+        }
+
+    def report(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.counts())
+        for k in ("missing", "extra", "duplicates"):
+            out[f"{k}_examples"] = list(getattr(self, k)[:5])
+        return out
+
+    def check(self, tolerance: float, what: str, source: str) -> None:
+        """Raise when missing, extra or duplicated ids exceed ``tolerance`` of the target ids."""
+        n = max(len(self.rows), 1)
+        limit = tolerance * n
+        problems = []
+        for k, label in (
+            ("missing", f"videos of the split without a row in {what}"),
+            ("extra", f"rows of {what} matching no video of the split"),
+            ("duplicates", f"duplicated ids in {what}"),
+        ):
+            items = getattr(self, k)
+            if len(items) > limit:
+                problems.append(f"{len(items)} {label} (e.g. {_examples(items)})")
+        if problems:
+            raise VideoScoreError(
+                f"{source}: " + "; ".join(problems) + f"; tolerance is {tolerance:.2%} of "
+                f"{len(self.rows)} videos (raise --tolerance to accept; rows are never zero-filled)"
+            )
+
+
+def key_index(target_ids: Sequence[str]) -> dict[str, int]:
+    """``normalize_id`` key -> position; :class:`AmbiguousIdError` if two ids share a key."""
+    index: dict[str, int] = {}
+    clash: dict[str, list[str]] = {}
+    for i, t in enumerate(target_ids):
+        k = normalize_id(t)
+        if k in index:
+            clash.setdefault(k, [target_ids[index[k]]]).append(t)
+        else:
+            index[k] = i
+    if clash:
+        shown = "; ".join(f"{k}: {' / '.join(v)}" for k, v in list(clash.items())[:5])
+        raise AmbiguousIdError(
+            f"{len(clash)} normalised id(s) shared by several videos of the manifest ({shown}); "
+            "give the video scores with full video_ids (split/class/stem) instead"
+        )
+    return index
+
+
+def match_ids(target_ids: Sequence[str], source_ids: Sequence[str]) -> IdMatch:
+    """Match source rows to ``target_ids`` (manifest video_ids), by key, never by position.
+
+    When every source id is literally a target id no normalisation is needed (and videos
+    whose names only differ by class folder stay distinct); otherwise both sides go through
+    :func:`normalize_id`.
+    """
+    target_ids = [str(t) for t in target_ids]
+    source_ids = [str(s) for s in source_ids]
+    exact_pos = {t: i for i, t in enumerate(target_ids)}
+    exact = all(s in exact_pos for s in source_ids)
+    if exact:
+        index = exact_pos
+        keys = source_ids
+    else:
+        index = key_index(target_ids)
+        keys = [normalize_id(s) for s in source_ids]
+    rows = np.full(len(target_ids), -1, dtype=np.int64)
+    extra: list[str] = []
+    dups: list[str] = []
+    for r, (s, k) in enumerate(zip(source_ids, keys, strict=True)):
+        t = index.get(k)
+        if t is None:
+            extra.append(s)
+        elif rows[t] >= 0:
+            dups.append(s)
+        else:
+            rows[t] = r
+    missing = [t for t, r in zip(target_ids, rows, strict=True) if r < 0]
+    return IdMatch(rows, missing, extra, dups, exact)
+
+
+# --------------------------------------------------------------------------- classes
+
+
+@dataclass
+class ClassAlignment:
+    """``columns`` (C,) int64: source column of each target class, ``-1`` where missing."""
+
+    columns: np.ndarray
+    missing: list[str]
+    extra: list[str]
+    by_name: bool
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "by_name": self.by_name,
+            "missing": len(self.missing),
+            "extra": len(self.extra),
+            "missing_examples": self.missing[:5],
+            "extra_examples": self.extra[:5],
+        }
+
+
+def align_classes(
+    source_classes: Sequence[str] | None,
+    classes: Sequence[str],
+    *,
+    n_columns: int,
+    source: str,
+    tolerance: int = 0,
+) -> ClassAlignment:
+    """Map target ``classes`` to source columns by (normalised) name.
+
+    Unnamed columns are taken in ``classes`` order when their count matches, else an error.
+    More than ``tolerance`` classes missing or extra on the source side is an error; within it,
+    a missing class gets no column (``-1``) and the caller decides (never a zero fill).
+    """
+    if source_classes is None:
+        if n_columns != len(classes):
+            raise VideoScoreError(
+                f"{source}: {n_columns} score columns but {len(classes)} classes, and the file "
+                "does not name its columns; give --video-label-map (one class a line)"
+            )
+        return ClassAlignment(np.arange(n_columns, dtype=np.int64), [], [], by_name=False)
+    keys = [normalize_class(c) for c in source_classes]
+    dup = [c for c, n in Counter(keys).items() if n > 1]
+    if dup:
+        raise VideoScoreError(f"{source}: duplicated class names {_examples(dup)}")
+    pos = {k: i for i, k in enumerate(keys)}
+    cols = np.asarray([pos.get(normalize_class(c), -1) for c in classes], dtype=np.int64)
+    missing = [c for c, j in zip(classes, cols, strict=True) if j < 0]
+    target = {normalize_class(c) for c in classes}
+    extra = [c for c, k in zip(source_classes, keys, strict=True) if k not in target]
+    if len(missing) > tolerance or len(extra) > tolerance:
+        parts = []
+        if missing:
+            parts.append(
+                f"{len(missing)} class(es) of the class list missing ({_examples(missing)})"
+            )
+        if extra:
+            parts.append(f"{len(extra)} unknown class name(s) ({_examples(extra)})")
+        raise VideoScoreError(f"{source}: " + "; ".join(parts) + f" (class tolerance {tolerance})")
+    return ClassAlignment(cols, missing, extra, by_name=True)
+
+
+# --------------------------------------------------------------------------- annotations
+
+
+def _kinetics_key(yt: str, start: str, end: str) -> str:
+    return f"{yt}_{int(float(start)):06d}_{int(float(end)):06d}"
+
+
+def read_annotation_ids(path: str | Path) -> list[str]:
+    """Ids in the order an annotation file lists its videos.
+
+    Kinetics CSV (``youtube_id,time_start,time_end``), a CSV with a ``video_id`` / ``id``
+    column, or text lines whose first field is the video (mmaction2 ``path label`` lists and
+    plain id lists alike). Blank lines are skipped.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text("utf-8-sig")
+    except OSError as exc:
+        raise VideoScoreError(f"{path}: cannot read annotations ({exc})") from exc
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        raise VideoScoreError(f"{path}: annotation / id file is empty")
+    head = [h.strip().lower() for h in next(csv.reader([lines[0]]))]
+    if "," in lines[0] and {"youtube_id", "time_start", "time_end"} <= set(head):
+        rows = list(csv.DictReader(io.StringIO("\n".join(lines))))
+        try:
+            return [
+                _kinetics_key(r["youtube_id"], r["time_start"], r["time_end"])
+                for r in ({k.strip().lower(): v for k, v in r.items()} for r in rows)
+            ]
+        except (KeyError, ValueError, TypeError) as exc:
+            raise VideoScoreError(f"{path}: bad Kinetics CSV row ({exc})") from exc
+    if "," in lines[0] and any(h in _ID_COLUMNS for h in head):
+        col = next(h for h in _ID_COLUMNS if h in head)
+        j = head.index(col)
+        return [r[j].strip() for r in csv.reader(lines[1:]) if r]
+    # "path label" / "path total_frames label": the path may contain blanks (Kinetics class
+    # folders do), so drop up to two trailing integer fields rather than split on blanks.
+    return [_LIST_LINE.match(ln.strip())["path"] for ln in lines]  # type: ignore[index]
+
+
+def read_label_map(path: str | Path) -> list[str]:
+    """Class names, one a line (mmaction2 label maps; a leading ``index`` field is dropped)."""
+    path = Path(path)
+    lines = [ln.strip() for ln in Path(path).read_text("utf-8-sig").splitlines() if ln.strip()]
+    if not lines:
+        raise VideoScoreError(f"{path}: label map is empty")
+    # "0 abseiling" / "0,abseiling" style maps put the index first.
+    split = [re.match(r"^(\d+)[\s,:]+(.+)$", ln) for ln in lines]
+    if all(split) and [int(m[1]) for m in split if m] == list(range(len(lines))):
+        lines = [m[2].strip() for m in split if m]
+    return [unicodedata.normalize("NFC", ln) for ln in lines]
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def _load_npz(path: Path) -> VideoScores:
+    try:
+        z = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise VideoScoreError(f"{path}: not a readable .npz file ({exc})") from exc
+    with z:
+        keys = list(z.files)
+        if not keys:
+            raise VideoScoreError(f"{path}: empty .npz file")
+        if {"ids", "classes", "scores", "status"} <= set(keys):
+            from avfuse.scores import ScoreFile
+
+            sf = ScoreFile.load(path)
+            ok = sf.has_scores
+            notes = []
+            if (~ok).any():
+                notes.append(f"{int((~ok).sum())} rows without scores (status != ok) skipped")
+            return VideoScores(
+                sf.ids[ok].tolist(), sf.scores[ok], list(sf.classes), str(path), "probs", notes
+            )
+        arrays = {k: z[k] for k in keys}
+    name = next((k for k in ("scores", "logits", "probs", "pred_score") if k in arrays), None)
+    if name is None:
+        two_d = [k for k, a in arrays.items() if a.ndim == 2 and a.dtype.kind in "fiu"]
+        if len(two_d) != 1:
+            raise VideoScoreError(
+                f"{path}: cannot tell which array holds the scores (keys {keys}); name it 'scores'"
+            )
+        name = two_d[0]
+    ids_key = next((k for k in ("ids", "video_ids", "names", "videos") if k in arrays), None)
+    cls_key = next((k for k in ("classes", "class_names", "labels") if k in arrays), None)
+    classes = None
+    if cls_key is not None and arrays[cls_key].dtype.kind in "US":
+        classes = [str(c) for c in arrays[cls_key].tolist()]
+    ids = [str(i) for i in arrays[ids_key].tolist()] if ids_key else []
+    kind: Literal["logits", "probs"] | None = None
+    if name == "logits":
+        kind = "logits"
+    elif name == "probs":
+        kind = "probs"
+    return _with_ids(arrays[name], ids if ids_key else None, classes, path, kind)
+
+
+def _with_ids(
+    scores: np.ndarray,
+    ids: list[str] | None,
+    classes: list[str] | None,
+    path: Path,
+    kind: Literal["logits", "probs"] | None = None,
+) -> VideoScores:
+    scores = np.asarray(scores)
+    if scores.dtype.kind not in "fiu":
+        raise VideoScoreError(f"{path}: scores are not numbers (dtype {scores.dtype})")
+    if scores.ndim == 1 and scores.size == 0:
+        raise VideoScoreError(f"{path}: no score rows (empty file)")
+    if scores.ndim != 2:
+        raise VideoScoreError(f"{path}: expected an (N, C) array, got shape {scores.shape}")
+    # Placeholder ids: the caller must supply an id list or annotations for unnamed rows.
+    return VideoScores(
+        ids if ids is not None else [f"#{i}" for i in range(scores.shape[0])],
+        scores,
+        classes,
+        str(path),
+        kind,
+        [] if ids is not None else ["unnamed rows"],
+    )
+
+
+def _load_npy(path: Path) -> VideoScores:
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise VideoScoreError(f"{path}: not a readable .npy array ({exc})") from exc
+    return _with_ids(arr, None, None, path)
+
+
+def _find(cols: list[str], names: Sequence[str]) -> str | None:
+    low = {c.strip().lower(): c for c in cols}
+    return next((low[n] for n in names if n in low), None)
+
+
+def _load_csv(path: Path) -> VideoScores:
+    sep = "\t" if path.suffix.lower() == ".tsv" else ","
+    # pandas silently turns one extra field per row into an index column: check the widths.
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        head = [r for _, r in zip(range(1000), csv.reader(fh, delimiter=sep), strict=False) if r]
+    for n, r in enumerate(head[1:], start=2):
+        if len(r) != len(head[0]):
+            raise VideoScoreError(
+                f"{path}: line {n} has {len(r)} fields, the header has {len(head[0])} "
+                "(wrong column count)"
+            )
+    try:
+        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, index_col=False)
+    except pd.errors.EmptyDataError as exc:
+        raise VideoScoreError(f"{path}: empty CSV file") from exc
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise VideoScoreError(f"{path}: malformed CSV ({exc})") from exc
+    if df.empty:
+        raise VideoScoreError(f"{path}: CSV has a header but no rows (empty file)")
+    cols = [str(c) for c in df.columns]
+    id_col = _find(cols, _ID_COLUMNS) or cols[0]
+    cls_col = _find(cols, _CLASS_COLUMNS)
+    score_col = _find(cols, _SCORE_COLUMNS)
+
+    def numbers(values: pd.DataFrame, what: str) -> np.ndarray:
+        arr = values.apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
+        # NaN / inf spelled out are numbers (check_finite reports them); anything else is not.
+        spelled = values.apply(lambda c: c.str.strip().str.lower().isin(_NONFINITE)).to_numpy()
+        bad = np.isnan(arr) & ~spelled
+        if bad.any():
+            r, c = (int(x) for x in np.argwhere(bad)[0])
+            raise VideoScoreError(
+                f"{path}: {int(bad.sum())} non-numeric {what} (e.g. {values.iat[r, c]!r} in "
+                f"column {values.columns[c]!r}, data row {r + 1})"
+            )
+        return arr
+
+    if cls_col is not None and score_col is not None and len(cols) <= 4:
+        # Long format: one (id, class, score) row per pair.
+        ids = df[id_col].astype(str).str.strip()
+        cl = df[cls_col].astype(str).str.strip()
+        sc = numbers(df[[score_col]], "scores")[:, 0]
+        pairs = pd.DataFrame({"id": ids, "cls": cl, "s": sc})
+        dup = pairs.duplicated(["id", "cls"])
+        if dup.any():
+            first = pairs[dup].iloc[0]
+            raise VideoScoreError(
+                f"{path}: {int(dup.sum())} repeated (id, class) pairs "
+                f"(e.g. {first['id']!r}, {first['cls']!r})"
+            )
+        wide = pairs.pivot(index="id", columns="cls", values="s")
+        order = list(dict.fromkeys(ids.tolist()))
+        wide = wide.loc[order]
+        holes = int(wide.isna().sum().sum()) - int(np.isnan(sc).sum())
+        if holes > 0:
+            raise VideoScoreError(
+                f"{path}: long-format CSV lacks {holes} (id, class) pairs; every video needs "
+                "a score for every class"
+            )
+        return VideoScores(
+            order, wide.to_numpy(np.float64), [str(c) for c in wide.columns], str(path)
+        )
+    class_cols = [c for c in cols if c != id_col and c.strip().lower() not in _META_COLUMNS]
+    if not class_cols:
+        raise VideoScoreError(f"{path}: no score columns besides the id column {id_col!r}")
+    data = df[class_cols]
+    if "status" in [c.lower() for c in cols]:
+        st = df[_find(cols, ("status",)) or "status"].astype(str)
+        keep = (st == "ok").to_numpy()
+        data = data[keep]
+        df = df[keep]
+    return VideoScores(
+        df[id_col].astype(str).str.strip().tolist(),
+        numbers(data, "scores"),
+        [c.strip() for c in class_cols],
+        str(path),
+    )
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickles numpy/torch arrays and plain containers, nothing that could run code."""
+
+    _BUILTINS = frozenset(
+        {
+            "list",
+            "dict",
+            "tuple",
+            "set",
+            "frozenset",
+            "int",
+            "float",
+            "complex",
+            "str",
+            "bytes",
+            "bytearray",
+            "slice",
+            "range",
+            "bool",
+            "object",
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> Any:
+        root = module.split(".")[0]
+        if (
+            (module == "builtins" and name in self._BUILTINS)
+            or root in ("numpy", "torch", "collections")
+            or (module == "_codecs" and name == "encode")
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _as_array(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().float().numpy()
+    return np.asarray(x, dtype=np.float64).reshape(-1)
+
+
+def _load_pkl(path: Path) -> VideoScores:
+    try:
+        with open(path, "rb") as fh:
+            obj = _SafeUnpickler(fh).load()
+    except EOFError as exc:
+        raise VideoScoreError(f"{path}: empty pickle file") from exc
+    except Exception as exc:
+        raise VideoScoreError(f"{path}: cannot read the pickle ({exc})") from exc
+    if isinstance(obj, np.ndarray):
+        return _with_ids(obj, None, None, path)
+    if not isinstance(obj, list | tuple) or not obj:
+        raise VideoScoreError(f"{path}: expected a non-empty list of per-video scores")
+    rows = []
+    for i, item in enumerate(obj):
+        if isinstance(item, dict):
+            key = next((k for k in ("pred_score", "pred_scores", "scores") if k in item), None)
+            if key is None:
+                raise VideoScoreError(
+                    f"{path}: item {i} is a dict without 'pred_score' (keys {sorted(item)})"
+                )
+            val = item[key]
+            if isinstance(val, dict) and "item" in val:  # mmaction 1.0 LabelData
+                val = val["item"]
+            rows.append(_as_array(val))
+        else:
+            rows.append(_as_array(item))
+    widths = Counter(len(r) for r in rows)
+    if len(widths) != 1:
+        raise VideoScoreError(f"{path}: score vectors of different lengths {dict(widths)}")
+    return _with_ids(np.stack(rows), None, None, path)
+
+
+_READERS = {"npz": _load_npz, "npy": _load_npy, "csv": _load_csv, "pkl": _load_pkl}
+
+
+def detect_format(path: str | Path) -> str:
+    ext = Path(path).suffix.lower().lstrip(".")
+    fmt = {"npz": "npz", "npy": "npy", "csv": "csv", "tsv": "csv", "pkl": "pkl", "pickle": "pkl"}
+    if ext not in fmt:
+        raise VideoScoreError(f"{path}: unknown score file type .{ext}; pass --video-format")
+    return fmt[ext]
+
+
+def read_one(
+    path: str | Path,
+    fmt: Format = "auto",
+    ids_file: str | Path | None = None,
+    label_map: str | Path | None = None,
+) -> VideoScores:
+    """Read one file; unnamed rows take their ids from ``ids_file`` (ids or annotations)."""
+    path = Path(path)
+    if not path.exists():
+        raise VideoScoreError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise VideoScoreError(f"{path}: empty file")
+    kind = detect_format(path) if fmt == "auto" else fmt
+    vs = _READERS[kind](path)
+    if "unnamed rows" in vs.notes:
+        if ids_file is None:
+            raise VideoScoreError(
+                f"{path}: the file does not list its videos; give --video-ids (one id a line) "
+                "or --annotations (the list the model was tested on)"
+            )
+        ids = read_annotation_ids(ids_file)
+        if len(ids) != vs.scores.shape[0]:
+            raise VideoScoreError(
+                f"{path}: {vs.scores.shape[0]} score rows but {len(ids)} videos in {ids_file}"
+            )
+        vs.ids = ids
+        vs.notes = [n for n in vs.notes if n != "unnamed rows"] + [f"ids from {ids_file}"]
+    if label_map is not None:
+        names = read_label_map(label_map)
+        if vs.classes is None:
+            if len(names) != vs.scores.shape[1]:
+                raise VideoScoreError(
+                    f"{path}: {vs.scores.shape[1]} score columns but {len(names)} classes in "
+                    f"the label map {label_map}"
+                )
+            vs.classes = names
+    return vs
+
+
+def read_video_scores(
+    paths: Sequence[str | Path],
+    fmt: Format = "auto",
+    ids_file: str | Path | None = None,
+    label_map: str | Path | None = None,
+) -> VideoScores:
+    """Read and stack one or more score files (parts of one model's output).
+
+    All parts must name the same classes (matched by name, so their column orders may differ).
+    Ids are kept as written; duplicates across parts surface in :func:`match_ids`.
+    """
+    if not paths:
+        raise VideoScoreError("no video score file given")
+    parts = [read_one(p, fmt, ids_file, label_map) for p in paths]
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    blocks = [first.scores]
+    for p in parts[1:]:
+        if (p.classes is None) != (first.classes is None):
+            raise VideoScoreError(f"{p.source}: names its classes unlike {first.source}")
+        if first.classes is not None and p.classes is not None:
+            al = align_classes(
+                p.classes, first.classes, n_columns=p.scores.shape[1], source=p.source
+            )
+            blocks.append(p.scores[:, al.columns])
+        else:
+            if p.scores.shape[1] != first.scores.shape[1]:
+                raise VideoScoreError(
+                    f"{p.source}: {p.scores.shape[1]} columns, {first.source} has "
+                    f"{first.scores.shape[1]}"
+                )
+            blocks.append(p.scores)
+    kinds = {p.kind for p in parts}
+    return VideoScores(
+        [i for p in parts for i in p.ids],
+        np.concatenate(blocks),
+        first.classes,
+        " + ".join(p.source for p in parts),
+        first.kind if len(kinds) == 1 else None,
+        [n for p in parts for n in p.notes],
+    )
+
+
+def check_finite(scores: np.ndarray, ids: Sequence[str], source: str) -> None:
+    """Raise naming the file and an example video when a score is NaN or infinite."""
+    bad = ~np.isfinite(scores).all(axis=1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise VideoScoreError(
+            f"{source}: {int(bad.sum())} row(s) with NaN or infinite scores (e.g. {ids[i]!r})"
+        )

@@ -1,0 +1,149 @@
+"""Datasets and samplers over the feature store: windows, coverage, sharding, normalisation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from avfuse.data import (
+    EvalWindows,
+    NormStats,
+    TrainWindowSampler,
+    WindowDataset,
+    compute_norm_stats,
+    eval_windows,
+    make_synthetic_work,
+)
+from avfuse.store import FeatureStore, ShardWriter, commit_index, write_meta
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory):
+    w = tmp_path_factory.mktemp("work")
+    make_synthetic_work(w, n_classes=4, videos_per_class=3, frames_range=(100, 300), seed=1)
+    return w
+
+
+def test_norm_stats_match_numpy(work) -> None:
+    store = FeatureStore(work / "features")
+    ids = [v for v in store.ids if v.startswith("train/")]
+    stats = compute_norm_stats(store, ids)
+    allx = np.concatenate([np.asarray(store[v], np.float64) for v in ids])
+    np.testing.assert_allclose(stats.mean, allx.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stats.std, allx.std(0), rtol=1e-4, atol=1e-4)
+    # A subsample of videos is a subset: statistics differ but stay finite and positive.
+    sub = compute_norm_stats(store, ids, max_videos=3, seed=0)
+    assert np.all(sub.std > 0) and not np.allclose(sub.mean, stats.mean)
+
+
+def test_window_dataset_normalises_the_stored_window(work) -> None:
+    store = FeatureStore(work / "features")
+    ids = store.ids[:3]
+    norm = NormStats(np.full(64, 2.0, np.float32), np.full(64, 4.0, np.float32))
+    ds = WindowDataset(store, ids, [0, 1, 2], norm)
+    x, label, pos = ds[(1, 5)]
+    raw = np.asarray(store[ids[1]], np.float32)[5:101]
+    np.testing.assert_allclose(x.numpy(), (raw - 2.0) / 4.0, rtol=1e-6)
+    assert (label, pos) == (1, 1) and x.shape == (96, 64) and x.dtype == torch.float32
+
+
+def test_short_video_is_repeat_padded(tmp_path) -> None:
+    w = ShardWriter(tmp_path, n_mels=4, dtype="float32")
+    x = np.arange(40 * 4, dtype=np.float32).reshape(40, 4)
+    w.add("a", x)
+    write_meta(tmp_path, frontend={}, frontend_hash="h", classes=["c"], dtype="float32", n_mels=4)
+    commit_index(tmp_path, w.close())
+    store = FeatureStore(tmp_path)
+    ds = WindowDataset(
+        store, ["a"], [0], NormStats(np.zeros(4, np.float32), np.ones(4, np.float32))
+    )
+    out, _, _ = ds[(0, 0)]
+    np.testing.assert_array_equal(out.numpy(), np.concatenate([x, x, x])[:96])
+    assert eval_windows(np.array([40])).tolist() == [[0, 0]]
+
+
+def test_train_sampler_covers_every_frame_and_stays_in_bounds() -> None:
+    frames = np.array([96, 150, 400, 1000])
+    s = TrainWindowSampler(frames, windows_per_video=20, seed=3)
+    covered = [np.zeros(t, bool) for t in frames]
+    for epoch in range(10):
+        s.set_epoch(epoch)
+        items = list(s)
+        assert len(items) == len(frames) * 20
+        # each video exactly windows_per_video times per epoch
+        assert np.bincount([v for v, _ in items]).tolist() == [20] * 4
+        for v, start in items:
+            assert 0 <= start <= frames[v] - 96
+            covered[v][start : start + 96] = True
+    assert all(c.all() for c in covered)
+
+
+def test_train_sampler_is_deterministic_and_skips_for_resume() -> None:
+    frames = np.array([200, 300, 500])
+    a = TrainWindowSampler(frames, windows_per_video=4, seed=7)
+    b = TrainWindowSampler(frames, windows_per_video=4, seed=7)
+    a.set_epoch(2)
+    b.set_epoch(2)
+    full = list(a)
+    assert full == list(b)
+    b.set_epoch(3)
+    assert list(b) != full
+    a.set_epoch(2, skip=5)
+    assert list(a) == full[5:] and len(a) == len(full) - 5
+
+
+def test_train_sampler_shards_are_disjoint_and_complete() -> None:
+    frames = np.arange(100, 111) * 3  # 11 videos, odd count
+    whole = TrainWindowSampler(frames, windows_per_video=3, seed=1)
+    whole.set_epoch(4)
+    ref = whole.epoch_items()
+    shards = []
+    for r in range(2):
+        s = TrainWindowSampler(frames, windows_per_video=3, seed=1, rank=r, world_size=2)
+        s.set_epoch(4)
+        shards.append(s.epoch_items())
+    assert len(shards[0]) == len(shards[1]) == 16  # 33 truncated to 32, equal steps per rank
+    merged = np.empty((32, 2), np.int64)
+    merged[0::2], merged[1::2] = shards[0], shards[1]
+    np.testing.assert_array_equal(merged, ref[:32])
+
+
+def test_balanced_sampler_equalises_classes() -> None:
+    labels = np.array([0] * 30 + [1] * 5 + [2] * 5)
+    s = TrainWindowSampler(np.full(40, 200), labels, windows_per_video=30, balanced=True, seed=0)
+    counts = np.bincount(labels[[v for v, _ in s]], minlength=3)
+    assert counts.sum() == 1200
+    assert np.all(np.abs(counts / 1200 - 1 / 3) < 0.05), counts
+
+
+def test_eval_windows_hop_and_coverage() -> None:
+    items = eval_windows(np.array([250, 96, 400]), hop=96)
+    assert items.tolist() == [[0, 0], [0, 96], [1, 0], [2, 0], [2, 96], [2, 192], [2, 288]]
+    over = eval_windows(np.array([250]), hop=48)
+    assert over[:, 1].tolist() == [0, 48, 96, 144]
+    for t in (96, 191, 192, 500):
+        starts = eval_windows(np.array([t]))[:, 1]
+        cov = np.zeros(t, bool)
+        for s in starts:
+            cov[s : s + 96] = True
+        assert cov.sum() == (t // 96) * 96 and cov[: (t // 96) * 96].all()
+
+
+def test_dataloader_workers_give_the_same_batches(work) -> None:
+    store = FeatureStore(work / "features")
+    ids = store.ids
+    norm = compute_norm_stats(store, ids)
+    ds = WindowDataset(store, ids, np.arange(len(ids)) % 4, norm)
+    sampler = TrainWindowSampler(ds.frames, windows_per_video=2, seed=0)
+    batches = {}
+    for nw in (0, 2):
+        sampler.set_epoch(1)
+        dl = DataLoader(ds, batch_size=8, sampler=sampler, num_workers=nw)  # type: ignore[arg-type]
+        batches[nw] = [(x.clone(), pos.clone()) for x, _, pos in dl]
+    assert len(batches[0]) == len(batches[2]) == len(ids) * 2 // 8
+    for (x0, p0), (x2, p2) in zip(batches[0], batches[2]):
+        assert torch.equal(x0, x2) and torch.equal(p0, p2)
+    ev = EvalWindows(ds)
+    assert len(ev) == sum(f // 96 for f in ds.frames)

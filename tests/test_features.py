@@ -1,0 +1,303 @@
+"""The features stage: statuses, store contents, resume after kill -9, front-end checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from avfuse.extract import COLUMNS as EXTRACT_COLUMNS
+from avfuse.extract import load_audio, write_audio
+from avfuse.features import FeaturesConfig, compute_features
+from avfuse.io import read_table, write_table
+from avfuse.manifest import ScanConfig, load_classes, scan
+from avfuse.melspec import FrontendConfig, log_mel
+from avfuse.store import FeatureStore, FrontendMismatchError
+
+SR = 16000
+REPO = Path(__file__).resolve().parents[1]
+
+# name -> (seconds of audio, extract status); None seconds: no audio file.
+LAYOUT: dict[str, tuple[float | None, str]] = {
+    "train/run/a": (2.0, "ok"),
+    "train/run/b": (1.3, "ok"),
+    "train/run/c": (0.9, "ok"),  # 88 frames: too short
+    "train/swim/d": (3.1, "partial"),
+    "train/swim/e": (None, "no_audio"),
+    "train/swim/f": (0.975, "ok"),  # exactly 96 frames
+    "val/run/g": (2.4, "ok"),
+    "val/swim/h": (1.7, "ok"),
+}
+
+
+def signal(i: int, seconds: float) -> np.ndarray:
+    n = round(seconds * SR)
+    t = np.arange(n) / SR
+    rng = np.random.default_rng(i)
+    x = 0.2 * rng.standard_normal(n) + 0.4 * np.sin(2 * np.pi * (300 + 500 * i) * t)
+    return x.astype(np.float32)
+
+
+def make_work(tmp: Path, layout: dict[str, tuple[float | None, str]] = LAYOUT) -> Path:
+    """A work folder as stage 1 leaves it: manifest, classes, extract.parquet, FLAC files."""
+    root, work = tmp / "data", tmp / "work"
+    for vid in layout:
+        p = root / f"{vid}.mp4"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"not decoded by these tests")
+    scan(ScanConfig(root=root, work=work))
+    rows = []
+    for i, (vid, (seconds, status)) in enumerate(sorted(layout.items())):
+        rec = dict.fromkeys(EXTRACT_COLUMNS, "")
+        rec.update(video_id=vid, status=status, reason="", codec="aac", sample_rate=SR)
+        rec.update(source_sample_rate=44100, channels=2, stream_index=0, n_audio_streams=1)
+        if seconds is None:
+            rec.update(reason="the file has no audio stream", num_samples=0, duration_s=0.0)
+            rec.update(n_audio_streams=0)
+        else:
+            rel = f"audio/{vid}.flac"
+            x = signal(i, seconds)
+            write_audio(work / rel, x, SR)
+            rec.update(audio_path=rel, num_samples=len(x), duration_s=len(x) / SR)
+            if status == "partial":
+                rec["reason"] = "decoded 3.10 s of 5.00 s declared"
+        rows.append(rec)
+    write_table(pd.DataFrame(rows), work / "extract.parquet")
+    return work
+
+
+def expected(work: Path, vid: str, cfg: FrontendConfig | None = None) -> np.ndarray:
+    return log_mel(load_audio(work / "audio" / f"{vid}.flac"), cfg or FrontendConfig())
+
+
+def store_arrays(work: Path) -> dict[str, np.ndarray]:
+    st = FeatureStore(work / "features")
+    return {v: np.array(st[v]) for v in st.ids}
+
+
+@pytest.fixture()
+def work(tmp_path: Path) -> Path:
+    return make_work(tmp_path)
+
+
+def test_features_round_trip_and_statuses(work: Path) -> None:
+    # Tiny shards and batches: several shards, several videos per shard.
+    cfg = FeaturesConfig(work=work, num_workers=0, shard_mb=0.02, batch_size=3, progress=False)
+    res = compute_features(cfg)
+    table = read_table(work / "features.parquet").set_index("video_id")
+    assert sorted(table.index) == sorted(LAYOUT)
+    status = table["feature_status"].to_dict()
+    assert status == {
+        "train/run/a": "ok",
+        "train/run/b": "ok",
+        "train/run/c": "too_short",
+        "train/swim/d": "ok",
+        "train/swim/e": "not_extracted",
+        "train/swim/f": "ok",
+        "val/run/g": "ok",
+        "val/swim/h": "ok",
+    }
+    assert "88 frames" in table.loc["train/run/c", "feature_reason"]
+    assert table.loc["train/run/c", "num_frames"] == 88
+    assert "no_audio" in table.loc["train/swim/e", "feature_reason"]
+    assert "no audio stream" in table.loc["train/swim/e", "feature_reason"]
+    assert table.loc["train/swim/f", "num_frames"] == 96
+
+    st = FeatureStore(work / "features")
+    ok = sorted(v for v, s in status.items() if s == "ok")
+    assert st.ids == ok
+    assert st.classes == load_classes(work) == ["run", "swim"]
+    assert st.dtype == np.float16 and st.n_mels == 64
+    assert st.frontend_hash == FrontendConfig().hash()
+    assert len({p.name for p in (work / "features" / "shards").iterdir()}) > 1
+    for vid in ok:
+        want = expected(work, vid)
+        got = st[vid]
+        assert got.shape == want.shape and st.frames(vid) == len(want)
+        assert table.loc[vid, "num_frames"] == len(want)
+        np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=4e-3)
+        start = len(want) - 96
+        np.testing.assert_array_equal(st.window(vid, start, 96), got[start:])
+    assert res.counts == {"ok": 6, "too_short": 1, "not_extracted": 1}
+    assert "6 of 8 videos" in res.summary()
+    saved = (work / "features" / "config.toml").read_text()
+    assert "[frontend]" in saved and "n_mels = 64" in saved
+
+
+def test_rerun_skips_everything_and_keeps_the_store(work: Path) -> None:
+    cfg = FeaturesConfig(work=work, num_workers=0, progress=False)
+    compute_features(cfg)
+    before = store_arrays(work)
+    res = compute_features(cfg)
+    assert res.computed == 0 and res.skipped == 7
+    after = store_arrays(work)
+    assert before.keys() == after.keys()
+    for v in before:
+        np.testing.assert_array_equal(before[v], after[v])
+
+
+def test_float32_store_is_exact(work: Path) -> None:
+    cfg = FeaturesConfig(work=work, num_workers=0, dtype="float32", progress=False)
+    compute_features(cfg)
+    st = FeatureStore(work / "features")
+    assert st.dtype == np.float32
+    np.testing.assert_array_equal(st["val/run/g"], expected(work, "val/run/g"))
+
+
+def test_frontend_mismatch_is_refused_unless_forced(work: Path) -> None:
+    compute_features(FeaturesConfig(work=work, num_workers=0, progress=False))
+    other = FrontendConfig.avslowfast()
+    cfg = FeaturesConfig(work=work, num_workers=0, frontend=other, progress=False)
+    with pytest.raises(FrontendMismatchError, match="--force"):
+        compute_features(cfg)
+    with pytest.raises(FrontendMismatchError):  # another dtype is another store too
+        compute_features(FeaturesConfig(work=work, num_workers=0, dtype="float32"))
+    st = FeatureStore(work / "features")
+    assert st.frontend_hash == FrontendConfig().hash()  # untouched
+    compute_features(FeaturesConfig(work=work, num_workers=0, frontend=other, force=True))
+    st = FeatureStore(work / "features")
+    assert st.frontend_hash == other.hash() and st.n_mels == 80
+    want = expected(work, "train/run/a", other)
+    assert want.shape == (1 + (2 * SR - 512) // 256, 80)
+    np.testing.assert_allclose(st["train/run/a"].astype(np.float32), want, rtol=2e-3, atol=4e-3)
+    with pytest.raises(FrontendMismatchError, match="recompute"):
+        st.check_frontend(FrontendConfig().hash())
+
+
+def test_missing_extract_table_is_explained(tmp_path: Path) -> None:
+    work = make_work(tmp_path)
+    (work / "extract.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match="from-video"):
+        compute_features(FeaturesConfig(work=work, num_workers=0))
+
+
+def test_unreadable_audio_is_an_error_record(work: Path) -> None:
+    (work / "audio" / "val/run/g.flac").write_bytes(b"garbage, not FLAC")
+    compute_features(FeaturesConfig(work=work, num_workers=0, progress=False))
+    table = read_table(work / "features.parquet").set_index("video_id")
+    assert table.loc["val/run/g", "feature_status"] == "error"
+    assert table.loc["val/run/g", "feature_reason"]
+    assert "val/run/g" not in FeatureStore(work / "features")
+    # fixed file -> a rerun retries the error and only it
+    write_audio(work / "audio" / "val/run/g.flac", signal(0, 1.5), SR)
+    res = compute_features(FeaturesConfig(work=work, num_workers=0, progress=False))
+    assert res.computed == 1
+    np.testing.assert_allclose(
+        FeatureStore(work / "features")["val/run/g"].astype(np.float32),
+        expected(work, "val/run/g"),
+        rtol=2e-3,
+        atol=4e-3,
+    )
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    import avfuse.features as F
+    real = F._feature_batch
+    calls = []
+    def batch(tasks, **kw):
+        calls.append(1)
+        out = real(tasks, **kw)          # shards of this batch are written ...
+        if len(calls) == 6:
+            os.kill(os.getpid(), signal.SIGKILL)   # ... but the process dies before logging
+        return out
+    F._feature_batch = batch
+    F.compute_features(F.FeaturesConfig(work=sys.argv[1], num_workers=0, batch_size=1,
+                                        progress=False))
+    """
+)
+
+
+def test_resume_after_kill_9(tmp_path: Path) -> None:
+    work = make_work(tmp_path / "killed")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT, str(work)], env=env, capture_output=True, timeout=120
+    )
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    parts = list((work / "features" / "parts").glob("part-*.parquet"))
+    logged = pd.concat([read_table(p) for p in parts])
+    # Some batches were logged before the kill (how many depends on how far map_batches runs
+    # ahead), the killed one was not, yet its shard was written: an orphan.
+    assert 0 < len(logged) < 7
+    shards = {p.name for p in (work / "features" / "shards").iterdir()}
+    assert shards - set(logged["shard"])
+    assert not (work / "features" / "index.parquet").exists()
+
+    import avfuse.features as features
+
+    seen: list[str] = []
+    real = features._feature_batch
+
+    def counting(tasks, **kw):  # type: ignore[no-untyped-def]
+        seen.extend(t["video_id"] for t in tasks)
+        return real(tasks, **kw)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(features, "_feature_batch", counting)
+    try:
+        res = compute_features(FeaturesConfig(work=work, num_workers=0, progress=False))
+    finally:
+        mp.undo()
+    logged_ids = set(logged["video_id"])
+    assert not logged_ids & set(seen)  # committed batches are not recomputed
+    assert len(seen) == 7 - len(logged_ids) and res.skipped == len(logged_ids)
+    # the killed batch's orphan shard is gone; every remaining shard is referenced
+    index = read_table(work / "features" / "index.parquet")
+    assert {p.name for p in (work / "features" / "shards").iterdir()} == set(index["shard"])
+
+    fresh = make_work(tmp_path / "fresh")
+    compute_features(FeaturesConfig(work=fresh, num_workers=0, progress=False))
+    a, b = store_arrays(work), store_arrays(fresh)
+    assert a.keys() == b.keys()
+    for v in a:
+        np.testing.assert_array_equal(a[v], b[v])
+    pd.testing.assert_frame_equal(
+        read_table(work / "features.parquet"), read_table(fresh / "features.parquet")
+    )
+    assert json.loads((work / "features" / "store.json").read_text())["classes"] == [
+        "run",
+        "swim",
+    ]
+
+
+def test_from_video_in_one_pass(tmp_path: Path) -> None:
+    from avfuse.extract import decode_audio
+    from tests.media import make_dataset, write_media
+
+    root, work = tmp_path / "data", tmp_path / "work"
+    paths = make_dataset(
+        root,
+        {"train": {"low": ["a.mp4", "b.mkv"], "high": ["c.mp4"]}},
+        duration=1.5,
+        freq_of={"low": 500.0, "high": 3000.0},
+    )
+    write_media(root / "train" / "high" / "silent.mp4", [], video=True, duration=1.0)
+    make_dataset(root, {"train": {"high": ["short.mp4"]}}, duration=0.5)
+    scan(ScanConfig(root=root, work=work))
+    res = compute_features(FeaturesConfig(work=work, from_video=True, num_workers=0))
+    assert not (work / "audio").exists()  # nothing written in between
+    table = read_table(work / "features.parquet").set_index("video_id")
+    assert table.loc["train/high/silent", "feature_status"] == "not_extracted"
+    assert "no_audio" in table.loc["train/high/silent", "feature_reason"]
+    assert table.loc["train/high/short", "feature_status"] == "too_short"
+    assert res.counts["ok"] == 3
+    st = FeatureStore(work / "features")
+    lo_mel, hi_mel = 1127 * np.log1p(125 / 700), 1127 * np.log1p(7500 / 700)
+    for vid, path in paths.items():
+        want = log_mel(decode_audio(path).samples)
+        got = st[vid].astype(np.float32)
+        np.testing.assert_allclose(got, want, rtol=2e-3, atol=4e-3)
+        # content: the loudest band sits at the class's tone
+        f = 500.0 if "/low/" in vid else 3000.0
+        band = int(np.argmax(got.mean(axis=0)))
+        centre_f = 700 * np.expm1((lo_mel + (band + 1) * (hi_mel - lo_mel) / 65) / 1127)
+        assert abs(centre_f - f) < 0.1 * f, (vid, centre_f)

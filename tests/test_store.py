@@ -1,0 +1,152 @@
+"""The feature store format: shards + index + store.json, readable with numpy and pyarrow."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from avfuse import __version__
+from avfuse.store import (
+    FeatureStore,
+    FrontendMismatchError,
+    ShardWriter,
+    commit_index,
+    remove_unreferenced_shards,
+    write_meta,
+)
+
+
+def build(root: Path, dtype: str = "float16", max_mb: float = 0.003) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    feats = {f"train/c{i % 3}/v{i:02d}": rng.normal(0, 2, (50 + 37 * i, 8)) for i in range(9)}
+    rows = []
+    # two writers, as two workers would
+    for part, prefix in ((0, "w0"), (1, "w1")):
+        w = ShardWriter(root, n_mels=8, dtype=dtype, max_mb=max_mb, prefix=prefix)
+        for vid in sorted(feats)[part::2]:
+            w.add(vid, feats[vid].astype(np.float32))
+        rows += w.close()
+    write_meta(
+        root,
+        frontend={"n_mels": 8},
+        frontend_hash="abc123",
+        classes=["c0", "c1", "c2"],
+        dtype=dtype,
+        n_mels=8,
+    )
+    commit_index(root, rows)
+    return feats
+
+
+def test_round_trip_float32(tmp_path: Path) -> None:
+    feats = build(tmp_path, "float32")
+    st = FeatureStore(tmp_path)
+    assert st.ids == sorted(feats)
+    assert st.classes == ["c0", "c1", "c2"] and st.frontend_hash == "abc123"
+    assert st.meta["avfuse_version"] == __version__
+    for vid, f in feats.items():
+        np.testing.assert_array_equal(st[vid], f.astype(np.float32))
+        assert st.frames(vid) == len(f)
+        np.testing.assert_array_equal(st.window(vid, 7, 20), f[7:27].astype(np.float32))
+    np.testing.assert_array_equal(st.frames_array(st.ids[:3]), [len(feats[v]) for v in st.ids[:3]])
+
+
+def test_float16_on_disk_and_several_shards(tmp_path: Path) -> None:
+    feats = build(tmp_path, "float16")
+    shards = sorted((tmp_path / "shards").iterdir())
+    assert len(shards) > 4  # 0.003 MB shards: ~200 rows of 8 float16
+    st = FeatureStore(tmp_path)
+    assert st.dtype == np.float16
+    for vid, f in feats.items():
+        assert st[vid].dtype == np.float16
+        np.testing.assert_array_equal(st[vid], f.astype(np.float32).astype(np.float16))
+
+
+def test_readable_with_numpy_and_pyarrow_alone(tmp_path: Path) -> None:
+    feats = build(tmp_path, "float16")
+    # Exactly what the README shows, no avfuse import.
+    meta = json.loads((tmp_path / "store.json").read_text())
+    index = pq.read_table(tmp_path / "index.parquet").to_pandas().set_index("video_id")
+    assert meta["dtype"] == "float16" and meta["n_mels"] == 8
+    for vid, f in feats.items():
+        row = index.loc[vid]
+        shard = np.load(tmp_path / "shards" / row.shard, mmap_mode="r")
+        assert isinstance(shard, np.memmap) and shard.dtype == np.float16
+        window = shard[row.offset + 10 : row.offset + 10 + 30]
+        np.testing.assert_array_equal(window, f[10:40].astype(np.float32).astype(np.float16))
+        assert row.frames == len(f)
+
+
+def test_window_bounds_and_unknown_ids(tmp_path: Path) -> None:
+    feats = build(tmp_path)
+    st = FeatureStore(tmp_path)
+    vid = st.ids[0]
+    with pytest.raises(IndexError):
+        st.window(vid, len(feats[vid]) - 10, 96)
+    with pytest.raises(IndexError):
+        st.window(vid, -1, 5)
+    with pytest.raises(KeyError):
+        st["train/nope/x"]
+    assert "train/nope/x" not in st and vid in st
+
+
+def test_check_frontend(tmp_path: Path) -> None:
+    build(tmp_path)
+    st = FeatureStore(tmp_path)
+    st.check_frontend("abc123")
+    with pytest.raises(FrontendMismatchError, match="abc123"):
+        st.check_frontend("ffff", what="checkpoint x.pt")
+
+
+def test_pickles_without_memory_maps(tmp_path: Path) -> None:
+    feats = build(tmp_path)
+    st = FeatureStore(tmp_path)
+    vid = st.ids[4]
+    _ = st[vid]  # opens a map
+    clone = pickle.loads(pickle.dumps(st))
+    assert clone._maps == {}
+    np.testing.assert_array_equal(clone[vid], feats[vid].astype(np.float32).astype(np.float16))
+
+
+def test_uncommitted_store_is_refused(tmp_path: Path) -> None:
+    w = ShardWriter(tmp_path, n_mels=8)
+    w.add("a", np.zeros((5, 8)))
+    w.close()
+    with pytest.raises(FileNotFoundError, match="avfuse features"):
+        FeatureStore(tmp_path)
+
+
+def test_writer_rejects_wrong_shape(tmp_path: Path) -> None:
+    w = ShardWriter(tmp_path, n_mels=8)
+    with pytest.raises(ValueError, match="expected"):
+        w.add("a", np.zeros((5, 7)))
+
+
+def test_unreferenced_shards_are_removed(tmp_path: Path) -> None:
+    build(tmp_path)
+    orphan = tmp_path / "shards" / "shard-dead-00000.npy"
+    np.save(orphan, np.zeros((3, 8), np.float16))
+    index = pq.read_table(tmp_path / "index.parquet").to_pandas()
+    keep = set(index["shard"])
+    assert remove_unreferenced_shards(tmp_path, keep) == 1
+    assert not orphan.exists()
+    assert {p.name for p in (tmp_path / "shards").iterdir()} == keep
+
+
+def test_commit_index_last_row_wins(tmp_path: Path) -> None:
+    df = commit_index(
+        tmp_path,
+        [
+            {"video_id": "b", "shard": "s1", "offset": 0, "frames": 10},
+            {"video_id": "a", "shard": "s1", "offset": 10, "frames": 5},
+            {"video_id": "b", "shard": "s2", "offset": 0, "frames": 10},
+        ],
+    )
+    assert df["video_id"].tolist() == ["a", "b"]
+    assert df.set_index("video_id").loc["b", "shard"] == "s2"
+    assert str(df["offset"].dtype) == "int64"

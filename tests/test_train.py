@@ -1,0 +1,230 @@
+"""Training: the loop learns, checkpoints round-trip, a killed run resumes to identical weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from avfuse.config import load_config, to_dict
+from avfuse.data import compute_norm_stats, make_synthetic_work
+from avfuse.evaluate import EvaluateConfig, evaluate
+from avfuse.io import read_json, write_json
+from avfuse.manifest import load_classes
+from avfuse.models import VGGish
+from avfuse.predict import PredictConfig, load_checkpoint, model_from_checkpoint, predict
+from avfuse.store import FeatureStore, FrontendMismatchError
+from avfuse.train import TrainConfig, lr_factor, spec_augment, train
+
+TINY = dict(
+    model="panns",
+    width=0.125,
+    batch_size=8,
+    windows_per_video=4,
+    num_workers=0,
+    amp="off",
+    device="cpu",
+    progress=False,
+    deterministic=True,
+)
+
+
+@pytest.fixture(scope="module")
+def easy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("easy")
+    make_synthetic_work(
+        work, n_classes=4, videos_per_class=4, frames_range=(100, 200), structured=False, seed=0
+    )
+    return work
+
+
+def test_lr_schedule_warmup_then_cosine() -> None:
+    total, warm = 100, 10
+    assert [lr_factor(s, total, warm) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
+    for s in (10, 35, 60, 99):
+        expect = 0.5 * (1 + math.cos(math.pi * (s - warm) / (total - warm)))
+        assert lr_factor(s, total, warm) == pytest.approx(expect)
+    assert lr_factor(100, total, warm) == pytest.approx(0.0)
+
+
+def test_spec_augment_masks_are_stripes() -> None:
+    rng = np.random.default_rng(0)
+    x = torch.ones(64, 96, 64)
+    y = spec_augment(x, rng, time_mask=16, freq_mask=8, num_masks=1)
+    for b in range(64):
+        zero = y[b] == 0
+        rows = zero.all(dim=1)  # fully masked frames
+        cols = zero.all(dim=0)  # fully masked bands
+        # every zero lies in a masked frame or band, and each mask is one contiguous stripe
+        assert torch.equal(zero, rows[:, None] | cols[None, :])
+        for m, limit in ((rows, 16), (cols, 8)):
+            idx = torch.nonzero(m).flatten()
+            assert len(idx) <= limit
+            if len(idx):
+                assert idx[-1] - idx[0] + 1 == len(idx)
+    assert (y == 0).any()
+
+
+def test_overfits_tiny_dataset(easy: Path) -> None:
+    cfg = TrainConfig(
+        easy,
+        name="overfit",
+        epochs=8,
+        lr=3e-3,
+        base_batch_size=8,
+        specaugment=False,
+        label_smoothing=0.0,
+        dropout=0.0,
+        val_split="",
+        warmup_epochs=0.5,
+        **TINY,  # type: ignore[arg-type]
+    )
+    res = train(cfg)
+    assert res is not None and res.last_metrics["loss"] < 0.1
+    out = predict(
+        PredictConfig(
+            easy,
+            run="overfit",
+            checkpoint="last",
+            split="train",
+            amp="off",
+            output=easy / "scores" / "overfit_train.npz",
+        )
+    )
+    assert out is not None
+    ev = evaluate(EvaluateConfig(easy, scores=out.path))
+    assert ev.metrics["top1"] == 1.0 and ev.metrics["n"] == 16
+
+
+def test_run_folder_and_checkpoint_round_trip(easy: Path) -> None:
+    cfg = TrainConfig(easy, name="rt", epochs=3, lr=3e-3, eval_every=1, **TINY)  # type: ignore[arg-type]
+    res = train(cfg)
+    assert res is not None
+    run = easy / "runs" / "rt"
+    saved = load_config(TrainConfig, run / "config.toml")
+    assert saved == dataclasses.replace(cfg, device="cpu", amp="off")
+
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2, 3]
+    for m in lines:
+        assert {"loss", "train_acc", "val_top1", "val_top5", "lr", "samples_per_s"} <= set(m)
+        assert 0 <= m["val_top1"] <= m["val_top5"] <= 1 and m["samples_per_s"] > 0
+
+    best = load_checkpoint(run / "best.pt")
+    last = load_checkpoint(run / "last.pt")
+    store = FeatureStore(easy / "features")
+    assert best["classes"] == load_classes(easy) == store.classes
+    assert best["frontend_hash"] == store.frontend_hash and best["frontend"] == store.frontend
+    train_ids = sorted(v for v in store.ids if v.startswith("train/"))
+    ref = compute_norm_stats(store, train_ids)
+    np.testing.assert_allclose(best["norm"]["mean"].numpy(), ref.mean, rtol=1e-6)
+    np.testing.assert_allclose(best["norm"]["std"].numpy(), ref.std, rtol=1e-6)
+    assert best["config"] == to_dict(saved)
+    assert (
+        last["epoch"] == 3 and last["step_in_epoch"] == 0 and last["global_step"] == 3 * 8
+    )  # 16 videos x 4 windows / 8
+    top = max(lines, key=lambda m: m["val_top1"])  # first epoch reaching the best
+    assert best["epoch"] == top["epoch"] and best["best_top1"] == pytest.approx(top["val_top1"])
+    for key in ("optimizer", "scheduler", "scaler", "rng"):
+        assert key in last
+
+    # The reloaded model scores val exactly as training's validation did for that epoch.
+    model, norm, classes = model_from_checkpoint(best)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in best["model"].items())
+    out = predict(
+        PredictConfig(
+            easy, run="rt", checkpoint="best", amp="off", output=easy / "scores" / "rt_val.npz"
+        )
+    )
+    assert out is not None
+    ev = evaluate(EvaluateConfig(easy, scores=out.path))
+    assert ev.metrics["top1"] == pytest.approx(top["val_top1"])
+    assert ev.metrics["top5"] == pytest.approx(top["val_top5"])
+
+    # TensorBoard events hold one scalar per epoch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("epoch/loss")] == [1, 2, 3]
+
+
+RESUME = dict(
+    epochs=2,
+    lr=2e-3,
+    mixup_alpha=0.4,
+    dropout=0.2,
+    label_smoothing=0.1,
+    specaugment=True,
+    checkpoint_every=5,  # 8 steps/epoch: mid-epoch checkpoints at steps 5 and 10 (epoch 2)
+    val_split="",
+    **TINY,
+)
+
+KILLER = """
+import os, signal, sys
+from pathlib import Path
+from avfuse.train import TrainConfig, train
+cfg = TrainConfig(Path(sys.argv[1]), name="resume", **{RESUME!r})
+def kill(step):
+    if step == 13:  # after the step-10 checkpoint, before the epoch ends
+        os.kill(os.getpid(), signal.SIGKILL)
+train(cfg, on_step=kill)
+"""
+
+
+def test_killed_run_resumes_to_identical_weights(easy: Path) -> None:
+    ref = train(TrainConfig(easy, name="straight", **RESUME))  # type: ignore[arg-type]
+    assert ref is not None
+    script = textwrap.dedent(KILLER).replace("{RESUME!r}", repr(RESUME))
+    proc = subprocess.run([sys.executable, "-c", script, str(easy)], capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    mid = load_checkpoint(easy / "runs" / "resume" / "last.pt")
+    assert (mid["epoch"], mid["step_in_epoch"], mid["global_step"]) == (1, 2, 10)
+
+    res = train(TrainConfig(easy, name="resume", resume=True, **RESUME))  # type: ignore[arg-type]
+    assert res is not None
+    a = load_checkpoint(easy / "runs" / "straight" / "last.pt")
+    b = load_checkpoint(easy / "runs" / "resume" / "last.pt")
+    assert a["global_step"] == b["global_step"] == 16
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
+    lines = (easy / "runs" / "resume" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+
+
+def test_resume_refuses_other_frontend(easy: Path, tmp_path: Path) -> None:
+    import shutil
+
+    work = tmp_path / "w"
+    shutil.copytree(easy, work, ignore=shutil.ignore_patterns("runs", "scores"))
+    train(TrainConfig(work, name="fe", epochs=1, val_split="", **TINY))  # type: ignore[arg-type]
+    meta = read_json(work / "features" / "store.json")
+    meta["frontend_hash"] = "different"
+    write_json(work / "features" / "store.json", meta)
+    with pytest.raises(FrontendMismatchError, match="different"):
+        train(TrainConfig(work, name="fe", epochs=2, resume=True, val_split="", **TINY))  # type: ignore[arg-type]
+
+
+def test_init_from_vggish_state_dict(easy: Path, tmp_path: Path) -> None:
+    torch.manual_seed(5)
+    src = VGGish(num_classes=1, width=0.125)
+    path = tmp_path / "vggish.pth"
+    torch.save(src.backbone_state_dict(), path)
+    # lr 0: the weights after one epoch are exactly the initialisation
+    opts = {**TINY, "model": "vggish"}
+    cfg = TrainConfig(easy, name="init", epochs=1, lr=0.0, init=path, val_split="", **opts)  # type: ignore[arg-type]
+    train(cfg)
+    ck = load_checkpoint(easy / "runs" / "init" / "last.pt")
+    for k, v in src.backbone_state_dict().items():
+        assert torch.equal(ck["model"][k], v), k

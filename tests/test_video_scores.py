@@ -1,0 +1,362 @@
+"""Readers of external video score formats, id normalisation and id / class alignment."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from avfuse.scores import ScoreFile
+from avfuse.video_scores import (
+    AmbiguousIdError,
+    VideoScoreError,
+    align_classes,
+    check_finite,
+    match_ids,
+    normalize_class,
+    normalize_id,
+    read_annotation_ids,
+    read_label_map,
+    read_one,
+    read_video_scores,
+)
+
+CLASSES = ["abseiling", "air drumming", "playing bass guitar", "tai chi", "zumba"]
+YT = ["ZzW2b8ZfnHM", "-a_b-c_d-ef", "AAAAAAAAAAA", "v_bcdefghij", "0123456789_"]
+
+
+def manifest_ids(split: str = "val") -> list[str]:
+    """Our video_ids for five Kinetics clips, one per class."""
+    return [
+        f"{split}/{c}/{yt}_{10 * i:06d}_{10 * i + 10:06d}"
+        for i, (c, yt) in enumerate(zip(CLASSES, YT, strict=True))
+    ]
+
+
+def truth(seed: int = 0) -> np.ndarray:
+    """(5, 5) scores; row i belongs to manifest_ids()[i], column j to CLASSES[j]."""
+    return np.random.default_rng(seed).normal(size=(5, 5)).round(4)
+
+
+def aligned(vs, target: list[str], classes: list[str] = CLASSES) -> np.ndarray:
+    """Read-back scores in target-row / class-list order, via the public matching API."""
+    m = match_ids(target, vs.ids)
+    assert (m.rows >= 0).all(), m.report()
+    al = align_classes(vs.classes, classes, n_columns=vs.scores.shape[1], source=vs.source)
+    return vs.scores[m.rows][:, al.columns]
+
+
+# --------------------------------------------------------------------------- ids
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "abseiling/ZzW2b8ZfnHM_000060_000070.mp4",
+        "ZzW2b8ZfnHM_60_70",
+        "ZzW2b8ZfnHM_000060_000070",
+        "val/abseiling/ZzW2b8ZfnHM_000060_000070",
+        "/data/kinetics400/val/abseiling/ZzW2b8ZfnHM_000060_000070.mkv",
+        "C:\\k400\\val\\abseiling\\ZzW2b8ZfnHM_000060_000070.webm",
+        "v_ZzW2b8ZfnHM_000060_000070",
+        "ZzW2b8ZfnHM_0060_70.avi",
+    ],
+)
+def test_normalize_id_kinetics_spellings(spelling: str) -> None:
+    assert normalize_id(spelling) == "ZzW2b8ZfnHM_000060_000070"
+
+
+def test_normalize_id_keeps_what_identifies() -> None:
+    # Underscores and dashes inside the 11-character YouTube id survive.
+    assert normalize_id("x/-a_b-c_d-ef_1_11.mp4") == "-a_b-c_d-ef_000001_000011"
+    # A YouTube id that itself starts with v_ is not stripped.
+    assert normalize_id("v_bcdefghij_000030_000040") == "v_bcdefghij_000030_000040"
+    # Non-Kinetics names (UCF101 style) lose directory, extension and v_ prefix only.
+    assert normalize_id("ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi") == "ApplyEyeMakeup_g08_c01"
+    # Different times are different clips.
+    assert normalize_id("ZzW2b8ZfnHM_60_70") != normalize_id("ZzW2b8ZfnHM_70_80")
+
+
+def test_normalize_class() -> None:
+    assert normalize_class("Playing_Bass_Guitar ") == normalize_class("playing  bass guitar")
+    assert normalize_class('"tai chi"') == "tai chi"
+
+
+def test_match_ids_shuffled_and_respelled() -> None:
+    target = manifest_ids()
+    src = [
+        "zumba/0123456789__40_50.mp4",
+        "ZzW2b8ZfnHM_000000_000010",
+        "v_bcdefghij_30_40.webm",
+        "air drumming/-a_b-c_d-ef_000010_000020.mp4",
+        "AAAAAAAAAAA_20_30",
+    ]
+    m = match_ids(target, src)
+    assert m.rows.tolist() == [1, 3, 4, 2, 0]
+    assert m.counts() == {"matched": 5, "missing": 0, "extra": 0, "duplicates": 0}
+    assert not m.exact
+
+
+def test_match_ids_reports_missing_extra_duplicates() -> None:
+    target = manifest_ids()
+    src = ["ZzW2b8ZfnHM_0_10", "ZzW2b8ZfnHM_000000_000010.mp4", "nope_1_2", "AAAAAAAAAAA_20_30"]
+    m = match_ids(target, src)
+    assert m.rows.tolist() == [0, -1, 3, -1, -1]
+    assert m.duplicates == ["ZzW2b8ZfnHM_000000_000010.mp4"]
+    assert m.extra == ["nope_1_2"]
+    assert m.missing == [target[1], target[3], target[4]]
+    with pytest.raises(VideoScoreError) as err:
+        m.check(0.1, "the video scores", "video.csv")
+    msg = str(err.value)
+    assert msg.startswith("video.csv:")
+    assert "3 videos of the split without a row" in msg and "1 duplicated ids" in msg
+    # Within tolerance: no error.
+    m.check(0.7, "the video scores", "video.csv")
+
+
+def test_ambiguous_manifest_ids() -> None:
+    target = ["val/a/ZzW2b8ZfnHM_000060_000070", "val/b/ZzW2b8ZfnHM_000060_000070", "val/a/x"]
+    with pytest.raises(AmbiguousIdError, match=r"val/a/ZzW2b8ZfnHM_000060_000070 / val/b/"):
+        match_ids(target, ["ZzW2b8ZfnHM_60_70", "x"])
+    # Full ids need no normalisation, so the two clips stay apart.
+    m = match_ids(target, [target[1], target[0]])
+    assert m.exact and m.rows.tolist() == [1, 0, -1]
+
+
+# --------------------------------------------------------------------------- classes
+
+
+def test_align_classes_by_name() -> None:
+    src = ["Zumba", "tai_chi", "abseiling", "Playing Bass Guitar", "air drumming"]
+    al = align_classes(src, CLASSES, n_columns=5, source="s")
+    assert al.columns.tolist() == [2, 4, 3, 1, 0]
+    assert al.by_name
+
+
+def test_align_classes_mismatch() -> None:
+    src = ["abseiling", "air drumming", "playing bass guitar", "tai chi", "yodelling"]
+    with pytest.raises(VideoScoreError, match=r"s\.csv: 1 class\(es\).*zumba.*yodelling"):
+        align_classes(src, CLASSES, n_columns=5, source="s.csv")
+    al = align_classes(src, CLASSES, n_columns=5, source="s.csv", tolerance=1)
+    assert al.columns.tolist() == [0, 1, 2, 3, -1]
+    assert al.missing == ["zumba"] and al.extra == ["yodelling"]
+
+
+def test_align_unnamed_columns() -> None:
+    al = align_classes(None, CLASSES, n_columns=5, source="s")
+    assert al.columns.tolist() == [0, 1, 2, 3, 4] and not al.by_name
+    with pytest.raises(VideoScoreError, match=r"s.npy: 4 score columns but 5 classes"):
+        align_classes(None, CLASSES, n_columns=4, source="s.npy")
+
+
+# --------------------------------------------------------------------------- readers
+
+PERM_ROWS = [3, 0, 4, 1, 2]
+PERM_COLS = [2, 4, 0, 3, 1]
+
+
+def shuffled() -> tuple[list[str], list[str], np.ndarray]:
+    """Rows shuffled, class columns permuted, ids spelled like other tools spell them."""
+    ids = [
+        f"{CLASSES[i]}/{manifest_ids()[i].rsplit('/', 1)[1]}.mp4".replace(" ", "_")
+        for i in PERM_ROWS
+    ]
+    cls = [CLASSES[j] for j in PERM_COLS]
+    return ids, cls, truth()[PERM_ROWS][:, PERM_COLS]
+
+
+def test_read_our_score_file(tmp_path: Path) -> None:
+    _, cls, s = shuffled()
+    ids = [manifest_ids()[i] for i in PERM_ROWS]
+    p = np.exp(s) / np.exp(s).sum(1, keepdims=True)
+    status = np.array(["ok"] * 5)
+    status[1] = "no_audio"
+    p[1] = np.nan
+    ScoreFile(np.array(ids), cls, p, np.ones(5), status).save(tmp_path / "v.npz")
+    vs = read_one(tmp_path / "v.npz")
+    assert vs.kind == "probs" and len(vs.ids) == 4
+    m = match_ids(manifest_ids(), vs.ids)
+    assert m.missing == [manifest_ids()[PERM_ROWS[1]]]
+    al = align_classes(vs.classes, CLASSES, n_columns=5, source="x")
+    want = np.exp(truth()) / np.exp(truth()).sum(1, keepdims=True)
+    got = vs.scores[m.rows[m.rows >= 0]][:, al.columns]
+    np.testing.assert_allclose(got, want[m.rows >= 0], rtol=1e-6)
+
+
+def test_read_npz_with_ids_and_classes(tmp_path: Path) -> None:
+    ids, cls, s = shuffled()
+    np.savez(tmp_path / "v.npz", logits=s, video_ids=np.array(ids), classes=np.array(cls))
+    vs = read_one(tmp_path / "v.npz")
+    assert vs.kind == "logits"
+    np.testing.assert_array_equal(aligned(vs, manifest_ids()), truth())
+
+
+def test_read_npz_unnamed_with_id_list(tmp_path: Path) -> None:
+    ids, _, _ = shuffled()
+    s = truth()[PERM_ROWS]  # unnamed columns: class-list order
+    np.savez(tmp_path / "v.npz", s)
+    (tmp_path / "ids.txt").write_text("\n".join(ids) + "\n\n")
+    with pytest.raises(VideoScoreError, match=r"does not list its videos"):
+        read_one(tmp_path / "v.npz")
+    vs = read_one(tmp_path / "v.npz", ids_file=tmp_path / "ids.txt")
+    assert vs.classes is None
+    np.testing.assert_array_equal(aligned(vs, manifest_ids()), truth())
+
+
+def test_read_npy_with_mmaction_list_and_label_map(tmp_path: Path) -> None:
+    _, cls, s = shuffled()
+    np.save(tmp_path / "v.npy", s.astype(np.float32))
+    # mmaction2 video list "path label", with the blanks of Kinetics class folders.
+    lines = [f"{CLASSES[i]}/{manifest_ids()[i].rsplit('/', 1)[1]}.mp4 {i}" for i in PERM_ROWS]
+    (tmp_path / "val_list.txt").write_text("\n".join(lines))
+    (tmp_path / "label_map.txt").write_text("\n".join(cls))
+    vs = read_one(
+        tmp_path / "v.npy", ids_file=tmp_path / "val_list.txt", label_map=tmp_path / "label_map.txt"
+    )
+    np.testing.assert_allclose(aligned(vs, manifest_ids()), truth(), rtol=1e-6)
+
+
+def test_read_npy_with_kinetics_csv(tmp_path: Path) -> None:
+    s = truth()[PERM_ROWS]
+    np.save(tmp_path / "v.npy", s)
+    rows = []
+    for i in PERM_ROWS:
+        yt, start, end = manifest_ids()[i].rsplit("/", 1)[1].rsplit("_", 2)
+        rows.append(
+            {
+                "label": CLASSES[i],
+                "youtube_id": yt,
+                "time_start": int(start),
+                "time_end": int(end),
+                "split": "val",
+            }
+        )
+    pd.DataFrame(rows).to_csv(tmp_path / "validate.csv", index=False)
+    vs = read_one(tmp_path / "v.npy", ids_file=tmp_path / "validate.csv")
+    np.testing.assert_array_equal(aligned(vs, manifest_ids()), truth())
+
+
+def test_read_annotation_ids_formats(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("air drumming/x.mp4 300 1\nb/y.mp4 2\nzz\n")
+    assert read_annotation_ids(tmp_path / "a.txt") == ["air drumming/x.mp4", "b/y.mp4", "zz"]
+    (tmp_path / "b.csv").write_text("video_id,label\nval/a/x,a\nval/b/y,b\n")
+    assert read_annotation_ids(tmp_path / "b.csv") == ["val/a/x", "val/b/y"]
+    (tmp_path / "m.txt").write_text("0 abseiling\n1 air drumming\n")
+    assert read_label_map(tmp_path / "m.txt") == ["abseiling", "air drumming"]
+
+
+def test_read_csv_wide(tmp_path: Path) -> None:
+    ids, cls, s = shuffled()
+    df = pd.DataFrame(s, columns=cls)
+    df.insert(0, "video", ids)
+    df.to_csv(tmp_path / "v.csv", index=False)
+    np.testing.assert_allclose(aligned(read_one(tmp_path / "v.csv"), manifest_ids()), truth())
+    df.to_csv(tmp_path / "v.tsv", index=False, sep="\t")
+    np.testing.assert_allclose(aligned(read_one(tmp_path / "v.tsv"), manifest_ids()), truth())
+
+
+def test_read_csv_long(tmp_path: Path) -> None:
+    ids, cls, s = shuffled()
+    rows = [(i, c, s[r, k]) for r, i in enumerate(ids) for k, c in enumerate(cls)]
+    rows = [rows[j] for j in np.random.default_rng(1).permutation(len(rows))]
+    pd.DataFrame(rows, columns=["video_id", "class", "score"]).to_csv(
+        tmp_path / "v.csv", index=False
+    )
+    vs = read_one(tmp_path / "v.csv")
+    np.testing.assert_allclose(aligned(vs, manifest_ids()), truth())
+    # A missing (id, class) pair is an error, not a zero.
+    pd.DataFrame(rows[:-1], columns=["video_id", "class", "score"]).to_csv(
+        tmp_path / "w.csv", index=False
+    )
+    with pytest.raises(VideoScoreError, match=r"w.csv: long-format CSV lacks 1"):
+        read_one(tmp_path / "w.csv")
+
+
+def test_read_mmaction_pickles(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    ids, _, _ = shuffled()
+    s = truth()[PERM_ROWS]
+    (tmp_path / "list.txt").write_text("\n".join(f"{i} 0" for i in ids))
+    with open(tmp_path / "arrays.pkl", "wb") as fh:
+        pickle.dump([row.astype(np.float32) for row in s], fh)
+    with open(tmp_path / "dicts.pkl", "wb") as fh:
+        pickle.dump(
+            [{"pred_score": torch.tensor(row), "pred_label": torch.tensor([0])} for row in s], fh
+        )
+    for name in ("arrays.pkl", "dicts.pkl"):
+        vs = read_one(tmp_path / name, ids_file=tmp_path / "list.txt")
+        np.testing.assert_allclose(aligned(vs, manifest_ids()), truth(), rtol=1e-6)
+
+
+def test_pickle_refuses_code(tmp_path: Path) -> None:
+    class Evil:
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            return (print, ("pwned",))
+
+    with open(tmp_path / "evil.pkl", "wb") as fh:
+        pickle.dump([Evil()], fh)
+    with pytest.raises(VideoScoreError, match=r"refusing to load builtins.print"):
+        read_one(tmp_path / "evil.pkl", ids_file=tmp_path / "x")
+
+
+def test_several_parts_with_different_column_orders(tmp_path: Path) -> None:
+    ids, cls, s = shuffled()
+    pd.DataFrame(s[:2], columns=cls).assign(id=ids[:2]).to_csv(tmp_path / "a.csv", index=False)
+    rev = cls[::-1]
+    pd.DataFrame(s[2:, ::-1], columns=rev).assign(id=ids[2:]).to_csv(
+        tmp_path / "b.csv", index=False
+    )
+    vs = read_video_scores([tmp_path / "a.csv", tmp_path / "b.csv"])
+    np.testing.assert_allclose(aligned(vs, manifest_ids()), truth())
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("name", ["v.csv", "v.npz", "v.npy", "v.pkl"])
+def test_empty_file(tmp_path: Path, name: str) -> None:
+    (tmp_path / name).write_bytes(b"")
+    with pytest.raises(VideoScoreError, match=rf"{name}: empty file"):
+        read_one(tmp_path / name)
+
+
+def test_header_only_csv_and_empty_array(tmp_path: Path) -> None:
+    (tmp_path / "v.csv").write_text("video_id,abseiling\n")
+    with pytest.raises(VideoScoreError, match=r"v.csv: CSV has a header but no rows"):
+        read_one(tmp_path / "v.csv")
+    np.save(tmp_path / "e.npy", np.zeros((0, 5)))
+    (tmp_path / "ids.txt").write_text("a\n")
+    with pytest.raises(VideoScoreError, match=r"e\.npy: no score rows \(empty file\)"):
+        read_one(tmp_path / "e.npy", ids_file=tmp_path / "ids.txt")
+
+
+def test_non_numeric_and_nonfinite_scores(tmp_path: Path) -> None:
+    (tmp_path / "v.csv").write_text("video_id,a,b\nx,0.5,oops\ny,0.1,0.9\n")
+    with pytest.raises(VideoScoreError, match=r"v.csv: 1 non-numeric scores \(e.g. 'oops'"):
+        read_one(tmp_path / "v.csv")
+    (tmp_path / "w.csv").write_text("video_id,a,b\nx,0.5,nan\ny,0.1,inf\nz,1,2\n")
+    vs = read_one(tmp_path / "w.csv")
+    with pytest.raises(VideoScoreError, match=r"w.csv: 2 row\(s\) with NaN or infinite .*'x'"):
+        check_finite(vs.scores, vs.ids, vs.source)
+
+
+def test_wrong_column_count(tmp_path: Path) -> None:
+    np.save(tmp_path / "v.npy", np.zeros((2, 4)))
+    (tmp_path / "ids.txt").write_text("a\nb\n")
+    (tmp_path / "map.txt").write_text("\n".join(CLASSES))
+    with pytest.raises(VideoScoreError, match=r"v.npy: 4 score columns but 5 classes in the label"):
+        read_one(tmp_path / "v.npy", ids_file=tmp_path / "ids.txt", label_map=tmp_path / "map.txt")
+    (tmp_path / "v.csv").write_text("video_id,a,b\nx,1,2,3\n")
+    with pytest.raises(VideoScoreError, match=r"v.csv: line 2 has 4 fields, the header has 3"):
+        read_one(tmp_path / "v.csv")
+
+
+def test_unknown_extension_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(VideoScoreError, match=r"nothere.csv: file not found"):
+        read_one(tmp_path / "nothere.csv")
+    (tmp_path / "v.json").write_text("{}")
+    with pytest.raises(VideoScoreError, match=r"unknown score file type .json"):
+        read_one(tmp_path / "v.json")
