@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_melspec.py
 	$(PY) benchmarks/bench_store.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_fuse.py
 
 clean:
 	rm -rf demo-work .pytest_cache .mypy_cache .ruff_cache

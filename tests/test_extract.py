@@ -370,6 +370,9 @@ def test_extract_split_filter_and_missing_file(dataset) -> None:
     assert set(res.table["video_id"]) == {v for v in expect if v.startswith("val/")}
     row = res.table.set_index("video_id").loc["val/abseiling/v1"]
     assert row.status == "missing" and "not found" in row.reason
+    # A later run on the other split adds to the table instead of replacing it.
+    extract(ExtractConfig(work=work, num_workers=0, progress=False, splits=("train",)))
+    assert set(read_table(work / "extract.parquet")["video_id"]) == set(expect)
     with pytest.raises(ValueError, match="not in the manifest"):
         extract(ExtractConfig(work=work, num_workers=0, progress=False, splits=("tset",)))
 
@@ -492,3 +495,22 @@ def test_cli_extract_and_sigkill_then_resume(tmp_path) -> None:
     assert f"{n_logged} already done" in out.stdout
     _check_outputs(work, expect)
     assert not [p for p in work.rglob("*") if TMP_MARK in p.name]
+
+
+def test_decoding_in_threads_keeps_files_apart(tmp_path) -> None:
+    # Dask workers may run several batches in threads of one process: buffers must not be shared.
+    from concurrent.futures import ThreadPoolExecutor
+
+    freqs = [300.0, 500.0, 700.0, 900.0, 1100.0, 1300.0]
+    paths = [
+        write_tone_video(
+            tmp_path / f"{int(f)}.mkv", freq=f, duration=2.0, codec="pcm_s16le", video=False
+        )
+        for f in freqs
+    ]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda p: decode_audio(p), paths * 3))
+    for res, f in zip(results, freqs * 3, strict=True):
+        assert len(res.samples) == 2 * SR
+        assert peak_frequency(res.samples, SR) == pytest.approx(f, abs=1)
+        assert rms(res.samples) == pytest.approx(0.5 / np.sqrt(2), rel=0.01)

@@ -386,6 +386,12 @@ def test_fuse_rejects_bad_video_scores(tmp_path: Path) -> None:
     np.save(w / "nan.npy", zv)
     with pytest.raises(VideoScoreError, match=r"nan\.npy: 1 row\(s\) with NaN"):
         fuse(cfg_for(d, video_scores=(w / "nan.npy",)))
+    sf = ScoreFile.load(w / "scores" / "audio_val.npz")
+    ok = np.flatnonzero(sf.has_scores)[3]
+    sf.scores[ok, 1] = np.inf
+    sf.save(w / "bad_audio.npz")
+    with pytest.raises(VideoScoreError, match=r"bad_audio\.npz: 1 row\(s\) with status ok but"):
+        fuse(cfg_for(d, audio_scores=w / "bad_audio.npz"))
     np.save(w / "narrow.npy", val["zv"][:, :9])
     with pytest.raises(VideoScoreError, match=r"narrow\.npy: 9 score columns but 10 classes"):
         fuse(cfg_for(d, video_scores=(w / "narrow.npy",)))
@@ -412,3 +418,50 @@ def test_report_links_existing_pngs_and_states_figures(tmp_path: Path) -> None:
     assert f"top-1 gain {100 * g[0]:+.2f} points (95% CI {100 * g[1]:+.2f} to" in md
     html = res.report_html.read_text()
     assert all(f'src="{link}"' in html for link in links)
+
+
+def test_rows_of_other_splits_and_a_missing_class(tmp_path: Path) -> None:
+    d = make_work(tmp_path, n=200, splits=("train", "val"))
+    w, tr, val, classes = d["work"], d["train"], d["val"], d["classes"]
+    # One file scoring both splits, the last class missing: rows of train are not mismatches.
+    both = np.concatenate([tr["zv"], val["zv"]])[:, :-1]
+    df = pd.DataFrame(both, columns=classes[:-1])
+    df.insert(0, "video_id", tr["ids"] + val["ids"])
+    df.to_csv(w / "all.csv", index=False)
+    cfg = cfg_for(d, video_scores=(w / "all.csv",), annotations=None)
+    with pytest.raises(VideoScoreError, match="class 09"):
+        fuse(cfg)
+    res = fuse(cfg_for(d, video_scores=(w / "all.csv",), annotations=None, class_tolerance=1))
+    ids = res.figures["counts"]["video"]["ids"]
+    assert ids["extra"] == 0 and ids["matched"] == 200
+    assert res.figures["counts"]["video"]["classes"]["missing_examples"] == ["class 09"]
+    # Video probabilities come from a softmax over the nine known classes.
+    sf = ScoreFile.load(res.fused_path).select(val["ids"])
+    noa = val["noa"]
+    np.testing.assert_allclose(sf.scores[noa][:, :-1], softmax(val["zv"][noa][:, :-1]), atol=1e-6)
+    assert (sf.scores[noa][:, -1] < 1e-6).all()
+
+
+def test_cv_weights_are_chosen_on_the_other_folds_only(tmp_path: Path) -> None:
+    d = make_work(tmp_path, n=300, seed=7)
+    val = d["val"]
+    res = fuse(cfg_for(d, folds=3, grid=11, seed=5))
+    folds = stratified_folds(val["y"], 3, seed=5)
+    pv, pa, y, has = softmax(val["zv"]), softmax(val["za"]), val["y"], ~val["noa"]
+    grid = np.linspace(0, 1, 11)
+    fused = pv.copy()
+    for f, chosen in enumerate(res.figures["chosen"]["folds"]):
+        fit = (folds != f) & has
+        score = []
+        for g in grid:
+            p = (1 - g) * pv[fit] + g * pa[fit]
+            acc = np.mean(p.argmax(1) == y[fit])
+            nll = -np.mean(np.log(p[np.arange(fit.sum()), y[fit]]))
+            score.append((-acc, nll))
+        w = grid[min(range(11), key=lambda i: score[i])]
+        assert chosen["weight"] == pytest.approx(w)
+        test = (folds == f) & has
+        fused[test] = (1 - w) * pv[test] + w * pa[test]
+    assert res.figures["metrics"]["all"]["fused"]["top1"] == pytest.approx(
+        np.mean(fused.argmax(1) == y)
+    )

@@ -137,7 +137,7 @@ def test_run_folder_and_checkpoint_round_trip(easy: Path) -> None:
         assert key in last
 
     # The reloaded model scores val exactly as training's validation did for that epoch.
-    model, norm, classes = model_from_checkpoint(best)
+    model, _, _ = model_from_checkpoint(best)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in best["model"].items())
     out = predict(
         PredictConfig(

@@ -41,7 +41,8 @@ def _load(name: str) -> tuple[type, Any]:
     return getattr(mod, cls_name), getattr(mod, fn_name)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI parser; options are generated only for ``command`` (imports stay lazy)."""
     parser = argparse.ArgumentParser(prog="avfuse", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"avfuse {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -56,16 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override any key, nested ones too (e.g. --set train.epochs=5)",
         )
-        try:
+        if name == command:
             cls, _fn = _load(name)
-        except ImportError:  # a stage whose optional dependency is missing stays listed
-            continue
-        add_arguments(p, cls)
+            add_arguments(p, cls)
     return parser
 
 
+def _command_of(argv: Sequence[str]) -> str | None:
+    return next((a for a in argv if a in COMMANDS), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_command_of(argv))
     ns = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if ns.verbose else logging.INFO,

@@ -32,11 +32,8 @@ model confuses the first kind, the audio model the second, and fusing them gains
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
-import os
 import shutil
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -46,7 +43,6 @@ from typing import Any
 
 import numpy as np
 
-from avfuse.config import config_hash, to_dict
 from avfuse.io import atomic_write, read_json, write_json
 from avfuse.parallel import batched, make_executor, map_batches
 
@@ -56,7 +52,8 @@ SPLIT_CODES = {"train": 0, "val": 1, "heldout": 2}
 DATASET_INFO = "demo_dataset.json"
 
 # name, visual signature, sound signature. Order matters: a dataset with N classes uses the
-# first N, and each class's videos do not depend on N (the seed includes the class position).
+# first N; a class's clip names and content seeds do not depend on N (containers and defects,
+# assigned per split, may).
 CATALOGUE: tuple[tuple[str, str, str], ...] = (
     ("playing trumpet", "brass", "brass_high"),
     ("playing trombone", "brass", "brass_low"),
@@ -156,16 +153,17 @@ def plan_dataset(
         for c, i in slots:
             label = CATALOGUE[c][0]
             rng = np.random.default_rng([seed, code, c, i])
+            stem = _youtube_name(rng)  # drawn first: independent of container and defects
             defect = defects.get((c, i), "")
             # A fixed rotation (not chance) so that even a small dataset holds every container.
-            kind = ordinal % 10
+            slot = ordinal % 10
             ordinal += 1
-            if kind == 3:
+            if slot == 3:
                 container, vcodec, acodec, rate = "webm", "libvpx", "libopus", 48000
-            elif kind == 7:
+            elif slot == 7:
                 container, vcodec, acodec, rate = "mkv", "mpeg4", "vorbis", 44100
             else:
-                container, vcodec, acodec = "mp4", "mpeg4" if kind == 5 else "libx264", "aac"
+                container, vcodec, acodec = "mp4", "mpeg4" if slot == 5 else "libx264", "aac"
                 rate = int(rng.choice([44100, 48000, 22050, 32000]))
             if defect in ("garbage", "truncated"):
                 container, vcodec, acodec, rate = "mp4", "libx264", "aac", 44100
@@ -182,7 +180,7 @@ def plan_dataset(
                     label=label,
                     class_pos=c,
                     index=i,
-                    name=f"{_youtube_name(rng)}.{container}",
+                    name=f"{stem}.{container}",
                     container=container,
                     vcodec=vcodec,
                     acodec=None if defect == "no_audio" else acodec,
@@ -211,10 +209,8 @@ class _Canvas:
     def gradient(
         self, top: np.ndarray, bottom: np.ndarray, split: float | None = None
     ) -> np.ndarray:
-        if split is None:
-            w = self.yy[..., None]
-        else:  # a horizon: two flat areas
-            w = (self.yy[..., None] > split).astype(np.float32)
+        # split: a horizon, two flat areas instead of a gradient
+        w = self.yy[..., None] if split is None else (self.yy[..., None] > split).astype(np.float32)
         return (1 - w) * top + w * bottom
 
     def disk(self, img: np.ndarray, cx: float, cy: float, r: float, col: np.ndarray) -> None:
@@ -231,7 +227,9 @@ class _Canvas:
         img[(self.xx >= x0) & (self.xx <= x1) & (self.yy >= y0) & (self.yy <= y1)] = col
 
 
-def _col(rng: np.random.Generator, base: Sequence[float], jitter: float = 18.0) -> np.ndarray:
+def _col(
+    rng: np.random.Generator, base: Sequence[float] | np.ndarray, jitter: float = 18.0
+) -> np.ndarray:
     return np.clip(np.asarray(base, np.float32) + rng.normal(0, jitter, 3), 0, 255)
 
 
@@ -576,7 +574,7 @@ def _encode(path: Path, spec: VideoSpec, frames: np.ndarray, audio: np.ndarray |
     with av.open(
         str(path), "w", format={"mkv": "matroska"}.get(spec.container, spec.container)
     ) as out:
-        vs = out.add_stream(spec.vcodec, rate=spec.fps)
+        vs: Any = out.add_stream(spec.vcodec, rate=spec.fps)
         vs.width = vs.height = spec.size
         vs.pix_fmt = "yuv420p"
         # One thread: generation is parallel over processes already, and x264 output is then
@@ -584,10 +582,10 @@ def _encode(path: Path, spec: VideoSpec, frames: np.ndarray, audio: np.ndarray |
         vs.codec_context.thread_count = 1
         if spec.vcodec == "libx264":
             vs.codec_context.options = {"preset": "veryfast"}
-        ast = None
+        ast: Any = None
         if audio is not None and spec.acodec:
             ast = out.add_stream(spec.acodec, rate=spec.sample_rate)
-            ast.layout = "stereo" if spec.channels == 2 else "mono"  # type: ignore[attr-defined]
+            ast.layout = "stereo" if spec.channels == 2 else "mono"
             if spec.acodec == "vorbis":  # FFmpeg's own Vorbis encoder is flagged experimental
                 ast.codec_context.options = {"strict": "experimental"}
             elif spec.acodec == "aac":  # 5-7x faster than the default "twoloop" search
@@ -606,14 +604,14 @@ def _encode(path: Path, spec: VideoSpec, frames: np.ndarray, audio: np.ndarray |
                 and a_pos <= (i + 1) * spec.sample_rate / spec.fps
             ):
                 chunk = np.ascontiguousarray(audio[:, a_pos : a_pos + blk])
-                af = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=ast.layout.name)  # type: ignore[attr-defined]
+                af = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=ast.layout.name)
                 af.sample_rate = spec.sample_rate
                 af.pts = a_pos
-                out.mux(ast.encode(af))  # type: ignore[attr-defined]
+                out.mux(ast.encode(af))
                 a_pos += blk
         out.mux(vs.encode(None))
         if ast is not None:
-            out.mux(ast.encode(None))  # type: ignore[attr-defined]
+            out.mux(ast.encode(None))
 
 
 def write_video(spec: VideoSpec, root: Path) -> Path:
@@ -630,7 +628,7 @@ def write_video(spec: VideoSpec, root: Path) -> Path:
     frames = _render(visual, rng, n_frames, spec.fps, spec.size)
     audio = None
     if spec.acodec is not None:
-        n = int(round(n_frames / spec.fps * spec.sample_rate))
+        n = round(n_frames / spec.fps * spec.sample_rate)
         mono = synthesize_audio(sound, rng, n, spec.sample_rate)
         if spec.channels == 2:  # a slightly different mix per side, as a real stereo recording
             g = rng.uniform(0.7, 1.0, 2)[:, None].astype(np.float32)
@@ -705,7 +703,7 @@ def generate_dataset(
         "no_audio_fraction": no_audio_fraction,
         "short_fraction": short_fraction,
         "unreadable": unreadable,
-        "generator": 2,  # bump when the generator's output changes
+        "generator": 3,  # bump when the generator's output changes
     }
     info_path = root / DATASET_INFO
     if info_path.exists() and not force:
@@ -957,3 +955,169 @@ def train_video_baseline(
         {"accuracy": accuracy, "failed": failed, "train_videos": len(train), "classes": classes},
     )
     return VideoBaselineResult(model_path, score_files, accuracy, failed)
+
+
+# ----------------------------------------------------------------------------------------------
+# `avfuse demo`
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Settings of ``avfuse demo`` (dataset size, demo-sized training) on top of a run config."""
+
+    work: Path = field(
+        default=Path("demo-work"), metadata={"help": "work folder of the demo", "flags": ("-o",)}
+    )
+    root: Path | None = field(
+        default=None, metadata={"help": "where the dataset is generated (default WORK/dataset)"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the generated dataset"})
+    classes: int = field(
+        default=len(CATALOGUE), metadata={"help": f"number of classes (1-{len(CATALOGUE)})"}
+    )
+    train_per_class: int = field(default=30, metadata={"help": "training videos per class"})
+    val_per_class: int = field(default=10, metadata={"help": "validation videos per class"})
+    heldout_per_class: int = field(
+        default=10,
+        metadata={
+            "help": "held-out videos per class for choosing fusion weights "
+            "(0: cross-validation on val instead)"
+        },
+    )
+    seconds: float = field(default=3.5, metadata={"help": "mean clip length (+-0.5 s)"})
+    size: int = field(default=64, metadata={"help": "frame width and height (pixels)"})
+    fps: int = field(default=10, metadata={"help": "frames per second"})
+    no_audio_fraction: float = field(
+        default=0.03, metadata={"help": "share of videos per split without an audio track"}
+    )
+    short_fraction: float = field(
+        default=0.03, metadata={"help": "share of videos per split shorter than 1 s"}
+    )
+    unreadable: int = field(default=2, metadata={"help": "unreadable training files"})
+    epochs: int = field(default=6, metadata={"help": "audio model training epochs"})
+    model: str = field(default="resnet", metadata={"help": "audio model architecture"})
+    width: float = field(default=0.25, metadata={"help": "audio model width multiplier"})
+    num_workers: int | None = field(
+        default=None,
+        metadata={"help": "processes for generation, extraction, features (default all cores)"},
+    )
+    run_config: Path | None = field(
+        default=None,
+        metadata={"help": "run config to start from (default: the packaged default_run.toml)"},
+    )
+    overrides: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "run config overrides KEY=VALUE,... applied last (e.g. train.lr=0.003)"},
+    )
+    force: bool = field(default=False, metadata={"help": "regenerate and redo everything"})
+    progress: bool = field(default=True, metadata={"help": "progress bars"})
+
+
+@dataclass
+class DemoResult:
+    dataset: DatasetInfo
+    video: VideoBaselineResult
+    run: Any  # avfuse.pipeline.RunResult
+
+    def summary(self) -> str:
+        lines = [self.dataset.summary(), self.video.summary(), self.run.summary()]
+        if self.run.report:
+            lines.append(f"open {Path(self.run.report).with_suffix('.html')} to see the report")
+        return "\n".join(lines)
+
+
+def demo_run_config(cfg: DemoConfig, video_dir: Path) -> Any:
+    """The :class:`avfuse.pipeline.RunConfig` the demo runs: the base file plus demo sizes."""
+    from avfuse.config import apply_overrides
+    from avfuse.pipeline import RunConfig, default_config_path, load_run_config
+
+    base = load_run_config(cfg.run_config or default_config_path())
+    work = Path(cfg.work)
+    root = Path(cfg.root) if cfg.root else work / "dataset"
+    heldout = cfg.heldout_per_class > 0
+    workers = "" if cfg.num_workers is None else str(cfg.num_workers)
+    sets = [
+        f"root={json.dumps(str(root))}",
+        f"work={json.dumps(str(work))}",
+        f"train.epochs={cfg.epochs}",
+        f"train.model={json.dumps(cfg.model)}",
+        f"train.width={cfg.width}",
+        # Tiny data: worker start-up would cost more than it saves.
+        "train.num_workers=0",
+        "train.batch_size=32",
+        "train.base_batch_size=32",
+        f"train.progress={str(cfg.progress).lower()}",
+        f"extract.progress={str(cfg.progress).lower()}",
+        f"features.progress={str(cfg.progress).lower()}",
+        f"fuse.video_scores=[{json.dumps(str(video_dir / 'video_val.csv'))}]",
+        f"fuse.weight_selection={json.dumps('heldout' if heldout else 'cv')}",
+        "fuse.bootstrap=1000",
+    ]
+    if heldout:
+        sets.append(f"fuse.heldout_video=[{json.dumps(str(video_dir / 'video_heldout.csv'))}]")
+    if workers:
+        sets += [f"extract.num_workers={workers}", f"features.num_workers={workers}"]
+    if cfg.force:
+        sets.append('force=["all"]')
+    run_cfg: RunConfig = apply_overrides(base, [*sets, *cfg.overrides])
+    return run_cfg
+
+
+def demo(cfg: DemoConfig) -> DemoResult:
+    """Generate the demo dataset, train the stand-in video model, run every stage.
+
+    Each step is skipped when its outputs exist for the same settings, so a second
+    ``avfuse demo`` only redoes what changed.
+    """
+    from avfuse.pipeline import run
+
+    work = Path(cfg.work)
+    root = Path(cfg.root) if cfg.root else work / "dataset"
+    per_split = {"train": cfg.train_per_class, "val": cfg.val_per_class}
+    if cfg.heldout_per_class > 0:
+        per_split["heldout"] = cfg.heldout_per_class
+    info = generate_dataset(
+        root,
+        seed=cfg.seed,
+        classes=cfg.classes,
+        per_split=per_split,
+        seconds=cfg.seconds,
+        size=cfg.size,
+        fps=cfg.fps,
+        no_audio_fraction=cfg.no_audio_fraction,
+        short_fraction=cfg.short_fraction,
+        unreadable=cfg.unreadable,
+        num_workers=cfg.num_workers,
+        force=cfg.force,
+        progress=cfg.progress,
+    )
+    print(info.summary())
+
+    video_dir = work / "video_model"
+    stamp = video_dir / "video_baseline.json"
+    dataset_settings = read_json(root / DATASET_INFO)["settings"]
+    splits: list[str] = [s for s in ("val", "heldout") if s in per_split]
+    video: VideoBaselineResult | None = None
+    if stamp.exists() and not cfg.force:
+        old = read_json(stamp)
+        files: dict[str, Path] = {s: video_dir / f"video_{s}.csv" for s in splits}
+        if old.get("dataset") == dataset_settings and all(p.exists() for p in files.values()):
+            video = VideoBaselineResult(
+                video_dir / "video_model.npz", files, old["accuracy"], old["failed"]
+            )
+    if video is None:
+        video = train_video_baseline(
+            root,
+            video_dir,
+            score_splits=splits,
+            num_workers=cfg.num_workers,
+            progress=cfg.progress,
+        )
+        data = read_json(stamp)
+        data["dataset"] = dataset_settings
+        write_json(stamp, data)
+    print(video.summary())
+
+    result = run(demo_run_config(cfg, video_dir))
+    out = DemoResult(info, video, result)
+    return out

@@ -187,3 +187,15 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
 
 def amp_name(dtype: torch.dtype | None) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "off") if dtype else "off"
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (BatchNorm running statistics) to every rank.
+
+    Each rank updates its running statistics on its own shard; evaluating with rank 0's makes
+    every rank score like the checkpoint rank 0 writes.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for b in module.buffers():
+        dist.broadcast(b.data, src=src)

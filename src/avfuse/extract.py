@@ -26,6 +26,7 @@ import ctypes
 import functools
 import logging
 import os
+import threading
 import time
 import wave
 from collections import Counter
@@ -70,7 +71,7 @@ COLUMNS = (
     "audio_path",
 )
 
-# A decode that yields less than this much of the declared audio duration is reported as partial.
+# A clean decode shorter than the declared duration minus max(1 s, 20 %) is reported as partial.
 _SHORT_ABS_S = 1.0
 _SHORT_REL = 0.2
 # Give up on a stream after this many consecutive bad packets (a truncated file's tail).
@@ -207,15 +208,16 @@ class _MonoBuffer:
         self.n += n
 
 
-_BUFFER: _MonoBuffer | None = None
+# One buffer per thread: a Dask worker with several threads runs several batches at once.
+_LOCAL = threading.local()
 
 
 def _buffer() -> _MonoBuffer:
-    global _BUFFER
-    if _BUFFER is None:
-        _BUFFER = _MonoBuffer()
-    _BUFFER.n = 0
-    return _BUFFER
+    buf: _MonoBuffer | None = getattr(_LOCAL, "buffer", None)
+    if buf is None:
+        buf = _LOCAL.buffer = _MonoBuffer()
+    buf.n = 0
+    return buf
 
 
 def _one_line(exc: BaseException) -> str:
@@ -385,15 +387,17 @@ def write_audio(path: str | Path, samples: np.ndarray, sample_rate: int) -> Path
                 w.writeframes(pcm.astype("<i2").tobytes())
         else:
             with av.open(str(tmp), "w", format="flac") as out:
-                stream: Any = out.add_stream("flac", rate=int(sample_rate), layout="mono")
+                # 4096-sample blocks (the reference encoder's default) rather than FFmpeg's 1152:
+                # a third of the packets to hand through Python, ~30 % faster, slightly smaller.
+                stream: Any = out.add_stream(
+                    "flac", rate=int(sample_rate), layout="mono", options={"frame_size": "4096"}
+                )
                 stream.format = "s16"
                 frame = av.AudioFrame.from_ndarray(pcm[None, :], format="s16", layout="mono")
                 frame.sample_rate = int(sample_rate)
                 frame.pts = 0
-                for packet in stream.encode(frame):
-                    out.mux(packet)
-                for packet in stream.encode(None):
-                    out.mux(packet)
+                out.mux(stream.encode(frame))
+                out.mux(stream.encode(None))
     return path
 
 
@@ -546,12 +550,15 @@ def _remove_outputs(work: Path, prior: pd.DataFrame, fmt: str) -> None:
 def extract(cfg: ExtractConfig, executor: Executor | None = None) -> ExtractResult:
     """Decode every video of the manifest to ``WORK/audio/{video_id}.{format}``.
 
-    Output audio: ``(samples,)`` mono s16 at ``cfg.sample_rate``. Returns an
-    :class:`ExtractResult`; ``WORK/extract.parquet`` holds the per-video records.
+    Output audio: ``(samples,)`` mono s16 at ``cfg.sample_rate``. Work runs on ``executor`` if
+    given, else on a pool built from ``cfg.num_workers`` / ``cfg.scheduler``. Videos already
+    logged by an earlier (even killed) run whose output exists are skipped unless ``cfg.force``.
+    Returns an :class:`ExtractResult` for the selected splits; ``WORK/extract.parquet`` holds the
+    records of every video extracted so far.
     """
     t0 = time.perf_counter()
     work = Path(cfg.work)
-    manifest = load_manifest(work, stages=False)
+    manifest = everything = load_manifest(work, stages=False)
     if cfg.splits:
         unknown = sorted(set(cfg.splits) - set(manifest["split"]))
         if unknown:
@@ -594,8 +601,12 @@ def extract(cfg: ExtractConfig, executor: Executor | None = None) -> ExtractResu
     ]
     skipped = len(manifest) - len(tasks)
     if tasks:
+        # Absolute paths: cluster workers do not share this process's working directory.
         fn = functools.partial(
-            _extract_batch, work=str(work), sample_rate=cfg.sample_rate, log_dir=str(rlog.folder)
+            _extract_batch,
+            work=str(work.resolve()),
+            sample_rate=cfg.sample_rate,
+            log_dir=str(rlog.folder.resolve()),
         )
         ctx = (
             contextlib.nullcontext(executor)
@@ -614,18 +625,21 @@ def extract(cfg: ExtractConfig, executor: Executor | None = None) -> ExtractResu
         remove_stale_temporaries(work / AUDIO_DIR)
         remove_stale_temporaries(rlog.folder)
 
-    table = rlog.read()
-    if len(table):
-        table = table[table["video_id"].isin(set(manifest["video_id"].astype(str)))]
-    table = pd.DataFrame(table, columns=list(COLUMNS)).sort_values("video_id")
-    table = table.reset_index(drop=True)
-    missing_ids = set(manifest["video_id"].astype(str)) - set(table["video_id"])
+    # The table covers every video extracted so far (earlier runs on other splits included).
+    full = rlog.read()
+    if len(full):
+        full = full[full["video_id"].isin(set(everything["video_id"].astype(str)))]
+    full = pd.DataFrame(full, columns=list(COLUMNS)).sort_values("video_id")
+    full = full.reset_index(drop=True)
+    selected = set(manifest["video_id"].astype(str))
+    table = full[full["video_id"].isin(selected)].reset_index(drop=True)
+    missing_ids = selected - set(table["video_id"])
     if missing_ids:  # cannot happen unless a worker's log part was lost; say so, never drop
         raise RuntimeError(
             f"{len(missing_ids)} video(s) have no extract record, e.g. {sorted(missing_ids)[:3]}"
         )
     write_table(
-        table,
+        full,
         work / TABLE,
         {"avfuse_version": __version__, "sample_rate": str(cfg.sample_rate), "format": cfg.format},
     )

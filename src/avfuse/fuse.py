@@ -588,6 +588,12 @@ def _build_views(
     )
 
     pa = _aligned_audio(audio, classes, audio_path, cfg.class_tolerance)
+    broken = audio.has_scores & ~np.isfinite(pa).all(axis=1)
+    if broken.any():
+        raise VideoScoreError(
+            f"{audio_path}: {int(broken.sum())} row(s) with status ok but NaN or infinite "
+            f"scores (e.g. {audio.ids[broken][0]!r})"
+        )
     am = match_ids(target, audio.ids.tolist())
     am.check(cfg.tolerance, "the audio scores", str(audio_path))
 
@@ -1006,7 +1012,9 @@ def write_fusion_report(folder: Path, figures: dict[str, Any]) -> tuple[Path, Pa
     ft = np.asarray([x for x, k in zip(pc["fused_top1"], present, strict=True) if k], float)
     gain = 100 * (ft - vt)
     if len(cls):
-        png = rp.plot_class_gain(cls, gain, folder / "class_gain.png")
+        png = rp.plot_class_gain(
+            cls, gain, folder / "class_gain.png", counts=[int(k) for k in n[present]]
+        )
         r.heading("Classes that gain and lose most from audio")
         r.image(png, "per-class top-1 change, fused minus video-only (points)")
         order = np.argsort(-gain, kind="stable")
@@ -1040,7 +1048,12 @@ def write_fusion_report(folder: Path, figures: dict[str, Any]) -> tuple[Path, Pa
     )
     r.paragraph(
         f"Video scores read as `{v['kind']}` from `{v['source']}`; class columns "
-        + ("matched by name" if v["classes"]["by_name"] else "taken in class-list order")
+        + (
+            "matched by name"
+            if v["classes"]["by_name"]
+            else "**assumed** to be in class-list order (the file does not name them; "
+            "give --video-label-map to be sure)"
+        )
         + f" ({v['classes']['missing']} missing, {v['classes']['extra']} unknown). "
         f"{counts['not_on_disk_without_video_scores']} videos of the split are not on disk and "
         "have no video scores; they are left out."

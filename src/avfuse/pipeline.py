@@ -198,7 +198,12 @@ def stage_configs(cfg: RunConfig) -> StageConfigs:
     evaluate = {}
     for sp in splits:
         out = cfg.predict.output if sp == split and cfg.predict.output else None
-        predict[sp] = _stage(PredictConfig, dataclasses.replace(cfg.predict, split=sp, output=out), "predict", work=work)
+        predict[sp] = _stage(
+            PredictConfig,
+            dataclasses.replace(cfg.predict, split=sp, output=out),
+            "predict",
+            work=work,
+        )
         evaluate[sp] = _stage(
             EvaluateConfig,
             dataclasses.replace(
@@ -278,8 +283,14 @@ def stage_keys(sc: StageConfigs) -> dict[str, dict[str, str]]:
             "config": _semantic("fuse", sc.fuse),
             # The user's video scores are inputs too: a new file must redo the fusion.
             "files": _file_stamp(
-                [*sc.fuse.video_scores, *sc.fuse.heldout_video, sc.fuse.video_ids,
-                 sc.fuse.annotations, sc.fuse.heldout_video_ids, sc.fuse.video_label_map]
+                [
+                    *sc.fuse.video_scores,
+                    *sc.fuse.heldout_video,
+                    sc.fuse.video_ids,
+                    sc.fuse.annotations,
+                    sc.fuse.heldout_video_ids,
+                    sc.fuse.video_label_map,
+                ]
             ),
         },
         "report": {"version": 1},
@@ -309,7 +320,9 @@ def _outputs(name: str, sc: StageConfigs) -> list[Path]:
         return [Path(p.output or _audio_scores(work, p.split)) for p in sc.predict.values()]
     if name == "evaluate":
         return [
-            Path(e.scores or "").with_name(Path(e.scores or "").name.removesuffix(".npz") + ".metrics.json")
+            Path(e.scores or "").with_name(
+                Path(e.scores or "").name.removesuffix(".npz") + ".metrics.json"
+            )
             for e in sc.evaluate.values()
         ]
     if name == "fuse":
@@ -360,15 +373,17 @@ class RunResult:
         for col, title in (("status", "extract"), ("feature_status", "features")):
             counts = self.status_counts.get(col)
             if counts:
-                shown = ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda x: -x[1]))
+                shown = ", ".join(
+                    f"{k} {v}" for k, v in sorted(counts.items(), key=lambda x: -x[1])
+                )
                 lines.append(f"  videos by {title} status: {shown}")
         if self.accuracy:
-            lines.append(f"  {'top-1 %':<22}{'video':>8}{'audio':>8}{'fused':>8}  gain (95% CI)")
+            lines.append(f"  {'top-1 %':<26}{'video':>8}{'audio':>8}{'fused':>8}  gain (95% CI)")
             for scope, acc in self.accuracy.items():
                 g = self.gain.get(scope)
                 gtxt = f"{100 * g[0]:+.1f} [{100 * g[1]:+.1f}, {100 * g[2]:+.1f}]" if g else ""
                 lines.append(
-                    f"  {scope:<22}"
+                    f"  {scope:<26}"
                     + "".join(
                         f"{100 * acc[m]:>8.1f}" if m in acc else f"{'-':>8}"
                         for m in ("video", "audio", "fused")
@@ -407,7 +422,9 @@ def save_run_config(cfg: RunConfig, path: str | Path) -> Path:
                 del sec[key]
 
     def drop_none(d: dict[str, Any]) -> dict[str, Any]:
-        return {k: drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
+        return {
+            k: drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None
+        }
 
     path = Path(path)
     with atomic_write(path) as tmp:
@@ -440,7 +457,6 @@ def run(cfg: RunConfig, executor: Executor | None = None) -> RunResult:
     state = _load_state(work)
     keys = stage_keys(sc)
     outcomes: list[StageOutcome] = []
-    invalidated = False  # an earlier stage ran: every later one must run too
     last = STAGES.index(cfg.stop_after)
 
     for i, name in enumerate(STAGES):
@@ -450,31 +466,34 @@ def run(cfg: RunConfig, executor: Executor | None = None) -> RunResult:
         if name == "fuse" and sc.fuse is None:
             outcomes.append(StageOutcome(name, "not configured", detail="no fuse.video_scores"))
             continue
-        prev = state.get(name)
+        rec = state.get(name) or {}
         complete = all(p.exists() for p in _outputs(name, sc))
         forced = name in cfg.force or "all" in cfg.force
-        if prev and prev.get("key") == keys[name]["key"] and complete and not invalidated and not forced:
+        same_key = rec.get("key") == keys[name]["key"]
+        if rec.get("state") == "done" and same_key and complete and not forced:
             outcomes.append(StageOutcome(name, "skipped", detail="up to date"))
             continue
         # A config change (this stage's or an earlier one's, scan aside) invalidates the
-        # stage's old outputs; an unchanged config with incomplete outputs is a resumable run.
-        redo = forced or (
-            prev is not None and prev.get("config") != keys[name]["config"]
-        ) or (prev is not None and prev.get("key") != keys[name]["key"] and name in ("train",))
-        resume = not redo and prev is None and name == "train" and state.get("train_started") == keys[name]["key"]
-        for later in STAGES[i:]:
-            state.pop(later, None)
-        if name == "train":
-            state["train_started"] = keys[name]["key"]
+        # old outputs: redo with force. Same config, unfinished: resume where it stopped.
+        redo = forced or (bool(rec) and rec.get("config") != keys[name]["config"])
+        resume = not redo and rec.get("state") == "running" and same_key
+        # Later stages' outputs now depend on outputs about to change.
+        for later in STAGES[i + 1 :]:
+            if later in state:
+                state[later]["state"] = "stale"
+        state[name] = {**keys[name], "state": "running"}
         _save_state(work, state)
-        invalidated = True
         t0 = time.perf_counter()
-        log.info("stage %s: %s", name, "redo" if redo else "run")
+        log.info("stage %s (%s)", name, "redo" if redo else "resume" if resume else "run")
         detail = _RUNNERS[name](sc, redo, resume, executor, cfg)
         outcomes.append(
             StageOutcome(name, "resumed" if resume else "ran", time.perf_counter() - t0, detail)
         )
-        state[name] = {**keys[name], "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        state[name] = {
+            **keys[name],
+            "state": "done",
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
         _save_state(work, state)
 
     return _result(work, sc, outcomes)
@@ -483,7 +502,9 @@ def run(cfg: RunConfig, executor: Executor | None = None) -> RunResult:
 # Stage runners: (stage configs, redo, resume, executor, run config) -> one-line detail
 
 
-def _run_scan(sc: StageConfigs, redo: bool, resume: bool, ex: Executor | None, cfg: RunConfig) -> str:
+def _run_scan(
+    sc: StageConfigs, redo: bool, resume: bool, ex: Executor | None, cfg: RunConfig
+) -> str:
     from avfuse.manifest import scan
 
     df = scan(sc.scan)
@@ -496,7 +517,9 @@ def _first_line(result: Any) -> str:
     return summary().splitlines()[0] if callable(summary) else ""
 
 
-def _run_extract(sc: StageConfigs, redo: bool, resume: bool, ex: Executor | None, cfg: RunConfig) -> str:
+def _run_extract(
+    sc: StageConfigs, redo: bool, resume: bool, ex: Executor | None, cfg: RunConfig
+) -> str:
     from avfuse.extract import extract
 
     res = extract(dataclasses.replace(sc.extract, force=sc.extract.force or redo), ex)
@@ -504,7 +527,9 @@ def _run_extract(sc: StageConfigs, redo: bool, resume: bool, ex: Executor | None
     return ", ".join(f"{k} {v}" for k, v in sorted(res.counts.items(), key=lambda x: -x[1]))
 
 
-def _run_features(sc: StageConfigs, redo: bool, resume: bool, ex: Executor | None, cfg: RunConfig) -> str:
+def _run_features(
+    sc: StageConfigs, redo: bool, resume: bool, ex: Executor | None, cfg: RunConfig
+) -> str:
     from avfuse.features import compute_features
 
     res = compute_features(dataclasses.replace(sc.features, force=sc.features.force or redo), ex)
@@ -512,17 +537,23 @@ def _run_features(sc: StageConfigs, redo: bool, resume: bool, ex: Executor | Non
     return ", ".join(f"{k} {v}" for k, v in sorted(res.counts.items(), key=lambda x: -x[1]))
 
 
-def _run_train(sc: StageConfigs, redo: bool, resume: bool, ex: Executor | None, cfg: RunConfig) -> str:
+def _run_train(
+    sc: StageConfigs, redo: bool, resume: bool, ex: Executor | None, cfg: RunConfig
+) -> str:
     from avfuse.train import train
 
-    res = train(dataclasses.replace(sc.train, resume=sc.train.resume or resume))
+    # Resume only an interrupted run of this very config; anything else trains afresh.
+    last = Path(sc.train.work) / "runs" / sc.train.name / "last.pt"
+    res = train(dataclasses.replace(sc.train, resume=resume and last.exists()))
     if res is None:
         return "(not rank 0)"
     print(res.summary())
     return f"{res.epochs} epochs, best val top-1 {res.best_top1:.1%}"
 
 
-def _run_predict(sc: StageConfigs, redo: bool, resume: bool, ex: Executor | None, cfg: RunConfig) -> str:
+def _run_predict(
+    sc: StageConfigs, redo: bool, resume: bool, ex: Executor | None, cfg: RunConfig
+) -> str:
     from avfuse.predict import predict
 
     parts = []
@@ -534,7 +565,9 @@ def _run_predict(sc: StageConfigs, redo: bool, resume: bool, ex: Executor | None
     return "scored " + ", ".join(parts)
 
 
-def _run_evaluate(sc: StageConfigs, redo: bool, resume: bool, ex: Executor | None, cfg: RunConfig) -> str:
+def _run_evaluate(
+    sc: StageConfigs, redo: bool, resume: bool, ex: Executor | None, cfg: RunConfig
+) -> str:
     from avfuse.evaluate import evaluate
 
     parts = []
@@ -545,7 +578,9 @@ def _run_evaluate(sc: StageConfigs, redo: bool, resume: bool, ex: Executor | Non
     return ", ".join(parts)
 
 
-def _run_fuse(sc: StageConfigs, redo: bool, resume: bool, ex: Executor | None, cfg: RunConfig) -> str:
+def _run_fuse(
+    sc: StageConfigs, redo: bool, resume: bool, ex: Executor | None, cfg: RunConfig
+) -> str:
     from avfuse.fuse import fuse
 
     assert sc.fuse is not None
@@ -555,7 +590,9 @@ def _run_fuse(sc: StageConfigs, redo: bool, resume: bool, ex: Executor | None, c
     return f"fused top-1 {m['fused']['top1']:.1%} (video {m['video']['top1']:.1%})"
 
 
-def _run_report(sc: StageConfigs, redo: bool, resume: bool, ex: Executor | None, cfg: RunConfig) -> str:
+def _run_report(
+    sc: StageConfigs, redo: bool, resume: bool, ex: Executor | None, cfg: RunConfig
+) -> str:
     md, _ = write_run_report(sc)
     return str(md)
 
@@ -658,7 +695,9 @@ def write_run_report(sc: StageConfigs) -> tuple[Path, Path]:
         ):
             if (out / png).exists():
                 r.image(out / png, cap)
-        r.paragraph(f"Details (alignment, chosen weights, classes): `{_rel(out / 'report.md', work)}`.")
+        r.paragraph(
+            f"Details (alignment, chosen weights, classes): `{_rel(out / 'report.md', work)}`."
+        )
     return r.write(work, "report")
 
 
@@ -704,3 +743,91 @@ def _result(work: Path, sc: StageConfigs, outcomes: list[StageOutcome]) -> RunRe
         accuracy,
         gain,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The documented default config file
+
+
+def default_config_path() -> Path:
+    """``default_run.toml`` shipped with the package: every key, its default and its meaning."""
+    return Path(__file__).with_name("default_run.toml")
+
+
+_HEADER = """\
+# avfuse run configuration: every key with its default and what it does.
+#
+#   avfuse run ROOT -o WORK --config this.toml --set train.epochs=10 --set fuse.method=logprob
+#
+# Any key can be overridden on the command line with --set KEY=VALUE (TOML syntax for the
+# value, nested keys with dots). YAML with the same structure works too (--config run.yaml).
+# `root` and `work` are given once here (or on the command line); every stage shares them.
+# Relative paths are relative to the directory avfuse is started from.
+#
+# This file is generated from the config dataclasses (avfuse.pipeline.render_config_toml);
+# a test checks that it matches them.
+"""
+
+
+def _comment(text: str, width: int = 98) -> list[str]:
+    import textwrap
+
+    return ["# " + line for line in textwrap.wrap(text, width - 2)] or ["#"]
+
+
+def _toml_value(key: str, value: Any) -> str:
+    import tomli_w
+
+    return tomli_w.dumps({key: value}).strip()
+
+
+def _render_table(obj: Any, prefix: str, skip: set[str]) -> list[str]:
+    from avfuse.config import _plain
+
+    lines: list[str] = []
+    nested: list[tuple[str, Any, str]] = []
+    for f in dataclasses.fields(obj):
+        if f.name in skip:
+            continue
+        value = getattr(obj, f.name)
+        help_text = str(f.metadata.get("help", ""))
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            nested.append((f.name, value, help_text))
+            continue
+        lines += _comment(help_text)
+        if value is None:
+            lines.append(f"# {f.name} =   (unset by default)")
+        else:
+            lines.append(_toml_value(f.name, _plain(value)))
+    for name, value, help_text in nested:
+        lines.append("")
+        lines += _comment(help_text)
+        lines.append(f"[{prefix}{name}]")
+        lines += _render_table(value, f"{prefix}{name}.", set())
+    return lines
+
+
+def render_config_toml(cfg: RunConfig | None = None) -> str:
+    """The documented TOML text of ``cfg`` (default: :class:`RunConfig` defaults)."""
+    cfg = cfg or RunConfig()
+    sections = {f.name for f in dataclasses.fields(cfg) if f.name in STAGES}
+    lines = [_HEADER]
+    for f in dataclasses.fields(cfg):
+        if f.name in sections:
+            continue
+        value = getattr(cfg, f.name)
+        lines += _comment(str(f.metadata.get("help", "")))
+        if value is None:
+            lines.append(f'# {f.name} = "path/to/dataset"   (required here or on the command line)')
+        else:
+            from avfuse.config import _plain
+
+            lines.append(_toml_value(f.name, _plain(value)))
+    for f in dataclasses.fields(cfg):
+        if f.name not in sections:
+            continue
+        section = getattr(cfg, f.name)
+        doc = (type(section).__mro__[1].__doc__ or "").strip().splitlines()[0]
+        lines += ["", "", f"# ---- {f.name}: {doc}", f"[{f.name}]"]
+        lines += _render_table(section, f"{f.name}.", {"work", "root"})
+    return "\n".join(lines) + "\n"

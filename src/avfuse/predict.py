@@ -172,7 +172,9 @@ def score_videos(
         elif aggregation == "mean_logits":
             acc.index_add_(0, pos, logits)
         elif aggregation == "max":
-            acc.index_reduce_(0, pos, torch.softmax(logits, dim=1), "amax", include_self=True)
+            probs = torch.softmax(logits, dim=1)
+            idx = pos[:, None].expand_as(probs)
+            acc.scatter_reduce_(0, idx, probs, "amax", include_self=True)
         else:
             raise ValueError(f"unknown aggregation {aggregation!r}")
         count.index_add_(0, pos, torch.ones(len(pos), dtype=torch.float64))

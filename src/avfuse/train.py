@@ -375,7 +375,7 @@ def train(
         global_step, best_top1 = int(ckpt["global_step"]), float(ckpt["best_top1"])
         rngs = ckpt["rng"]
         if len(rngs) == e.world_size:
-            pass
+            _set_rng_state(rngs[e.rank], aug_rng)
         else:
             log.warning(
                 "resuming with %d processes instead of %d: RNG streams reseeded",
@@ -442,22 +442,25 @@ def train(
             D.save_on_main(state, p)
 
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    # One loader for the whole run: the sampler is iterated in this process, so persistent
+    # workers only ever see (video_pos, start) pairs and need no per-epoch restart.
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,  # type: ignore[arg-type]
+        num_workers=cfg.num_workers,
+        drop_last=True,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.num_workers > 0,
+        prefetch_factor=4 if cfg.num_workers > 0 else None,
+        # Its own generator: creating the iterator must not draw from the global RNG, or a
+        # resumed run's dropout stream would shift.
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
     last_metrics: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs):
         skip = skip_steps if epoch == start_epoch else 0
         sampler.set_epoch(epoch, skip * cfg.batch_size)
-        loader = DataLoader(
-            dataset,
-            batch_size=cfg.batch_size,
-            sampler=sampler,  # type: ignore[arg-type]
-            num_workers=cfg.num_workers,
-            drop_last=True,
-            pin_memory=device.type == "cuda",
-            persistent_workers=False,
-            # Its own generator: creating the iterator must not draw from the global RNG,
-            # or a resumed run's dropout stream would shift.
-            generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch),
-        )
         net.train()
         sums = [0.0, 0.0, 0.0]  # loss * n, correct, n
         t0 = time.perf_counter()
@@ -542,6 +545,7 @@ def train(
             and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
         )
         if validate:
+            D.broadcast_buffers(model)
             scored = score_videos_distributed(
                 model,
                 store,

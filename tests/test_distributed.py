@@ -1,0 +1,119 @@
+"""torchrun with 2 CPU processes (gloo on loopback): train, resume, predict once per video."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from avfuse import distributed as D
+from avfuse.data import make_synthetic_work
+from avfuse.predict import PredictConfig, load_checkpoint, model_from_checkpoint, predict
+from avfuse.scores import ScoreFile
+
+SCRIPT = """
+import json, sys
+from pathlib import Path
+from avfuse import distributed as D
+from avfuse.predict import PredictConfig, predict
+from avfuse.train import TrainConfig, train
+
+work = Path(sys.argv[1])
+common = dict(model="resnet", width=0.125, batch_size=4, windows_per_video=3, num_workers=0,
+              amp="off", device="cpu", progress=False, checkpoint_every=0, eval_every=1,
+              name="ddp")
+seen = []
+def log_step(step):
+    seen.append(step)
+r1 = train(TrainConfig(work, epochs=1, **common), on_step=log_step)
+r2 = train(TrainConfig(work, epochs=2, resume=True, **common), on_step=log_step)
+predict(PredictConfig(work, run="ddp", checkpoint="last", amp="off", batch_size=7,
+                      output=work / "scores" / "ddp.npz"))
+e = D.env()
+(work / f"rank{e.rank}.json").write_text(json.dumps(
+    {"rank": e.rank, "world": e.world_size, "steps": seen, "r1": r1 is not None,
+     "r2": r2 is not None}))
+D.destroy()
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_single_process_helpers() -> None:
+    e = D.env()
+    assert (e.rank, e.world_size, e.is_main, e.distributed) == (0, 1, True, False)
+    assert D.all_gather_object({"a": 1}) == [{"a": 1}]
+    assert D.all_reduce_sum([1.0, 2.0]) == [1.0, 2.0]
+    cpu = torch.device("cpu")
+    assert D.resolve_amp("off", cpu) is None and D.resolve_amp("bf16", cpu) == torch.bfloat16
+    assert D.resolve_amp("auto", cpu) == (torch.bfloat16 if D.cpu_supports_bf16() else None)
+    with pytest.raises(ValueError, match="CUDA"):
+        D.resolve_amp("fp16", cpu)
+    assert D.resolve_device("cpu") == cpu
+
+
+def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    # 12 train videos x 3 windows = 36 -> 18 per rank -> 4 steps of 4 per epoch (drop_last)
+    make_synthetic_work(work, n_classes=3, videos_per_class=4, frames_range=(100, 260), seed=4)
+    script = tmp_path / "ddp_script.py"
+    script.write_text(textwrap.dedent(SCRIPT))
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        str(script),
+        str(work),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+
+    import json
+
+    ranks = [json.loads((work / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert [r["r1"] for r in ranks] == [True, False]  # results (and files) from rank 0 only
+    for r in ranks:  # both ranks ran epoch 1, then resumed into epoch 2
+        assert r["steps"] == list(range(1, 9))
+
+    ck = load_checkpoint(work / "runs" / "ddp" / "last.pt")
+    assert ck["world_size"] == 2 and ck["effective_batch_size"] == 8
+    assert ck["epoch"] == 2 and ck["global_step"] == 8 and len(ck["rng"]) == 2
+    model, _, _ = model_from_checkpoint(ck)
+    assert model(torch.randn(2, 96, 64)).shape == (2, 3)
+    lines = (work / "runs" / "ddp" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+
+    single = predict(
+        PredictConfig(
+            work,
+            run="ddp",
+            checkpoint="last",
+            amp="off",
+            batch_size=32,
+            output=work / "scores" / "single.npz",
+        )
+    )
+    assert single is not None
+    a = ScoreFile.load(work / "scores" / "ddp.npz")
+    b = single.scores
+    assert a.ids.tolist() == b.ids.tolist() and len(set(a.ids.tolist())) == 12
+    assert a.status.tolist() == b.status.tolist()
+    np.testing.assert_array_equal(a.n_windows, b.n_windows)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,164 @@
+"""Prediction: window aggregation per video, statuses of unusable videos, front-end refusal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from avfuse.data import NormStats, make_synthetic_work
+from avfuse.io import read_json, read_table, write_json, write_table
+from avfuse.predict import (
+    PredictConfig,
+    load_checkpoint,
+    model_from_checkpoint,
+    predict,
+    score_videos,
+)
+from avfuse.scores import ScoreFile
+from avfuse.store import FeatureStore, FrontendMismatchError, ShardWriter, commit_index
+from avfuse.train import TrainConfig, train
+
+
+class BandMean(nn.Module):
+    """Logits = per-band mean over the window times a fixed matrix (easy to recompute)."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        super().__init__()
+        self.w = nn.Parameter(w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], 96, -1).mean(1) @ self.w
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    w = tmp_path_factory.mktemp("pred")
+    make_synthetic_work(w, n_classes=3, videos_per_class=3, frames_range=(100, 300), seed=2)
+    # extra val videos: one too short (in the store), one without audio, one never featurised
+    man = read_table(w / "manifest.parquet")
+    store = FeatureStore(w / "features")
+    index = read_table(w / "features" / "index.parquet")
+    sw = ShardWriter(w / "features", n_mels=64, prefix="extra")
+    sw.add("val/class_00/short", np.zeros((50, 64), np.float32))
+    commit_index(w / "features", index.to_dict("records") + sw.close())
+    extra = [("val/class_00/short", 0), ("val/class_01/silent", 1), ("val/class_02/lost", 2)]
+    rows = [
+        {
+            "video_id": v,
+            "split": "val",
+            "label": f"class_{k:02d}",
+            "label_index": k,
+            "path": "",
+            "size_bytes": 0,
+            "scan_status": "found",
+        }
+        for v, k in extra
+    ]
+    man = pd.concat([man, pd.DataFrame(rows)], ignore_index=True)
+    write_table(man, w / "manifest.parquet")
+    ids = man["video_id"].tolist()
+    ext = pd.DataFrame({"video_id": ids, "status": ["ok"] * len(ids)})
+    ext.loc[ext["video_id"] == "val/class_01/silent", "status"] = "no_audio"
+    ext = ext[ext["video_id"] != "val/class_02/lost"]
+    write_table(ext, w / "extract.parquet")
+    feat = pd.DataFrame({"video_id": ids, "feature_status": ["ok"] * len(ids)})
+    feat.loc[feat["video_id"] == "val/class_00/short", "feature_status"] = "too_short"
+    feat.loc[feat["video_id"] == "val/class_01/silent", "feature_status"] = "not_extracted"
+    write_table(feat, w / "features.parquet")
+    assert len(store) == 18
+    train(
+        TrainConfig(
+            w,
+            name="p",
+            model="resnet",
+            width=0.125,
+            epochs=1,
+            batch_size=8,
+            num_workers=0,
+            amp="off",
+            device="cpu",
+            progress=False,
+            val_split="",
+        )
+    )
+    return w
+
+
+@pytest.mark.parametrize("aggregation", ["mean_softmax", "mean_logits", "max"])
+def test_score_videos_aggregates_windows_per_video(work: Path, aggregation: str) -> None:
+    store = FeatureStore(work / "features")
+    ids = ["val/class_02/v001", "train/class_00/v000", "val/class_00/v002"]
+    torch.manual_seed(0)
+    model = BandMean(torch.randn(64, 3))
+    norm = NormStats(np.full(64, -4.0, np.float32), np.full(64, 2.0, np.float32))
+    out = score_videos(
+        model, store, ids, norm, hop=48, batch_size=5, aggregation=aggregation, progress=False
+    )  # type: ignore[arg-type]
+    w = model.w.detach().numpy().astype(np.float64)
+    for vid in ids:
+        x = (np.asarray(store[vid], np.float64) + 4.0) / 2.0
+        starts = range(0, len(x) - 96 + 1, 48)
+        logits = np.stack([x[s : s + 96].mean(0) @ w for s in starts])
+        expect = {
+            "mean_softmax": _softmax(logits).mean(0),
+            "mean_logits": _softmax(logits.mean(0)),
+            "max": _softmax(logits).max(0),
+        }[aggregation]
+        scores, n = out[vid]
+        assert n == len(starts)
+        np.testing.assert_allclose(scores, expect, rtol=1e-4, atol=1e-6)
+
+
+def test_predict_writes_every_video_of_the_split(work: Path) -> None:
+    res = predict(PredictConfig(work, run="p", checkpoint="last", amp="off"))
+    assert res is not None
+    sf = ScoreFile.load(work / "scores" / "audio_val.npz")
+    man = read_table(work / "manifest.parquet")
+    assert sorted(sf.ids.tolist()) == sorted(man.loc[man["split"] == "val", "video_id"])
+    st = dict(zip(sf.ids.tolist(), sf.status.tolist()))
+    assert st["val/class_00/short"] == "too_short"
+    assert st["val/class_01/silent"] == "no_audio"
+    assert st["val/class_02/lost"] == "not_in_store"
+    bad = ~sf.has_scores
+    assert bad.sum() == 3 and np.isnan(sf.scores[bad]).all() and (sf.n_windows[bad] == 0).all()
+    good = sf.has_scores
+    np.testing.assert_allclose(sf.scores[good].sum(1), 1.0, rtol=1e-5)
+    store = FeatureStore(work / "features")
+    for vid, n in zip(sf.ids[good], sf.n_windows[good]):
+        assert n == store.frames(vid) // 96
+
+    # the score of one video, recomputed from the checkpoint by hand
+    model, norm, _ = model_from_checkpoint(load_checkpoint(work / "runs" / "p" / "last.pt"))
+    model.eval()
+    vid = sf.ids[good][0]
+    x = norm.apply(np.asarray(store[vid]))
+    wins = torch.from_numpy(np.stack([x[s : s + 96] for s in range(0, len(x) - 95, 96)]))
+    with torch.no_grad():
+        expect = torch.softmax(model(wins), 1).mean(0).numpy()
+    np.testing.assert_allclose(sf.select([vid]).scores[0], expect, rtol=1e-4, atol=1e-6)
+
+    csv = pd.read_csv(res.csv_path)
+    assert csv["video_id"].tolist() == sf.ids.tolist()
+    np.testing.assert_allclose(csv[sf.classes].to_numpy(), sf.scores, rtol=1e-5)
+    assert sf.meta["aggregation"] == "mean_softmax" and sf.meta["split"] == "val"
+
+
+def test_predict_refuses_other_frontend(work: Path) -> None:
+    meta_path = work / "features" / "store.json"
+    meta = read_json(meta_path)
+    try:
+        write_json(meta_path, {**meta, "frontend_hash": "0123456789abcdef"})
+        with pytest.raises(FrontendMismatchError, match="0123456789abcdef"):
+            predict(PredictConfig(work, run="p", checkpoint="last", amp="off"))
+    finally:
+        write_json(meta_path, meta)
