@@ -50,6 +50,7 @@ class AudioTrack:
     bit_rate: int | None = None
     default: bool | None = None  # disposition flag; None leaves the muxer's choice
     frame_samples: int = 4096  # size of the frames handed to the encoder
+    options: dict[str, str] | None = None  # encoder options, e.g. {"aac_coder": "fast"}
 
     @property
     def channels(self) -> np.ndarray:
@@ -62,6 +63,7 @@ def _add_audio(out: av.container.OutputContainer, track: AudioTrack, codec: str)
     layout = LAYOUTS[sig.shape[0]]
     # FFmpeg's native Vorbis encoder is flagged experimental.
     options = {"strict": "experimental"} if codec == "vorbis" else {}
+    options.update(track.options or {})
     stream = out.add_stream(codec, rate=track.rate, layout=layout, options=options)
     if track.bit_rate:
         stream.bit_rate = track.bit_rate
@@ -94,11 +96,13 @@ def write_media(
     fps: int = 5,
     container_format: str | None = None,
     container_options: dict[str, str] | None = None,
+    video_options: dict[str, str] | None = None,
 ) -> Path:
     """Write a media file with the given audio tracks and (optionally) a small video stream.
 
     ``duration`` of the video defaults to the longest audio track (1 s without audio).
-    ``container_format`` forces the muxer (e.g. ``"mp4"`` for a file named ``.bin``).
+    ``container_format`` forces the muxer (e.g. ``"mp4"`` for a file named ``.bin``);
+    ``video_options`` go to the video encoder (e.g. ``{"preset": "ultrafast"}`` for libx264).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +115,9 @@ def write_media(
     try:
         vstream = None
         if video:
-            vstream = out.add_stream(video_codec or default_video, rate=fps)
+            vstream = out.add_stream(
+                video_codec or default_video, rate=fps, options=video_options or {}
+            )
             vstream.width, vstream.height = size
             vstream.pix_fmt = "yuv420p"
         astreams = [_add_audio(out, t, t.codec or default_audio) for t in tracks]

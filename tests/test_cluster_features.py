@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
 
+import avfuse.features as features
 from avfuse.features import FeaturesConfig, compute_features
 from avfuse.io import read_json, read_table
 from tests.test_features import make_work, store_arrays
@@ -15,12 +19,8 @@ from tests.test_features import make_work, store_arrays
 distributed = pytest.importorskip("distributed")
 
 
-def test_features_on_local_cluster_match_local_run(tmp_path: Path) -> None:
-    local = make_work(tmp_path / "local")
-    remote = make_work(tmp_path / "cluster")
-    # Local reference through the process pool (2 workers), the default executor.
-    compute_features(FeaturesConfig(work=local, num_workers=2, batch_size=2, progress=False))
-
+@pytest.fixture(scope="module")
+def client() -> Iterator[Any]:
     with (
         distributed.LocalCluster(
             n_workers=2,
@@ -29,29 +29,72 @@ def test_features_on_local_cluster_match_local_run(tmp_path: Path) -> None:
             host="127.0.0.1",
             dashboard_address=None,
         ) as cluster,
-        distributed.Client(cluster) as client,
+        distributed.Client(cluster) as c,
     ):
-        res = compute_features(
-            FeaturesConfig(work=remote, batch_size=2, progress=False),
-            executor=client.get_executor(),
-        )
-        # the work really ran in the worker processes, not in this one
-        assert len(client.scheduler_info()["workers"]) == 2
-    assert res.computed == 7
+        yield c
 
-    a, b = store_arrays(local), store_arrays(remote)
+
+def assert_same_store(a_work: Path, b_work: Path) -> None:
+    a, b = store_arrays(a_work), store_arrays(b_work)
     assert a.keys() == b.keys() and len(a) == 6
     for vid in a:
         np.testing.assert_array_equal(a[vid], b[vid])
     pd.testing.assert_frame_equal(
-        read_table(local / "features.parquet"), read_table(remote / "features.parquet")
+        read_table(a_work / "features.parquet"), read_table(b_work / "features.parquet")
     )
-    meta_a, meta_b = (
-        read_json(local / "features/store.json"),
-        read_json(remote / "features/store.json"),
-    )
-    assert meta_a == meta_b
-    # batches of 2 videos: more than one shard, each written by a worker, all referenced
-    index = read_table(remote / "features/index.parquet")
-    shards = {p.name for p in (remote / "features/shards").iterdir()}
+    assert read_json(a_work / "features/store.json") == read_json(b_work / "features/store.json")
+    # every shard file is referenced by the index: no duplicate or half-written output
+    index = read_table(b_work / "features/index.parquet")
+    shards = {p.name for p in (b_work / "features/shards").iterdir()}
     assert len(shards) > 1 and shards == set(index["shard"])
+
+
+def test_features_on_local_cluster_match_local_run(tmp_path: Path, client: Any) -> None:
+    local = make_work(tmp_path / "local")
+    remote = make_work(tmp_path / "cluster")
+    # Local reference through the process pool (2 workers), the default executor.
+    compute_features(FeaturesConfig(work=local, num_workers=2, batch_size=2, progress=False))
+    pids = set(client.run(os.getpid).values())
+    res = compute_features(
+        FeaturesConfig(work=remote, batch_size=2, progress=False), executor=client.get_executor()
+    )
+    assert res.computed == 7
+    assert os.getpid() not in pids and len(pids) == 2  # the work ran in the worker processes
+    assert_same_store(local, remote)
+
+
+def crash_once(tasks: list[dict[str, Any]], **kw: Any) -> list[dict[str, Any]]:
+    """Write this batch's shards, then kill the worker process before it returns (once)."""
+    out = features._feature_batch_real(tasks, **kw)  # type: ignore[attr-defined]
+    marker = Path(kw["store"]).parent / "crashed-once"
+    if not marker.exists():
+        marker.write_text(str(os.getpid()))
+        os._exit(1)
+    return out
+
+
+def test_run_survives_a_worker_dying(
+    tmp_path: Path, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local = make_work(tmp_path / "local")
+    remote = make_work(tmp_path / "cluster")
+    compute_features(FeaturesConfig(work=local, num_workers=0, batch_size=2, progress=False))
+    # Workers unpickle crash_once from this module and find the real function under another name.
+    monkeypatch.setattr(features, "_feature_batch_real", features._feature_batch, raising=False)
+    client.run(
+        lambda: setattr(
+            __import__("avfuse.features").features,
+            "_feature_batch_real",
+            __import__("avfuse.features").features._feature_batch,
+        )
+    )
+    monkeypatch.setattr(features, "_feature_batch", crash_once)
+    before = set(client.scheduler_info()["workers"])
+    res = compute_features(
+        FeaturesConfig(work=remote, batch_size=2, progress=False), executor=client.get_executor()
+    )
+    assert (remote / "crashed-once").exists()  # a worker really died mid-batch
+    client.wait_for_workers(2, timeout=60)
+    assert set(client.scheduler_info()["workers"]) != before  # and was replaced
+    assert res.counts == {"ok": 6, "too_short": 1, "not_extracted": 1}
+    assert_same_store(local, remote)  # the dead worker's orphan shard was removed

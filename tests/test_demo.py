@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 from pathlib import Path
 
 import av
@@ -64,21 +65,22 @@ def test_layout_sizes_and_names(dataset: demo.DatasetInfo) -> None:
         assert all(ch.isalnum() or ch in "-_" for ch in ytid)
 
 
-def test_same_seed_same_files_and_audio(dataset: demo.DatasetInfo, tmp_path: Path) -> None:
-    again = demo.generate_dataset(
-        tmp_path / "again", seed=3, classes=4, per_split=SPLITS, num_workers=0, progress=False
-    )
-    assert [s.rel for s in again.specs] == [s.rel for s in dataset.specs]
+def test_same_seed_same_files_and_audio(tmp_path: Path) -> None:
+    kw = {"seed": 5, "classes": 2, "per_split": {"val": 3}, "num_workers": 0, "progress": False}
+    one = demo.generate_dataset(tmp_path / "one", **kw)  # type: ignore[arg-type]
+    two = demo.generate_dataset(tmp_path / "two", **kw)  # type: ignore[arg-type]
+    files = sorted(p.relative_to(one.root).as_posix() for p in one.root.rglob("*.*"))
+    assert files == sorted(p.relative_to(two.root).as_posix() for p in two.root.rglob("*.*"))
     compared = 0
-    for s in dataset.specs:
-        if s.acodec is None or s.defect in ("garbage", "truncated"):
+    for s in one.specs:
+        if s.acodec is None:
             continue
-        x, rate_x, _ = _decode_audio(dataset.root / s.rel)
-        y, rate_y, _ = _decode_audio(again.root / s.rel)
+        x, rate_x, _ = _decode_audio(one.root / s.rel)
+        y, rate_y, _ = _decode_audio(two.root / s.rel)
         assert rate_x == rate_y == s.sample_rate
         np.testing.assert_array_equal(x, y)
         compared += 1
-    assert compared >= 10
+    assert compared >= 4
 
 
 def test_second_call_reuses_and_other_settings_refuse(dataset: demo.DatasetInfo) -> None:
@@ -106,11 +108,12 @@ def test_defects_are_real(dataset: demo.DatasetInfo) -> None:
             assert len(c.streams.video) == 1
             assert sum(1 for _ in c.decode(video=0)) >= 1
     for s in by_defect["garbage"] + by_defect["truncated"]:
-        with pytest.raises((av.error.FFmpegError, ValueError, IndexError)):
-            with av.open(str(dataset.root / s.rel)) as c:
-                stream = c.streams.audio[0]
-                for _ in c.decode(stream):
-                    pass
+        with (
+            pytest.raises((av.error.FFmpegError, ValueError, IndexError)),
+            av.open(str(dataset.root / s.rel)) as c,
+        ):
+            for _ in c.decode(c.streams.audio[0]):
+                pass
     for s in by_defect["short"]:
         x, rate, _ = _decode_audio(dataset.root / s.rel)
         assert x.shape[1] / rate < 1.0
@@ -140,7 +143,7 @@ def _band_profile(x: np.ndarray, sr: int) -> np.ndarray:
     spec = np.abs(np.fft.rfft(x)) ** 2
     f = np.fft.rfftfreq(len(x), 1 / sr)
     edges = np.geomspace(50, 7000, 25)
-    e = np.array([spec[(f >= lo) & (f < hi)].sum() for lo, hi in zip(edges[:-1], edges[1:])])
+    e = np.array([spec[(f >= lo) & (f < hi)].sum() for lo, hi in itertools.pairwise(edges)])
     e = np.log(e + 1e-9)
     return e - e.mean()
 
@@ -151,8 +154,10 @@ def test_sound_signatures_differ_and_sound_alike_pairs_match() -> None:
     profiles = {
         name: np.stack(
             [
-                _band_profile(demo.synthesize_audio(sound, np.random.default_rng([k, 7]), n, sr), sr)
-                for k in range(6)
+                _band_profile(
+                    demo.synthesize_audio(sound, np.random.default_rng([k, 7]), n, sr), sr
+                )
+                for k in range(4)
             ]
         )
         for name, sound in sounds.items()
@@ -178,7 +183,7 @@ def test_sound_signatures_differ_and_sound_alike_pairs_match() -> None:
     spec = np.abs(np.fft.rfft(w))
     peak = np.fft.rfftfreq(n, 1 / sr)[np.argmax(spec)]
     assert 1000 <= peak <= 2800
-    t = demo.synthesize_audio("brass_low", np.random.default_rng(0), n, sr)
+    t = demo._synth("brass_low", np.random.default_rng(0), n, sr)  # without background
     ts = np.abs(np.fft.rfft(t)) ** 2
     f = np.fft.rfftfreq(n, 1 / sr)
     assert ts[f < 1000].sum() > 0.8 * ts.sum()
@@ -218,7 +223,9 @@ def test_video_baseline_scores_file(dataset: demo.DatasetInfo, tmp_path: Path) -
         dataset.root, tmp_path / "vb", score_splits=("val",), num_workers=0, progress=False
     )
     # Both unreadable training files are reported, nothing else.
-    broken = {s.rel.rsplit(".", 1)[0] for s in dataset.specs if s.defect in ("garbage", "truncated")}
+    broken = {
+        s.rel.rsplit(".", 1)[0] for s in dataset.specs if s.defect in ("garbage", "truncated")
+    }
     assert set(res.failed) == broken
     path = res.score_files["val"]
     with open(path, newline="") as fh:
@@ -239,8 +246,9 @@ def test_video_baseline_scores_file(dataset: demo.DatasetInfo, tmp_path: Path) -
 
 
 def test_video_features_shape_and_motion(tmp_path: Path) -> None:
-    spec = demo.plan_dataset(seed=0, classes=1, per_split={"val": 1}, short_fraction=0,
-                             no_audio_fraction=0)[0]
+    spec = demo.plan_dataset(
+        seed=0, classes=1, per_split={"val": 1}, short_fraction=0, no_audio_fraction=0
+    )[0]
     path = demo.write_video(spec, tmp_path)
     f = demo.video_features(path)
     grid = demo.GRID * demo.GRID

@@ -30,11 +30,7 @@ from tests.media import AudioTrack, peak_frequency, rms, tone, write_media, writ
 
 REPO = Path(__file__).resolve().parents[1]
 SR = 16000
-AVFUSE = [
-    sys.executable,
-    "-c",
-    "import avfuse.cli as c; c.COMMANDS={'extract': c.COMMANDS['extract']}; raise SystemExit(c.main())",
-]
+AVFUSE = [sys.executable, "-m", "avfuse"]
 
 
 def _assert_tone(
@@ -514,3 +510,27 @@ def test_decoding_in_threads_keeps_files_apart(tmp_path) -> None:
         assert len(res.samples) == 2 * SR
         assert peak_frequency(res.samples, SR) == pytest.approx(f, abs=1)
         assert rms(res.samples) == pytest.approx(0.5 / np.sqrt(2), rel=0.01)
+
+
+def test_an_unexpected_error_fails_one_video_not_the_batch(tmp_path, monkeypatch) -> None:
+    import avfuse.extract as ex
+
+    good = write_tone_video(tmp_path / "good.mkv", codec="pcm_s16le", video=False)
+    odd = write_tone_video(tmp_path / "odd.mkv", codec="pcm_s16le", video=False)
+    real = ex.decode_audio
+
+    def flaky(path, sample_rate=SR):  # type: ignore[no-untyped-def]
+        if Path(path).name == "odd.mkv":
+            raise MemoryError("simulated decoder failure")
+        return real(path, sample_rate)
+
+    monkeypatch.setattr(ex, "decode_audio", flaky)
+    tasks = [
+        {"video_id": "a/good", "path": str(good), "audio_path": "audio/a/good.flac"},
+        {"video_id": "a/odd", "path": str(odd), "audio_path": "audio/a/odd.flac"},
+    ]
+    recs = {
+        r["video_id"]: r for r in ex._extract_batch(tasks, str(tmp_path), SR, str(tmp_path / "log"))
+    }
+    assert recs["a/good"]["status"] == "ok"
+    assert recs["a/odd"]["status"] == "unreadable" and "simulated" in recs["a/odd"]["reason"]

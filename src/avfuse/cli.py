@@ -82,7 +82,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = apply_overrides(cfg, ns.set)
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))
-    result = fn(cfg)
+    try:
+        result = fn(cfg)
+    except (FileNotFoundError, ValueError) as exc:
+        # Bad input or a refused combination (front-end mismatch, unknown class, ...): the
+        # message says what to do; a traceback would only hide it.
+        logging.getLogger("avfuse").debug("failed", exc_info=True)
+        print(f"avfuse {ns.command}: error: {exc}", file=sys.stderr)
+        return 2
     summary = getattr(result, "summary", None)
     if callable(summary):
         print(summary())

@@ -374,16 +374,16 @@ def _band_noise(rng: np.random.Generator, n: int, sr: int, lo: float, hi: float)
 
 
 def _harmonics(
-    f0: np.ndarray, sr: int, amps: Callable[[np.ndarray], np.ndarray], max_k: int = 24
+    f0: np.ndarray, sr: int, amps: Callable[[np.ndarray, int], Any], max_k: int = 24
 ) -> np.ndarray:
-    """Sum of harmonics k*f0(t) with amplitude amps(k*f0) (formants, roll-off), below Nyquist."""
+    """Sum of harmonics k*f0(t) with amplitude amps(k*f0, k) (formants, roll-off), below Nyquist."""
     ph = 2 * np.pi * np.cumsum(f0) / sr
     out = np.zeros_like(f0)
     for k in range(1, max_k + 1):
         fk = k * f0
         if fk.min() >= 0.45 * sr:
             break
-        a = amps(fk) * (fk < 0.45 * sr)
+        a = amps(fk, k) * (fk < 0.45 * sr)
         out += a * np.sin(k * ph)
     return out
 
@@ -437,7 +437,7 @@ def _synth(sound: str, rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
 
             f0 = uniform_filter1d(f0, int(0.06 * sr), mode="nearest")
         roll = 0.6 if sound == "brass_high" else 1.0
-        x = env * _harmonics(f0, sr, lambda fk: (fk / fk.min().clip(1)) ** -roll)
+        x = env * _harmonics(f0, sr, lambda fk, k: float(k) ** -roll)
     elif sound == "whistle":
         f0, env = _notes(rng, n, sr, u(1000, 1400) * pent, 0.2, 0.5)
         f0 = f0 * (1 + 0.02 * np.sin(2 * np.pi * u(5, 6.5) * t))
@@ -449,7 +449,7 @@ def _synth(sound: str, rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
         f0 = f0 * (1 + 0.03 * np.sin(2 * np.pi * u(5, 6.5) * t))
         f1, f2 = u(500, 800), u(1000, 2000)
 
-        def formants(fk: np.ndarray) -> np.ndarray:
+        def formants(fk: np.ndarray, k: int) -> np.ndarray:
             return (
                 np.exp(-(((fk - f1) / 150) ** 2)) + 0.6 * np.exp(-(((fk - f2) / 250) ** 2)) + 0.05
             )
@@ -457,7 +457,7 @@ def _synth(sound: str, rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
         x = env * _harmonics(f0, sr, formants)
     elif sound == "engine":
         f0 = u(80, 120) * (1 + 0.04 * np.sin(2 * np.pi * u(0.2, 0.6) * t + u(0, 6)))
-        x = _harmonics(f0, sr, lambda fk: 80 / fk) + 0.5 * _band_noise(rng, n, sr, 200, 3000)
+        x = _harmonics(f0, sr, lambda fk, k: 80 / fk) + 0.5 * _band_noise(rng, n, sr, 200, 3000)
     elif sound == "footsteps":
         rate = u(2.6, 3.2)
         times = np.arange(u(0, 0.3), n / sr, 1 / rate)
@@ -546,7 +546,7 @@ def _background(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
         x = np.zeros(n)
         for _ in range(4):
             f0 = rng.uniform(100, 250) * (1 + 0.1 * np.sin(2 * np.pi * rng.uniform(2, 4) * t))
-            x += _harmonics(f0, sr, lambda fk: 1 / (1 + fk / 500), max_k=8)
+            x += _harmonics(f0, sr, lambda fk, k: 1 / (1 + fk / 500), max_k=8)
         x = x * (0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(3, 5) * t) ** 2)
     else:
         return np.zeros(n)
@@ -703,7 +703,7 @@ def generate_dataset(
         "no_audio_fraction": no_audio_fraction,
         "short_fraction": short_fraction,
         "unreadable": unreadable,
-        "generator": 3,  # bump when the generator's output changes
+        "generator": 4,  # bump when the generator's output changes
     }
     info_path = root / DATASET_INFO
     if info_path.exists() and not force:
@@ -731,7 +731,9 @@ def generate_dataset(
         {"video": s.rel, "defect": s.defect, "audio": s.acodec or "", "duration": s.duration}
         for s in specs
     ]
-    write_json(info_path, {"settings": settings, "files": files})
+    info = {"settings": settings, "files": files}
+    if todo or not info_path.exists() or read_json(info_path) != info:
+        write_json(info_path, info)
     return DatasetInfo(root, specs, len(todo))
 
 

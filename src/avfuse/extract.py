@@ -442,7 +442,10 @@ def _extract_one(task: dict[str, str], work: Path, sample_rate: int) -> dict[str
         return _record(
             vid, "missing", f"file not found: {src or '(no file for this row)'}", sample_rate
         )
-    res = decode_audio(src, sample_rate)
+    try:
+        res = decode_audio(src, sample_rate)
+    except Exception as exc:  # a decoder bug on one odd file must not sink its whole batch
+        return _record(vid, "unreadable", f"decoding failed: {_one_line(exc)}", sample_rate)
     info = {
         "codec": res.codec,
         "source_sample_rate": res.source_sample_rate,

@@ -306,27 +306,37 @@ def _plan_tasks(
         raise FileNotFoundError(
             f"{ext_path} not found: run `avfuse extract {work}` first, or pass --from-video"
         )
-    ext = read_table(ext_path).set_index("video_id")
-    for vid in manifest["video_id"].astype(str):
-        if vid not in ext.index:
+    ext = read_table(ext_path)
+    for col in ("reason", "sample_rate", "num_samples", "audio_path"):
+        if col not in ext.columns:
+            ext[col] = None
+    ext = ext.drop_duplicates("video_id", keep="last")
+    # One merge, not a look-up per video: the manifest may hold ~400k rows.
+    joined = (
+        manifest[["video_id"]]
+        .astype({"video_id": str})
+        .merge(ext, on="video_id", how="left", indicator=True)
+    )
+    for row in joined.to_dict("records"):
+        vid, audio = str(row["video_id"]), row["audio_path"]
+        if row["_merge"] != "both":
             skipped.append(_skip(vid, "not in extract.parquet (run `avfuse extract` again)"))
             continue
-        e = ext.loc[vid]
-        status, reason = str(e["status"]), str(e["reason"] or "")
-        if status not in _USABLE:
+        status = str(row["status"])
+        reason = row["reason"] if isinstance(row["reason"], str) else ""
+        if status not in _USABLE or not isinstance(audio, str) or not audio:
             skipped.append(_skip(vid, f"{status}: {reason}".rstrip(": ")))
             continue
-        rate, n = e.get("sample_rate"), e.get("num_samples")
-        ratio = fe.sample_rate / rate if pd.notna(rate) and rate > 0 else 1.0
-        n = int(n * ratio) if pd.notna(n) else assumed
+        rate, n = row["sample_rate"], row["num_samples"]
+        ratio = fe.sample_rate / float(rate) if pd.notna(rate) and rate > 0 else 1.0
         tasks.append(
             {
                 "video_id": vid,
                 "kind": "audio",
-                "path": str(work / str(e["audio_path"])),
+                "path": str(work / audio),
                 "upstream": status,
                 "reason": reason,
-                "samples": n,
+                "samples": int(float(n) * ratio) if pd.notna(n) else assumed,
             }
         )
     return tasks, skipped

@@ -218,9 +218,10 @@ def log_mel(
     """Log-mel features: ``(..., samples) -> (..., frames, n_mels)`` float32.
 
     ``frames = 1 + (samples - win_length) // hop_length`` (0 when shorter than one frame): the
-    reference framing, no centring, no padding. Float64 input is processed in float32 chunk by
-    chunk (agrees with float32 input to ~1e-6); integer input is read as PCM and scaled to
-    [-1, 1). Memory beyond the output is bounded by ``chunk_frames``.
+    reference framing, no centring, no padding. Float32 and float64 input are both windowed
+    and transformed in float64 (results agree with the float64 reference to ~1e-6 on the log
+    scale); integer input is read as PCM and scaled to [-1, 1). Memory beyond the output is
+    bounded by ``chunk_frames``. The FFT is single-threaded: parallelism comes from workers.
     """
     x = _as_float(waveform)
     if x.ndim == 0:

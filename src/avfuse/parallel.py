@@ -37,6 +37,8 @@ def batched(items: Sequence[T], size: int) -> list[list[T]]:
 class InlineExecutor(Executor):
     """Runs each task immediately in the calling process (``num_workers=0``): easy to debug."""
 
+    _max_workers = 1
+
     def submit(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> Future[R]:
         fut: Future[R] = Future()
         try:

@@ -427,8 +427,11 @@ def save_run_config(cfg: RunConfig, path: str | Path) -> Path:
         }
 
     path = Path(path)
+    text = tomli_w.dumps(drop_none(data))
+    if path.exists() and path.read_text("utf-8") == text:
+        return path  # unchanged: keep the file (and its time) as it was
     with atomic_write(path) as tmp:
-        tmp.write_text(tomli_w.dumps(drop_none(data)), "utf-8")
+        tmp.write_text(text, "utf-8")
     return path
 
 
