@@ -11,7 +11,7 @@ Prints, side by side:
    statistics (mean and std per band), the baseline a practitioner would try first.
 
     .venv/bin/python benchmarks/bench_train.py            # ~2 minutes on 2 CPU cores
-    .venv/bin/python benchmarks/bench_train.py --models resnet --steps 10 --epochs 12
+    .venv/bin/python benchmarks/bench_train.py --models resnet --steps 10 --epochs 12 --acc-width 0.5
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from avfuse.data import (
     make_synthetic_work,
 )
 from avfuse.evaluate import metrics
+from avfuse.manifest import load_manifest
 from avfuse.models import build_model
 from avfuse.store import FeatureStore
 from avfuse.train import TrainConfig, train
@@ -56,9 +57,7 @@ def loader_rate(store: FeatureStore, ids: list[str], workers: int, batches: int)
     return n / (time.perf_counter() - t0)
 
 
-def model_rates(
-    name: str, device: torch.device, steps: int, mode: str
-) -> tuple[float, float]:
+def model_rates(name: str, device: torch.device, steps: int, mode: str) -> tuple[float, float]:
     """(train samples/s, inference windows/s) at batch 64 for mode fp32 | cl | bf16."""
     torch.manual_seed(0)
     model = build_model(name, num_classes=400).to(device)
@@ -113,8 +112,12 @@ def model_rates(
 def stats_features(store: FeatureStore, ids: list[str]) -> np.ndarray:
     """(videos, 2 * n_mels): per-band mean and std of each video's whole log-mel sequence."""
     return np.stack(
-        [np.concatenate([np.asarray(store[v], np.float32).mean(0),
-                         np.asarray(store[v], np.float32).std(0)]) for v in ids]
+        [
+            np.concatenate(
+                [np.asarray(store[v], np.float32).mean(0), np.asarray(store[v], np.float32).std(0)]
+            )
+            for v in ids
+        ]
     )
 
 
@@ -144,78 +147,118 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="resnet,panns,vggish")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per setting")
-    ap.add_argument("--epochs", type=int, default=10, help="epochs of the accuracy run")
+    ap.add_argument("--epochs", type=int, default=8, help="epochs of the accuracy run")
     ap.add_argument("--acc-model", default="resnet")
-    ap.add_argument("--acc-width", type=float, default=0.5)
+    ap.add_argument("--acc-width", type=float, default=0.25)
     ap.add_argument("--classes", type=int, default=8)
-    ap.add_argument("--videos", type=int, default=24, help="videos per class and split")
+    ap.add_argument("--videos", type=int, default=16, help="videos per class and split")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--parts", default="loader,models,accuracy", help="sections to run")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     device = D.resolve_device(args.device)
-    bf16 = (
-        torch.cuda.is_bf16_supported() if device.type == "cuda" else D.cpu_supports_bf16()
+    bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else D.cpu_supports_bf16()
+    print(
+        f"device {device}, {torch.get_num_threads()} threads, native bf16: {bf16}, "
+        f"torch {torch.__version__}"
     )
-    print(f"device {device}, {torch.get_num_threads()} threads, native bf16: {bf16}, "
-          f"torch {torch.__version__}")
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
-        make_synthetic_work(work, n_classes=args.classes, videos_per_class=args.videos,
-                            frames_range=(200, 600), noise=1.5, seed=0)
+        make_synthetic_work(
+            work,
+            n_classes=args.classes,
+            videos_per_class=args.videos,
+            frames_range=(200, 600),
+            noise=1.5,
+            seed=0,
+        )
         store = FeatureStore(work / "features")
         train_ids = [v for v in store.ids if v.startswith("train/")]
         print(f"generated {len(store)} videos in {time.perf_counter() - t0:.1f} s\n")
 
-        print("DataLoader alone (batch 64, normalised windows from the memory-mapped store)")
-        r0 = loader_rate(store, train_ids, 0, 30)
-        rn = loader_rate(store, train_ids, args.workers, 60)
-        print(f"  0 workers: {r0:9.0f} windows/s")
-        print(f"  {args.workers} workers: {rn:9.0f} windows/s  ({rn / r0:.2f}x)\n")
+        parts = set(args.parts.split(","))
+        if "loader" in parts:
+            loader_section(store, train_ids, args.workers)
+        if "models" in parts:
+            models_section(args, device, bf16)
+        if "accuracy" in parts:
+            accuracy_section(args, work, store, train_ids)
 
-        modes = ["fp32", "cl"] + (["bf16"] if bf16 or device.type == "cuda" else [])
-        head = "".join(f"{m:>12}" for m in modes)
-        print(f"models at batch 64 ({args.steps} timed steps): samples/s (ratio to fp32)")
-        print(f"  {'model':8} {'':6}{head}")
-        for name in args.models.split(","):
-            res = {m: model_rates(name, device, args.steps, m) for m in modes}
-            for k, label in ((0, "train"), (1, "infer")):
-                base = res["fp32"][k]
-                cells = "".join(
-                    f"{res[m][k]:7.0f} {res[m][k] / base:3.1f}x" for m in modes
-                )
-                print(f"  {name:8} {label:6}{cells}")
-        print()
 
-        print(f"accuracy on the generated set ({args.classes} classes, {args.videos} videos "
-              "per class per split; classes differ in time-frequency patterns)")
-        man_y = {v: int(v.split("/")[1].split("_")[1]) for v in store.ids}
-        val_ids = [v for v in store.ids if v.startswith("val/")]
-        ytr = np.array([man_y[v] for v in train_ids])
-        yva = np.array([man_y[v] for v in val_ids])
-        t0 = time.perf_counter()
-        lin = logistic_regression(stats_features(store, train_ids), ytr,
-                                  stats_features(store, val_ids), args.classes)
-        lin_m = metrics(lin, yva)
-        t_lin = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        res = train(
-            TrainConfig(work, name="bench", model=args.acc_model, width=args.acc_width,  # type: ignore[arg-type]
-                        epochs=args.epochs, lr=2e-3, batch_size=64, windows_per_video=8,
-                        num_workers=args.workers, device=args.device,  # type: ignore[arg-type]
-                        progress=False, eval_every=args.epochs, checkpoint_every=0)
+def loader_section(store: FeatureStore, train_ids: list[str], workers: int) -> None:
+    print("DataLoader alone (batch 64, normalised windows from the memory-mapped store)")
+    r0 = loader_rate(store, train_ids, 0, 30)
+    rn = loader_rate(store, train_ids, workers, 60)
+    print(f"  0 workers: {r0:9.0f} windows/s")
+    print(f"  {workers} workers: {rn:9.0f} windows/s  ({rn / r0:.2f}x)\n")
+
+
+def models_section(args: argparse.Namespace, device: torch.device, bf16: bool) -> None:
+    modes = ["fp32", "cl"] + (["bf16"] if bf16 or device.type == "cuda" else [])
+    head = "".join(f"{m:>12}" for m in modes)
+    print(f"models at batch 64 ({args.steps} timed steps): samples/s (ratio to fp32)")
+    print(f"  {'model':8} {'':6}{head}")
+    for name in args.models.split(","):
+        res = {m: model_rates(name, device, args.steps, m) for m in modes}
+        for k, label in ((0, "train"), (1, "infer")):
+            base = res["fp32"][k]
+            cells = "".join(f"{res[m][k]:7.0f} {res[m][k] / base:3.1f}x" for m in modes)
+            print(f"  {name:8} {label:6}{cells}")
+    print()
+
+
+def accuracy_section(
+    args: argparse.Namespace, work: Path, store: FeatureStore, train_ids: list[str]
+) -> None:
+    print(
+        f"accuracy on the generated set ({args.classes} classes, {args.videos} videos "
+        "per class per split; classes differ in time-frequency patterns)"
+    )
+    man = load_manifest(work, stages=False)
+    man_y = dict(zip(man["video_id"], man["label_index"].astype(int)))
+    val_ids = [v for v in store.ids if v.startswith("val/")]
+    ytr = np.array([man_y[v] for v in train_ids])
+    yva = np.array([man_y[v] for v in val_ids])
+    t0 = time.perf_counter()
+    lin = logistic_regression(
+        stats_features(store, train_ids), ytr, stats_features(store, val_ids), args.classes
+    )
+    lin_m = metrics(lin, yva)
+    t_lin = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    res = train(
+        TrainConfig(
+            work,
+            name="bench",
+            model=args.acc_model,
+            width=args.acc_width,  # type: ignore[arg-type]
+            epochs=args.epochs,
+            lr=2e-3,
+            batch_size=64,
+            windows_per_video=8,
+            num_workers=args.workers,
+            device=args.device,  # type: ignore[arg-type]
+            progress=False,
+            eval_every=args.epochs,
+            checkpoint_every=0,
         )
-        t_cnn = time.perf_counter() - t0
-        assert res is not None
-        m = res.last_metrics
-        print(f"  {'method':46} {'val top-1':>9} {'top-5':>7} {'time':>7}")
-        print(f"  {'logistic regression on band mean+std':46} {lin_m['top1']:9.1%} "
-              f"{lin_m['top5']:7.1%} {t_lin:6.1f}s")
-        print(f"  {f'{args.acc_model} x{args.acc_width} from scratch, {args.epochs} epochs':46} "
-              f"{m['val_top1']:9.1%} {m['val_top5']:7.1%} {t_cnn:6.1f}s")
-        print(f"  CNN / linear top-1: {m['val_top1'] / max(lin_m['top1'], 1e-9):.2f}x")
+    )
+    t_cnn = time.perf_counter() - t0
+    assert res is not None
+    m = res.last_metrics
+    print(f"  {'method':46} {'val top-1':>9} {'top-5':>7} {'time':>7}")
+    print(
+        f"  {'logistic regression on band mean+std':46} {lin_m['top1']:9.1%} "
+        f"{lin_m['top5']:7.1%} {t_lin:6.1f}s"
+    )
+    print(
+        f"  {f'{args.acc_model} x{args.acc_width} from scratch, {args.epochs} epochs':46} "
+        f"{m['val_top1']:9.1%} {m['val_top5']:7.1%} {t_cnn:6.1f}s"
+    )
+    print(f"  CNN / linear top-1: {m['val_top1'] / max(lin_m['top1'], 1e-9):.2f}x")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import logging
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ VIDEO_EXTENSIONS = (
 MANIFEST = "manifest.parquet"
 CLASSES = "classes.txt"
 NO_LABEL = -1
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -232,6 +234,16 @@ def scan(cfg: ScanConfig) -> pd.DataFrame:
         {"avfuse_version": __version__, "root": str(root), "num_classes": str(len(classes))},
     )
     save_config(dataclasses.replace(cfg, root=root), work / "scan.toml")
+    per_split = ", ".join(f"{k}: {v}" for k, v in df["split"].value_counts().sort_index().items())
+    missing = int((df["scan_status"] == "missing").sum())
+    log.info(
+        "%d videos (%s) in %d classes%s -> %s",
+        len(df),
+        per_split,
+        len(classes),
+        f", {missing} listed but missing on disk" if missing else "",
+        work / MANIFEST,
+    )
     return df
 
 

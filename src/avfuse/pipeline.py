@@ -38,7 +38,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from avfuse.config import from_dict, to_dict
 from avfuse.evaluate import EvaluateConfig
@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 STATE = "pipeline.json"
 STAGES = ("scan", "extract", "features", "train", "predict", "evaluate", "fuse", "report")
+StageName = Literal["scan", "extract", "features", "train", "predict", "evaluate", "fuse", "report"]
 _UNSET = Path(".")
 _FILLED_HELP = "filled from the run's top-level value; leave unset"
 
@@ -130,9 +131,7 @@ class RunConfig:
         default=(),
         metadata={"help": "stages to redo even if complete (e.g. train,fuse; 'all': every one)"},
     )
-    stop_after: str = field(
-        default="report", metadata={"help": f"last stage to run, one of {', '.join(STAGES)}"}
-    )
+    stop_after: StageName = field(default="report", metadata={"help": "last stage to run"})
     scan: ScanSection = field(default_factory=ScanSection, metadata={"help": "avfuse scan"})
     extract: ExtractSection = field(
         default_factory=ExtractSection, metadata={"help": "avfuse extract"}
@@ -224,7 +223,8 @@ def stage_configs(cfg: RunConfig) -> StageConfigs:
             repl["heldout_audio"] = _audio_scores(work, cfg.heldout_split)
         fuse = _stage(FuseConfig, dataclasses.replace(fz, **repl), "fuse", work=work)
     return StageConfigs(
-        scan=_stage(ScanConfig, cfg.scan, "scan", root=Path(cfg.root), work=work),
+        # Resolved: the same dataset named from another directory is the same input.
+        scan=_stage(ScanConfig, cfg.scan, "scan", root=Path(cfg.root).resolve(), work=work),
         extract=_stage(ExtractConfig, cfg.extract, "extract", work=work),
         features=_stage(FeaturesConfig, cfg.features, "features", work=work),
         train=_stage(TrainConfig, cfg.train, "train", work=work),
@@ -557,8 +557,16 @@ def _run_train(
 def _run_predict(
     sc: StageConfigs, redo: bool, resume: bool, ex: Executor | None, cfg: RunConfig
 ) -> str:
+    from avfuse.manifest import load_manifest
     from avfuse.predict import predict
 
+    have = set(load_manifest(sc.scan.work, stages=False)["split"].astype(str))
+    if cfg.heldout_split in sc.predict and cfg.heldout_split not in have:
+        raise ValueError(
+            f"fuse.weight_selection = 'heldout' needs a split named {cfg.heldout_split!r} "
+            f"(set heldout_split), but the dataset has {sorted(have)}; or use "
+            "weight_selection = 'cv' (cross-validation on the evaluated split)"
+        )
     parts = []
     for split, pc in sc.predict.items():
         res = predict(pc)
@@ -767,6 +775,16 @@ _HEADER = """\
 # `root` and `work` are given once here (or on the command line); every stage shares them.
 # Relative paths are relative to the directory avfuse is started from.
 #
+# Splits: predict.split is the split the audio model scores and the report evaluates. With
+# fuse.weight_selection = "heldout" the `heldout_split` videos are scored too and choose the
+# fusion weights; with "cv" the weights come from k-fold cross-validation on predict.split.
+# Unset score paths in [evaluate] and [fuse] point at WORK/scores/audio_SPLIT.npz.
+# Without fuse.video_scores the run stops after the audio-only evaluation.
+#
+# Stages are skipped when their outputs exist for the same settings (WORK/pipeline.json);
+# changing a key redoes that stage and the ones after it. Keys that only change how a stage
+# runs (progress, num_workers, scheduler, batch_size of extract/features) redo nothing.
+#
 # This file is generated from the config dataclasses (avfuse.pipeline.render_config_toml);
 # a test checks that it matches them.
 """
@@ -784,16 +802,33 @@ def _toml_value(key: str, value: Any) -> str:
     return tomli_w.dumps({key: value}).strip()
 
 
+def _help(f: dataclasses.Field[Any], hints: dict[str, Any]) -> str:
+    """A field's help text, with the allowed values of a ``Literal`` field."""
+    import typing
+
+    help_text = str(f.metadata.get("help", ""))
+    tp = hints.get(f.name)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if len(args) == 1:  # Optional[Literal[...]]
+        tp = args[0]
+    if typing.get_origin(tp) is Literal:
+        help_text += f" (one of: {', '.join(str(a) for a in typing.get_args(tp))})"
+    return help_text
+
+
 def _render_table(obj: Any, prefix: str, skip: set[str]) -> list[str]:
+    import typing
+
     from avfuse.config import _plain
 
+    hints = typing.get_type_hints(type(obj))
     lines: list[str] = []
     nested: list[tuple[str, Any, str]] = []
     for f in dataclasses.fields(obj):
         if f.name in skip:
             continue
         value = getattr(obj, f.name)
-        help_text = str(f.metadata.get("help", ""))
+        help_text = _help(f, hints)
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             nested.append((f.name, value, help_text))
             continue
@@ -814,12 +849,15 @@ def render_config_toml(cfg: RunConfig | None = None) -> str:
     """The documented TOML text of ``cfg`` (default: :class:`RunConfig` defaults)."""
     cfg = cfg or RunConfig()
     sections = {f.name for f in dataclasses.fields(cfg) if f.name in STAGES}
+    import typing
+
+    hints = typing.get_type_hints(RunConfig)
     lines = [_HEADER]
     for f in dataclasses.fields(cfg):
         if f.name in sections:
             continue
         value = getattr(cfg, f.name)
-        lines += _comment(str(f.metadata.get("help", "")))
+        lines += _comment(_help(f, hints))
         if value is None:
             lines.append(f'# {f.name} = "path/to/dataset"   (required here or on the command line)')
         else:
