@@ -22,7 +22,6 @@ SCRIPT = """
 import json, sys
 from pathlib import Path
 from avfuse import distributed as D
-from avfuse.predict import PredictConfig, predict
 from avfuse.train import TrainConfig, train
 
 work = Path(sys.argv[1])
@@ -34,8 +33,6 @@ def log_step(step):
     seen.append(step)
 r1 = train(TrainConfig(work, epochs=1, **common), on_step=log_step)
 r2 = train(TrainConfig(work, epochs=2, resume=True, **common), on_step=log_step)
-predict(PredictConfig(work, run="ddp", checkpoint="last", amp="off", batch_size=7,
-                      output=work / "scores" / "ddp.npz"))
 e = D.env()
 (work / f"rank{e.rank}.json").write_text(json.dumps(
     {"rank": e.rank, "world": e.world_size, "steps": seen, "r1": r1 is not None,
@@ -81,6 +78,26 @@ def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
         str(script),
         str(work),
     ]
+    proc = subprocess.run(cmd, capture_output=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    # prediction through the command line, as a user runs it
+    cmd[-2:] = [
+        "-m",
+        "avfuse",
+        "predict",
+        str(work),
+        "--run-name",
+        "ddp",
+        "--checkpoint",
+        "last",
+        "--amp",
+        "off",
+        "--batch-size",
+        "7",
+        "--output",
+        str(work / "scores" / "ddp.npz"),
+    ]
+    cmd = [f"--master_port={_free_port()}" if c.startswith("--master_port") else c for c in cmd]
     proc = subprocess.run(cmd, capture_output=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
 

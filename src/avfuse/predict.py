@@ -45,7 +45,11 @@ class PredictConfig:
     """Which checkpoint scores which split, and how windows are combined."""
 
     work: Path = field(metadata={"help": "work folder", "positional": True})
-    run: str = field(default="audio", metadata={"help": "run name under WORK/runs"})
+    run: str = field(
+        default="audio",
+        # --run-name: under torchrun, --run is an ambiguous prefix of torchrun's --run-path.
+        metadata={"help": "run name under WORK/runs", "flags": ("--run-name",)},
+    )
     checkpoint: str = field(
         default="best", metadata={"help": "best, last, or a path to a .pt checkpoint"}
     )

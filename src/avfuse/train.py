@@ -253,11 +253,10 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = True
+    # Set both ways: the flag is process-global and a previous run may have set it.
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = not deterministic
 
 
 # --------------------------------------------------------------------------- the loop
@@ -330,6 +329,12 @@ def train(
             "initialised from %s%s", cfg.init, f" (ignored {len(ignored)} keys)" if ignored else ""
         )
     if ckpt is not None:
+        spec = {"name": cfg.model, "width": cfg.width, "dropout": cfg.dropout}
+        if ckpt["model_spec"] != spec:
+            raise ValueError(
+                f"--resume: {last_path} holds model {ckpt['model_spec']}, the config asks for "
+                f"{spec}; use the run's settings or a new --name"
+            )
         model.load_state_dict(ckpt["model"])
     mem = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device, memory_format=mem)  # type: ignore[call-overload]
@@ -367,12 +372,14 @@ def train(
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     start_epoch, skip_steps, global_step, best_top1 = 0, 0, 0, -1.0
+    last_metrics: dict[str, Any] = {}
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, skip_steps = int(ckpt["epoch"]), int(ckpt["step_in_epoch"])
         global_step, best_top1 = int(ckpt["global_step"]), float(ckpt["best_top1"])
+        last_metrics = dict(ckpt.get("metrics") or {})
         rngs = ckpt["rng"]
         if len(rngs) == e.world_size:
             _set_rng_state(rngs[e.rank], aug_rng)
@@ -457,7 +464,6 @@ def train(
         # resumed run's dropout stream would shift.
         generator=torch.Generator().manual_seed(cfg.seed),
     )
-    last_metrics: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs):
         skip = skip_steps if epoch == start_epoch else 0
         sampler.set_epoch(epoch, skip * cfg.batch_size)
