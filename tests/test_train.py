@@ -183,17 +183,35 @@ train(cfg, on_step=kill)
 """
 
 
+RUNNER = """
+import sys
+from pathlib import Path
+from avfuse.train import TrainConfig, train
+train(TrainConfig(Path(sys.argv[1]), name=sys.argv[2], resume=sys.argv[3] == "1", **{RESUME!r}))
+"""
+
+
+def _train_in_fresh_process(work: Path, name: str, resume: bool) -> None:
+    # Every run in its own interpreter, as a user resumes: CPU kernels may pick other thread
+    # splits (and so other float summation orders) in a process whose thread pools other
+    # tests have resized.
+    script = textwrap.dedent(RUNNER).replace("{RESUME!r}", repr(RESUME))
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(work), name, "1" if resume else "0"],
+        capture_output=True,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+
+
 def test_killed_run_resumes_to_identical_weights(easy: Path) -> None:
-    ref = train(TrainConfig(easy, name="straight", **RESUME))  # type: ignore[arg-type]
-    assert ref is not None
+    _train_in_fresh_process(easy, "straight", resume=False)
     script = textwrap.dedent(KILLER).replace("{RESUME!r}", repr(RESUME))
     proc = subprocess.run([sys.executable, "-c", script, str(easy)], capture_output=True)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     mid = load_checkpoint(easy / "runs" / "resume" / "last.pt")
     assert (mid["epoch"], mid["step_in_epoch"], mid["global_step"]) == (1, 2, 10)
 
-    res = train(TrainConfig(easy, name="resume", resume=True, **RESUME))  # type: ignore[arg-type]
-    assert res is not None
+    _train_in_fresh_process(easy, "resume", resume=True)
     a = load_checkpoint(easy / "runs" / "straight" / "last.pt")
     b = load_checkpoint(easy / "runs" / "resume" / "last.pt")
     assert a["global_step"] == b["global_step"] == 16
