@@ -166,11 +166,17 @@ class FeatureStore:
         self._offset = index["offset"].to_numpy(np.int64)
         self._frames = index["frames"].to_numpy(np.int64)
         self._pos = {v: i for i, v in enumerate(self.ids)}
-        self._maps: dict[int, np.ndarray] = {}
+        # Plain Python ints: numpy scalar indexing and arithmetic would cost more than the
+        # memory-map slice itself on the hot path of a training loader.
+        self._loc: dict[str, tuple[int, int, int]] = {
+            v: (int(s), int(o), int(f))
+            for v, s, o, f in zip(self.ids, self._shard, self._offset, self._frames, strict=True)
+        }
+        self._maps: list[np.ndarray | None] = [None] * len(self._shard_names)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_maps"] = {}
+        state["_maps"] = [None] * len(self._shard_names)
         return state
 
     @property
@@ -200,31 +206,30 @@ class FeatureStore:
         return video_id in self._pos
 
     def frames(self, video_id: str) -> int:
-        return int(self._frames[self._pos[video_id]])
+        return self._loc[video_id][2]
 
     def frames_array(self, ids: Iterable[str]) -> np.ndarray:
         return np.asarray([self._frames[self._pos[v]] for v in ids], dtype=np.int64)
 
     def _map(self, shard: int) -> np.ndarray:
-        m = self._maps.get(shard)
+        m = self._maps[shard]
         if m is None:
             m = np.load(self.root / SHARDS / self._shard_names[shard], mmap_mode="r")
             self._maps[shard] = m
         return m
 
     def __getitem__(self, video_id: str) -> np.ndarray:
-        i = self._pos[video_id]
-        o = self._offset[i]
-        return self._map(int(self._shard[i]))[o : o + self._frames[i]]
+        shard, o, n = self._loc[video_id]
+        return self._map(shard)[o : o + n]
 
     def window(self, video_id: str, start: int, length: int = 96) -> np.ndarray:
-        i = self._pos[video_id]
-        if start < 0 or start + length > self._frames[i]:
-            raise IndexError(
-                f"{video_id}: window [{start}, {start + length}) outside {self._frames[i]} frames"
-            )
-        o = self._offset[i] + start
-        return self._map(int(self._shard[i]))[o : o + length]
+        shard, o, n = self._loc[video_id]
+        if start < 0 or start + length > n:
+            raise IndexError(f"{video_id}: window [{start}, {start + length}) outside {n} frames")
+        m = self._maps[shard]
+        if m is None:
+            m = self._map(shard)
+        return m[o + start : o + start + length]
 
     def check_frontend(self, expected_hash: str, what: str = "the model") -> None:
         """Refuse to mix features of different front ends."""
