@@ -169,3 +169,16 @@ def test_config_hash_is_sha256_of_canonical_json() -> None:
     assert config_hash(cfg) == hashlib.sha256(blob.encode()).hexdigest()[:16]
     assert config_hash(cfg) != config_hash(Outer(work=Path("w"), inner=Inner(lr=0.21)))
     assert to_dict(cfg)["inner"]["milestones"] == [10, 20]
+
+
+@dataclass(frozen=True)
+class _IntDefaultForFloat:
+    size_mb: float = 256
+
+
+def test_int_default_of_float_field_hashes_like_its_round_trip(tmp_path: Path) -> None:
+    cfg = _IntDefaultForFloat()
+    save_config(cfg, tmp_path / "c.toml")
+    again = load_config(_IntDefaultForFloat, tmp_path / "c.toml")
+    assert isinstance(again.size_mb, float)
+    assert config_hash(cfg) == config_hash(again)

@@ -238,3 +238,18 @@ def test_rerun_redoes_only_what_changed(
     assert set(store.ids) == set(man["video_id"])
     state = json.loads(state_path.read_text())["stages"]
     assert {state[s]["state"] for s in STAGES[3:]} == {"stale"}
+
+
+def test_run_level_scheduler_reaches_extract_and_features_unless_overridden(
+    tmp_path: Path,
+) -> None:
+    cfg = apply_overrides(
+        RunConfig(root=tmp_path, work=tmp_path / "w"),
+        ['scheduler="tcp://10.0.0.1:8786"', 'features.scheduler="tcp://10.0.0.2:8786"'],
+    )
+    sc = stage_configs(cfg)
+    assert sc.extract.scheduler == "tcp://10.0.0.1:8786"
+    assert sc.features.scheduler == "tcp://10.0.0.2:8786"
+    # Where to run does not change results: the stage keys ignore it.
+    plain = stage_keys(stage_configs(RunConfig(root=tmp_path, work=tmp_path / "w")))
+    assert stage_keys(sc) == plain

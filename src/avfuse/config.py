@@ -62,8 +62,20 @@ def _plain(value: Any) -> Any:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain, JSON/TOML-friendly dict of a config dataclass (nested ones become tables)."""
-    return {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    """Plain, JSON/TOML-friendly dict of a config dataclass (nested ones become tables).
+
+    A float field holding an int (``shard_mb: float = 256``) comes out as a float, so a config
+    and its round trip through a file hash alike.
+    """
+    hints = _field_types(type(cfg))
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = _plain(getattr(cfg, f.name))
+        base, _ = _unwrap_optional(hints.get(f.name))
+        if base is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        out[f.name] = value
+    return out
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:

@@ -132,6 +132,13 @@ class RunConfig:
         metadata={"help": "stages to redo even if complete (e.g. train,fuse; 'all': every one)"},
     )
     stop_after: StageName = field(default="report", metadata={"help": "last stage to run"})
+    scheduler: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dask scheduler address (tcp://host:8786) for extract and features, unless "
+            "their own section sets one"
+        },
+    )
     scan: ScanSection = field(default_factory=ScanSection, metadata={"help": "avfuse scan"})
     extract: ExtractSection = field(
         default_factory=ExtractSection, metadata={"help": "avfuse extract"}
@@ -225,8 +232,18 @@ def stage_configs(cfg: RunConfig) -> StageConfigs:
     return StageConfigs(
         # Resolved: the same dataset named from another directory is the same input.
         scan=_stage(ScanConfig, cfg.scan, "scan", root=Path(cfg.root).resolve(), work=work),
-        extract=_stage(ExtractConfig, cfg.extract, "extract", work=work),
-        features=_stage(FeaturesConfig, cfg.features, "features", work=work),
+        extract=_stage(
+            ExtractConfig,
+            dataclasses.replace(cfg.extract, scheduler=cfg.extract.scheduler or cfg.scheduler),
+            "extract",
+            work=work,
+        ),
+        features=_stage(
+            FeaturesConfig,
+            dataclasses.replace(cfg.features, scheduler=cfg.features.scheduler or cfg.scheduler),
+            "features",
+            work=work,
+        ),
         train=_stage(TrainConfig, cfg.train, "train", work=work),
         predict=predict,
         evaluate=evaluate,
@@ -858,8 +875,10 @@ def render_config_toml(cfg: RunConfig | None = None) -> str:
             continue
         value = getattr(cfg, f.name)
         lines += _comment(_help(f, hints))
-        if value is None:
+        if value is None and f.name == "root":
             lines.append(f'# {f.name} = "path/to/dataset"   (required here or on the command line)')
+        elif value is None:
+            lines.append(f"# {f.name} =   (unset by default)")
         else:
             from avfuse.config import _plain
 
