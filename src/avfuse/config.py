@@ -36,6 +36,22 @@ from avfuse.io import atomic_write
 T = TypeVar("T")
 
 
+def num_workers_field() -> Any:
+    """The ``num_workers`` field every parallel stage shares."""
+    return dataclasses.field(
+        default=None,
+        metadata={"help": "worker processes (default: all cores; 0: run in this process)"},
+    )
+
+
+def scheduler_field() -> Any:
+    """The ``scheduler`` field of the stages that can run on a Dask cluster."""
+    return dataclasses.field(
+        default=None,
+        metadata={"help": "Dask scheduler address (tcp://host:8786) to run on a cluster"},
+    )
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 

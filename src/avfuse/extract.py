@@ -41,7 +41,7 @@ import pandas as pd
 import soxr
 
 from avfuse import __version__
-from avfuse.config import load_config, save_config
+from avfuse.config import load_config, num_workers_field, save_config, scheduler_field
 from avfuse.io import RecordLog, atomic_write, remove_stale_temporaries, write_table
 from avfuse.manifest import load_manifest
 from avfuse.parallel import batched, executor_width, make_executor, map_batches
@@ -92,14 +92,8 @@ class ExtractConfig:
     format: Literal["flac", "wav"] = field(
         default="flac", metadata={"help": "output file format (both lossless 16-bit)"}
     )
-    num_workers: int | None = field(
-        default=None,
-        metadata={"help": "worker processes (default: all cores; 0: run in this process)"},
-    )
-    scheduler: str | None = field(
-        default=None,
-        metadata={"help": "Dask scheduler address (tcp://host:8786) to run on a cluster"},
-    )
+    num_workers: int | None = num_workers_field()
+    scheduler: str | None = scheduler_field()
     batch_size: int = field(
         default=32, metadata={"help": "videos per task (smaller on small datasets)"}
     )

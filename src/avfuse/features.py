@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from avfuse import __version__
-from avfuse.config import load_config, save_config
+from avfuse.config import load_config, num_workers_field, save_config, scheduler_field
 from avfuse.io import RecordLog, read_json, read_table, remove_stale_temporaries, write_table
 from avfuse.manifest import load_classes, load_manifest
 from avfuse.melspec import FrontendConfig, log_mel
@@ -98,14 +98,8 @@ class FeaturesConfig:
         default=0,
         metadata={"help": "max videos per task (0: as many as fill one shard)"},
     )
-    num_workers: int | None = field(
-        default=None,
-        metadata={"help": "worker processes (default: all cores; 0: run in this process)"},
-    )
-    scheduler: str | None = field(
-        default=None,
-        metadata={"help": "Dask scheduler address (tcp://host:8786) to run on a cluster"},
-    )
+    num_workers: int | None = num_workers_field()
+    scheduler: str | None = scheduler_field()
     force: bool = field(
         default=False,
         metadata={"help": "discard the existing store and its log, recompute everything"},
