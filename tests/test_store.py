@@ -150,3 +150,24 @@ def test_commit_index_last_row_wins(tmp_path: Path) -> None:
     assert df["video_id"].tolist() == ["a", "b"]
     assert df.set_index("video_id").loc["b", "shard"] == "s2"
     assert str(df["offset"].dtype) == "int64"
+
+
+def test_batched_windows_equal_the_source_rows_across_shards(tmp_path: Path) -> None:
+    feats = build(tmp_path, "float32")
+    st = FeatureStore(tmp_path)
+    assert len({p.name for p in (tmp_path / "shards").iterdir()}) > 2
+    rng = np.random.default_rng(1)
+    ids = [st.ids[i] for i in rng.integers(0, len(st.ids), 40)]
+    starts = [int(rng.integers(0, len(feats[v]) - 20 + 1)) for v in ids]
+    got = st.windows(ids, starts, 20)
+    assert got.shape == (40, 20, 8) and got.dtype == np.float32
+    for k, (vid, s) in enumerate(zip(ids, starts, strict=True)):
+        np.testing.assert_array_equal(got[k], feats[vid][s : s + 20].astype(np.float32))
+    with pytest.raises(IndexError, match=ids[3]):
+        st.windows(ids[:5], [0, 0, 0, len(feats[ids[3]]) - 19, 0], 20)
+    # all from one shard: the direct-gather path
+    one = st.ids[0]
+    np.testing.assert_array_equal(
+        st.windows([one] * 3, [0, 5, 9], 20),
+        np.stack([feats[one][s : s + 20] for s in (0, 5, 9)]).astype(np.float32),
+    )
