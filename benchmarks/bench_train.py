@@ -111,14 +111,11 @@ def model_rates(name: str, device: torch.device, steps: int, mode: str) -> tuple
 
 def stats_features(store: FeatureStore, ids: list[str]) -> np.ndarray:
     """(videos, 2 * n_mels): per-band mean and std of each video's whole log-mel sequence."""
-    return np.stack(
-        [
-            np.concatenate(
-                [np.asarray(store[v], np.float32).mean(0), np.asarray(store[v], np.float32).std(0)]
-            )
-            for v in ids
-        ]
-    )
+    rows = []
+    for v in ids:
+        x = np.asarray(store[v], np.float32)
+        rows.append(np.concatenate([x.mean(0), x.std(0)]))
+    return np.stack(rows)
 
 
 def logistic_regression(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,3 +31,27 @@ def make_dataset(tmp_path: Path) -> Callable[..., dict[str, Path]]:
         return media.make_dataset(tmp_path / "data", layout, **kwargs)  # type: ignore[arg-type]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Any]:
+    """A Dask ``LocalCluster`` of 2 single-thread worker processes on loopback (per module: a
+    test may kill a worker or patch code on them)."""
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+        silence_logs=logging.ERROR,
+    ) as cl:
+        yield cl
+
+
+@pytest.fixture(scope="module")
+def client(cluster: Any) -> Iterator[Any]:
+    """A ``distributed.Client`` of :func:`cluster`."""
+    distributed = pytest.importorskip("distributed")
+    with distributed.Client(cluster) as c:
+        yield c

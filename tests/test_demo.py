@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from avfuse import demo
+from avfuse.io import read_json
 
 SPLITS = {"train": 3, "val": 2}
 
@@ -97,6 +98,10 @@ def test_second_call_reuses_and_other_settings_refuse(dataset: demo.DatasetInfo)
         dataset.root, seed=3, classes=4, per_split=SPLITS, num_workers=0, progress=False
     )
     assert again.generated == 0
+    # The settings it reports are the ones recorded next to the files (the demo's video-model
+    # stamp compares against them).
+    assert again.settings == read_json(dataset.root / demo.DATASET_INFO)["settings"]
+    assert again.settings["per_split"] == SPLITS and again.settings["seed"] == 3
     with pytest.raises(ValueError, match="other settings"):
         demo.generate_dataset(dataset.root, seed=4, classes=4, per_split=SPLITS, num_workers=0)
 

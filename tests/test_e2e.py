@@ -15,10 +15,9 @@ from avfuse.scores import ScoreFile
 from avfuse.store import FeatureStore
 
 
-@pytest.fixture(scope="module")
-def result(tmp_path_factory: pytest.TempPathFactory) -> demo.DemoResult:
-    work = tmp_path_factory.mktemp("e2e") / "demo-work"
-    cfg = demo.DemoConfig(
+def _config(work: Path) -> demo.DemoConfig:
+    """The reduced demo every test here checks (the rerun test runs it a second time)."""
+    return demo.DemoConfig(
         work=work,
         classes=3,
         train_per_class=4,
@@ -30,7 +29,11 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> demo.DemoResult:
         progress=False,
         overrides=("train.batch_size=16",),
     )
-    return demo.demo(cfg)
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory: pytest.TempPathFactory) -> demo.DemoResult:
+    return demo.demo(_config(tmp_path_factory.mktemp("e2e") / "demo-work"))
 
 
 def _vid(spec: demo.VideoSpec) -> str:
@@ -126,19 +129,7 @@ def test_report_has_the_figures(result: demo.DemoResult) -> None:
 def test_second_demo_redoes_nothing(result: demo.DemoResult) -> None:
     work = result.run.work
     before = {p: p.stat().st_mtime_ns for p in work.rglob("*") if p.is_file()}
-    cfg = demo.DemoConfig(
-        work=work,
-        classes=3,
-        train_per_class=4,
-        val_per_class=3,
-        heldout_per_class=2,
-        seconds=2.5,
-        epochs=1,
-        num_workers=0,
-        progress=False,
-        overrides=("train.batch_size=16",),
-    )
-    again = demo.demo(cfg)
+    again = demo.demo(_config(work))
     assert again.dataset.generated == 0
     assert {s.status for s in again.run.stages} == {"skipped"}
     changed = [p for p, t in before.items() if p.stat().st_mtime_ns != t]

@@ -136,3 +136,23 @@ def test_evaluate_counts_videos_missing_from_the_file(work: Path) -> None:
     r = evaluate(EvaluateConfig(work, scores=p, split="val"))
     assert r.coverage["status_counts"] == {"ok": 8, "absent": 4}
     assert r.coverage["scored"] == 8 and r.metrics["n"] == 8
+
+
+def test_evaluate_ignores_scored_videos_outside_the_split(work: Path) -> None:
+    base = _scores(work, np.arange(12), [0, 1, 2])
+    ref = evaluate(EvaluateConfig(work, scores=base.save(work / "scores" / "val_only.npz")))
+    # Two train videos (one scored, one not) in the same file: counted, never evaluated.
+    extra = ScoreFile(
+        np.concatenate([base.ids, ["train/a/v00", "train/b/v01"]]),
+        base.classes,
+        np.concatenate([base.scores, [[1.0, 0.0, 0.0], [np.nan] * 3]]),
+        np.concatenate([base.n_windows, [3, 0]]),
+        np.concatenate([base.status, ["ok", "no_audio"]]),
+    )
+    p = extra.save(work / "scores" / "mixed.npz")
+    with pytest.raises(ValueError, match="span splits"):
+        evaluate(EvaluateConfig(work, scores=p))
+    r = evaluate(EvaluateConfig(work, scores=p, split="val"))
+    assert r.metrics == ref.metrics and r.coverage == ref.coverage
+    saved = json.loads((work / "scores" / "mixed.metrics.json").read_text())
+    assert saved["ignored_ids_not_in_split"] == 2

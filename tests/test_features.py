@@ -135,12 +135,17 @@ def test_rerun_skips_everything_and_keeps_the_store(work: Path) -> None:
     cfg = FeaturesConfig(work=work, num_workers=0, progress=False)
     compute_features(cfg)
     before = store_arrays(work)
+    tables = [read_table(work / name) for name in ("features.parquet", "features/index.parquet")]
     res = compute_features(cfg)
     assert res.computed == 0 and res.skipped == 7
     after = store_arrays(work)
     assert before.keys() == after.keys()
     for v in before:
         np.testing.assert_array_equal(before[v], after[v])
+    # The first run committed the records it had just computed, the rerun the same records read
+    # back from the log: the committed tables are the same.
+    pd.testing.assert_frame_equal(read_table(work / "features.parquet"), tables[0])
+    pd.testing.assert_frame_equal(read_table(work / "features/index.parquet"), tables[1])
 
 
 def test_float32_store_is_exact(work: Path) -> None:
@@ -169,6 +174,32 @@ def test_frontend_mismatch_is_refused_unless_forced(work: Path) -> None:
     np.testing.assert_allclose(st["train/run/a"].astype(np.float32), want, rtol=2e-3, atol=4e-3)
     with pytest.raises(FrontendMismatchError, match="recompute"):
         st.check_frontend(FrontendConfig().hash())
+
+
+def test_unfinished_run_of_another_frontend_is_refused_unless_forced(
+    work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import avfuse.features as features
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # stands for a kill after the batches were logged
+
+    with monkeypatch.context() as mp:
+        mp.setattr(features, "_commit", killed)
+        with pytest.raises(KeyboardInterrupt):
+            compute_features(FeaturesConfig(work=work, num_workers=0, progress=False))
+    assert not (work / "features" / "store.json").exists()
+    assert list((work / "features" / "parts").glob("part-*.parquet"))
+    other = FrontendConfig.avslowfast()
+    # The logged 64-band records must not be committed under the 80-band front end.
+    with pytest.raises(FrontendMismatchError, match="unfinished"):
+        compute_features(FeaturesConfig(work=work, num_workers=0, frontend=other, progress=False))
+    assert not (work / "features" / "store.json").exists()
+    compute_features(
+        FeaturesConfig(work=work, num_workers=0, frontend=other, force=True, progress=False)
+    )
+    st = FeatureStore(work / "features")
+    assert st.n_mels == 80 and all(st[v].shape[1] == 80 for v in st.ids)
 
 
 def test_missing_extract_table_is_explained(tmp_path: Path) -> None:

@@ -264,6 +264,14 @@ def test_fuse_cv_beats_both_and_keeps_no_audio_videos(tmp_path: Path) -> None:
     assert (got.n_windows[noa] == 0).all() and (got.n_windows[~noa] == 3).all()
     # Video-only figure computed independently.
     assert m["all"]["video"]["top1"] == pytest.approx(np.mean(val["zv"].argmax(1) == val["y"]))
+    video_hit = val["zv"].argmax(1) == val["y"]
+    assert m["with_audio"]["video"]["top1"] == pytest.approx(video_hit[~noa].mean())
+    # Audio-only over all videos: a video without audio is a miss, at top-1 and top-5 alike.
+    audio_hit = (val["za"].argmax(1) == val["y"]) & ~noa
+    assert m["all"]["audio"]["top1"] == pytest.approx(audio_hit.mean())
+    assert m["with_audio"]["audio"]["top1"] == pytest.approx(audio_hit[~noa].mean())
+    audio_top5 = np.argsort(-val["za"], axis=1)[:, :5] == val["y"][:, None]
+    assert m["all"]["audio"]["top5"] == pytest.approx((audio_top5.any(1) & ~noa).mean())
     # One weight per fold, all of them interior (each view helps the other).
     ws = [f["weight"] for f in res.figures["chosen"]["folds"]]
     assert len(ws) == 5 and all(0.2 <= w <= 0.8 for w in ws)
@@ -315,6 +323,24 @@ def test_fuse_heldout_split(tmp_path: Path) -> None:
     m = res.figures["metrics"]["all"]
     assert m["fused"]["top1"] > max(m["video"]["top1"], m["audio"]["top1"]) + 0.05
     assert res.figures["curve"]["heldout_top1"] is not None
+    # Uncalibrated: the held-out curve (which also chooses the weight) by hand.
+    plain = fuse(
+        cfg_for(
+            d,
+            weight_selection="heldout",
+            heldout_audio=w / "scores" / "audio_train.npz",
+            heldout_video=(w / "video_train.npy",),
+            heldout_video_ids=w / "video_train.txt",
+        )
+    )
+    tr = d["train"]
+    has = ~tr["noa"]
+    pv, pa, y = softmax(tr["zv"][has]), softmax(tr["za"][has]), tr["y"][has]
+    grid = np.linspace(0, 1, 21)
+    want = np.array([100 * np.mean(((1 - g) * pv + g * pa).argmax(1) == y) for g in grid])
+    got = np.asarray(plain.figures["curve"]["heldout_top1"])
+    np.testing.assert_allclose(got, want, atol=100 / len(y) + 1e-9)  # float32 near-ties
+    assert got[grid == plain.figures["chosen"]["weight"]][0] == got.max()
     # Held-out data must not overlap the evaluated videos.
     bad = cfg_for(
         d,
@@ -416,6 +442,8 @@ def test_report_links_existing_pngs_and_states_figures(tmp_path: Path) -> None:
     assert f"{100 * m['video']['top1']:.2f}" in md
     g = m["gain_top1"]
     assert f"top-1 gain {100 * g[0]:+.2f} points (95% CI {100 * g[1]:+.2f} to" in md
+    # Alignment table: every video matched on both sides (side, matched, missing, extra, dups).
+    assert "| video | 300 | 0 | 0 | 0 |" in md and "| audio | 300 | 0 | 0 | 0 |" in md
     html = res.report_html.read_text()
     assert all(f'src="{link}"' in html for link in links)
 

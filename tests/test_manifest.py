@@ -40,6 +40,7 @@ def test_ids_are_paths_without_extension(tmp_path) -> None:
         "train/zumba/aaa_000001_000011.mkv",  # same stem, other class: another video
         "train/zumba/twin.mp4",
         "train/zumba/twin.avi",  # same stem, same folder: both keep their extension
+        "train/zumba/take.2.mp4",  # only the extension is dropped
         "train/zumba/.hidden.mp4",
         "train/zumba/notes.txt",
         "test/unlabelled_clip.mp4",
@@ -58,6 +59,7 @@ def test_ids_are_paths_without_extension(tmp_path) -> None:
         "test/unlabelled_clip",
         "train/abseiling/aaa_000001_000011",
         "train/zumba/aaa_000001_000011",
+        "train/zumba/take.2",
         "train/zumba/twin.avi",
         "train/zumba/twin.mp4",
         "val/abseiling/ZzW2b8ZfnHM_000060_000070",

@@ -12,6 +12,7 @@ import pytest
 
 from avfuse import cli, demo
 from avfuse.config import apply_overrides, to_dict
+from avfuse.io import read_json, write_json
 from avfuse.pipeline import (
     STAGES,
     RunConfig,
@@ -204,12 +205,10 @@ def test_rerun_redoes_only_what_changed(
 
     # A kill during evaluate: its record says running, its output is gone. The rerun resumes
     # there and redoes what follows.
-    import json
-
     state_path = work / "pipeline.json"
-    state = json.loads(state_path.read_text())["stages"]
+    state = read_json(state_path)["stages"]
     state["evaluate"]["state"] = "running"
-    state_path.write_text(json.dumps({"stages": state}))
+    write_json(state_path, {"stages": state})
     (work / "scores" / "audio_val.metrics.json").unlink()
     st = _statuses(run(cfg2))
     assert [s for s in STAGES if st[s] in ("ran", "resumed")] == ["evaluate", "fuse", "report"]
@@ -217,7 +216,7 @@ def test_rerun_redoes_only_what_changed(
     assert (work / "scores" / "audio_val.metrics.json").exists()
 
     # The state file records every stage as done with the current keys.
-    state = json.loads(state_path.read_text())["stages"]
+    state = read_json(state_path)["stages"]
     keys = stage_keys(stage_configs(cfg2))
     assert all(state[s]["state"] == "done" and state[s]["key"] == keys[s]["key"] for s in STAGES)
     assert to_dict(load_run_config(work / "run.toml")) == to_dict(cfg2)
@@ -236,7 +235,7 @@ def test_rerun_redoes_only_what_changed(
     assert str(store.dtype) == "float32"
     man = pd.read_parquet(work / "manifest.parquet")
     assert set(store.ids) == set(man["video_id"])
-    state = json.loads(state_path.read_text())["stages"]
+    state = read_json(state_path)["stages"]
     assert {state[s]["state"] for s in STAGES[3:]} == {"stale"}
 
 

@@ -22,6 +22,7 @@ from avfuse.predict import (
 from avfuse.scores import ScoreFile
 from avfuse.store import FeatureStore, FrontendMismatchError, ShardWriter, commit_index
 from avfuse.train import TrainConfig, train
+from tests.test_train import TINY
 
 
 class BandMean(nn.Module):
@@ -76,21 +77,8 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     feat.loc[feat["video_id"] == "val/class_01/silent", "feature_status"] = "not_extracted"
     write_table(feat, w / "features.parquet")
     assert len(store) == 18
-    train(
-        TrainConfig(
-            w,
-            name="p",
-            model="resnet",
-            width=0.125,
-            epochs=1,
-            batch_size=8,
-            num_workers=0,
-            amp="off",
-            device="cpu",
-            progress=False,
-            val_split="",
-        )
-    )
+    opts = {**TINY, "model": "resnet"}
+    train(TrainConfig(w, name="p", epochs=1, val_split="", **opts))  # type: ignore[arg-type]
     return w
 
 

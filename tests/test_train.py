@@ -223,12 +223,15 @@ def test_killed_run_resumes_to_identical_weights(easy: Path) -> None:
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
 
 
-def test_resume_refuses_other_frontend(easy: Path, tmp_path: Path) -> None:
+def test_resume_refuses_other_model_or_frontend(easy: Path, tmp_path: Path) -> None:
     import shutil
 
     work = tmp_path / "w"
     shutil.copytree(easy, work, ignore=shutil.ignore_patterns("runs", "scores"))
     train(TrainConfig(work, name="fe", epochs=1, val_split="", **TINY))  # type: ignore[arg-type]
+    wider = {**TINY, "width": 0.25}
+    with pytest.raises(ValueError, match="holds model"):
+        train(TrainConfig(work, name="fe", epochs=2, resume=True, val_split="", **wider))  # type: ignore[arg-type]
     meta = read_json(work / "features" / "store.json")
     meta["frontend_hash"] = "different"
     write_json(work / "features" / "store.json", meta)

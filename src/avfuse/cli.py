@@ -76,11 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     cls, fn = _load(ns.command)
-    base = from_dict(cls, read_mapping(ns.config)) if ns.config else None
     try:
+        base = from_dict(cls, read_mapping(ns.config)) if ns.config else None
         cfg: Any = from_arguments(cls, ns, base)
         cfg = apply_overrides(cfg, ns.set)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OSError) as exc:
         parser.error(str(exc))
     try:
         result = fn(cfg)

@@ -32,6 +32,7 @@ model confuses the first kind, the audio model the second, and fusing them gains
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -54,6 +55,8 @@ SPLIT_CODES = {"train": 0, "val": 1, "heldout": 2}
 HARD_VIDEO_SHARE = 0.2
 HARD_AUDIO_SHARE = 0.2
 DATASET_INFO = "demo_dataset.json"
+# Videos per class and split when no ``per_split`` is given.
+_PER_SPLIT = {"train": 30, "val": 10, "heldout": 10}
 
 # name, visual signature, sound signature. Order matters: a dataset with N classes uses the
 # first N; a class's clip names and content seeds do not depend on N (containers and defects,
@@ -131,7 +134,7 @@ def plan_dataset(
     """
     if not 1 <= classes <= len(CATALOGUE):
         raise ValueError(f"classes must be between 1 and {len(CATALOGUE)}, got {classes}")
-    per_split = per_split if per_split is not None else {"train": 30, "val": 10, "heldout": 10}
+    per_split = per_split if per_split is not None else dict(_PER_SPLIT)
     specs: list[VideoSpec] = []
     ordinal = 0
     for split, n_per in per_split.items():
@@ -665,6 +668,13 @@ def write_video(spec: VideoSpec, root: Path) -> Path:
     return path
 
 
+def _executor(
+    executor: Executor | None, num_workers: int | None
+) -> contextlib.AbstractContextManager[Executor]:
+    """The caller's executor as is, or a fresh one of ``num_workers`` closed afterwards."""
+    return contextlib.nullcontext(executor) if executor is not None else make_executor(num_workers)
+
+
 def _write_batch(batch: list[tuple[VideoSpec, str]]) -> list[str]:
     return [str(write_video(spec, Path(root))) for spec, root in batch]
 
@@ -674,6 +684,7 @@ class DatasetInfo:
     root: Path
     specs: list[VideoSpec]
     generated: int  # files written by this call (0 when an existing dataset was reused)
+    settings: dict[str, Any] = field(default_factory=dict)  # as recorded in demo_dataset.json
 
     def count(self, defect: str, split: str | None = None) -> int:
         return sum(1 for s in self.specs if s.defect == defect and split in (None, s.split))
@@ -717,7 +728,7 @@ def generate_dataset(
     settings = {
         "seed": seed,
         "classes": classes,
-        "per_split": per_split or {"train": 30, "val": 10, "heldout": 10},
+        "per_split": per_split or dict(_PER_SPLIT),
         "seconds": seconds,
         "size": size,
         "fps": fps,
@@ -727,6 +738,7 @@ def generate_dataset(
         "generator": 7,  # bump when the generator's output changes
     }
     info_path = root / DATASET_INFO
+    old = None
     if info_path.exists() and not force:
         old = read_json(info_path)
         if old.get("settings") != settings:
@@ -739,23 +751,17 @@ def generate_dataset(
     todo = [s for s in specs if not (root / s.rel).exists()]
     if todo:
         batches = batched([(s, str(root)) for s in todo], 8)
-        if executor is None:
-            with make_executor(num_workers) as ex:
-                for _ in map_batches(_write_batch, batches, ex, desc="generate", progress=progress):
-                    pass
-        else:
-            for _ in map_batches(
-                _write_batch, batches, executor, desc="generate", progress=progress
-            ):
+        with _executor(executor, num_workers) as ex:
+            for _ in map_batches(_write_batch, batches, ex, desc="generate", progress=progress):
                 pass
     files = [
         {"video": s.rel, "defect": s.defect, "audio": s.acodec or "", "duration": s.duration}
         for s in specs
     ]
     info = {"settings": settings, "files": files}
-    if todo or not info_path.exists() or read_json(info_path) != info:
+    if todo or old != info:
         write_json(info_path, info)
-    return DatasetInfo(root, specs, len(todo))
+    return DatasetInfo(root, specs, len(todo), settings)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -930,23 +936,15 @@ def train_video_baseline(
     tasks = [(vid, path) for _, _, vid, path in items]
     feats: dict[str, np.ndarray] = {}
     failed: dict[str, str] = {}
-    batches = batched(tasks, 16)
-
-    def consume(ex: Executor) -> None:
+    with _executor(executor, num_workers) as ex:
         for res in map_batches(
-            _features_batch, batches, ex, desc="video features", progress=progress
+            _features_batch, batched(tasks, 16), ex, desc="video features", progress=progress
         ):
             for vid, f, why in res:
                 if f is None:
                     failed[vid] = why
                 else:
                     feats[vid] = f
-
-    if executor is None:
-        with make_executor(num_workers) as ex:
-            consume(ex)
-    else:
-        consume(executor)
     train = [
         (vid, cls_index[lab]) for sp, lab, vid, _ in items if sp == train_split and vid in feats
     ]
@@ -1167,7 +1165,7 @@ def demo(cfg: DemoConfig) -> DemoResult:
 
     video_dir = work / "video_model"
     stamp = video_dir / "video_baseline.json"
-    dataset_settings = read_json(root / DATASET_INFO)["settings"]
+    dataset_settings = info.settings
     splits: list[str] = [s for s in ("val", "heldout") if s in per_split]
     video: VideoBaselineResult | None = None
     if stamp.exists() and not cfg.force:

@@ -39,9 +39,14 @@ class DistEnv:
         return self.world_size > 1
 
 
+def _initialized() -> bool:
+    """Whether this process has joined a process group (else every helper is a no-op)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def env() -> DistEnv:
     """Rank, world size and local rank of this process (from the process group or torchrun)."""
-    if dist.is_available() and dist.is_initialized():
+    if _initialized():
         return DistEnv(
             dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
         )
@@ -68,7 +73,7 @@ def init(device_type: str) -> DistEnv:
 
 
 def destroy() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _initialized():
         dist.destroy_process_group()
 
 
@@ -77,31 +82,22 @@ def is_main() -> bool:
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _initialized():
         dist.barrier()
 
 
 def all_gather_object(obj: T) -> list[T]:
     """Every rank's ``obj``, in rank order (``[obj]`` in a single process)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _initialized():
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
 
 
-def broadcast_object(obj: T, src: int = 0) -> T:
-    """Rank ``src``'s ``obj`` on every rank."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box: list[Any] = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]  # type: ignore[no-any-return]
-
-
 def all_reduce_sum(values: list[float], device: torch.device | str = "cpu") -> list[float]:
     """Element-wise sum of ``values`` over ranks (used for epoch loss/accuracy totals)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _initialized():
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -195,7 +191,7 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     Each rank updates its running statistics on its own shard; evaluating with rank 0's makes
     every rank score like the checkpoint rank 0 writes.
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _initialized():
         return
     for b in module.buffers():
         dist.broadcast(b.data, src=src)

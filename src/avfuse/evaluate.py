@@ -166,9 +166,10 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     scores = sf.scores[:, [col[c] for c in classes]]
 
     man = load_manifest(work, stages=False)
+    scored_ids = set(sf.ids.tolist())
     split = cfg.split
     if split is None:
-        splits = man.loc[man["video_id"].isin(set(sf.ids.tolist())), "split"].unique().tolist()
+        splits = man.loc[man["video_id"].isin(scored_ids), "split"].unique().tolist()
         if len(splits) != 1:
             raise ValueError(f"{path}: scored videos span splits {splits}; pass --split")
         split = str(splits[0])
@@ -177,12 +178,12 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     joined = universe.merge(table, on="video_id", how="left")
     joined["status"] = joined["status"].fillna("absent")
     ok = (joined["status"] == "ok").to_numpy()
-    rows = joined.loc[ok, "row"].to_numpy(np.int64)
-    finite = np.isfinite(scores[rows]).all(axis=1)
+    ok_scores = scores[joined.loc[ok, "row"].to_numpy(np.int64)]
+    finite = np.isfinite(ok_scores).all(axis=1)
     if not finite.all():
         raise ValueError(f"{path}: {int((~finite).sum())} rows with status ok have NaN scores")
     labels = joined.loc[ok, "label_index"].to_numpy(np.int64)
-    m = metrics(scores[rows], labels, top_confused=cfg.top_confused)
+    m = metrics(ok_scores, labels, top_confused=cfg.top_confused)
     n_split = len(joined)
     m["top1_over_split"] = float(m["top1"] * m["n"] / n_split) if n_split else float("nan")
     m["confused"] = [
@@ -200,7 +201,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
         "coverage": float(ok.sum() / n_split) if n_split else float("nan"),
         "status_counts": {str(k): int(v) for k, v in joined["status"].value_counts().items()},
     }
-    extra = sorted(set(sf.ids.tolist()) - set(universe["video_id"]))
+    extra = scored_ids - set(universe["video_id"])
     metrics_path = _sidecar(path, ".metrics.json")
     per_class_path = _sidecar(path, ".per_class.csv")
     pc = m.pop("per_class")

@@ -319,6 +319,12 @@ def _decode_mono(path: str | Path, buf: _MonoBuffer) -> DecodedAudio:
     return DecodedAudio(empty, rate, "ok", "", **info)
 
 
+def _take(buf: _MonoBuffer, rate: int, sample_rate: int) -> np.ndarray:
+    """The buffer's samples at ``sample_rate``, in a new array (the buffer is reused)."""
+    mono = buf.data[: buf.n]
+    return mono.copy() if rate == sample_rate else soxr.resample(mono, rate, sample_rate)
+
+
 def decode_audio(path: str | Path, sample_rate: int = 16000) -> DecodedAudio:
     """Decode a media file's default audio stream to mono float32 at ``sample_rate``.
 
@@ -330,11 +336,7 @@ def decode_audio(path: str | Path, sample_rate: int = 16000) -> DecodedAudio:
     if buf.n == 0 or res.sample_rate <= 0:
         res.sample_rate = int(sample_rate)
         return res
-    mono = buf.data[: buf.n]
-    if res.sample_rate == sample_rate:
-        res.samples = mono.copy()
-    else:
-        res.samples = soxr.resample(mono, res.sample_rate, sample_rate)
+    res.samples = _take(buf, res.sample_rate, sample_rate)
     res.sample_rate = int(sample_rate)
     return res
 
@@ -360,10 +362,7 @@ def load_audio(path: str | Path, sample_rate: int | None = None) -> np.ndarray:
     res = _decode_mono(path, buf)
     if res.status not in USABLE:
         raise ValueError(f"{path}: {res.status}: {res.reason}")
-    x = buf.data[: buf.n].copy()
-    if sample_rate and res.sample_rate != sample_rate:
-        x = soxr.resample(x, res.sample_rate, sample_rate)
-    return x
+    return _take(buf, res.sample_rate, sample_rate or res.sample_rate)
 
 
 def write_audio(path: str | Path, samples: np.ndarray, sample_rate: int) -> Path:
@@ -569,8 +568,9 @@ def extract(cfg: ExtractConfig, executor: Executor | None = None) -> ExtractResu
     _check_previous(work, cfg)
 
     rlog = RecordLog(work / PARTS)
+    prior = rlog.read()
     if cfg.force:
-        _remove_outputs(work, rlog.read(), cfg.format)
+        _remove_outputs(work, prior, cfg.format)
         rlog.clear()
     # Temporaries of a killed run (audio being written, a part being logged) are garbage.
     removed = remove_stale_temporaries(work / AUDIO_DIR) + remove_stale_temporaries(rlog.folder)
@@ -578,9 +578,8 @@ def extract(cfg: ExtractConfig, executor: Executor | None = None) -> ExtractResu
         log.info("removed %d temporary file(s) left by an interrupted run", removed)
     save_config(cfg, work / CONFIG)
 
-    prior = rlog.read()
     done: set[str] = set()
-    if len(prior) and not cfg.force:
+    if not cfg.force:
         for rec in prior.itertuples(index=False):
             status = str(rec.status)
             if status in USABLE:

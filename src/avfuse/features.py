@@ -42,6 +42,7 @@ import pandas as pd
 
 from avfuse import __version__
 from avfuse.config import load_config, num_workers_field, save_config, scheduler_field
+from avfuse.extract import USABLE, decode_audio, load_audio
 from avfuse.io import RecordLog, read_json, read_table, remove_stale_temporaries, write_table
 from avfuse.manifest import load_classes, load_manifest
 from avfuse.melspec import FrontendConfig, log_mel
@@ -65,7 +66,6 @@ PARTS = "features/parts"
 CONFIG = "features/config.toml"
 STATUSES = ("ok", "too_short", "not_extracted", "error")
 COLUMNS = ("video_id", "feature_status", "feature_reason", "num_frames")
-_USABLE = ("ok", "partial")  # extract statuses with audio
 # Length assumed for a video whose duration is unknown (--from-video): Kinetics clips are 10 s.
 _ASSUMED_SECONDS = 10.0
 
@@ -130,11 +130,9 @@ def _one_line(exc: BaseException) -> str:
 
 def _load(task: dict[str, Any], sample_rate: int) -> tuple[np.ndarray | None, str, str]:
     """Samples of one task, or ``None`` with (status, reason) when there is no usable audio."""
-    from avfuse.extract import decode_audio, load_audio  # PyAV only where audio is read
-
     if task["kind"] == "video":
         res = decode_audio(task["path"], sample_rate)
-        if res.status not in _USABLE:
+        if res.status not in USABLE:
             return None, "not_extracted", f"{res.status}: {res.reason}".rstrip(": ")
         note = f"from partial audio: {res.reason}" if res.status == "partial" else ""
         return res.samples, "ok", note
@@ -186,8 +184,9 @@ def _feature_batch(
 ) -> list[dict[str, Any]]:
     """Worker side: features of one batch into this execution's own shard(s).
 
-    Returns one record per task; ``ok`` records carry their index row (``shard, offset,
-    frames``). Returns only after every shard is completely written.
+    Returns one record per task; ``ok`` records carry the rest of their index row (``shard,
+    offset``; ``num_frames`` is its frame count). Returns only after every shard is completely
+    written.
     """
     # A fresh prefix per execution: a batch retried elsewhere never overwrites, and the copy that
     # was not logged is an unreferenced file the commit deletes.
@@ -201,7 +200,6 @@ def _feature_batch(
         row = rows.get(rec["video_id"])
         rec["shard"] = row["shard"] if row else ""
         rec["offset"] = int(row["offset"]) if row else -1
-        rec["frames"] = int(row["frames"]) if row else 0
     return records
 
 
@@ -257,15 +255,17 @@ def _check_previous(store: Path, cfg: FeaturesConfig) -> None:
                 f"{want[0]} ({want[1]}); pass --force to discard them, or use another work folder"
             )
     cfg_path = store.parent / CONFIG
+    prev: FeaturesConfig | None = None
     if cfg_path.exists():  # an interrupted run's parts belong to its settings
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # unreadable settings: nothing to compare with
             prev = load_config(FeaturesConfig, cfg_path)
-            have = (prev.frontend.hash(), prev.dtype)
-            if have != want:
-                raise FrontendMismatchError(
-                    f"{store} holds an unfinished run with front end {have[0]} ({have[1]}), "
-                    f"this run asks for {want[0]} ({want[1]}); pass --force to discard it"
-                )
+    if prev is not None:
+        have = (prev.frontend.hash(), prev.dtype)
+        if have != want:
+            raise FrontendMismatchError(
+                f"{store} holds an unfinished run with front end {have[0]} ({have[1]}), "
+                f"this run asks for {want[0]} ({want[1]}); pass --force to discard it"
+            )
 
 
 def _clear(store: Path) -> None:
@@ -318,7 +318,7 @@ def _plan_tasks(
             continue
         status = str(row["status"])
         reason = row["reason"] if isinstance(row["reason"], str) else ""
-        if status not in _USABLE or not isinstance(audio, str) or not audio:
+        if status not in USABLE or not isinstance(audio, str) or not audio:
             skipped.append(_skip(vid, f"{status}: {reason}".rstrip(": ")))
             continue
         rate, n = row["sample_rate"], row["num_samples"]
@@ -408,6 +408,7 @@ def compute_features(cfg: FeaturesConfig, executor: Executor | None = None) -> F
             done.add(str(rec.video_id))
     todo = [t for t in tasks if t["video_id"] not in done]
 
+    new: list[dict[str, Any]] = []
     if todo:
         fn = functools.partial(
             _feature_batch,
@@ -428,8 +429,14 @@ def compute_features(cfg: FeaturesConfig, executor: Executor | None = None) -> F
             ):
                 # Logged only now, when the worker has returned: its shards are complete.
                 rlog.write(records)
+                new.extend(records)
 
-    table, shards = _commit(work, store, cfg, manifest, classes, rlog.read(), skipped)
+    # The log as a rerun would read it (newest record wins), without reading every part again.
+    logged = prior
+    if new:
+        logged = pd.concat([f for f in (prior, pd.DataFrame(new)) if len(f)], ignore_index=True)
+        logged = logged.drop_duplicates("video_id", keep="last").reset_index(drop=True)
+    table, shards = _commit(work, store, cfg, manifest, classes, logged, skipped)
     return FeaturesResult(
         work=work,
         store=store,
@@ -458,7 +465,12 @@ def _commit(
         logged = logged[logged["video_id"].isin(ids - skip_ids)]
     ok = logged[logged["feature_status"] == "ok"] if len(logged) else logged
     index_rows: list[dict[str, Any]] = [
-        {"video_id": str(r.video_id), "shard": str(r.shard), "offset": r.offset, "frames": r.frames}
+        {
+            "video_id": str(r.video_id),
+            "shard": str(r.shard),
+            "offset": r.offset,
+            "frames": r.num_frames,
+        }
         for r in ok.itertuples(index=False)
     ]
     shard_dir = store / SHARDS

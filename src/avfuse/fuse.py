@@ -542,7 +542,7 @@ def _video_log_probs(
         vs.classes, classes, n_columns=vs.scores.shape[1], source=vs.source, tolerance=class_tol
     )
     k: Kind = vs.kind if (kind == "auto" and vs.kind) else kind
-    kind_used = k if k != "auto" else ("probs" if detect_kind(vs.scores) == "probs" else "logits")
+    kind_used = k if k != "auto" else detect_kind(vs.scores)
     try:
         full, _ = to_log_probs(vs.scores, kind_used)
     except ValueError as exc:
@@ -588,6 +588,7 @@ def _build_views(
     )
 
     pa = _aligned_audio(audio, classes, audio_path, cfg.class_tolerance)
+    # After this check a row with status ok has finite scores: status alone says "has audio".
     broken = audio.has_scores & ~np.isfinite(pa).all(axis=1)
     if broken.any():
         raise VideoScoreError(
@@ -614,15 +615,13 @@ def _build_views(
     lv = lv_all[rows_v]
     c = len(classes)
     la = np.full((len(ids), c), np.nan, dtype=np.float32)
-    has_audio = np.zeros(len(ids), dtype=bool)
     n_win = np.zeros(len(ids), dtype=np.int32)
     hit = rows_a >= 0
-    ok = np.zeros(len(ids), dtype=bool)
-    ok[hit] = audio.has_scores[rows_a[hit]] & np.isfinite(pa[rows_a[hit]]).all(axis=1)
-    if ok.any():
-        la[ok], _ = to_log_probs(pa[rows_a[ok]], "probs")
-        has_audio = ok
-        n_win[ok] = audio.n_windows[rows_a[ok]]
+    has_audio = np.zeros(len(ids), dtype=bool)
+    has_audio[hit] = audio.has_scores[rows_a[hit]]
+    if has_audio.any():
+        la[has_audio], _ = to_log_probs(pa[rows_a[has_audio]], "probs")
+        n_win[has_audio] = audio.n_windows[rows_a[has_audio]]
     audio_status = pd.Series(
         np.where(hit, audio.status[np.maximum(rows_a, 0)], "no_row"), dtype=str
     ).value_counts()
@@ -796,18 +795,25 @@ def fuse(cfg: FuseConfig, executor: Executor | None = None) -> FuseResult:
                 f"{cfg.heldout_audio}: {len(overlap)} held-out videos are also evaluated "
                 f"(e.g. {sorted(overlap)[:3]}); held-out data must be disjoint"
             )
-        p = fit_params(ho, cfg.method, weights, cfg.calibrate, cfg.stack_l2)
-        fused = apply_params(p, v)
-        chosen = {**p.describe(), "heldout_videos": int(((ho.labels >= 0) & ho.has_audio).sum())}
         hb = (ho.labels >= 0) & ho.has_audio
-        hc, _ = weight_curves(
-            temper(ho.lv[hb], p.t_video),
-            temper(ho.la[hb], p.t_audio),
-            ho.labels[hb],
-            weights,
-            cfg.method,
+        # Uncalibrated, the curves that choose the weight are the ones plotted: compute them once.
+        ho_curves = (
+            None
+            if cfg.calibrate
+            else weight_curves(ho.lv[hb], ho.la[hb], ho.labels[hb], weights, cfg.method)
         )
-        heldout_curve = 100 * hc.mean(axis=1)
+        p = fit_params(ho, cfg.method, weights, cfg.calibrate, cfg.stack_l2, ho_curves)
+        fused = apply_params(p, v)
+        chosen = {**p.describe(), "heldout_videos": int(hb.sum())}
+        if ho_curves is None:
+            ho_curves = weight_curves(
+                temper(ho.lv[hb], p.t_video),
+                temper(ho.la[hb], p.t_audio),
+                ho.labels[hb],
+                weights,
+                cfg.method,
+            )
+        heldout_curve = 100 * ho_curves[0].mean(axis=1)
     else:
         k = max(2, int(cfg.folds))
         fold_of[lab] = stratified_folds(v.labels[lab], k, cfg.seed)
@@ -840,7 +846,7 @@ def fuse(cfg: FuseConfig, executor: Executor | None = None) -> FuseResult:
     # Audio-only on all videos: a video without audio cannot be recognised from its sound,
     # so it counts as a miss at every k.
     rank_a = np.full(len(y), len(classes), dtype=np.int64)
-    rank_a[wa] = true_rank(np.exp(v.la[lab][wa]), y[wa])
+    rank_a[wa] = true_rank(np.exp(v.la[both]), y[wa])  # v.la[both] is v.la[lab][wa]
     metrics = {
         "all": _metrics_block(
             {"video": rank_v, "audio": rank_a, "fused": rank_f}, y, cfg.bootstrap, cfg.seed
@@ -908,6 +914,9 @@ def fuse(cfg: FuseConfig, executor: Executor | None = None) -> FuseResult:
     return FuseResult(out, fused_path, md, page, figures, optimistic)
 
 
+_ID_COUNTS = ("matched", "missing", "extra", "duplicates")  # IdMatch.counts() keys
+
+
 def write_fusion_report(folder: Path, figures: dict[str, Any]) -> tuple[Path, Path]:
     """Markdown + HTML report with three plots from ``fusion.json``-style ``figures``."""
     from avfuse import report as rp
@@ -960,7 +969,7 @@ def write_fusion_report(folder: Path, figures: dict[str, Any]) -> tuple[Path, Pa
         r.paragraph(
             "Fused minus video-only: " + "; ".join(gains) + ". Paired bootstrap over videos."
         )
-        if scope == "all" and figures["metrics"][scope]["audio"]["n"]:
+        if scope == "all" and m["audio"]["n"]:
             r.paragraph("Audio-only on all videos counts a video without audio as a miss.")
 
     m = figures["metrics"]["all"]
@@ -1031,21 +1040,15 @@ def write_fusion_report(folder: Path, figures: dict[str, Any]) -> tuple[Path, Pa
             )
         )
     r.heading("Alignment")
-    v, a = counts["video"], counts["audio"]
     r.table(
         pd.DataFrame(
             [
-                {
-                    "side": "video",
-                    **{k: v["ids"][k] for k in ("matched", "missing", "extra", "duplicates")},
-                },
-                {
-                    "side": "audio",
-                    **{k: a["ids"][k] for k in ("matched", "missing", "extra", "duplicates")},
-                },
+                {"side": side, **{k: counts[side]["ids"][k] for k in _ID_COUNTS}}
+                for side in ("video", "audio")
             ]
         )
     )
+    v = counts["video"]
     r.paragraph(
         f"Video scores read as `{v['kind']}` from `{v['source']}`; class columns "
         + (

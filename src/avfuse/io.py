@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -109,7 +110,7 @@ class RecordLog:
             return None
         self.folder.mkdir(parents=True, exist_ok=True)
         # Name sorts by time, so "newest wins" is a plain sort on the file name.
-        name = f"part-{time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+        name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
         return write_table(pd.DataFrame(rows), self.folder / name)
 
     def parts(self) -> list[Path]:
@@ -138,9 +139,3 @@ class RecordLog:
         df = self.read().sort_values(self.key).reset_index(drop=True)
         write_table(df, path, metadata)
         return df
-
-
-def time_ns() -> int:
-    import time
-
-    return time.time_ns()

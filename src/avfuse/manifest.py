@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import logging
+import posixpath
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ import pandas as pd
 
 from avfuse import __version__
 from avfuse.config import save_config
-from avfuse.io import table_metadata, write_table
+from avfuse.io import atomic_write, read_table, table_metadata, write_table
 
 VIDEO_EXTENSIONS = (
     ".mp4",
@@ -109,8 +110,6 @@ def read_class_list(path: str | Path) -> list[str]:
 
 
 def write_class_list(path: str | Path, classes: list[str]) -> None:
-    from avfuse.io import atomic_write
-
     with atomic_write(Path(path)) as tmp:
         tmp.write_text("".join(c + "\n" for c in classes), "utf-8")
 
@@ -145,9 +144,10 @@ def _kinetics_name(youtube_id: str, start: str, end: str) -> str:
 def _from_csv(root: Path, cfg: ScanConfig, csv_path: Path) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     index: dict[str, list[Path]] = {}
+    exts = {e.lower() for e in cfg.extensions}
     # One walk, then dictionary look-ups: ~400k stat() calls on a network filesystem are slow.
     for p in root.rglob("*"):
-        if p.is_file() and p.suffix.lower() in cfg.extensions:
+        if p.suffix.lower() in exts and p.is_file():
             index.setdefault(p.stem, []).append(p)
     with open(csv_path, newline="", encoding="utf-8-sig") as fh:
         for rec in csv.DictReader(fh):
@@ -173,10 +173,7 @@ def _from_csv(root: Path, cfg: ScanConfig, csv_path: Path) -> list[dict[str, obj
 
 
 def _assign_ids(rows: list[dict[str, object]]) -> None:
-    stems = [
-        str(r["rel"]).rsplit(".", 1)[0] if "." in Path(str(r["rel"])).name else str(r["rel"])
-        for r in rows
-    ]
+    stems = [posixpath.splitext(str(r["rel"]))[0] for r in rows]
     counts = Counter(stems)
     for r, stem in zip(rows, stems, strict=True):
         r["video_id"] = stem if counts[stem] == 1 else str(r["rel"])
@@ -249,8 +246,6 @@ def scan(cfg: ScanConfig) -> pd.DataFrame:
 
 def load_manifest(work: str | Path, stages: bool = True) -> pd.DataFrame:
     """Read the manifest; with ``stages``, join every stage table found (keyed by video_id)."""
-    from avfuse.io import read_table
-
     work = Path(work)
     path = work / MANIFEST
     if not path.exists():

@@ -255,21 +255,10 @@ def frame_examples(logmel: np.ndarray, length: int = 96, hop: int | None = None)
     )
 
 
-def duration_for_frames(frames: int, cfg: FrontendConfig = DEFAULT) -> float:
-    """Seconds of audio needed for ``frames`` frames."""
-    return (cfg.win_length + (frames - 1) * cfg.hop_length) / cfg.sample_rate
-
-
-def frames_per_second(cfg: FrontendConfig = DEFAULT) -> float:
-    return cfg.sample_rate / cfg.hop_length
-
-
 __all__ = [
     "DEFAULT",
     "FrontendConfig",
-    "duration_for_frames",
     "frame_examples",
-    "frames_per_second",
     "hertz_to_mel",
     "log_mel",
     "mel_matrix",

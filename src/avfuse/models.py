@@ -33,6 +33,15 @@ def _as_image(x: torch.Tensor) -> torch.Tensor:
     )
 
 
+def _unwrap_state(state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The state dict inside a ``{"state_dict": ...}`` and/or ``{"model": ...}`` wrapper."""
+    for wrapper in ("state_dict", "model"):
+        inner = state.get(wrapper)
+        if isinstance(inner, Mapping):
+            state = inner
+    return state
+
+
 def _ch(base: int, width: float) -> int:
     return max(4, round(base * width))
 
@@ -101,11 +110,7 @@ class VGGish(nn.Module):
         Any missing key, unexpected backbone key or shape mismatch raises ``ValueError`` listing
         all of them.
         """
-        for wrapper in ("state_dict", "model"):
-            inner = state.get(wrapper)
-            if isinstance(inner, Mapping):
-                state = inner
-        state = {k.removeprefix("module."): v for k, v in state.items()}
+        state = {k.removeprefix("module."): v for k, v in _unwrap_state(state).items()}
         ours = self.backbone_state_dict()
         theirs = {k: v for k, v in state.items() if k.startswith(self.BACKBONE)}
         ignored = sorted(k for k in state if not k.startswith(self.BACKBONE))
@@ -260,10 +265,7 @@ def load_init(model: nn.Module, path: str | Path) -> list[str]:
         raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
     if isinstance(model, VGGish):
         return model.load_backbone(state)
-    for wrapper in ("state_dict", "model"):
-        inner = state.get(wrapper)
-        if isinstance(inner, Mapping):
-            state = inner
+    state = _unwrap_state(state)
     ours = model.state_dict()
     usable = {
         k: v for k, v in state.items() if k in ours and tuple(v.shape) == tuple(ours[k].shape)

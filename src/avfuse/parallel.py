@@ -101,7 +101,6 @@ def map_batches(
     desc: str = "",
     unit: str = "video",
     progress: bool = True,
-    size_of: Callable[[R], int] | None = None,
 ) -> Iterator[R]:
     """Apply ``fn`` to every batch on ``executor``; yield results in completion order.
 
@@ -130,6 +129,6 @@ def map_batches(
             for fut in done:
                 n = pending.pop(fut)
                 result = fut.result()
-                bar.update(size_of(result) if size_of else n)
+                bar.update(n)
                 yield result
             refill()

@@ -34,6 +34,7 @@ import hashlib
 import json
 import logging
 import time
+import typing
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -175,6 +176,16 @@ def _stage(cls: type[Any], section: Any, name: str, **fill: Any) -> Any:
 
 def _audio_scores(work: Path, split: str) -> Path:
     return work / "scores" / f"audio_{split}.npz"
+
+
+def _metrics_path(ec: EvaluateConfig) -> Path:
+    """The metrics file ``evaluate`` writes next to its scores file."""
+    p = Path(ec.scores or "")
+    return p.with_name(p.name.removesuffix(".npz") + ".metrics.json")
+
+
+def _fusion_dir(fc: FuseConfig) -> Path:
+    return Path(fc.output or Path(fc.work) / "fusion")
 
 
 @dataclass(frozen=True)
@@ -336,16 +347,11 @@ def _outputs(name: str, sc: StageConfigs) -> list[Path]:
     if name == "predict":
         return [Path(p.output or _audio_scores(work, p.split)) for p in sc.predict.values()]
     if name == "evaluate":
-        return [
-            Path(e.scores or "").with_name(
-                Path(e.scores or "").name.removesuffix(".npz") + ".metrics.json"
-            )
-            for e in sc.evaluate.values()
-        ]
+        return [_metrics_path(e) for e in sc.evaluate.values()]
     if name == "fuse":
         if sc.fuse is None:
             return []
-        out = Path(sc.fuse.output or work / "fusion")
+        out = _fusion_dir(sc.fuse)
         return [out / "fusion.json", out / "report.md"]
     return [work / "report.md", work / "report.html"]
 
@@ -390,10 +396,7 @@ class RunResult:
         for col, title in (("status", "extract"), ("feature_status", "features")):
             counts = self.status_counts.get(col)
             if counts:
-                shown = ", ".join(
-                    f"{k} {v}" for k, v in sorted(counts.items(), key=lambda x: -x[1])
-                )
-                lines.append(f"  videos by {title} status: {shown}")
+                lines.append(f"  videos by {title} status: {_by_count(counts)}")
         if self.accuracy:
             lines.append(f"  {'top-1 %':<26}{'video':>8}{'audio':>8}{'fused':>8}  gain (95% CI)")
             for scope, acc in self.accuracy.items():
@@ -410,6 +413,11 @@ class RunResult:
         if self.report:
             lines.append(f"  report: {self.report} (fusion details: {self.fusion_report})")
         return "\n".join(lines)
+
+
+def _by_count(counts: dict[str, int]) -> str:
+    """``"ok 40, no_audio 2"``: statuses, most frequent first."""
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda x: -x[1]))
 
 
 def _load_state(work: Path) -> dict[str, Any]:
@@ -532,11 +540,6 @@ def _run_scan(
     return f"{len(df)} videos ({', '.join(f'{k} {v}' for k, v in counts.items())})"
 
 
-def _first_line(result: Any) -> str:
-    summary = getattr(result, "summary", None)
-    return summary().splitlines()[0] if callable(summary) else ""
-
-
 def _run_extract(
     sc: StageConfigs, redo: bool, resume: bool, ex: Executor | None, cfg: RunConfig
 ) -> str:
@@ -544,7 +547,7 @@ def _run_extract(
 
     res = extract(dataclasses.replace(sc.extract, force=sc.extract.force or redo), ex)
     print(res.summary())
-    return ", ".join(f"{k} {v}" for k, v in sorted(res.counts.items(), key=lambda x: -x[1]))
+    return _by_count(res.counts)
 
 
 def _run_features(
@@ -554,7 +557,7 @@ def _run_features(
 
     res = compute_features(dataclasses.replace(sc.features, force=sc.features.force or redo), ex)
     print(res.summary())
-    return ", ".join(f"{k} {v}" for k, v in sorted(res.counts.items(), key=lambda x: -x[1]))
+    return _by_count(res.counts)
 
 
 def _run_train(
@@ -641,10 +644,14 @@ _RUNNERS: dict[str, Callable[[StageConfigs, bool, bool, Executor | None, RunConf
 # The run report
 
 
+# fusion.json's metric scopes and how the reports name them.
+_FUSION_SCOPES = (("all", "all videos"), ("with_audio", "videos with audio"))
+
+
 def _fusion_figures(sc: StageConfigs) -> dict[str, Any] | None:
     if sc.fuse is None:
         return None
-    path = Path(sc.fuse.output or Path(sc.scan.work) / "fusion") / "fusion.json"
+    path = _fusion_dir(sc.fuse) / "fusion.json"
     return read_json(path) if path.exists() else None
 
 
@@ -685,8 +692,7 @@ def write_run_report(sc: StageConfigs) -> tuple[Path, Path]:
 
     rows = []
     for split, ec in sc.evaluate.items():
-        p = Path(ec.scores or "")
-        mp = p.with_name(p.name.removesuffix(".npz") + ".metrics.json")
+        mp = _metrics_path(ec)
         if mp.exists():
             m = read_json(mp)
             cov = m.get("coverage", {})
@@ -706,9 +712,9 @@ def write_run_report(sc: StageConfigs) -> tuple[Path, Path]:
 
     fig = _fusion_figures(sc)
     if fig is not None and sc.fuse is not None:
-        out = Path(sc.fuse.output or work / "fusion")
+        out = _fusion_dir(sc.fuse)
         r.heading("Audio + video fusion")
-        for scope, title in (("all", "all videos"), ("with_audio", "videos with audio")):
+        for scope, title in _FUSION_SCOPES:
             m = fig["metrics"][scope]
             g = m["gain_top1"]
             r.paragraph(
@@ -752,7 +758,7 @@ def _result(work: Path, sc: StageConfigs, outcomes: list[StageOutcome]) -> RunRe
     gain: dict[str, list[float]] = {}
     fig = _fusion_figures(sc)
     if fig is not None:
-        for scope, title in (("all", "all videos"), ("with_audio", "videos with audio")):
+        for scope, title in _FUSION_SCOPES:
             m = fig["metrics"][scope]
             n = m["fused"]["n"]
             key = f"{title} (n={n})"
@@ -761,7 +767,7 @@ def _result(work: Path, sc: StageConfigs, outcomes: list[StageOutcome]) -> RunRe
     report = work / "report.md"
     fusion_report = None
     if sc.fuse is not None:
-        fusion_report = Path(sc.fuse.output or work / "fusion") / "report.md"
+        fusion_report = _fusion_dir(sc.fuse) / "report.md"
     return RunResult(
         work,
         outcomes,
@@ -821,8 +827,6 @@ def _toml_value(key: str, value: Any) -> str:
 
 def _help(f: dataclasses.Field[Any], hints: dict[str, Any]) -> str:
     """A field's help text, with the allowed values of a ``Literal`` field."""
-    import typing
-
     help_text = str(f.metadata.get("help", ""))
     tp = hints.get(f.name)
     args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -834,11 +838,8 @@ def _help(f: dataclasses.Field[Any], hints: dict[str, Any]) -> str:
 
 
 def _render_table(obj: Any, prefix: str, skip: set[str]) -> list[str]:
-    import typing
-
-    from avfuse.config import _plain
-
     hints = typing.get_type_hints(type(obj))
+    plain = to_dict(obj)
     lines: list[str] = []
     nested: list[tuple[str, Any, str]] = []
     for f in dataclasses.fields(obj):
@@ -853,7 +854,7 @@ def _render_table(obj: Any, prefix: str, skip: set[str]) -> list[str]:
         if value is None:
             lines.append(f"# {f.name} =   (unset by default)")
         else:
-            lines.append(_toml_value(f.name, _plain(value)))
+            lines.append(_toml_value(f.name, plain[f.name]))
     for name, value, help_text in nested:
         lines.append("")
         lines += _comment(help_text)
@@ -866,9 +867,8 @@ def render_config_toml(cfg: RunConfig | None = None) -> str:
     """The documented TOML text of ``cfg`` (default: :class:`RunConfig` defaults)."""
     cfg = cfg or RunConfig()
     sections = {f.name for f in dataclasses.fields(cfg) if f.name in STAGES}
-    import typing
-
     hints = typing.get_type_hints(RunConfig)
+    plain = to_dict(cfg)
     lines = [_HEADER]
     for f in dataclasses.fields(cfg):
         if f.name in sections:
@@ -880,9 +880,7 @@ def render_config_toml(cfg: RunConfig | None = None) -> str:
         elif value is None:
             lines.append(f"# {f.name} =   (unset by default)")
         else:
-            from avfuse.config import _plain
-
-            lines.append(_toml_value(f.name, _plain(value)))
+            lines.append(_toml_value(f.name, plain[f.name]))
     for f in dataclasses.fields(cfg):
         if f.name not in sections:
             continue

@@ -216,11 +216,11 @@ def score_videos_distributed(
 def video_status(manifest_rows: Any, store: FeatureStore, window: int = WINDOW) -> dict[str, str]:
     """``{video_id: status}`` for manifest rows: ``ok`` or why the video cannot be scored."""
     out: dict[str, str] = {}
-    cols = set(manifest_rows.columns)
     for rec in manifest_rows.itertuples(index=False):
         vid = str(rec.video_id)
-        ext = getattr(rec, "status", None) if "status" in cols else None
-        feat = getattr(rec, "feature_status", None) if "feature_status" in cols else None
+        # The stage columns exist once extraction / feature computation have run.
+        ext = getattr(rec, "status", None)
+        feat = getattr(rec, "feature_status", None)
         if isinstance(ext, str) and ext not in USABLE_EXTRACT:
             out[vid] = ext
         elif isinstance(feat, str) and feat != "ok":

@@ -51,7 +51,7 @@ def _fmt(v: Any) -> str:
 
 
 def markdown_table(df: pd.DataFrame) -> str:
-    """GitHub-flavoured Markdown table of ``df`` (index dropped; floats to 4 digits)."""
+    """GitHub-flavoured Markdown table of ``df`` (index dropped; floats to 2 decimals, NaN as n/a)."""
     cols = [str(c) for c in df.columns]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
     for row in df.itertuples(index=False):

@@ -162,15 +162,18 @@ class FeatureStore:
         self.ids: list[str] = index["video_id"].astype(str).tolist()
         self._shard_names: list[str] = sorted(set(index["shard"]))
         sid = {n: i for i, n in enumerate(self._shard_names)}
-        self._shard = np.asarray([sid[s] for s in index["shard"]], dtype=np.int32)
-        self._offset = index["offset"].to_numpy(np.int64)
-        self._frames = index["frames"].to_numpy(np.int64)
-        self._pos = {v: i for i, v in enumerate(self.ids)}
-        # Plain Python ints: numpy scalar indexing and arithmetic would cost more than the
-        # memory-map slice itself on the hot path of a training loader.
+        # video_id -> (shard number, offset, frames), the one look-up table. Plain Python ints:
+        # numpy scalar indexing and arithmetic would cost more than the memory-map slice itself
+        # on the hot path of a training loader.
         self._loc: dict[str, tuple[int, int, int]] = {
-            v: (int(s), int(o), int(f))
-            for v, s, o, f in zip(self.ids, self._shard, self._offset, self._frames, strict=True)
+            v: (sid[s], int(o), int(f))
+            for v, s, o, f in zip(
+                self.ids,
+                index["shard"].tolist(),
+                index["offset"].tolist(),
+                index["frames"].tolist(),
+                strict=True,
+            )
         }
         self._maps: list[np.ndarray | None] = [None] * len(self._shard_names)
 
@@ -203,13 +206,13 @@ class FeatureStore:
         return len(self.ids)
 
     def __contains__(self, video_id: object) -> bool:
-        return video_id in self._pos
+        return video_id in self._loc
 
     def frames(self, video_id: str) -> int:
         return self._loc[video_id][2]
 
     def frames_array(self, ids: Iterable[str]) -> np.ndarray:
-        return np.asarray([self._frames[self._pos[v]] for v in ids], dtype=np.int64)
+        return np.asarray([self._loc[v][2] for v in ids], dtype=np.int64)
 
     def _map(self, shard: int) -> np.ndarray:
         m = self._maps[shard]

@@ -316,12 +316,12 @@ def train(
         ckpt = load_checkpoint(last_path)
         store.check_frontend(ckpt["frontend_hash"], what=f"checkpoint {last_path}")
         norm = NormStats.from_state(ckpt["norm"])
-    elif cfg.resume:
-        log.warning("--resume: %s not found, starting a new run", last_path)
-        norm = compute_norm_stats(store, train_ids, cfg.norm_videos, cfg.seed)
     else:
+        if cfg.resume:
+            log.warning("--resume: %s not found, starting a new run", last_path)
         norm = compute_norm_stats(store, train_ids, cfg.norm_videos, cfg.seed)
 
+    spec = {"name": cfg.model, "width": cfg.width, "dropout": cfg.dropout}
     model = build_model(cfg.model, len(classes), cfg.width, cfg.dropout)
     if cfg.init and ckpt is None:
         ignored = load_init(model, cfg.init)
@@ -329,7 +329,6 @@ def train(
             "initialised from %s%s", cfg.init, f" (ignored {len(ignored)} keys)" if ignored else ""
         )
     if ckpt is not None:
-        spec = {"name": cfg.model, "width": cfg.width, "dropout": cfg.dropout}
         if ckpt["model_spec"] != spec:
             raise ValueError(
                 f"--resume: {last_path} holds model {ckpt['model_spec']}, the config asks for "
@@ -427,7 +426,7 @@ def train(
         state = {
             "format": "avfuse-checkpoint/1",
             "model": model.state_dict(),
-            "model_spec": {"name": cfg.model, "width": cfg.width, "dropout": cfg.dropout},
+            "model_spec": spec,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),

@@ -343,7 +343,7 @@ def read_annotation_ids(path: str | Path) -> list[str]:
 def read_label_map(path: str | Path) -> list[str]:
     """Class names, one a line (mmaction2 label maps; a leading ``index`` field is dropped)."""
     path = Path(path)
-    lines = [ln.strip() for ln in Path(path).read_text("utf-8-sig").splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in path.read_text("utf-8-sig").splitlines() if ln.strip()]
     if not lines:
         raise VideoScoreError(f"{path}: label map is empty")
     # "0 abseiling" / "0,abseiling" style maps put the index first.
@@ -390,13 +390,13 @@ def _load_npz(path: Path) -> VideoScores:
     classes = None
     if cls_key is not None and arrays[cls_key].dtype.kind in "US":
         classes = [str(c) for c in arrays[cls_key].tolist()]
-    ids = [str(i) for i in arrays[ids_key].tolist()] if ids_key else []
+    ids = [str(i) for i in arrays[ids_key].tolist()] if ids_key else None
     kind: Literal["logits", "probs"] | None = None
     if name == "logits":
         kind = "logits"
     elif name == "probs":
         kind = "probs"
-    return _with_ids(arrays[name], ids if ids_key else None, classes, path, kind)
+    return _with_ids(arrays[name], ids, classes, path, kind)
 
 
 def _with_ids(
