@@ -81,3 +81,11 @@ def test_record_log_newest_record_wins(tmp_path) -> None:
 
     log.clear()
     assert log.done_ids() == set()
+
+
+def test_error_reason_is_one_bounded_line_naming_the_type() -> None:
+    from avfuse.io import error_reason
+
+    assert error_reason(OSError("bad\n  packet\tat 3 s")) == "OSError: bad packet at 3 s"
+    assert error_reason(ValueError()) == "ValueError: ValueError"
+    assert len(error_reason(RuntimeError("x" * 1000))) == 300

@@ -175,7 +175,9 @@ def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def dumps(cfg: Any) -> str:
-    return tomli_w.dumps(_drop_none(to_dict(cfg)))
+    """TOML text of a config dataclass, or of a plain dict made by :func:`to_dict`."""
+    data = cfg if isinstance(cfg, dict) else to_dict(cfg)
+    return tomli_w.dumps(_drop_none(data))
 
 
 def save_config(cfg: Any, path: str | Path) -> Path:

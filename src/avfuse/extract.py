@@ -42,7 +42,7 @@ import soxr
 
 from avfuse import __version__
 from avfuse.config import load_config, num_workers_field, save_config, scheduler_field
-from avfuse.io import RecordLog, atomic_write, remove_stale_temporaries, write_table
+from avfuse.io import RecordLog, atomic_write, error_reason, remove_stale_temporaries, write_table
 from avfuse.manifest import load_manifest
 from avfuse.parallel import batched, executor_width, make_executor, map_batches
 
@@ -214,11 +214,6 @@ def _buffer() -> _MonoBuffer:
     return buf
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}"[:300]
-
-
 def _pick_stream(streams: list[Any]) -> Any:
     # FFmpeg's rule, simplified: the stream flagged default, else the first one.
     for s in streams:
@@ -244,7 +239,7 @@ def _decode_mono(path: str | Path, buf: _MonoBuffer) -> DecodedAudio:
         # audio decoders ignore it.
         container = av.open(str(path), options={"skip_frame": "all"}, metadata_errors="replace")
     except Exception as exc:  # a bad file must never stop the run
-        return DecodedAudio(empty, -1, "unreadable", _one_line(exc))
+        return DecodedAudio(empty, -1, "unreadable", error_reason(exc))
     with container:
         audio = list(container.streams.audio)
         if not audio:
@@ -270,7 +265,7 @@ def _decode_mono(path: str | Path, buf: _MonoBuffer) -> DecodedAudio:
             except StopIteration:
                 break
             except Exception as exc:  # demuxer hit damaged/truncated data: keep what we have
-                errors.append(_one_line(exc))
+                errors.append(error_reason(exc))
                 break
             try:
                 for frame in ctx.decode(packet):
@@ -284,7 +279,7 @@ def _decode_mono(path: str | Path, buf: _MonoBuffer) -> DecodedAudio:
                     buf.add_frame(frame)
                 consecutive = 0
             except Exception as exc:
-                errors.append(_one_line(exc))
+                errors.append(error_reason(exc))
                 consecutive += 1
                 if consecutive >= _MAX_CONSECUTIVE_ERRORS:
                     break
@@ -441,7 +436,7 @@ def _extract_one(task: dict[str, str], work: Path, sample_rate: int) -> dict[str
     try:
         res = decode_audio(src, sample_rate)
     except Exception as exc:  # a decoder bug on one odd file must not sink its whole batch
-        return _record(vid, "unreadable", f"decoding failed: {_one_line(exc)}", sample_rate)
+        return _record(vid, "unreadable", f"decoding failed: {error_reason(exc)}", sample_rate)
     info = {
         "codec": res.codec,
         "source_sample_rate": res.source_sample_rate,
@@ -455,7 +450,7 @@ def _extract_one(task: dict[str, str], work: Path, sample_rate: int) -> dict[str
         write_audio(work / rel, res.samples, sample_rate)
     except Exception as exc:  # disk full, permissions: this video fails, the run goes on
         return _record(
-            vid, "unreadable", f"writing output failed: {_one_line(exc)}", sample_rate, **info
+            vid, "unreadable", f"writing output failed: {error_reason(exc)}", sample_rate, **info
         )
     return _record(
         vid,

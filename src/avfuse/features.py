@@ -43,7 +43,14 @@ import pandas as pd
 from avfuse import __version__
 from avfuse.config import load_config, num_workers_field, save_config, scheduler_field
 from avfuse.extract import USABLE, decode_audio, load_audio
-from avfuse.io import RecordLog, read_json, read_table, remove_stale_temporaries, write_table
+from avfuse.io import (
+    RecordLog,
+    error_reason,
+    read_json,
+    read_table,
+    remove_stale_temporaries,
+    write_table,
+)
 from avfuse.manifest import load_classes, load_manifest
 from avfuse.melspec import FrontendConfig, log_mel
 from avfuse.parallel import executor_width, make_executor, map_batches
@@ -123,11 +130,6 @@ def _one_blas_thread() -> Iterator[None]:
         yield
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}"[:300]
-
-
 def _load(task: dict[str, Any], sample_rate: int) -> tuple[np.ndarray | None, str, str]:
     """Samples of one task, or ``None`` with (status, reason) when there is no usable audio."""
     if task["kind"] == "video":
@@ -171,7 +173,7 @@ def _feature_one(
         writer.add(task["video_id"], feats)
         rec.update(feature_status="ok", feature_reason=reason)
     except Exception as exc:  # one bad file fails alone
-        rec["feature_reason"] = _one_line(exc)
+        rec["feature_reason"] = error_reason(exc)
     return rec
 
 

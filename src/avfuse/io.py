@@ -27,6 +27,12 @@ import pyarrow.parquet as pq
 TMP_MARK = ".tmp-"
 
 
+def error_reason(exc: BaseException, limit: int = 300) -> str:
+    """One line for a per-video ``reason`` column: ``"Type: message"``, whitespace folded."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:limit]
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it onto ``path``.

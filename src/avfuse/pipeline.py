@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from avfuse.config import from_dict, to_dict
+from avfuse.config import dumps, from_dict, to_dict
 from avfuse.evaluate import EvaluateConfig
 from avfuse.extract import ExtractConfig
 from avfuse.features import FeaturesConfig
@@ -437,8 +437,6 @@ def _save_state(work: Path, stages: dict[str, Any]) -> None:
 
 def save_run_config(cfg: RunConfig, path: str | Path) -> Path:
     """Write ``cfg`` as TOML without the sections' filled-in ``work`` / ``root`` keys."""
-    import tomli_w
-
     data = to_dict(cfg)
     for name in ("scan", "extract", "features", "train", "predict", "evaluate", "fuse"):
         sec = data[name]
@@ -446,13 +444,8 @@ def save_run_config(cfg: RunConfig, path: str | Path) -> Path:
             if key in sec and Path(sec[key]) == _UNSET:
                 del sec[key]
 
-    def drop_none(d: dict[str, Any]) -> dict[str, Any]:
-        return {
-            k: drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None
-        }
-
     path = Path(path)
-    text = tomli_w.dumps(drop_none(data))
+    text = dumps(data)
     if path.exists() and path.read_text("utf-8") == text:
         return path  # unchanged: keep the file (and its time) as it was
     with atomic_write(path) as tmp:

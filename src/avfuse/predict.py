@@ -29,13 +29,13 @@ from tqdm import tqdm
 from avfuse import distributed as D
 from avfuse.config import save_config
 from avfuse.data import WINDOW, EvalWindows, NormStats, WindowDataset
+from avfuse.extract import USABLE
 from avfuse.manifest import load_classes, load_manifest
 from avfuse.models import build_model
 from avfuse.scores import ScoreFile
 from avfuse.store import FeatureStore
 
 Aggregation = Literal["mean_softmax", "mean_logits", "max"]
-USABLE_EXTRACT = ("ok", "partial")
 
 log = D.get_logger(__name__)
 
@@ -221,7 +221,7 @@ def video_status(manifest_rows: Any, store: FeatureStore, window: int = WINDOW) 
         # The stage columns exist once extraction / feature computation have run.
         ext = getattr(rec, "status", None)
         feat = getattr(rec, "feature_status", None)
-        if isinstance(ext, str) and ext not in USABLE_EXTRACT:
+        if isinstance(ext, str) and ext not in USABLE:
             out[vid] = ext
         elif isinstance(feat, str) and feat != "ok":
             out[vid] = feat
