@@ -23,7 +23,6 @@ import csv
 import dataclasses
 import logging
 import posixpath
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ import pandas as pd
 from avfuse import __version__
 from avfuse.config import save_config
 from avfuse.io import atomic_write, read_table, table_metadata, write_table
+from avfuse.labels import kinetics_clip_name, nfc, read_label_map
 
 VIDEO_EXTENSIONS = (
     ".mp4",
@@ -94,19 +94,12 @@ class UnknownClassError(ValueError):
     pass
 
 
-def _nfc(text: str) -> str:
-    # macOS writes decomposed Unicode; compare and key names in one normal form.
-    return unicodedata.normalize("NFC", text)
+_nfc = nfc
 
 
 def read_class_list(path: str | Path) -> list[str]:
-    """Read a label map: one class name a line, blank lines ignored, order kept."""
-    names = [_nfc(line.strip()) for line in Path(path).read_text("utf-8-sig").splitlines()]
-    names = [n for n in names if n]
-    dup = [n for n, c in Counter(names).items() if c > 1]
-    if dup:
-        raise ValueError(f"{path}: duplicated class names: {dup[:5]}")
-    return names
+    """Read a label map (:func:`avfuse.labels.read_label_map`): one name a line, order kept."""
+    return read_label_map(path)
 
 
 def write_class_list(path: str | Path, classes: list[str]) -> None:
@@ -137,10 +130,6 @@ def _walk(root: Path, cfg: ScanConfig) -> list[dict[str, object]]:
     return rows
 
 
-def _kinetics_name(youtube_id: str, start: str, end: str) -> str:
-    return f"{youtube_id}_{int(float(start)):06d}_{int(float(end)):06d}"
-
-
 def _from_csv(root: Path, cfg: ScanConfig, csv_path: Path) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     index: dict[str, list[Path]] = {}
@@ -155,7 +144,7 @@ def _from_csv(root: Path, cfg: ScanConfig, csv_path: Path) -> list[dict[str, obj
             if cfg.splits and split not in cfg.splits:
                 continue
             label = _nfc(rec.get("label") or "") or None
-            stem = _kinetics_name(rec["youtube_id"], rec["time_start"], rec["time_end"])
+            stem = kinetics_clip_name(rec["youtube_id"], rec["time_start"], rec["time_end"])
             cands = index.get(stem, [])
             # Prefer a file under ROOT/SPLIT/..., then any.
             cands = sorted(cands, key=lambda p: (split not in p.relative_to(root).parts, str(p)))

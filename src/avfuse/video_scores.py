@@ -42,6 +42,8 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from avfuse.labels import class_key, kinetics_clip_name, read_label_map
+
 Format = Literal["auto", "npz", "npy", "csv", "pkl"]
 
 # YouTube ids are 11 characters of [A-Za-z0-9_-]; Kinetics clips append start and end seconds.
@@ -124,10 +126,7 @@ def normalize_id(name: str) -> str:
     return s[2:] if s.startswith("v_") and len(s) > 2 else s
 
 
-def normalize_class(name: str) -> str:
-    """Class-name key: case, underscores and repeated blanks do not matter."""
-    s = unicodedata.normalize("NFC", str(name)).strip().strip("\"'").lower().replace("_", " ")
-    return " ".join(s.split())
+normalize_class = class_key
 
 
 def _examples(items: Sequence[Any], n: int = 5) -> str:
@@ -302,10 +301,6 @@ def align_classes(
 # --------------------------------------------------------------------------- annotations
 
 
-def _kinetics_key(yt: str, start: str, end: str) -> str:
-    return f"{yt}_{int(float(start)):06d}_{int(float(end)):06d}"
-
-
 def read_annotation_ids(path: str | Path) -> list[str]:
     """Ids in the order an annotation file lists its videos.
 
@@ -326,7 +321,7 @@ def read_annotation_ids(path: str | Path) -> list[str]:
         rows = list(csv.DictReader(io.StringIO("\n".join(lines))))
         try:
             return [
-                _kinetics_key(r["youtube_id"], r["time_start"], r["time_end"])
+                kinetics_clip_name(r["youtube_id"], r["time_start"], r["time_end"])
                 for r in ({k.strip().lower(): v for k, v in r.items()} for r in rows)
             ]
         except (KeyError, ValueError, TypeError) as exc:
@@ -338,19 +333,6 @@ def read_annotation_ids(path: str | Path) -> list[str]:
     # "path label" / "path total_frames label": the path may contain blanks (Kinetics class
     # folders do), so drop up to two trailing integer fields rather than split on blanks.
     return [_LIST_LINE.match(ln.strip())["path"] for ln in lines]  # type: ignore[index]
-
-
-def read_label_map(path: str | Path) -> list[str]:
-    """Class names, one a line (mmaction2 label maps; a leading ``index`` field is dropped)."""
-    path = Path(path)
-    lines = [ln.strip() for ln in path.read_text("utf-8-sig").splitlines() if ln.strip()]
-    if not lines:
-        raise VideoScoreError(f"{path}: label map is empty")
-    # "0 abseiling" / "0,abseiling" style maps put the index first.
-    split = [re.match(r"^(\d+)[\s,:]+(.+)$", ln) for ln in lines]
-    if all(split) and [int(m[1]) for m in split if m] == list(range(len(lines))):
-        lines = [m[2].strip() for m in split if m]
-    return [unicodedata.normalize("NFC", ln) for ln in lines]
 
 
 # --------------------------------------------------------------------------- readers
