@@ -23,6 +23,7 @@ multiply per chunk. The FFT runs in float64 so that results agree with the float
 from __future__ import annotations
 
 import functools
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -62,11 +63,60 @@ class FrontendConfig:
     spectrum: Literal["magnitude", "power"] = field(
         default="magnitude", metadata={"help": "|X| (VGGish) or |X|^2 before the mel matrix"}
     )
-    mel_scale: Literal["htk"] = field(
-        default="htk", metadata={"help": "mel scale: HTK, mel = 1127 ln(1 + f/700)"}
+    mel_scale: Literal["htk", "slaney"] = field(
+        default="htk",
+        metadata={
+            "help": "mel scale: HTK (mel = 1127 ln(1 + f/700)) or Slaney's (linear to 1 kHz, "
+            "then logarithmic; librosa's default)"
+        },
     )
     example_frames: int = field(
         default=96, metadata={"help": "frames per model example (96 = 0.96 s)"}
+    )
+    # Fields added after stores were written: left out of the hash while at their default, so
+    # the VGGish preset keeps its hash and existing stores stay valid.
+    mel_triangles: Literal["mel", "hertz"] = field(
+        default="mel",
+        metadata={
+            "omit_default": True,
+            "help": "triangles linear in mel over the bin frequencies, DC row zeroed (VGGish "
+            "reference) or linear in Hz between mel-spaced edges (librosa.filters.mel)",
+        },
+    )
+    mel_norm: Literal["none", "slaney"] = field(
+        default="none",
+        metadata={
+            "omit_default": True,
+            "help": "band weights: peak 1, or divided by half the band's width in Hz "
+            '(librosa norm="slaney": equal area)',
+        },
+    )
+    center: bool = field(
+        default=False,
+        metadata={
+            "omit_default": True,
+            "help": "frame t centred on sample t*hop, the signal padded by n_fft//2 each side "
+            "(librosa/torch.stft), instead of starting there (VGGish reference)",
+        },
+    )
+    pad_mode: Literal["reflect", "constant"] = field(
+        default="reflect",
+        metadata={
+            "omit_default": True,
+            "help": "padding of a centred signal: mirror without repeating the edge, or zeros",
+        },
+    )
+    log: Literal["offset", "db"] = field(
+        default="offset",
+        metadata={
+            "omit_default": True,
+            "help": "features: ln(mel + log_offset), or 10 log10(max(mel, amin)) (decibels, "
+            "reference 1, no top_db clipping)",
+        },
+    )
+    amin: float = field(
+        default=1e-10,
+        metadata={"omit_default": True, "help": 'floor of the mel energies when log = "db"'},
     )
 
     def __post_init__(self) -> None:
@@ -80,6 +130,15 @@ class FrontendConfig:
             )
         if self.log_offset <= 0:
             raise ValueError("log_offset must be > 0 (log of silence would be -inf)")
+        if self.amin <= 0:
+            raise ValueError("amin must be > 0 (log of silence would be -inf)")
+        # A value outside its Literal would otherwise fall through to some default branch.
+        for name, tp in typing.get_type_hints(type(self)).items():
+            if typing.get_origin(tp) is Literal and getattr(self, name) not in typing.get_args(tp):
+                allowed = ", ".join(repr(a) for a in typing.get_args(tp))
+                raise ValueError(
+                    f"FrontendConfig.{name}={getattr(self, name)!r} is not one of {allowed}"
+                )
 
     @classmethod
     def vggish(cls) -> FrontendConfig:
@@ -91,6 +150,34 @@ class FrontendConfig:
         """32 ms / 16 ms frames, 80 bands (the AVSlowFast / mmaction2 audio setting)."""
         return cls(win_length=512, hop_length=256, n_fft=512, n_mels=80, example_frames=64)
 
+    @classmethod
+    def panns(cls) -> FrontendConfig:
+        """The PANNs (``audioset_tagging_cnn``, torchlibrosa) front end of CNN14/CNN10.
+
+        32 kHz, 1024-sample periodic Hann frames every 320 samples, centred with reflect
+        padding, power spectrum, 64 Slaney-scale, Slaney-normalised mel bands (librosa's
+        construction) from 50 to 14000 Hz, ``10 log10(max(mel, 1e-10))``; examples of 1000
+        frames (10 s, the clips PANNs were trained on).
+        """
+        return cls(
+            sample_rate=32000,
+            win_length=1024,
+            hop_length=320,
+            n_fft=1024,
+            n_mels=64,
+            fmin=50.0,
+            fmax=14000.0,
+            spectrum="power",
+            mel_scale="slaney",
+            mel_triangles="hertz",
+            mel_norm="slaney",
+            center=True,
+            pad_mode="reflect",
+            log="db",
+            amin=1e-10,
+            example_frames=1000,
+        )
+
     def hash(self) -> str:
         """Stable hash of every parameter; stored with features and checked by training."""
         return config_hash(self)
@@ -99,12 +186,14 @@ class FrontendConfig:
         return to_dict(self)
 
     def num_frames(self, num_samples: int) -> int:
-        """Frames of a recording of ``num_samples`` samples (reference framing, no padding)."""
+        """Frames of a recording of ``num_samples`` samples (see :func:`num_frames`)."""
         return num_frames(num_samples, self)
 
     @property
     def min_samples(self) -> int:
         """Shortest recording that yields one full example (15600 samples = 0.975 s)."""
+        if self.center:
+            return max((self.example_frames - 1) * self.hop_length, self.n_fft // 2 + 1)
         return self.win_length + (self.example_frames - 1) * self.hop_length
 
 
@@ -112,15 +201,50 @@ DEFAULT = FrontendConfig()
 
 
 def num_frames(num_samples: int, cfg: FrontendConfig = DEFAULT) -> int:
-    """``1 + (N - win) // hop`` frames, or 0 when the recording is shorter than one frame."""
+    """Frames of a recording of ``N = num_samples`` samples.
+
+    Not centred (VGGish): ``1 + (N - win) // hop``, or 0 when the recording is shorter than one
+    frame. Centred: ``1 + N // hop`` (``n_fft`` even; librosa/torch.stft framing of the padded
+    signal), or 0 when ``N <= n_fft // 2``: reflect padding needs more samples than it pads, and
+    the same rule holds for zero padding so that the count never depends on ``pad_mode``.
+    """
+    if cfg.center:
+        if num_samples <= cfg.n_fft // 2:
+            return 0
+        return 1 + (num_samples + 2 * (cfg.n_fft // 2) - cfg.n_fft) // cfg.hop_length
     if num_samples < cfg.win_length:
         return 0
     return 1 + (num_samples - cfg.win_length) // cfg.hop_length
 
 
-def hertz_to_mel(hz: np.ndarray | float) -> np.ndarray:
-    """HTK mel scale: ``1127 ln(1 + f / 700)``."""
-    return 1127.0 * np.log1p(np.asarray(hz, dtype=np.float64) / 700.0)
+# Slaney's mel scale (the Auditory Toolbox, librosa's default): one mel per 200/3 Hz up to 1 kHz
+# (15 mel), then 27 mel per factor 6.4 in frequency.
+_SLANEY_HZ_PER_MEL = 200.0 / 3.0
+_SLANEY_BREAK_HZ = 1000.0
+_SLANEY_BREAK_MEL = _SLANEY_BREAK_HZ / _SLANEY_HZ_PER_MEL
+_SLANEY_LOGSTEP = np.log(6.4) / 27.0
+
+
+def hertz_to_mel(hz: np.ndarray | float, scale: str = "htk") -> np.ndarray:
+    """Hz to mel: HTK ``1127 ln(1 + f / 700)``, or Slaney's scale (``scale="slaney"``)."""
+    f = np.asarray(hz, dtype=np.float64)
+    if scale == "htk":
+        return 1127.0 * np.log1p(f / 700.0)
+    log_part = _SLANEY_BREAK_MEL + np.log(np.maximum(f, _SLANEY_BREAK_HZ) / _SLANEY_BREAK_HZ) / (
+        _SLANEY_LOGSTEP
+    )
+    return np.where(f >= _SLANEY_BREAK_HZ, log_part, f / _SLANEY_HZ_PER_MEL)
+
+
+def mel_to_hertz(mel: np.ndarray | float, scale: str = "htk") -> np.ndarray:
+    """Inverse of :func:`hertz_to_mel`."""
+    m = np.asarray(mel, dtype=np.float64)
+    if scale == "htk":
+        return 700.0 * np.expm1(m / 1127.0)
+    log_part = _SLANEY_BREAK_HZ * np.exp(
+        _SLANEY_LOGSTEP * (np.maximum(m, _SLANEY_BREAK_MEL) - _SLANEY_BREAK_MEL)
+    )
+    return np.where(m >= _SLANEY_BREAK_MEL, log_part, m * _SLANEY_HZ_PER_MEL)
 
 
 def _window(cfg: FrontendConfig) -> np.ndarray:
@@ -132,34 +256,87 @@ def _window(cfg: FrontendConfig) -> np.ndarray:
 @functools.lru_cache(maxsize=16)
 def _mel_matrix_cached(cfg: FrontendConfig) -> np.ndarray:
     n_bins = cfg.n_fft // 2 + 1
-    bins_mel = hertz_to_mel(np.linspace(0.0, cfg.sample_rate / 2.0, n_bins))
-    edges = np.linspace(hertz_to_mel(cfg.fmin), hertz_to_mel(cfg.fmax), cfg.n_mels + 2)
-    lower, center, upper = edges[:-2], edges[1:-1], edges[2:]
-    rising = (bins_mel[:, None] - lower) / (center - lower)
-    falling = (upper - bins_mel[:, None]) / (upper - center)
+    bins_hz = np.linspace(0.0, cfg.sample_rate / 2.0, n_bins)
+    scale = cfg.mel_scale
+    edges = np.linspace(
+        hertz_to_mel(cfg.fmin, scale), hertz_to_mel(cfg.fmax, scale), cfg.n_mels + 2
+    )
+    edges_hz = mel_to_hertz(edges, scale)
+    if cfg.mel_triangles == "mel":
+        bins, pts = hertz_to_mel(bins_hz, scale), edges
+    else:
+        bins, pts = bins_hz, edges_hz
+    lower, center, upper = pts[:-2], pts[1:-1], pts[2:]
+    rising = (bins[:, None] - lower) / (center - lower)
+    falling = (upper - bins[:, None]) / (upper - center)
     weights = np.maximum(0.0, np.minimum(rising, falling))
-    # The reference zeroes the DC row (the lowest band may otherwise catch DC when fmin == 0).
-    weights[0, :] = 0.0
+    if cfg.mel_triangles == "mel":
+        # The reference zeroes the DC row (the lowest band may otherwise catch DC, fmin == 0).
+        weights[0, :] = 0.0
+    if cfg.mel_norm == "slaney":
+        weights *= 2.0 / (edges_hz[2:] - edges_hz[:-2])
     weights.setflags(write=False)
     return weights
 
 
 def mel_matrix(cfg: FrontendConfig = DEFAULT) -> np.ndarray:
-    """Mel weights of shape ``(n_fft // 2 + 1, n_mels)``, float64, as the VGGish reference."""
+    """Mel weights of shape ``(n_fft // 2 + 1, n_mels)``, float64.
+
+    The default is the VGGish reference's matrix; with ``mel_triangles="hertz"``,
+    ``mel_scale="slaney"`` and ``mel_norm="slaney"`` it is ``librosa.filters.mel(...).T``.
+    """
     return _mel_matrix_cached(cfg).copy()
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What one front end needs per frame, computed once per config."""
+
+    window: np.ndarray  # (win_length,) float64
+    lo: int  # FFT bins lo:hi are the ones some band uses
+    hi: int
+    # The mel product as two banded sums: bin lo + j adds w1[j] * S[j] to band b1[j] and
+    # w2[j] * S[j] to band b1[j] + 1 (a bin lies in at most two adjacent triangles). Bins of one
+    # band are consecutive, so each sum is one ``np.add.reduceat`` over groups starting at
+    # ``starts``, whose first bands are ``first``.
+    w1: np.ndarray  # (hi - lo,) float32
+    w2: np.ndarray  # (hi - lo,) float32
+    starts: np.ndarray  # (groups,) int
+    first: np.ndarray  # (groups,) int
+
+
 @functools.lru_cache(maxsize=16)
-def _plan(cfg: FrontendConfig) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """float64 window, the non-zero rows ``lo:hi`` of the mel matrix (float32), lo, hi."""
+def _plan(cfg: FrontendConfig) -> _Plan:
     weights = _mel_matrix_cached(cfg)
     used = np.flatnonzero(weights.any(axis=1))
     lo, hi = (int(used[0]), int(used[-1]) + 1) if len(used) else (0, 1)
-    sub = np.ascontiguousarray(weights[lo:hi], dtype=np.float32)
+    sub = weights[lo:hi]
+    nz = sub > 0
+    # first band of each bin (a bin no band uses takes the previous bin's, with weight 0)
+    b1 = np.maximum.accumulate(np.where(nz.any(axis=1), nz.argmax(axis=1), 0))
+    rows = np.arange(len(sub))
+    w1 = sub[rows, b1]
+    b2 = np.minimum(b1 + 1, cfg.n_mels - 1)
+    w2 = np.where(b2 > b1, sub[rows, b2], 0.0)
+    rebuilt = np.zeros_like(sub)
+    rebuilt[rows, b1] += w1
+    rebuilt[rows, b2] += w2
+    if not np.array_equal(rebuilt, sub) or np.any(np.diff(b1) < 0):
+        raise AssertionError("mel triangles overlap more than two at a time")  # pragma: no cover
+    starts = np.flatnonzero(np.r_[True, np.diff(b1) > 0])
     win = _window(cfg)
-    sub.setflags(write=False)
-    win.setflags(write=False)
-    return win, sub, lo, hi
+    plan = _Plan(
+        window=win,
+        lo=lo,
+        hi=hi,
+        w1=w1.astype(np.float32),
+        w2=w2.astype(np.float32),
+        starts=starts,
+        first=b1[starts],
+    )
+    for a in (plan.window, plan.w1, plan.w2, plan.starts, plan.first):
+        a.setflags(write=False)
+    return plan
 
 
 def _as_float(waveform: Any) -> np.ndarray:
@@ -172,15 +349,39 @@ def _as_float(waveform: Any) -> np.ndarray:
     return x.astype(np.float32)
 
 
+def _mel_sums(spec: np.ndarray, plan: _Plan, out: np.ndarray) -> None:
+    """``out[t, b] = sum_k spec[t, k] * W[lo + k, b]`` in a fixed summation order.
+
+    A BLAS matrix product would be faster to write, but its rounding depends on how many threads
+    it splits the product over: features computed in a worker and in the main process would then
+    differ in the last bit. These sums run in NumPy's own loops, the same on any thread count.
+    """
+    out[:] = 0.0
+    # Group g's bins rise into band first[g] and fall from band first[g] + 1.
+    out[:, plan.first] = np.add.reduceat(spec * plan.w1, plan.starts, axis=1)
+    second = np.add.reduceat(spec * plan.w2, plan.starts, axis=1)
+    up = plan.first + 1
+    keep = up < out.shape[1]
+    out[:, up[keep]] += second[:, keep]
+
+
 def _log_mel_1d(x: np.ndarray, cfg: FrontendConfig, out: np.ndarray, chunk: int) -> None:
     """Fill ``out`` (frames, n_mels) float32 with the log-mel of the 1-D signal ``x``."""
-    win, weights, lo, hi = _plan(cfg)
+    plan = _plan(cfg)
+    lo, hi = plan.lo, plan.hi
     total = out.shape[0]
     if total == 0:
         return
     x = np.ascontiguousarray(x)
+    start0 = 0
+    if cfg.center:
+        half = cfg.n_fft // 2
+        x = np.pad(x, half, mode=cfg.pad_mode)
+        # The window sits in the middle of its n_fft-sample frame (librosa's get_window padding);
+        # where the windowed samples then sit in the FFT buffer changes only the phase.
+        start0 = (cfg.n_fft - cfg.win_length) // 2
     frames = np.lib.stride_tricks.as_strided(
-        x,
+        x[start0:],
         shape=(total, cfg.win_length),
         strides=(cfg.hop_length * x.strides[0], x.strides[0]),
         writeable=False,
@@ -189,14 +390,14 @@ def _log_mel_1d(x: np.ndarray, cfg: FrontendConfig, out: np.ndarray, chunk: int)
     # frame's energy) leaks into its near-silent bands, which log(mel + 0.01) magnifies to ~1e-3
     # for a full-scale tone or chirp; pocketfft's float64 transform costs ~1.3x its float32 one.
     # Magnitudes are then exact to float32 precision relative to themselves, and the mel sums
-    # (non-negative terms) stay so in a float32 matmul.
+    # (non-negative terms) stay so in float32.
     buf = np.zeros((min(chunk, total), cfg.n_fft), dtype=np.float64)
     mag = np.empty((buf.shape[0], hi - lo), dtype=np.float32)
     for start in range(0, total, chunk):
         m = min(chunk, total - start)
         b = buf[:m]
         # Window straight into the zero-padded FFT buffer.
-        np.multiply(frames[start : start + m], win, out=b[:, : cfg.win_length])
+        np.multiply(frames[start : start + m], plan.window, out=b[:, : cfg.win_length])
         spec = _rfft(b)[:, lo:hi]
         mg = mag[:m]
         # Rounding each component to float32 is exact relative to the bin itself, and |z| of
@@ -207,9 +408,26 @@ def _log_mel_1d(x: np.ndarray, cfg: FrontendConfig, out: np.ndarray, chunk: int)
         else:
             np.add(np.square(spec32.real), np.square(spec32.imag), out=mg)
         dest = out[start : start + m]
-        np.matmul(mg, weights, out=dest)
-        dest += np.float32(cfg.log_offset)
-        np.log(dest, out=dest)
+        _mel_sums(mg, plan, dest)
+        if cfg.log == "offset":
+            dest += np.float32(cfg.log_offset)
+            np.log(dest, out=dest)
+        else:
+            np.maximum(dest, np.float32(cfg.amin), out=dest)
+            np.log10(dest, out=dest)
+            dest *= np.float32(10.0)
+
+
+def _check_shape(x: np.ndarray, cfg: FrontendConfig) -> None:
+    if x.ndim == 0:
+        raise ValueError("waveform must have a samples axis: (..., samples)")
+    if x.ndim >= 2 and x.shape[-1] < cfg.win_length and x.shape[-2] > x.shape[-1]:
+        # (samples, channels) audio read channels-last: every "recording" would be a handful of
+        # samples long, giving zero frames for each of thousands of rows instead of an error.
+        raise ValueError(
+            f"waveform of shape {x.shape} looks like (samples, channels): log_mel takes "
+            f"(..., samples) with samples last; pass waveform.T (or one channel) instead"
+        )
 
 
 def log_mel(
@@ -217,15 +435,20 @@ def log_mel(
 ) -> np.ndarray:
     """Log-mel features: ``(..., samples) -> (..., frames, n_mels)`` float32.
 
-    ``frames = 1 + (samples - win_length) // hop_length`` (0 when shorter than one frame): the
-    reference framing, no centring, no padding. Float32 and float64 input are both windowed
-    and transformed in float64 (results agree with the float64 reference to ~1e-6 on the log
-    scale); integer input is read as PCM and scaled to [-1, 1). Memory beyond the output is
-    bounded by ``chunk_frames``. The FFT is single-threaded: parallelism comes from workers.
+    ``frames`` is :func:`num_frames` of the sample count: with the VGGish preset
+    ``1 + (samples - win_length) // hop_length`` (0 when shorter than one frame), the reference
+    framing, no centring, no padding. A 1-D waveform shorter than one frame gives 0 frames; a
+    2-D or higher array whose last axis is shorter than one frame and shorter than the axis
+    before it is refused (``ValueError``): it is almost surely ``(samples, channels)``.
+
+    Float32 and float64 input are both windowed and transformed in float64 (results agree with
+    the float64 reference to ~1e-6 on the log scale); integer input is read as PCM and scaled
+    to [-1, 1). Memory beyond the output is bounded by ``chunk_frames``. The FFT is
+    single-threaded and the mel sums use no BLAS, so the result is the same bit for bit on any
+    number of threads; parallelism comes from workers.
     """
     x = _as_float(waveform)
-    if x.ndim == 0:
-        raise ValueError("waveform must have a samples axis: (..., samples)")
+    _check_shape(x, cfg)
     lead, n = x.shape[:-1], x.shape[-1]
     t = num_frames(n, cfg)
     out = np.empty((*lead, t, cfg.n_mels), dtype=np.float32)
