@@ -860,7 +860,8 @@ def _render_table(obj: Any, prefix: str, skip: set[str]) -> list[str]:
         if value is None:
             lines.append(f"# {f.name} =   (unset by default)")
         else:
-            lines.append(_toml_value(f.name, plain[f.name]))
+            # (a field left out of to_dict at its default is still documented here)
+            lines.append(_toml_value(f.name, plain.get(f.name, value)))
     for name, value, help_text in nested:
         lines.append("")
         lines += _comment(help_text)
