@@ -43,6 +43,7 @@ def test_panns_preset_is_what_panns_uses() -> None:
         "slaney",
     )
     assert (c.center, c.pad_mode, c.log, c.amin) == (True, "reflect", "db", 1e-10)
+    assert c.example_frames == 100  # 1 s: shorter clips are too_short
 
 
 def test_panns_matches_torchlibrosa_to_a_thousandth_of_a_db() -> None:
@@ -132,12 +133,16 @@ def test_centred_framing_matches_librosa_stft() -> None:
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4, err_msg=pad_mode)
 
 
-@pytest.mark.parametrize("n", [0, 1, 512, 513, 319679, 319680])
+@pytest.mark.parametrize("n", [0, 1, 512, 513, 31679, 31680, 319999, 320000])
 def test_centred_frame_counts(n: int) -> None:
     want = 0 if n <= 512 else 1 + n // 320
     assert num_frames(n, PANNS) == want
     assert log_mel(np.zeros(n, np.float32), PANNS).shape == (want, 64)
-    assert PANNS.min_samples == 319680  # 999 hops: 1000 frames, the 10 s PANNs clip
+    assert PANNS.min_samples == 31680  # 99 hops: one 100-frame example
+    assert num_frames(PANNS.min_samples, PANNS) == PANNS.example_frames == 100
+    assert num_frames(PANNS.min_samples - 1, PANNS) == 99
+    odd = FrontendConfig(center=True, n_fft=513, win_length=400)
+    assert num_frames(odd.min_samples, odd) == 96 > num_frames(odd.min_samples - 1, odd)
 
 
 def test_db_log_of_silence_is_the_floor() -> None:

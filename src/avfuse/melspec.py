@@ -155,8 +155,10 @@ class FrontendConfig:
 
         32 kHz, 1024-sample periodic Hann frames every 320 samples, centred with reflect
         padding, power spectrum, 64 Slaney-scale, Slaney-normalised mel bands (librosa's
-        construction) from 50 to 14000 Hz, ``10 log10(max(mel, 1e-10))``; examples of 1000
-        frames (10 s, the clips PANNs were trained on).
+        construction) from 50 to 14000 Hz, ``10 log10(max(mel, 1e-10))``. Examples are 100
+        frames (1 s): the shortest clip kept. PANNs were trained on 10 s clips, but a 9.9 s
+        Kinetics clip must not become ``too_short``; how much of a clip a model sees at once is
+        the model's setting.
         """
         return cls(
             sample_rate=32000,
@@ -174,7 +176,7 @@ class FrontendConfig:
             pad_mode="reflect",
             log="db",
             amin=1e-10,
-            example_frames=1000,
+            example_frames=100,
         )
 
     def hash(self) -> str:
@@ -192,7 +194,8 @@ class FrontendConfig:
     def min_samples(self) -> int:
         """Shortest recording that yields one full example (15600 samples = 0.975 s)."""
         if self.center:
-            return max((self.example_frames - 1) * self.hop_length, self.n_fft // 2 + 1)
+            n = (self.example_frames - 1) * self.hop_length + self.n_fft % 2
+            return max(n, self.n_fft // 2 + 1)
         return self.win_length + (self.example_frames - 1) * self.hop_length
 
 
