@@ -239,3 +239,15 @@ def test_panns_is_exact_in_near_silent_bands() -> None:
     got = log_mel(x, PANNS)
     assert want.min() < -60  # (bands far below the tone's)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
+
+
+def test_options_reach_the_features_config_from_the_command_line() -> None:
+    from avfuse.config import apply_overrides
+    from avfuse.features import FeaturesConfig
+
+    base = FeaturesConfig(work=Path("w"))
+    cfg = apply_overrides(base, ["frontend.center=true", 'frontend.mel_scale="slaney"'])
+    assert cfg.frontend.center and cfg.frontend.mel_scale == "slaney"
+    assert cfg.frontend.hash() == FrontendConfig(center=True, mel_scale="slaney").hash()
+    with pytest.raises(ValueError, match="mel_norm"):
+        apply_overrides(base, ['frontend.mel_norm="area"'])
