@@ -3,13 +3,14 @@
 Same-shaped VGGish features (n_fft 512, hop 160, window 400, 64 HTK mel bands, 125-7500 Hz,
 magnitude, log(mel + 0.01)) for the same 10 s clips, one thread for every library:
 
-* ``avfuse log_mel``                      this project (float64 FFT, float32 mel product)
+* ``avfuse log_mel``                      this project (float32 FFT, float64 for unsure frames)
 * ``avfuse log_mel, batch``               the clips as one ``(clips, samples)`` array
 * ``librosa.feature.melspectrogram``      ``center=False``, ``power=1``, ``htk=True``, then log
 * plain scipy float32                     frames copied, ``scipy.fft.rfft(n=512)``, abs, dot, log
 
 Figures are x-realtime per core (seconds of audio per second of compute), best of ``--repeats``
-interleaved rounds, with the ratio to librosa. With ``--videos N`` it also times end to end, on N
+interleaved rounds, with the ratio to librosa. Compute is this process's CPU time: on a shared
+machine wall time would count the neighbours' load too. With ``--videos N`` it also times end to end, on N
 generated 10 s AAC mp4s: bare decode+resample (``avfuse.extract.decode_audio``) against
 decode+resample+``log_mel`` (the ``features --from-video`` worker's work per file).
 
@@ -83,9 +84,9 @@ def run_librosa(x: np.ndarray) -> np.ndarray:
 
 
 def best_time(fn: Callable[[], object], best: float) -> float:
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     fn()
-    return min(best, time.perf_counter() - t0)
+    return min(best, time.process_time() - t0)
 
 
 def one_thread() -> contextlib.AbstractContextManager[object]:

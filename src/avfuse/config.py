@@ -15,6 +15,8 @@ the documentation come from one place. Metadata keys understood here:
 ``positional``  the field is a positional CLI argument
 ``flags``       extra option strings, e.g. ``("-o",)``
 ``cli``         ``False`` hides the field from the CLI (still settable with ``--set``)
+``omit_default`` ``True`` leaves the field out of ``to_dict`` (so of files and hashes) while it
+                holds its default: a field added later keeps the hashes of earlier configs
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     hints = _field_types(type(cfg))
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cfg):
+        if f.metadata.get("omit_default") and getattr(cfg, f.name) == f.default:
+            continue
         value = _plain(getattr(cfg, f.name))
         base, _ = _unwrap_optional(hints.get(f.name))
         if base is float and isinstance(value, int) and not isinstance(value, bool):

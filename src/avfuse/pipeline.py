@@ -201,6 +201,18 @@ class StageConfigs:
     fuse: FuseConfig | None  # None: no video scores configured (audio-only run)
 
 
+def _extract_rate(cfg: RunConfig) -> int:
+    """The rate extraction writes: the front end's, so features never resample again."""
+    rate = cfg.features.frontend.sample_rate
+    default = next(f.default for f in dataclasses.fields(ExtractConfig) if f.name == "sample_rate")
+    if cfg.extract.sample_rate not in (default, rate):
+        raise ValueError(
+            f"[extract].sample_rate = {cfg.extract.sample_rate} but the front end takes {rate} Hz: "
+            "set [features.frontend].sample_rate instead (extraction follows it)"
+        )
+    return rate
+
+
 def stage_configs(cfg: RunConfig) -> StageConfigs:
     """Resolve ``cfg`` into the config each stage function is called with."""
     if cfg.root is None:
@@ -248,6 +260,7 @@ def stage_configs(cfg: RunConfig) -> StageConfigs:
             dataclasses.replace(cfg.extract, scheduler=cfg.extract.scheduler or cfg.scheduler),
             "extract",
             work=work,
+            sample_rate=_extract_rate(cfg),
         ),
         features=_stage(
             FeaturesConfig,
@@ -847,7 +860,8 @@ def _render_table(obj: Any, prefix: str, skip: set[str]) -> list[str]:
         if value is None:
             lines.append(f"# {f.name} =   (unset by default)")
         else:
-            lines.append(_toml_value(f.name, plain[f.name]))
+            # (a field left out of to_dict at its default is still documented here)
+            lines.append(_toml_value(f.name, plain.get(f.name, value)))
     for name, value, help_text in nested:
         lines.append("")
         lines += _comment(help_text)
