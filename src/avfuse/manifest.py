@@ -357,9 +357,11 @@ def _csv_records(csv_path: Path, cfg: ScanConfig) -> list[tuple[str, str | None,
         raise AnnotationError(f"{csv_path}: cannot read the annotation file ({exc})") from None
     reader = csv.reader(io.StringIO(text, newline=""))
     cols: dict[str, int] | None = None
+    end = 0
     try:
         for row in reader:
-            where = f"{csv_path}:{reader.line_num}"
+            # A quoted field may span lines: name the line the row starts on.
+            where, end = f"{csv_path}:{end + 1}", reader.line_num
             if not any(c.strip() for c in row):
                 continue
             cells = [c.strip().lower() for c in row]
@@ -479,8 +481,9 @@ def scan(cfg: ScanConfig) -> pd.DataFrame:
             raise ValueError(f"no rows in {', '.join(map(str, cfg.annotations))}")
         looked = " ".join(sorted({e.lower() for e in cfg.extensions}))
         raise ValueError(
-            f"no videos or audio files found under {root} (looked for {looked}); add "
-            'extensions with --set \'scan.extensions=[".mp4", ".xyz"]\''
+            f"no videos or audio files found under {root} (looked for {looked}); to look for "
+            'others, list every extension wanted: --set \'extensions=[".mp4", ".xyz"]\' '
+            "(in avfuse run: --set 'scan.extensions=[...]')"
         )
     _assign_ids(rows)
 
