@@ -294,30 +294,39 @@ def _odd_entry(e: os.DirEntry[str]) -> tuple[str, str]:
     return "special_file", "not a regular file or folder"
 
 
+def _aliases(cfg: ScanConfig) -> dict[str, str]:
+    return {k.casefold(): v for k, v in cfg.split_aliases.items()}
+
+
 def _split_name(raw: str, aliases: dict[str, str]) -> str:
-    low = {k.casefold(): v for k, v in aliases.items()}
-    return low.get(raw.casefold(), raw)
+    """The avfuse split of a split as distributed (``aliases`` from :func:`_aliases`)."""
+    return aliases.get(raw.casefold(), raw)
 
 
 def _walk(root: Path, cfg: ScanConfig, found: _Scanned) -> list[dict[str, object]]:
     exts = {e.lower() for e in cfg.extensions}
     _walk_tree(root, exts, Path(cfg.work), found, check_names=True)
+    aliases = _aliases(cfg)
+    checked: set[tuple[str, ...]] = set()  # split and class folders already found usable
     rows: list[dict[str, object]] = []
     for path, rel, size in found.files:
         if len(rel) < 2:
             found.warn(path, "outside_split", "a file directly under the root, not in a split")
             continue
-        problem = name_problem(rel[0])
-        if problem:
-            raise UnsafeNameError(f"split folder {_shown(root / rel[0])!r}: name {problem}")
-        split = _split_name(rel[0], cfg.split_aliases)
+        if rel[:1] not in checked:
+            if problem := name_problem(rel[0]):
+                raise UnsafeNameError(f"split folder {_shown(root / rel[0])!r}: name {problem}")
+            checked.add(rel[:1])
+        split = _split_name(rel[0], aliases)
         if cfg.splits and split not in cfg.splits:
             continue
         label = rel[1] if len(rel) >= 3 else None
-        if label is not None and (problem := name_problem(label)):
-            raise UnsafeNameError(
-                f"class folder {_shown(root / rel[0] / rel[1])!r}: name {problem}; rename it"
-            )
+        if label is not None and rel[:2] not in checked:
+            if problem := name_problem(label):
+                raise UnsafeNameError(
+                    f"class folder {_shown(root / rel[0] / rel[1])!r}: name {problem}; rename it"
+                )
+            checked.add(rel[:2])
         rows.append(
             {"split": split, "label": label, "path": path, "rel": "/".join(rel), "size": size}
         )
@@ -347,7 +356,8 @@ def _csv_records(csv_path: Path, cfg: ScanConfig) -> list[tuple[str, str | None,
     without labels appended); ``label`` and ``split`` are optional, other columns (``is_cc``)
     are ignored. A row that cannot be used is an :class:`AnnotationError` naming file and line.
     """
-    default_split = csv_path.stem.rsplit("_", 1)[-1] if "_" in csv_path.stem else csv_path.stem
+    default_split = csv_path.stem.rsplit("_", 1)[-1]  # kinetics700_2020_validate -> validate
+    aliases = _aliases(cfg)
     out: list[tuple[str, str | None, str, str]] = []
     try:
         text = csv_path.read_text("utf-8-sig")
@@ -387,7 +397,7 @@ def _csv_records(csv_path: Path, cfg: ScanConfig) -> list[tuple[str, str | None,
             if label and (problem := name_problem(label)):
                 raise AnnotationError(f"{where}: label {label!r} {problem}")
             raw_split = nfc(row[cols["split"]]) if "split" in cols else ""
-            split = _split_name(raw_split or default_split, cfg.split_aliases)
+            split = _split_name(raw_split or default_split, aliases)
             if problem := name_problem(split):
                 raise AnnotationError(f"{where}: split {split!r} {problem}")
             out.append((split, label or None, kinetics_clip_name(yt, t0, t1), where))
@@ -405,6 +415,7 @@ def _from_csv(root: Path, cfg: ScanConfig, found: _Scanned) -> list[dict[str, ob
     index: dict[str, list[tuple[str, tuple[str, ...], int]]] = {}
     for f in found.files:
         index.setdefault(os.path.splitext(f[1][-1])[0], []).append(f)
+    aliases = _aliases(cfg)
     rows: list[dict[str, object]] = []
     first: dict[tuple[str, str | None, str], str] = {}
     used: set[str] = set()
@@ -421,7 +432,7 @@ def _from_csv(root: Path, cfg: ScanConfig, found: _Scanned) -> list[dict[str, ob
             cands = sorted(
                 index.get(stem, []),
                 key=lambda f: (
-                    not f[1][:-1] or _split_name(f[1][0], cfg.split_aliases) != split,
+                    not f[1][:-1] or _split_name(f[1][0], aliases) != split,
                     f[0],
                 ),
             )

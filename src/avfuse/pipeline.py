@@ -815,6 +815,9 @@ def _comment(text: str, width: int = 98) -> list[str]:
 def _toml_value(key: str, value: Any) -> str:
     import tomli_w
 
+    if isinstance(value, dict):  # inline, or it would become a table outside its section
+        items = ", ".join(tomli_w.dumps({k: v}).strip() for k, v in value.items())
+        return f"{tomli_w.dumps({key: 0}).split('=')[0].strip()} = {{{items}}}"
     return tomli_w.dumps({key: value}).strip()
 
 
