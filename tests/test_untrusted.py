@@ -627,3 +627,26 @@ def test_no_files_found_names_the_extensions_and_the_fix(tmp_path: Path) -> None
     assert ".mp4" in str(err.value) and ".aiff" not in str(err.value)
     df = scan(apply_overrides(cfg, ['extensions=[".aiff"]']))
     assert list(df["video_id"]) == ["train/a/x"]
+
+
+def test_scan_cli_takes_several_annotation_files_and_fails_cleanly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from avfuse.cli import main
+
+    root = tmp_path / "k"
+    _touch(root, "train/a/aaaaaaaaaaa_000000_000010.mp4", "val/a/bbbbbbbbbbb_000000_000010.mp4")
+    head = "label,youtube_id,time_start,time_end,split"
+    tr = _kinetics(tmp_path / "train.csv", [head, "a,aaaaaaaaaaa,0,10,train"])
+    va = _kinetics(tmp_path / "validate.csv", [head, "a,bbbbbbbbbbb,0,10,validate"])
+    assert main(["scan", str(root), "-o", str(tmp_path / "w"), "--annotations", f"{tr},{va}"]) == 0
+    df = pd.read_parquet(tmp_path / "w" / "manifest.parquet")
+    assert dict(zip(df["video_id"], df["split"], strict=True)) == {
+        "train/a/aaaaaaaaaaa_000000_000010": "train",
+        "val/a/bbbbbbbbbbb_000000_000010": "val",
+    }
+    bad = _kinetics(tmp_path / "bad.csv", [head, "a,ccccccccccc,0,,train"])
+    capsys.readouterr()
+    assert main(["scan", str(root), "-o", str(tmp_path / "w2"), "--annotations", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{bad}:2: empty time_end" in err
