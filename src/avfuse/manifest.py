@@ -116,8 +116,10 @@ class ScanConfig:
     )
 
     def __post_init__(self) -> None:
-        # One file given the old way (a single path) is still a list of annotation files.
-        if isinstance(self.annotations, str | os.PathLike):
+        # One file given the old way (a single path, or None for none) is still a list.
+        if self.annotations is None:
+            object.__setattr__(self, "annotations", ())
+        elif isinstance(self.annotations, str | os.PathLike):
             object.__setattr__(self, "annotations", (Path(self.annotations),))
 
 

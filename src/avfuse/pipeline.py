@@ -530,7 +530,9 @@ def _run_scan(
 
     df = scan(sc.scan)
     counts = df["split"].value_counts().sort_index()
-    return f"{len(df)} videos ({', '.join(f'{k} {v}' for k, v in counts.items())})"
+    n_warn = len(df.attrs.get("scan_warnings", ()))
+    warned = f", {n_warn} warnings in scan_warnings.csv" if n_warn else ""
+    return f"{len(df)} videos ({', '.join(f'{k} {v}' for k, v in counts.items())}){warned}"
 
 
 def _run_extract(
