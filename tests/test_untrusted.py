@@ -8,6 +8,7 @@ import csv
 import logging
 import os
 import pickle
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -256,6 +257,22 @@ def test_truncated_checkpoint_is_one_clean_error(tmp_path: Path, keep: float) ->
         with pytest.raises(CorruptCheckpointError) as err:
             load(cut)
         assert str(cut) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_damaged_pickle_inside_a_checkpoint_is_corrupt_not_hostile(tmp_path: Path) -> None:
+    torch.save({"w": torch.ones(3)}, tmp_path / "ok.pt")
+    with (
+        zipfile.ZipFile(tmp_path / "ok.pt") as zin,
+        zipfile.ZipFile(tmp_path / "bad.pt", "w") as zout,
+    ):
+        for name in zin.namelist():
+            data = zin.read(name)
+            if name.endswith("data.pkl"):
+                data = data[:2] + b"\xff" + data[3:]  # an opcode no pickle has
+            zout.writestr(name, data)
+    with pytest.raises(CorruptCheckpointError, match=r"bad\.pt.*Unsupported operand") as err:
+        load_torch(tmp_path / "bad.pt")
+    assert "\n" not in str(err.value) and "documentation" not in str(err.value)
 
 
 # --------------------------------------------------------------------------- paths

@@ -17,8 +17,8 @@ exact ``(module, name)`` pairs only, looked up in a table and never imported by 
     be handed another callable.
 
 A refused global raises :class:`UnsafePickleError` naming it; a truncated or corrupt file
-raises :class:`CorruptCheckpointError` (checkpoints) or :class:`UnsafePickleError`'s sibling
-``ValueError`` subclasses, always one line naming the file.
+raises :class:`CorruptPickleError` (pickles) or :class:`CorruptCheckpointError` (checkpoints).
+All three are ``ValueError`` subclasses with one line naming the file.
 """
 
 from __future__ import annotations
@@ -214,8 +214,10 @@ def _refusal(exc: BaseException, where: str) -> UnsafePickleError:
 
 
 def _is_refusal(exc: BaseException) -> bool:
+    # torch prefixes every weights-only failure alike; a refusal names a global or the allowlist,
+    # a damaged stream says e.g. "Unsupported operand".
     text = str(exc)
-    return "GLOBAL" in text or "allowlist" in text or "Weights only load failed" in text
+    return bool(_GLOBAL_IN_MESSAGE.search(text)) or "allowlisted" in text
 
 
 def load_torch(path: str | Path, *, allow_numpy_rng: bool = True) -> Any:
@@ -261,4 +263,6 @@ def _corrupt(path: Path, exc: BaseException) -> str:
 
 def _first_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
+    # torch wraps the unpickler's own words in paragraphs of advice; keep only those words.
+    text = text.split("WeightsUnpickler error:")[-1].split(" Check the documentation")[0].strip()
     return f"{type(exc).__name__}: {text}"[:200]
