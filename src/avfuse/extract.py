@@ -42,7 +42,14 @@ import soxr
 
 from avfuse import __version__
 from avfuse.config import load_config, num_workers_field, save_config, scheduler_field
-from avfuse.io import RecordLog, atomic_write, error_reason, remove_stale_temporaries, write_table
+from avfuse.io import (
+    RecordLog,
+    atomic_write,
+    error_reason,
+    remove_stale_temporaries,
+    safe_join,
+    write_table,
+)
 from avfuse.manifest import load_manifest
 from avfuse.parallel import batched, executor_width, make_executor, map_batches
 
@@ -447,7 +454,7 @@ def _extract_one(task: dict[str, str], work: Path, sample_rate: int) -> dict[str
     if res.status not in USABLE:
         return _record(vid, res.status, res.reason, sample_rate, **info)
     try:
-        write_audio(work / rel, res.samples, sample_rate)
+        write_audio(safe_join(work, rel), res.samples, sample_rate)
     except Exception as exc:  # disk full, permissions: this video fails, the run goes on
         return _record(
             vid, "unreadable", f"writing output failed: {error_reason(exc)}", sample_rate, **info

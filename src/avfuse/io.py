@@ -145,3 +145,27 @@ class RecordLog:
         df = self.read().sort_values(self.key).reset_index(drop=True)
         write_table(df, path, metadata)
         return df
+
+
+class PathEscapeError(ValueError):
+    """An output path built from names in the data that would leave the work folder."""
+
+
+def safe_join(work: str | Path, *parts: str | Path) -> Path:
+    """``work / parts...``, refused unless it stays inside ``work``.
+
+    Ids and labels come from the data; ``../`` in one, an absolute part or a NUL must never
+    decide where a file is written. The check is on the normalised path, not on symlinks, so a
+    folder of WORK that the user linked to another disk keeps working.
+    """
+    base = os.path.abspath(work)
+    text = [os.fspath(p) for p in parts]
+    target = os.path.normpath(os.path.join(base, *text))
+    if (
+        any("\0" in t for t in text)
+        or os.path.commonpath([base, target]) != base
+        or (target == base)
+    ):
+        shown = "/".join(text).encode("utf-8", "backslashreplace").decode("utf-8")
+        raise PathEscapeError(f"refusing to write {shown!r}: the path leaves {base}")
+    return Path(target)

@@ -21,8 +21,14 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
+import io
 import logging
+import math
+import os
 import posixpath
+import stat
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +37,8 @@ import pandas as pd
 
 from avfuse import __version__
 from avfuse.config import save_config
-from avfuse.io import atomic_write, read_table, table_metadata, write_table
-from avfuse.labels import kinetics_clip_name, nfc, read_label_map
+from avfuse.io import atomic_write, error_reason, read_table, table_metadata, write_table
+from avfuse.labels import kinetics_clip_name, match_class_names, nfc, read_label_map
 
 VIDEO_EXTENSIONS = (
     ".mp4",
@@ -49,9 +55,21 @@ VIDEO_EXTENSIONS = (
     ".wmv",
     ".ts",
 )
+# Audio-only datasets (ESC-50, UrbanSound8K, foley libraries) are scanned like videos.
+AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a")
+MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + AUDIO_EXTENSIONS
 MANIFEST = "manifest.parquet"
+SCAN_WARNINGS = "scan_warnings.csv"
 CLASSES = "classes.txt"
 NO_LABEL = -1
+# Kinetics-700 calls its validation split "validate"; other datasets spell the splits out.
+SPLIT_ALIASES = {
+    "validate": "val",
+    "valid": "val",
+    "validation": "val",
+    "training": "train",
+    "testing": "test",
+}
 log = logging.getLogger(__name__)
 
 
@@ -66,11 +84,11 @@ class ScanConfig:
         default=Path("work"),
         metadata={"help": "work folder for the manifest and every later output", "flags": ("-o",)},
     )
-    annotations: Path | None = field(
-        default=None,
+    annotations: tuple[Path, ...] = field(
+        default=(),
         metadata={
-            "help": "Kinetics-style CSV (label,youtube_id,time_start,time_end,"
-            "split) instead of walking the tree"
+            "help": "Kinetics-style CSV(s) (label,youtube_id,time_start,time_end,split; "
+            "comma-separated) instead of walking the tree"
         },
     )
     classes: Path | None = field(
@@ -86,8 +104,23 @@ class ScanConfig:
         metadata={"help": "splits to keep (default: every top-level folder / every CSV split)"},
     )
     extensions: tuple[str, ...] = field(
-        default=VIDEO_EXTENSIONS, metadata={"help": "video file extensions", "cli": False}
+        default=MEDIA_EXTENSIONS,
+        metadata={"help": "video and audio file extensions", "cli": False},
     )
+    split_aliases: dict[str, str] = field(
+        default_factory=lambda: dict(SPLIT_ALIASES),
+        metadata={
+            "help": "split names as distributed -> avfuse split (case-insensitive)",
+            "cli": False,
+        },
+    )
+
+    def __post_init__(self) -> None:
+        # One file given the old way (a single path, or None for none) is still a list.
+        if self.annotations is None:
+            object.__setattr__(self, "annotations", ())
+        elif isinstance(self.annotations, str | os.PathLike):
+            object.__setattr__(self, "annotations", (Path(self.annotations),))
 
 
 class UnknownClassError(ValueError):
@@ -103,6 +136,10 @@ def read_class_list(path: str | Path) -> list[str]:
 
 
 def write_class_list(path: str | Path, classes: list[str]) -> None:
+    """Write one name a line; a name that would not read back as itself is refused."""
+    bad = [c for c in classes if not c or c != c.strip() or _breaks_a_line(c)]
+    if bad:
+        raise UnsafeNameError(f"class names that cannot be written one a line: {bad[:5]!r}")
     with atomic_write(Path(path)) as tmp:
         tmp.write_text("".join(c + "\n" for c in classes), "utf-8")
 
@@ -111,53 +148,311 @@ def load_classes(work: str | Path) -> list[str]:
     return read_class_list(Path(work) / CLASSES)
 
 
-def _walk(root: Path, cfg: ScanConfig) -> list[dict[str, object]]:
+class UnsafeNameError(ValueError):
+    """A split, class or id that cannot be used in paths and one-name-a-line files."""
+
+
+class AnnotationError(ValueError):
+    """A Kinetics-style CSV that cannot be read; the message names the file and line."""
+
+
+# Unicode line/paragraph separators end a line for str.splitlines() as surely as "\n".
+_BREAKS = ("Cc", "Cs", "Zl", "Zp")
+
+
+def name_problem(name: str, kind: str = "label") -> str | None:
+    """Why ``name`` cannot be a split / class (``kind="label"``) or id component (``"file"``).
+
+    Refused: empty names, ``/`` and ``\\``, ``..`` (anywhere in a label; as the whole component
+    in a file name), control characters, line breaks, undecodable bytes (labels: every Unicode
+    "C" category, the rule of label maps) and leading or trailing whitespace. Returns ``None``
+    for a usable name.
+    """
+    if not name:
+        return "empty name"
+    if "/" in name or "\\" in name:
+        return "contains a path separator"
+    if (".." in name) if kind == "label" else name in (".", ".."):
+        return "contains '..'"
+    if name.isascii():  # the common case, without a look-up per character
+        if not name.isprintable():
+            return "contains control characters or line breaks"
+    else:
+        cats = {unicodedata.category(ch) for ch in name}
+        if "Cs" in cats:
+            return "is not valid UTF-8"
+        if cats & set(_BREAKS) or (kind == "label" and any(c[0] == "C" for c in cats)):
+            return "contains control characters or line breaks"
+    if name != name.strip():
+        return "has leading or trailing whitespace"
+    return None
+
+
+def _breaks_a_line(name: str) -> bool:
+    # The rule of read_label_map (no "C" category) plus what str.splitlines() splits on.
+    return any(
+        unicodedata.category(ch) in _BREAKS or unicodedata.category(ch)[0] == "C" for ch in name
+    )
+
+
+def _shown(path: str | Path) -> str:
+    # Names that cannot be written as UTF-8 (undecodable bytes) are shown escaped.
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+
+
+@dataclass
+class _Scanned:
+    """What a walk found: media files, and everything it could not use, with the reason."""
+
+    files: list[tuple[str, tuple[str, ...], int]] = field(default_factory=list)  # path, rel, size
+    warnings: list[dict[str, str]] = field(default_factory=list)
+
+    def warn(self, path: str | Path, kind: str, reason: str) -> None:
+        self.warnings.append({"path": _shown(path), "kind": kind, "reason": reason})
+
+
+def _walk_tree(top: Path, exts: set[str], skip: Path, found: _Scanned, check_names: bool) -> None:
+    """Every media file below ``top``, following symlinked folders once each (no loops).
+
+    One ``stat`` per file: ``os.scandir`` entries cache it. Each real folder is walked once;
+    a second way to it (a symlink loop, or two links to one folder) is a counted warning, as
+    are unreadable folders, dangling symlinks, FIFOs/sockets/devices and folders named like
+    media files. ``skip`` (the work folder, when it lies inside the dataset) is not walked.
+    """
+    top_real = os.path.realpath(top)
+    seen: dict[str, str] = {top_real: str(top)}
+    stack: list[tuple[str, str, tuple[str, ...]]] = [(str(top), top_real, ())]
+    skip_real = os.path.realpath(skip)
+    while stack:
+        dpath, dreal, drel = stack.pop()
+        try:
+            with os.scandir(dpath) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            found.warn(dpath, "unreadable_folder", error_reason(exc))
+            continue
+        subdirs: list[tuple[str, str, tuple[str, ...]]] = []
+        for e in entries:
+            name = nfc(e.name)
+            ext = os.path.splitext(name)[1].lower()
+            try:
+                is_dir = e.is_dir()
+                is_file = not is_dir and e.is_file()
+            except OSError as exc:
+                found.warn(e.path, "unreadable", error_reason(exc))
+                continue
+            if is_dir:
+                real = os.path.realpath(e.path) if e.is_symlink() else os.path.join(dreal, e.name)
+                if real == skip_real:
+                    found.warn(e.path, "work_folder", "the work folder itself is not scanned")
+                    continue
+                if real in seen:
+                    loop = dreal == real or dreal.startswith(real + os.sep)
+                    found.warn(
+                        e.path,
+                        "symlink_loop" if loop else "duplicate_folder",
+                        f"{'a loop back to' if loop else 'already scanned as'} {_shown(seen[real])}",
+                    )
+                    continue
+                # Split and class folders are checked where they name a row (an error there);
+                # a deeper folder only adds to ids, so one with an unusable name is skipped.
+                if check_names and len(drel) >= 2 and (problem := name_problem(name, "file")):
+                    found.warn(e.path, "unsafe_name", f"folder name {problem}; not scanned")
+                    continue
+                seen[real] = e.path
+                if ext in exts:
+                    found.warn(e.path, "folder_named_like_media", f"a folder, not a {ext} file")
+                subdirs.append((e.path, real, (*drel, name)))
+            elif is_file:
+                if ext not in exts or name.startswith("."):
+                    continue
+                stem = os.path.splitext(name)[0]
+                problem = name_problem(stem, "file") if check_names else None
+                if problem:
+                    found.warn(e.path, "unsafe_name", f"file name {problem}; not listed")
+                    continue
+                try:
+                    size = e.stat().st_size
+                except OSError as exc:
+                    found.warn(e.path, "unreadable", error_reason(exc))
+                    continue
+                found.files.append((e.path, (*drel, name), size))
+            else:
+                found.warn(e.path, *_odd_entry(e))
+        stack.extend(reversed(subdirs))
+
+
+def _odd_entry(e: os.DirEntry[str]) -> tuple[str, str]:
+    """(kind, reason) for an entry that is neither a file nor a folder."""
+    try:
+        mode = e.stat().st_mode
+    except FileNotFoundError:
+        return "dangling_symlink", f"points to {_shown(os.readlink(e.path))}, which does not exist"
+    except OSError as exc:
+        return ("symlink_loop" if exc.errno == errno.ELOOP else "unreadable"), error_reason(exc)
+    for test, kind in ((stat.S_ISFIFO, "fifo"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return kind, f"a {kind}, not a regular file"
+    return "special_file", "not a regular file or folder"
+
+
+def _aliases(cfg: ScanConfig) -> dict[str, str]:
+    return {k.casefold(): v for k, v in cfg.split_aliases.items()}
+
+
+def _split_name(raw: str, aliases: dict[str, str]) -> str:
+    """The avfuse split of a split as distributed (``aliases`` from :func:`_aliases`)."""
+    return aliases.get(raw.casefold(), raw)
+
+
+def _walk(root: Path, cfg: ScanConfig, found: _Scanned) -> list[dict[str, object]]:
     exts = {e.lower() for e in cfg.extensions}
+    _walk_tree(root, exts, Path(cfg.work), found, check_names=True)
+    aliases = _aliases(cfg)
+    checked: set[tuple[str, ...]] = set()  # split and class folders already found usable
     rows: list[dict[str, object]] = []
-    for split_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        split = _nfc(split_dir.name)
+    for path, rel, size in found.files:
+        if len(rel) < 2:
+            found.warn(path, "outside_split", "a file directly under the root, not in a split")
+            continue
+        if rel[:1] not in checked:
+            if problem := name_problem(rel[0]):
+                raise UnsafeNameError(f"split folder {_shown(root / rel[0])!r}: name {problem}")
+            checked.add(rel[:1])
+        split = _split_name(rel[0], aliases)
         if cfg.splits and split not in cfg.splits:
             continue
-        for path in sorted(split_dir.rglob("*")):
-            if not path.is_file() or path.suffix.lower() not in exts or path.name.startswith("."):
-                continue
-            rel = path.relative_to(root)
-            parts = rel.parts
-            label = _nfc(parts[1]) if len(parts) >= 3 else None
-            rows.append(
-                {"split": split, "label": label, "path": str(path), "rel": _nfc(rel.as_posix())}
-            )
+        label = rel[1] if len(rel) >= 3 else None
+        if label is not None and rel[:2] not in checked:
+            if problem := name_problem(label):
+                raise UnsafeNameError(
+                    f"class folder {_shown(root / rel[0] / rel[1])!r}: name {problem}; rename it"
+                )
+            checked.add(rel[:2])
+        rows.append(
+            {"split": split, "label": label, "path": path, "rel": "/".join(rel), "size": size}
+        )
     return rows
 
 
-def _from_csv(root: Path, cfg: ScanConfig, csv_path: Path) -> list[dict[str, object]]:
-    rows: list[dict[str, object]] = []
-    index: dict[str, list[Path]] = {}
+_CSV_REQUIRED = ("youtube_id", "time_start", "time_end")
+
+
+def _csv_time(value: str, column: str, where: str) -> float:
+    text = value.strip()
+    if not text:
+        raise AnnotationError(f"{where}: empty {column}")
+    try:
+        t = float(text)
+    except ValueError:
+        raise AnnotationError(f"{where}: {column} {text!r} is not a number") from None
+    if not math.isfinite(t) or t < 0:
+        raise AnnotationError(f"{where}: {column} {text!r} is not a time in seconds")
+    return t
+
+
+def _csv_records(csv_path: Path, cfg: ScanConfig) -> list[tuple[str, str | None, str, str]]:
+    """(split, label, clip stem, where) per row of one Kinetics-style annotation file.
+
+    Header lines may repeat (files concatenated with ``cat``) and change columns (a test file
+    without labels appended); ``label`` and ``split`` are optional, other columns (``is_cc``)
+    are ignored. A row that cannot be used is an :class:`AnnotationError` naming file and line.
+    """
+    default_split = csv_path.stem.rsplit("_", 1)[-1]  # kinetics700_2020_validate -> validate
+    aliases = _aliases(cfg)
+    out: list[tuple[str, str | None, str, str]] = []
+    try:
+        text = csv_path.read_text("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise AnnotationError(f"{csv_path}: not UTF-8 text ({exc.reason})") from None
+    except OSError as exc:
+        raise AnnotationError(f"{csv_path}: cannot read the annotation file ({exc})") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    cols: dict[str, int] | None = None
+    end = 0
+    try:
+        for row in reader:
+            # A quoted field may span lines: name the line the row starts on.
+            where, end = f"{csv_path}:{end + 1}", reader.line_num
+            if not any(c.strip() for c in row):
+                continue
+            cells = [c.strip().lower() for c in row]
+            if "youtube_id" in cells:
+                missing = [c for c in _CSV_REQUIRED if c not in cells]
+                if missing:
+                    raise AnnotationError(f"{where}: missing column(s) {', '.join(missing)}")
+                cols = {c: i for i, c in enumerate(cells)}
+                continue
+            if cols is None:
+                raise AnnotationError(
+                    f"{where}: no header line before the data "
+                    "(expected label,youtube_id,time_start,time_end,split)"
+                )
+            if len(row) < len(cols):
+                raise AnnotationError(f"{where}: {len(row)} fields, the header has {len(cols)}")
+            yt = row[cols["youtube_id"]]
+            if problem := name_problem(yt, "file"):
+                raise AnnotationError(f"{where}: youtube_id {yt!r} {problem}")
+            t0 = _csv_time(row[cols["time_start"]], "time_start", where)
+            t1 = _csv_time(row[cols["time_end"]], "time_end", where)
+            label = nfc(row[cols["label"]]) if "label" in cols else ""
+            if label and (problem := name_problem(label)):
+                raise AnnotationError(f"{where}: label {label!r} {problem}")
+            raw_split = nfc(row[cols["split"]]) if "split" in cols else ""
+            split = _split_name(raw_split or default_split, aliases)
+            if problem := name_problem(split):
+                raise AnnotationError(f"{where}: split {split!r} {problem}")
+            out.append((split, label or None, kinetics_clip_name(yt, t0, t1), where))
+    except csv.Error as exc:
+        raise AnnotationError(f"{csv_path}:{reader.line_num}: {exc}") from None
+    if cols is None:
+        raise AnnotationError(f"{csv_path}: no header line with youtube_id,time_start,time_end")
+    return out
+
+
+def _from_csv(root: Path, cfg: ScanConfig, found: _Scanned) -> list[dict[str, object]]:
     exts = {e.lower() for e in cfg.extensions}
     # One walk, then dictionary look-ups: ~400k stat() calls on a network filesystem are slow.
-    for p in root.rglob("*"):
-        if p.suffix.lower() in exts and p.is_file():
-            index.setdefault(p.stem, []).append(p)
-    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-        for rec in csv.DictReader(fh):
-            split = _nfc(rec.get("split") or csv_path.stem)
+    _walk_tree(root, exts, Path(cfg.work), found, check_names=False)
+    index: dict[str, list[tuple[str, tuple[str, ...], int]]] = {}
+    for f in found.files:
+        index.setdefault(os.path.splitext(f[1][-1])[0], []).append(f)
+    aliases = _aliases(cfg)
+    rows: list[dict[str, object]] = []
+    first: dict[tuple[str, str | None, str], str] = {}
+    used: set[str] = set()
+    for csv_path in cfg.annotations:
+        for split, label, stem, where in _csv_records(Path(csv_path), cfg):
             if cfg.splits and split not in cfg.splits:
                 continue
-            label = _nfc(rec.get("label") or "") or None
-            stem = kinetics_clip_name(rec["youtube_id"], rec["time_start"], rec["time_end"])
-            cands = index.get(stem, [])
-            # Prefer a file under ROOT/SPLIT/..., then any.
-            cands = sorted(cands, key=lambda p: (split not in p.relative_to(root).parts, str(p)))
-            path = cands[0] if cands else None
+            key = (split, label, stem)
+            if key in first:
+                found.warn(where, "duplicate_row", f"the same clip as {first[key]}")
+                continue
+            first[key] = where
+            # Prefer a file under ROOT/SPLIT/... (the split as written or as aliased), then any.
+            cands = sorted(
+                index.get(stem, []),
+                key=lambda f: (
+                    not f[1][:-1] or _split_name(f[1][0], aliases) != split,
+                    f[0],
+                ),
+            )
+            path, _, size = cands[0] if cands else ("", (), -1)
+            used.add(path)
             rel = f"{split}/{label}/{stem}" if label else f"{split}/{stem}"
             rows.append(
                 {
                     "split": split,
                     "label": label,
-                    "path": str(path) if path else "",
-                    "rel": rel + (path.suffix if path else ""),
+                    "path": path,
+                    "rel": rel + (os.path.splitext(path)[1] if path else ""),
+                    "size": size,
                 }
             )
+    unused = sum(1 for f in found.files if f[0] not in used)
+    if unused:
+        log.info("%d media files under %s are not in the annotation files", unused, root)
     return rows
 
 
@@ -168,19 +463,41 @@ def _assign_ids(rows: list[dict[str, object]]) -> None:
         r["video_id"] = stem if counts[stem] == 1 else str(r["rel"])
 
 
+def _write_warnings(path: Path, warnings: list[dict[str, str]]) -> None:
+    with atomic_write(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=["path", "kind", "reason"])
+        w.writeheader()
+        w.writerows(warnings)
+
+
 def scan(cfg: ScanConfig) -> pd.DataFrame:
-    """Walk a dataset (or read its annotation CSV) and write ``WORK/manifest.parquet``.
+    """Walk a dataset (or read its annotation CSVs) and write ``WORK/manifest.parquet``.
 
     Returns the manifest: columns ``video_id, split, label, label_index, path, size_bytes,
     scan_status`` (``found`` or ``missing``, the latter only for CSV rows with no file).
-    Raises :class:`UnknownClassError` naming any label outside the class list.
+    Folder names are matched to the class list by :func:`avfuse.labels.match_class_names`
+    (``air_drumming`` finds ``air drumming``); ``label`` is the class list's spelling.
+    Everything found but not usable (unreadable folders, dangling symlinks, FIFOs, symlink
+    loops, unsafe file names ...) is listed in ``WORK/scan_warnings.csv`` (``path, kind,
+    reason``), counted in the log and kept in ``df.attrs["scan_warnings"]``.
+    Raises :class:`UnknownClassError` naming any label outside the class list,
+    :class:`UnsafeNameError` for a split or class folder whose name cannot be used, and
+    :class:`AnnotationError` naming the file and line of a bad CSV row.
     """
     root = Path(cfg.root).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root {root} is not a folder")
-    rows = _from_csv(root, cfg, Path(cfg.annotations)) if cfg.annotations else _walk(root, cfg)
+    found = _Scanned()
+    rows = _from_csv(root, cfg, found) if cfg.annotations else _walk(root, cfg, found)
     if not rows:
-        raise ValueError(f"no videos found under {root}")
+        if cfg.annotations:
+            raise ValueError(f"no rows in {', '.join(map(str, cfg.annotations))}")
+        looked = " ".join(sorted({e.lower() for e in cfg.extensions}))
+        raise ValueError(
+            f"no videos or audio files found under {root} (looked for {looked}); to look for "
+            'others, list every extension wanted: --set \'extensions=[".mp4", ".xyz"]\' '
+            "(in avfuse run: --set 'scan.extensions=[...]')"
+        )
     _assign_ids(rows)
 
     if cfg.classes:
@@ -191,16 +508,28 @@ def scan(cfg: ScanConfig) -> pd.DataFrame:
         )
         if not classes:
             raise ValueError(f"no labelled videos in split {cfg.train_split!r}; pass --classes")
-    index = {c: i for i, c in enumerate(classes)}
-    unknown = Counter(str(r["label"]) for r in rows if r["label"] and r["label"] not in index)
+    names = sorted({str(r["label"]) for r in rows if r["label"]})
+    matched = dict(zip(names, match_class_names(names, classes), strict=True))
+    per_name = Counter(str(r["label"]) for r in rows if r["label"])
+    unknown = {n: per_name[n] for n, i in matched.items() if i < 0}
     if unknown:
-        shown = ", ".join(f"{name!r} ({n} videos)" for name, n in unknown.most_common(10))
+        top = sorted(unknown.items(), key=lambda kv: (-kv[1], kv[0]))[:10]
+        shown = ", ".join(f"{name!r} ({n} videos)" for name, n in top)
         raise UnknownClassError(f"{len(unknown)} class(es) not in the class list: {shown}")
+    loose = {n: classes[i] for n, i in matched.items() if classes[i] != n}
+    if loose:
+        log.info(
+            "%d folder/label names matched to the class list by the loose rule, e.g. %s",
+            len(loose),
+            ", ".join(f"{a!r} -> {b!r}" for a, b in list(loose.items())[:3]),
+        )
 
+    for r in rows:
+        r["label_index"] = matched[str(r["label"])] if r["label"] else NO_LABEL
+        r["label"] = classes[int(r["label_index"])] if r["label"] else None  # type: ignore[call-overload]
     df = pd.DataFrame(rows)
     df["label"] = df["label"].astype(object).where(df["label"].notna(), None)
-    df["label_index"] = [index[str(x)] if x else NO_LABEL for x in df["label"]]
-    df["size_bytes"] = [Path(str(p)).stat().st_size if p else -1 for p in df["path"]]
+    df["size_bytes"] = df["size"].astype("int64")  # from the walk's one stat per file
     df["scan_status"] = ["found" if p else "missing" for p in df["path"]]
     df = df[["video_id", "split", "label", "label_index", "path", "size_bytes", "scan_status"]]
     df = df.sort_values("video_id").reset_index(drop=True)
@@ -219,6 +548,7 @@ def scan(cfg: ScanConfig) -> pd.DataFrame:
         work / MANIFEST,
         {"avfuse_version": __version__, "root": str(root), "num_classes": str(len(classes))},
     )
+    _write_warnings(work / SCAN_WARNINGS, found.warnings)
     save_config(dataclasses.replace(cfg, root=root), work / "scan.toml")
     per_split = ", ".join(f"{k}: {v}" for k, v in df["split"].value_counts().sort_index().items())
     missing = int((df["scan_status"] == "missing").sum())
@@ -230,6 +560,17 @@ def scan(cfg: ScanConfig) -> pd.DataFrame:
         f", {missing} listed but missing on disk" if missing else "",
         work / MANIFEST,
     )
+    if found.warnings:
+        kinds = Counter(w["kind"] for w in found.warnings)
+        log.warning(
+            "%d scan warning(s) (%s), listed in %s; first: %s (%s)",
+            len(found.warnings),
+            ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())),
+            work / SCAN_WARNINGS,
+            found.warnings[0]["path"],
+            found.warnings[0]["reason"],
+        )
+    df.attrs["scan_warnings"] = found.warnings
     return df
 
 

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from avfuse.safe_pickle import load_torch
+
 
 def _as_image(x: torch.Tensor) -> torch.Tensor:
     """(B, T, F) or (B, 1, T, F) -> (B, 1, T, F)."""
@@ -260,7 +262,7 @@ def load_init(model: nn.Module, path: str | Path) -> list[str]:
     For :class:`VGGish` the backbone is matched strictly (see :meth:`VGGish.load_backbone`);
     other models load every key whose name and shape match and raise if none does.
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch(path)  # third-party files may carry a numpy RandomState
     if not isinstance(state, Mapping):
         raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
     if isinstance(model, VGGish):

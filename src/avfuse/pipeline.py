@@ -543,7 +543,9 @@ def _run_scan(
 
     df = scan(sc.scan)
     counts = df["split"].value_counts().sort_index()
-    return f"{len(df)} videos ({', '.join(f'{k} {v}' for k, v in counts.items())})"
+    n_warn = len(df.attrs.get("scan_warnings", ()))
+    warned = f", {n_warn} warnings in scan_warnings.csv" if n_warn else ""
+    return f"{len(df)} videos ({', '.join(f'{k} {v}' for k, v in counts.items())}){warned}"
 
 
 def _run_extract(
@@ -828,6 +830,9 @@ def _comment(text: str, width: int = 98) -> list[str]:
 def _toml_value(key: str, value: Any) -> str:
     import tomli_w
 
+    if isinstance(value, dict):  # inline, or it would become a table outside its section
+        items = ", ".join(tomli_w.dumps({k: v}).strip() for k, v in value.items())
+        return f"{tomli_w.dumps({key: 0}).split('=')[0].strip()} = {{{items}}}"
     return tomli_w.dumps({key: value}).strip()
 
 

@@ -32,6 +32,7 @@ from avfuse.data import WINDOW, EvalWindows, NormStats, WindowDataset
 from avfuse.extract import USABLE
 from avfuse.manifest import load_classes, load_manifest
 from avfuse.models import build_model
+from avfuse.safe_pickle import load_torch
 from avfuse.scores import ScoreFile
 from avfuse.store import FeatureStore
 
@@ -101,8 +102,11 @@ def resolve_checkpoint(work: Path, run: str, checkpoint: str) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a training checkpoint (tensors, numbers, strings only: ``weights_only`` loading)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    """Read a training checkpoint (tensors, numbers, strings only: ``weights_only`` loading).
+
+    Raises :class:`avfuse.safe_pickle.CorruptCheckpointError` for a truncated or damaged file.
+    """
+    ckpt = load_torch(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != "avfuse-checkpoint/1":
         raise ValueError(f"{path} is not an avfuse training checkpoint")
     return ckpt  # type: ignore[no-any-return]

@@ -18,8 +18,8 @@ Formats (chosen by extension, or forced with ``fmt``):
 ``.pkl`` / ``.pickle``
     the ``--dump`` output of mmaction2's test tool: a list of score arrays, or of dicts with a
     ``pred_score`` (numpy array or torch tensor); row ``i`` belongs to line ``i`` of the
-    ``annotations`` list. Only load pickles you trust; a restricted unpickler refuses anything
-    but numpy / torch arrays and plain containers.
+    ``annotations`` list. The pickle is read by :func:`avfuse.safe_pickle.load_pickle`: exact
+    numpy / torch globals only, anything else is refused by name before it can run.
 
 Annotation files giving the row order: mmaction2 lists (``path label`` or
 ``path total_frames label`` lines), a plain id list, a CSV with a ``video_id`` / ``id`` column,
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import csv
 import io
-import pickle
 import re
 import unicodedata
 from collections import Counter
@@ -43,6 +42,7 @@ import numpy as np
 import pandas as pd
 
 from avfuse.labels import class_key, kinetics_clip_name, read_label_map
+from avfuse.safe_pickle import CorruptPickleError, UnsafePickleError, load_pickle
 
 Format = Literal["auto", "npz", "npy", "csv", "pkl"]
 
@@ -498,40 +498,6 @@ def _load_csv(path: Path) -> VideoScores:
     )
 
 
-class _SafeUnpickler(pickle.Unpickler):
-    """Unpickles numpy/torch arrays and plain containers, nothing that could run code."""
-
-    _BUILTINS = frozenset(
-        {
-            "list",
-            "dict",
-            "tuple",
-            "set",
-            "frozenset",
-            "int",
-            "float",
-            "complex",
-            "str",
-            "bytes",
-            "bytearray",
-            "slice",
-            "range",
-            "bool",
-            "object",
-        }
-    )
-
-    def find_class(self, module: str, name: str) -> Any:
-        root = module.split(".")[0]
-        if (
-            (module == "builtins" and name in self._BUILTINS)
-            or root in ("numpy", "torch", "collections")
-            or (module == "_codecs" and name == "encode")
-        ):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-
-
 def _as_array(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().float().numpy()
@@ -540,12 +506,11 @@ def _as_array(x: Any) -> np.ndarray:
 
 def _load_pkl(path: Path) -> VideoScores:
     try:
-        with open(path, "rb") as fh:
-            obj = _SafeUnpickler(fh).load()
-    except EOFError as exc:
-        raise VideoScoreError(f"{path}: empty pickle file") from exc
-    except Exception as exc:
-        raise VideoScoreError(f"{path}: cannot read the pickle ({exc})") from exc
+        obj = load_pickle(path)
+    except (UnsafePickleError, CorruptPickleError) as exc:
+        raise VideoScoreError(str(exc)) from None  # names the file and any refused global
+    except OSError as exc:
+        raise VideoScoreError(f"{path}: cannot read the pickle ({exc})") from None
     if isinstance(obj, np.ndarray):
         return _with_ids(obj, None, None, path)
     if not isinstance(obj, list | tuple) or not obj:
