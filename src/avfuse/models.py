@@ -600,10 +600,10 @@ def embed_dim(model: nn.Module) -> int:
 
 
 __all__: Sequence[str] = [
+    "HEADS",
     "MODELS",
     "Cnn10",
     "Cnn14",
-    "HEADS",
     "EmbeddingHead",
     "InitReport",
     "PANNsCNN",
