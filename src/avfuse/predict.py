@@ -118,13 +118,18 @@ def checkpoint_window(ckpt: dict[str, Any]) -> int:
 _EMBEDDING_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
+def valid_embedding_name(name: str) -> bool:
+    """A name of ``WORK/embeddings/NAME``: one plain path component (no separators, no ``..``)."""
+    return bool(_EMBEDDING_NAME.fullmatch(name)) and ".." not in name
+
+
 def checkpoint_store(work: Path, ckpt: dict[str, Any]) -> FeatureStore:
     """The store the checkpoint's model reads: ``WORK/features`` or, for a head trained on
     embeddings, ``WORK/embeddings/NAME`` (the name is checked: it never leaves WORK)."""
     name = ckpt.get("embeddings")
     if not name:
         return FeatureStore(work / "features")
-    if not isinstance(name, str) or not _EMBEDDING_NAME.fullmatch(name) or name.strip(".") == "":
+    if not isinstance(name, str) or not valid_embedding_name(name):
         raise ValueError(f"checkpoint names an invalid embedding store {name!r}")
     return FeatureStore(work / "embeddings" / name)
 
