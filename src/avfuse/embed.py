@@ -31,7 +31,7 @@ from avfuse.config import save_config, to_dict
 from avfuse.data import EvalWindows, NormStats, WindowDataset, store_window
 from avfuse.io import read_json, read_table
 from avfuse.manifest import load_classes, load_manifest
-from avfuse.models import build_model, embed_dim, load_init
+from avfuse.models import build_model, embed_dim, fuse_for_inference, load_init
 from avfuse.predict import valid_embedding_name, video_status
 from avfuse.store import (
     INDEX,
@@ -182,6 +182,8 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
     model = build_model(cfg.model, 2, cfg.width, 0.0, n_mels=store.n_mels, frames=window)
     load_init(model, cfg.init)
     dim = embed_dim(model)
+    # Inference only: batch norms folded into the convolutions (~1.3x on CPU).
+    model = fuse_for_inference(model)
     mem = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device, memory_format=mem)  # type: ignore[call-overload]
 

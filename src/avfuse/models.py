@@ -360,6 +360,24 @@ class Cnn10(_PANNs):
     LAST_POOL = (2, 2)
 
 
+def fuse_for_inference(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of a PANNs model with every conv block's batch norms folded into its
+    convolutions (``torch.nn.utils.fusion``): the same outputs to float rounding, one pass
+    less over the largest activations. Other models are returned as an eval-mode copy."""
+    import copy
+
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    out = copy.deepcopy(model).eval()
+    for m in out.modules():
+        if isinstance(m, PANNsBlock):
+            m.conv1 = fuse_conv_bn_eval(m.conv1, m.bn1)  # type: ignore[assignment]
+            m.conv2 = fuse_conv_bn_eval(m.conv2, m.bn2)  # type: ignore[assignment]
+            m.bn1 = nn.Identity()  # type: ignore[assignment]
+            m.bn2 = nn.Identity()  # type: ignore[assignment]
+    return out
+
+
 class EmbeddingHead(nn.Module):
     """Classifier over precomputed embeddings: (B, D) or (B, 1, 1, D) -> (B, num_classes).
 
