@@ -405,3 +405,23 @@ def test_folded_batch_norms_give_the_same_embeddings() -> None:
     scale = float(a.abs().max())
     assert scale > 1e-3
     torch.testing.assert_close(b / scale, a / scale, atol=1e-5, rtol=0)
+
+
+def test_whole_clip_scoring_is_one_window_per_video(tmp_path: Path) -> None:
+    work = _work(tmp_path, n_mels=64, example_frames=None, frames=(96, 250))
+    res = train(TrainConfig(work, model="cnn10", **TINY))
+    assert res is not None
+    model, norm, _ = model_from_checkpoint(load_checkpoint(res.last_path))
+    model.eval()
+    out = predict(
+        PredictConfig(work, split="val", window=-1, checkpoint="last", device="cpu", amp="off")
+    )
+    assert out is not None
+    sf = out.scores
+    assert (sf.n_windows == 1).all() and sf.meta["window"] == -1
+    store = FeatureStore(work / "features")
+    vid = str(sf.ids[-1])
+    x = torch.from_numpy(norm.apply(np.asarray(store[vid])))[None]
+    with torch.no_grad():
+        expect = torch.softmax(model(x), 1)[0].numpy()
+    np.testing.assert_allclose(sf.scores[-1], expect, atol=1e-5)

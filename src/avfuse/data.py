@@ -240,6 +240,25 @@ class EvalWindows(Dataset[tuple[torch.Tensor, int, int]]):
         return self.base[(int(v), int(s))]
 
 
+class WholeClips(Dataset[tuple[torch.Tensor, int, int]]):
+    """One window per video, the whole clip: ``ds[i] -> (x (frames_i, n_mels), label, i)``.
+
+    For models with global pooling (the PANNs networks were trained on 10 s clips); lengths
+    differ between videos, so batches hold one video each.
+    """
+
+    def __init__(self, base: WindowDataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        b = self.base
+        x = b.norm.apply(np.asarray(b.store[b.ids[i]]))
+        return torch.from_numpy(x), int(b.labels[i]), i
+
+
 # --------------------------------------------------------------------------- generated data
 
 

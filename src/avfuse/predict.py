@@ -24,15 +24,15 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from avfuse import distributed as D
 from avfuse.config import save_config
-from avfuse.data import WINDOW, EvalWindows, NormStats, WindowDataset
+from avfuse.data import WINDOW, EvalWindows, NormStats, WholeClips, WindowDataset
 from avfuse.extract import USABLE
 from avfuse.manifest import load_classes, load_manifest
-from avfuse.models import build_model
+from avfuse.models import VGGish, build_model
 from avfuse.scores import ScoreFile
 from avfuse.store import FeatureStore
 
@@ -61,6 +61,13 @@ class PredictConfig:
     hop: int = field(
         default=0,
         metadata={"help": "frames between window starts (0 = the model's window: no overlap)"},
+    )
+    window: int = field(
+        default=0,
+        metadata={
+            "help": "frames per window; 0 = the checkpoint's, -1 = the whole clip as one window "
+            "(models with global pooling: cnn14, cnn10, panns, resnet)"
+        },
     )
     batch_size: int = field(default=256, metadata={"help": "windows per forward pass"})
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
@@ -179,11 +186,14 @@ def score_videos(
     ids = list(ids)
     if not ids:
         return {}
-    base = WindowDataset(store, ids, np.full(len(ids), -1), norm, window=window)
-    ds = EvalWindows(base, hop=hop)
+    base = WindowDataset(store, ids, np.full(len(ids), -1), norm, window=max(window, 1))
+    whole = window < 0
+    if whole and isinstance(model, VGGish):
+        raise ValueError("VGGish takes fixed-size windows: whole-clip scoring needs global pooling")
+    ds: Dataset[Any] = WholeClips(base) if whole else EvalWindows(base, hop=hop)
     loader = DataLoader(
         ds,
-        batch_size=batch_size,
+        batch_size=1 if whole else batch_size,
         shuffle=False,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
@@ -282,8 +292,8 @@ def predict(cfg: PredictConfig) -> PredictResult | None:
     ckpt_path = resolve_checkpoint(work, cfg.run, cfg.checkpoint)
     ckpt = load_checkpoint(ckpt_path)
     store = checkpoint_store(work, ckpt)
-    window = checkpoint_window(ckpt)
-    hop = cfg.hop or window
+    window = cfg.window or checkpoint_window(ckpt)
+    hop = cfg.hop or max(window, 1)
     store.check_frontend(ckpt["frontend_hash"], what=f"checkpoint {ckpt_path}")
     model, norm, classes = model_from_checkpoint(ckpt)
     if classes != load_classes(work):
@@ -295,7 +305,8 @@ def predict(cfg: PredictConfig) -> PredictResult | None:
     rows = man[man["split"] == cfg.split]
     if rows.empty:
         raise ValueError(f"no videos of split {cfg.split!r} in the manifest")
-    status = video_status(rows, store, window)
+    # A whole clip must still be as long as the windows the model was trained on.
+    status = video_status(rows, store, window if window > 0 else checkpoint_window(ckpt))
     ok_ids = sorted(v for v, s in status.items() if s == "ok")
     scored = score_videos_distributed(
         model,
