@@ -143,7 +143,7 @@ class TrainConfig:
     mixup_alpha: float = field(default=0.0, metadata={"help": "mixup Beta(alpha, alpha); 0 = off"})
     grad_clip: float = field(default=5.0, metadata={"help": "max gradient norm; 0 = off"})
     windows_per_video: int = field(
-        default=4, metadata={"help": "random 96-frame windows drawn per video per epoch"}
+        default=4, metadata={"help": "random windows drawn per video per epoch"}
     )
     balanced: bool = field(default=False, metadata={"help": "class-balanced video sampling"})
     num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes"})
@@ -458,6 +458,7 @@ def train(
         )
 
     dataset = WindowDataset(store, train_ids, train_labels, norm, window=window)
+    raw_inputs = bool(np.all(norm.mean == 0) and np.all(norm.std == 1))
     if sampler is None:
         sampler = TrainWindowSampler(
             dataset.frames,
@@ -602,7 +603,12 @@ def train(
         for x, y, _ in bar:
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
-            if cfg.specaugment:
+            if cfg.specaugment and raw_inputs:
+                # Unstandardised log-mel: masks take each band's window mean, as zero does
+                # after standardisation (PANNs mask after bn0), not an out-of-range 0.
+                m = x.mean(dim=1, keepdim=True)
+                x = spec_augment(x - m, aug_rng, cfg.time_mask, cfg.freq_mask, cfg.num_masks) + m
+            elif cfg.specaugment:
                 x = spec_augment(x, aug_rng, cfg.time_mask, cfg.freq_mask, cfg.num_masks)
             x = x.unsqueeze(1)
             if cfg.channels_last:
