@@ -296,6 +296,10 @@ def predict(cfg: PredictConfig) -> PredictResult | None:
     hop = cfg.hop or max(window, 1)
     store.check_frontend(ckpt["frontend_hash"], what=f"checkpoint {ckpt_path}")
     model, norm, classes = model_from_checkpoint(ckpt)
+    if isinstance(model, VGGish) and window != checkpoint_window(ckpt):
+        raise ValueError(
+            f"VGGish was trained on {checkpoint_window(ckpt)}-frame windows and takes only those"
+        )
     if classes != load_classes(work):
         raise ValueError(f"{ckpt_path} was trained on a different class list than {work}")
     model.to(device)
