@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "compute_features",
         "compute log-mel features into the feature store",
     ),
+    "embed": ("avfuse.embed", "EmbedConfig", "embed", "write pretrained embeddings per video"),
     "train": ("avfuse.train", "TrainConfig", "train", "train the audio classifier"),
     "predict": ("avfuse.predict", "PredictConfig", "predict", "write per-video audio scores"),
     "evaluate": ("avfuse.evaluate", "EvaluateConfig", "evaluate", "metrics of a score file"),

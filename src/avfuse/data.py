@@ -23,7 +23,12 @@ from torch.utils.data import Dataset, Sampler
 
 from avfuse.store import FeatureStore
 
-WINDOW = 96
+WINDOW = 96  # frames of a VGGish example; a store's own front end says what its examples are
+
+
+def store_window(store: FeatureStore) -> int:
+    """Frames per model example of ``store``'s front end (``example_frames``; 96 if unstated)."""
+    return int(store.frontend.get("example_frames", WINDOW))
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,11 @@ class NormStats:
             "mean": torch.from_numpy(self.mean.copy()),
             "std": torch.from_numpy(self.std.copy()),
         }
+
+    @classmethod
+    def identity(cls, n_mels: int) -> NormStats:
+        """No standardisation: ``apply`` returns the features unchanged (as float32)."""
+        return cls(np.zeros(n_mels, np.float32), np.ones(n_mels, np.float32))
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor]) -> NormStats:
@@ -228,6 +238,25 @@ class EvalWindows(Dataset[tuple[torch.Tensor, int, int]]):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         v, s = self.items[i]
         return self.base[(int(v), int(s))]
+
+
+class WholeClips(Dataset[tuple[torch.Tensor, int, int]]):
+    """One window per video, the whole clip: ``ds[i] -> (x (frames_i, n_mels), label, i)``.
+
+    For models with global pooling (the PANNs networks were trained on 10 s clips); lengths
+    differ between videos, so batches hold one video each.
+    """
+
+    def __init__(self, base: WindowDataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        b = self.base
+        x = b.norm.apply(np.asarray(b.store[b.ids[i]]))
+        return torch.from_numpy(x), int(b.labels[i]), i
 
 
 # --------------------------------------------------------------------------- generated data

@@ -1,19 +1,29 @@
-"""Audio classifiers over 96-frame log-mel windows: ``(batch, 96, n_mels) -> (batch, classes)``.
+"""Audio classifiers over log-mel windows: ``(batch, frames, n_mels) -> (batch, classes)``.
 
-Every model also accepts ``(batch, 1, 96, n_mels)``. ``width`` scales the channel counts (1.0 is
-the published architecture; tests use small fractions).
+Every model also accepts ``(batch, 1, frames, n_mels)``. The window length (``frames``) and band
+count come from the feature store's front end (96 x 64 for VGGish). ``width`` scales the channel
+counts (1.0 is the published architecture; tests use small fractions).
 
 * :class:`VGGish` -- the AudioSet VGGish network plus a classifier head. Backbone parameter
   names and shapes follow the common torch port (``harritaylor/torchvggish``:
   ``features.0.weight`` ... ``embeddings.4.bias``), so a converted AudioSet checkpoint loads
   with :meth:`VGGish.load_backbone`.
 * :class:`ResNet` -- ResNet-18-style 2D CNN on one-channel log-mel.
-* :class:`PANNsCNN` -- PANNs-style CNN: conv blocks, mean over frequency, max + mean over time.
+* :class:`PANNsCNN` -- a small PANNs-style CNN for training from scratch (its own parameter
+  names: it loads no released checkpoint).
+* :class:`Cnn14`, :class:`Cnn10` -- the PANNs AudioSet networks (Kong et al., 2020) with the
+  release's parameter names (``bn0``, ``conv_block1..6``, ``fc1``, ``fc_audioset``), so
+  ``Cnn14_mAP=0.431.pth`` / ``Cnn10_mAP=0.380.pth`` load strictly. They take log-mel input; the
+  spectrogram and log-mel extractors of the release stay in avfuse's front end.
+
+:func:`load_init` initialises any of them from a checkpoint file, strictly by default.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +32,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from avfuse.safe_pickle import load_torch
+
+log = logging.getLogger(__name__)
 
 
 def _as_image(x: torch.Tensor) -> torch.Tensor:
@@ -57,6 +69,8 @@ class VGGish(nn.Module):
     """
 
     BACKBONE = ("features.", "embeddings.")
+    HEAD = ("classifier.",)
+    EMBED_DIM = 128
 
     def __init__(
         self,
@@ -158,6 +172,8 @@ class ResNet(nn.Module):
     times ``width``), global average pooling, dropout, linear.
     """
 
+    HEAD = ("fc.",)
+
     def __init__(
         self,
         num_classes: int,
@@ -221,6 +237,8 @@ class PANNsCNN(nn.Module):
     mean over time, an FC embedding layer with ReLU, dropout and a linear classifier.
     """
 
+    HEAD = ("fc.",)
+
     def __init__(
         self, num_classes: int, width: float = 1.0, dropout: float = 0.3, embed_dim: int = 512
     ) -> None:
@@ -245,34 +263,333 @@ class PANNsCNN(nn.Module):
         return self.fc(self.dropout(x))  # type: ignore[no-any-return]
 
 
-MODELS: dict[str, type[nn.Module]] = {"vggish": VGGish, "resnet": ResNet, "panns": PANNsCNN}
+class PANNsBlock(nn.Module):
+    """The PANNs conv block: two conv3x3-BN-ReLU, then average pooling over ``pool``."""
+
+    def __init__(self, cin: int, cout: int, pool: tuple[int, int] = (2, 2)) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, 1, 1, bias=False)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        x = F.relu(self.bn2(self.conv2(x)), inplace=True)
+        return F.avg_pool2d(x, self.pool) if self.pool != (1, 1) else x
 
 
-def build_model(name: str, num_classes: int, width: float = 1.0, dropout: float = 0.3) -> nn.Module:
+class _PANNs(nn.Module):
+    """The PANNs CNN family over log-mel: (B, T, n_mels) -> (B, num_classes) logits.
+
+    ``bn0`` standardises each mel band (its running statistics come with the checkpoint, so
+    pretrained weights need no external band normalisation), then conv blocks with dropout 0.2,
+    mean over frequency, max + mean over time, dropout 0.5, ``fc1`` + ReLU (the embedding) and
+    ``fc_audioset`` (logits; ``sigmoid`` of them is the release's ``clipwise_output`` when
+    ``num_classes`` is 527). ``dropout`` is applied to the embedding before the head only when
+    fine-tuning (the release feeds the undropped embedding to its head).
+    """
+
+    CHANNELS: tuple[int, ...] = ()
+    LAST_POOL: tuple[int, int] = (2, 2)
+    HEAD = ("fc_audioset.",)
+    AUDIOSET_CLASSES = 527
+
+    def __init__(
+        self,
+        num_classes: int,
+        width: float = 1.0,
+        dropout: float = 0.0,
+        n_mels: int = 64,
+        frames: int = 1001,
+    ) -> None:
+        super().__init__()
+        n_pool = sum(1 for _ in self.CHANNELS[:-1]) + (self.LAST_POOL != (1, 1))
+        if min(n_mels, frames) < 2**n_pool:
+            raise ValueError(
+                f"{type(self).__name__} pools {n_pool} times: needs windows of at least "
+                f"{2**n_pool} frames and bands, got {frames} x {n_mels}"
+            )
+        self.bn0 = nn.BatchNorm2d(n_mels)
+        chans = [_ch(c, width) for c in self.CHANNELS]
+        cin = 1
+        for i, c in enumerate(chans):
+            pool = self.LAST_POOL if i == len(chans) - 1 else (2, 2)
+            setattr(self, f"conv_block{i + 1}", PANNsBlock(cin, c, pool))
+            cin = c
+        self.n_blocks = len(chans)
+        self.embed_dim = cin
+        self.fc1 = nn.Linear(cin, cin)
+        self.head_dropout = nn.Dropout(dropout)
+        self.fc_audioset = nn.Linear(cin, num_classes)
+        # The release's initialisation (Xavier-uniform weights, zero biases, unit BN).
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d | nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, n_mels) log-mel -> (B, embed_dim) embedding (2048 for Cnn14, 512 for Cnn10)."""
+        x = _as_image(x)
+        # bn0 normalises over the mel axis: move bands onto the channel axis and back.
+        x = self.bn0(x.transpose(1, 3)).transpose(1, 3)
+        for i in range(self.n_blocks):
+            x = getattr(self, f"conv_block{i + 1}")(x)
+            x = F.dropout(x, p=0.2, training=self.training)
+        x = x.mean(dim=3)
+        x = x.amax(dim=2) + x.mean(dim=2)
+        x = F.dropout(x, p=0.5, training=self.training)
+        return F.relu(self.fc1(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_audioset(self.head_dropout(self.embed(x)))  # type: ignore[no-any-return]
+
+
+class Cnn14(_PANNs):
+    """PANNs Cnn14: six blocks of 64-2048 channels, 2048-d embedding (``Cnn14_mAP=0.431.pth``)."""
+
+    CHANNELS = (64, 128, 256, 512, 1024, 2048)
+    LAST_POOL = (1, 1)
+
+
+class Cnn10(_PANNs):
+    """PANNs Cnn10: four blocks of 64-512 channels, 512-d embedding (``Cnn10_mAP=0.380.pth``)."""
+
+    CHANNELS = (64, 128, 256, 512)
+    LAST_POOL = (2, 2)
+
+
+def fuse_for_inference(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of a PANNs model with every conv block's batch norms folded into its
+    convolutions (``torch.nn.utils.fusion``): the same outputs to float rounding, one pass
+    less over the largest activations. Other models are returned as an eval-mode copy."""
+    import copy
+
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    out = copy.deepcopy(model).eval()
+    for m in out.modules():
+        if isinstance(m, PANNsBlock):
+            m.conv1 = fuse_conv_bn_eval(m.conv1, m.bn1)  # type: ignore[assignment]
+            m.conv2 = fuse_conv_bn_eval(m.conv2, m.bn2)  # type: ignore[assignment]
+            m.bn1 = nn.Identity()  # type: ignore[assignment]
+            m.bn2 = nn.Identity()  # type: ignore[assignment]
+    return out
+
+
+class EmbeddingHead(nn.Module):
+    """Classifier over precomputed embeddings: (B, D) or (B, 1, 1, D) -> (B, num_classes).
+
+    ``hidden`` 0 is a linear probe; otherwise one hidden ReLU layer (a small MLP).
+    """
+
+    HEAD = ("fc.",)
+
+    def __init__(
+        self, num_classes: int, n_mels: int, hidden: int = 0, dropout: float = 0.0, **_: Any
+    ) -> None:
+        super().__init__()
+        self.body: nn.Module = nn.Identity()
+        d = n_mels
+        if hidden > 0:
+            self.body = nn.Sequential(nn.Linear(n_mels, hidden), nn.ReLU(inplace=True))
+            d = hidden
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(d, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], -1)
+        return self.fc(self.dropout(self.body(x)))  # type: ignore[no-any-return]
+
+
+MODELS: dict[str, type[nn.Module]] = {
+    "vggish": VGGish,
+    "resnet": ResNet,
+    "panns": PANNsCNN,
+    "cnn14": Cnn14,
+    "cnn10": Cnn10,
+}
+
+# Heads over precomputed embeddings (``avfuse train --from-embeddings``): input (B, 1, 1, D).
+HEADS: dict[str, int] = {"linear": 0, "mlp": 512}
+
+# Models whose pretrained weights expect the inputs of their own training: no band
+# standardisation in front of them (VGGish saw raw log-mel; PANNs standardise in bn0).
+PRETRAINED_INPUT = ("vggish", "cnn14", "cnn10")
+
+# Entries of released checkpoints that are not part of any avfuse model: the PANNs release's
+# waveform front end (avfuse computes log-mel in its own front end) and torchvggish's PCA.
+EXTRA_PREFIXES = ("spectrogram_extractor.", "logmel_extractor.", "pproc.")
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    width: float = 1.0,
+    dropout: float = 0.3,
+    n_mels: int = 64,
+    frames: int = 96,
+) -> nn.Module:
+    """The model ``name`` for windows of ``frames`` x ``n_mels`` (the store's front end).
+
+    For ``linear`` / ``mlp`` (heads over embeddings) ``n_mels`` is the embedding size.
+    """
+    if name in HEADS:
+        return EmbeddingHead(num_classes, n_mels, hidden=HEADS[name], dropout=dropout)
     try:
         cls = MODELS[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}") from None
+        known = ", ".join([*MODELS, *HEADS])
+        raise ValueError(f"unknown model {name!r}; choose one of {known}") from None
+    if cls is VGGish:
+        return VGGish(num_classes, width, dropout, n_mels=n_mels, frames=frames)
+    if issubclass(cls, _PANNs):
+        return cls(num_classes, width, dropout, n_mels=n_mels, frames=frames)
     return cls(num_classes=num_classes, width=width, dropout=dropout)  # type: ignore[call-arg]
 
 
-def load_init(model: nn.Module, path: str | Path) -> list[str]:
-    """Initialise ``model`` from a state-dict file (``--init``); returns ignored keys.
+def head_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Parameter-name prefixes of the classifier head (everything else is the backbone)."""
+    return tuple(getattr(model, "HEAD", ()))
 
-    For :class:`VGGish` the backbone is matched strictly (see :meth:`VGGish.load_backbone`);
-    other models load every key whose name and shape match and raise if none does.
+
+def is_head(model: nn.Module, key: str) -> bool:
+    return key.startswith(head_prefixes(model))
+
+
+@dataclass(frozen=True)
+class InitReport:
+    """What :func:`load_init` did: tensors loaded, skipped extras, head fate, problems waived."""
+
+    loaded: list[str]
+    ignored: list[str]
+    head: str  # "loaded", "new" (replaced: class count or layout differs) or "none"
+    problems: list[str]
+
+
+def match_state(
+    model: nn.Module, state: Mapping[str, Any], *, partial: bool = False, source: str = "checkpoint"
+) -> tuple[dict[str, torch.Tensor], InitReport]:
+    """Match a state dict against ``model``; returns (tensors to load, report).
+
+    The backbone (every tensor outside the head) must match exactly: a missing, unexpected or
+    mis-shaped tensor raises ``ValueError`` listing all of them, unless ``partial``. Even then
+    at least one backbone tensor must match: a checkpoint of which only the head fits is
+    refused. Head tensors load when their shapes fit (same class count), else the head stays
+    new. Known extras (:data:`EXTRA_PREFIXES`) are skipped and listed.
+    """
+    state = {str(k).removeprefix("module."): v for k, v in _unwrap_state(state).items()}
+    ours = model.state_dict()
+    extra = sorted(k for k in state if k.startswith(EXTRA_PREFIXES) and k not in ours)
+    theirs = {k: v for k, v in state.items() if k not in extra}
+    if not all(isinstance(v, torch.Tensor) for v in theirs.values()):
+        bad = sorted(k for k, v in theirs.items() if not isinstance(v, torch.Tensor))
+        raise ValueError(f"{source}: non-tensor entries {bad[:5]} in the state dict")
+    name = type(model).__name__
+
+    def shape(t: torch.Tensor) -> tuple[int, ...]:
+        return tuple(t.shape)
+
+    problems = [
+        f"missing: {k} {shape(v)}"
+        for k, v in ours.items()
+        if not is_head(model, k) and k not in theirs
+    ]
+    problems += [
+        f"unexpected: {k} {shape(v)}"
+        for k, v in theirs.items()
+        if k not in ours and not is_head(model, k)
+    ]
+    problems += [
+        f"shape: {k} checkpoint {shape(theirs[k])} vs model {shape(v)}"
+        for k, v in ours.items()
+        if not is_head(model, k) and k in theirs and shape(theirs[k]) != shape(v)
+    ]
+    usable = {
+        k: v
+        for k, v in theirs.items()
+        if k in ours and not is_head(model, k) and shape(v) == shape(ours[k])
+    }
+    if not usable:
+        raise ValueError(
+            f"{source}: no parameter matches the {name} backbone (a checkpoint of another "
+            "architecture, or of which only the head fits):\n  " + "\n  ".join(problems[:20])
+        )
+    if problems and not partial:
+        raise ValueError(
+            f"{source} does not match the {name} backbone ({len(problems)} problem(s); "
+            "check --model and --width, or pass --init-partial to load what matches):\n  "
+            + "\n  ".join(problems)
+        )
+    head_keys = [k for k in ours if is_head(model, k)]
+    head_fits = bool(head_keys) and all(
+        k in theirs and shape(theirs[k]) == shape(ours[k]) for k in head_keys
+    )
+    head = "none" if not any(k in theirs for k in head_keys) else "new"
+    if head_fits:
+        usable.update({k: theirs[k] for k in head_keys})
+        head = "loaded"
+    ignored = sorted(set(state) - set(usable))
+    return usable, InitReport(sorted(usable), ignored, head, problems)
+
+
+def load_init(model: nn.Module, path: str | Path, *, partial: bool = False) -> list[str]:
+    """Initialise ``model`` from a checkpoint file (``--init``); returns the keys not loaded.
+
+    Reads ``checkpoint["model"]`` / ``["state_dict"]`` or a bare state dict through the safe
+    loader, matches it with :func:`match_state` (strict unless ``partial``) and logs what
+    happened, including a head replaced because the class count differs.
     """
     state = load_torch(path)  # third-party files may carry a numpy RandomState
     if not isinstance(state, Mapping):
         raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+    usable, rep = match_state(model, state, partial=partial, source=str(path))
+    model.load_state_dict({**model.state_dict(), **usable}, strict=True)
+    name = type(model).__name__
+    log.info("initialised %s from %s: %d tensors", name, path, len(rep.loaded))
+    if rep.head == "new":
+        log.info(
+            "%s: the checkpoint's head does not fit this class count; a new head is trained", path
+        )
+    if rep.problems:
+        log.warning(
+            "%s: partial load, %d backbone problem(s):\n  %s",
+            path,
+            len(rep.problems),
+            "\n  ".join(rep.problems),
+        )
+    if rep.ignored:
+        log.info(
+            "%s: not loaded: %s",
+            path,
+            ", ".join(rep.ignored[:10]) + (" ..." if len(rep.ignored) > 10 else ""),
+        )
+    return rep.ignored
+
+
+def embed_dim(model: nn.Module) -> int:
+    """Size of ``model.embed``'s output (VGGish 128, Cnn14 2048, Cnn10 512 at width 1)."""
     if isinstance(model, VGGish):
-        return model.load_backbone(state)
-    state = _unwrap_state(state)
-    ours = model.state_dict()
-    usable = {
-        k: v for k, v in state.items() if k in ours and tuple(v.shape) == tuple(ours[k].shape)
-    }
-    if not usable:
-        raise ValueError(f"{path}: no parameter matches the {type(model).__name__} layout")
-    model.load_state_dict({**ours, **usable}, strict=True)
-    return sorted(set(state) - set(usable))
+        return model.classifier.in_features
+    if isinstance(model, _PANNs):
+        return model.embed_dim
+    raise ValueError(f"{type(model).__name__} has no embedding output")
+
+
+__all__: Sequence[str] = [
+    "HEADS",
+    "MODELS",
+    "Cnn10",
+    "Cnn14",
+    "EmbeddingHead",
+    "InitReport",
+    "PANNsCNN",
+    "ResNet",
+    "VGGish",
+    "build_model",
+    "embed_dim",
+    "load_init",
+    "match_state",
+]

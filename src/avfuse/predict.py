@@ -15,6 +15,7 @@ between ranks (each video exactly once) and rank 0 writes the file.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,15 +24,15 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from avfuse import distributed as D
 from avfuse.config import save_config
-from avfuse.data import WINDOW, EvalWindows, NormStats, WindowDataset
+from avfuse.data import WINDOW, EvalWindows, NormStats, WholeClips, WindowDataset
 from avfuse.extract import USABLE
 from avfuse.manifest import load_classes, load_manifest
-from avfuse.models import build_model
+from avfuse.models import VGGish, build_model
 from avfuse.safe_pickle import load_torch
 from avfuse.scores import ScoreFile
 from avfuse.store import FeatureStore
@@ -59,7 +60,15 @@ class PredictConfig:
         default="mean_softmax", metadata={"help": "how window scores become a video score"}
     )
     hop: int = field(
-        default=WINDOW, metadata={"help": "frames between window starts (96 = no overlap)"}
+        default=0,
+        metadata={"help": "frames between window starts (0 = the model's window: no overlap)"},
+    )
+    window: int = field(
+        default=0,
+        metadata={
+            "help": "frames per window; 0 = the checkpoint's, -1 = the whole clip as one window "
+            "(models with global pooling: cnn14, cnn10, panns, resnet)"
+        },
     )
     batch_size: int = field(default=256, metadata={"help": "windows per forward pass"})
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
@@ -112,10 +121,41 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt  # type: ignore[no-any-return]
 
 
+def checkpoint_window(ckpt: dict[str, Any]) -> int:
+    """Frames per window the checkpoint's model was trained on (96 in older checkpoints)."""
+    return int(ckpt.get("window", WINDOW))
+
+
+_EMBEDDING_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def valid_embedding_name(name: str) -> bool:
+    """A name of ``WORK/embeddings/NAME``: one plain path component (no separators, no ``..``)."""
+    return bool(_EMBEDDING_NAME.fullmatch(name)) and ".." not in name
+
+
+def checkpoint_store(work: Path, ckpt: dict[str, Any]) -> FeatureStore:
+    """The store the checkpoint's model reads: ``WORK/features`` or, for a head trained on
+    embeddings, ``WORK/embeddings/NAME`` (the name is checked: it never leaves WORK)."""
+    name = ckpt.get("embeddings")
+    if not name:
+        return FeatureStore(work / "features")
+    if not isinstance(name, str) or not valid_embedding_name(name):
+        raise ValueError(f"checkpoint names an invalid embedding store {name!r}")
+    return FeatureStore(work / "embeddings" / name)
+
+
 def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[nn.Module, NormStats, list[str]]:
     """(model with the checkpoint's weights, normalisation statistics, class list)."""
     spec = ckpt["model_spec"]
-    model = build_model(spec["name"], len(ckpt["classes"]), spec["width"], spec["dropout"])
+    model = build_model(
+        spec["name"],
+        len(ckpt["classes"]),
+        spec["width"],
+        spec["dropout"],
+        n_mels=int(spec.get("n_mels", 64)),
+        frames=int(spec.get("frames", WINDOW)),
+    )
     model.load_state_dict(ckpt["model"])
     return model, NormStats.from_state(ckpt["norm"]), list(ckpt["classes"])
 
@@ -131,6 +171,7 @@ def score_videos(
     norm: NormStats,
     *,
     hop: int = WINDOW,
+    window: int = WINDOW,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     amp_dtype: torch.dtype | None = None,
@@ -139,7 +180,8 @@ def score_videos(
     channels_last: bool = False,
     progress: bool = True,
 ) -> dict[str, tuple[np.ndarray, int]]:
-    """Score ``ids`` (all present in ``store``) window by window.
+    """Score ``ids`` (all present in ``store``) window by window: windows of ``window`` frames
+    (the model's), starting every ``hop`` frames.
 
     Returns ``{video_id: (probabilities (C,), n_windows)}`` aggregated per ``aggregation``.
     Windows of a video are combined by video position, whatever order batches come in.
@@ -148,10 +190,14 @@ def score_videos(
     ids = list(ids)
     if not ids:
         return {}
-    ds = EvalWindows(WindowDataset(store, ids, np.full(len(ids), -1), norm), hop=hop)
+    base = WindowDataset(store, ids, np.full(len(ids), -1), norm, window=max(window, 1))
+    whole = window < 0
+    if whole and isinstance(model, VGGish):
+        raise ValueError("VGGish takes fixed-size windows: whole-clip scoring needs global pooling")
+    ds: Dataset[Any] = WholeClips(base) if whole else EvalWindows(base, hop=hop)
     loader = DataLoader(
         ds,
-        batch_size=batch_size,
+        batch_size=1 if whole else batch_size,
         shuffle=False,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
@@ -249,9 +295,15 @@ def predict(cfg: PredictConfig) -> PredictResult | None:
     e = D.init(device.type)
     ckpt_path = resolve_checkpoint(work, cfg.run, cfg.checkpoint)
     ckpt = load_checkpoint(ckpt_path)
-    store = FeatureStore(work / "features")
+    store = checkpoint_store(work, ckpt)
+    window = cfg.window or checkpoint_window(ckpt)
+    hop = cfg.hop or max(window, 1)
     store.check_frontend(ckpt["frontend_hash"], what=f"checkpoint {ckpt_path}")
     model, norm, classes = model_from_checkpoint(ckpt)
+    if isinstance(model, VGGish) and window != checkpoint_window(ckpt):
+        raise ValueError(
+            f"VGGish was trained on {checkpoint_window(ckpt)}-frame windows and takes only those"
+        )
     if classes != load_classes(work):
         raise ValueError(f"{ckpt_path} was trained on a different class list than {work}")
     model.to(device)
@@ -261,14 +313,16 @@ def predict(cfg: PredictConfig) -> PredictResult | None:
     rows = man[man["split"] == cfg.split]
     if rows.empty:
         raise ValueError(f"no videos of split {cfg.split!r} in the manifest")
-    status = video_status(rows, store)
+    # A whole clip must still be as long as the windows the model was trained on.
+    status = video_status(rows, store, window if window > 0 else checkpoint_window(ckpt))
     ok_ids = sorted(v for v, s in status.items() if s == "ok")
     scored = score_videos_distributed(
         model,
         store,
         ok_ids,
         norm,
-        hop=cfg.hop,
+        hop=hop,
+        window=window,
         batch_size=cfg.batch_size,
         device=device,
         amp_dtype=amp_dtype,
@@ -292,7 +346,8 @@ def predict(cfg: PredictConfig) -> PredictResult | None:
         "model": ckpt["model_spec"]["name"],
         "epoch": int(ckpt["epoch"]),
         "aggregation": cfg.aggregation,
-        "hop": cfg.hop,
+        "hop": hop,
+        "window": window,
         "split": cfg.split,
         "frontend_hash": ckpt["frontend_hash"],
         "amp": D.amp_name(amp_dtype),

@@ -52,17 +52,30 @@ from avfuse.data import (
     TrainWindowSampler,
     WindowDataset,
     compute_norm_stats,
+    store_window,
 )
 from avfuse.evaluate import metrics as score_metrics
 from avfuse.io import atomic_write
 from avfuse.manifest import load_classes, load_manifest
-from avfuse.models import MODELS, build_model, load_init
-from avfuse.predict import load_checkpoint, score_videos_distributed, video_status
+from avfuse.models import (
+    MODELS,
+    PRETRAINED_INPUT,
+    build_model,
+    head_prefixes,
+    is_head,
+    load_init,
+)
+from avfuse.predict import (
+    checkpoint_store,
+    load_checkpoint,
+    score_videos_distributed,
+    video_status,
+)
 from avfuse.store import FeatureStore
 
 log = D.get_logger(__name__)
 
-ModelName = Literal["vggish", "resnet", "panns"]
+ModelName = Literal["vggish", "resnet", "panns", "cnn14", "cnn10"]
 
 
 @dataclass(frozen=True)
@@ -80,7 +93,35 @@ class TrainConfig:
     dropout: float = field(default=0.3, metadata={"help": "dropout before the classifier"})
     init: Path | None = field(
         default=None,
-        metadata={"help": "state dict to initialise from (e.g. AudioSet VGGish weights)"},
+        metadata={"help": "checkpoint to initialise from (AudioSet VGGish / PANNs weights)"},
+    )
+    init_partial: bool = field(
+        default=False,
+        metadata={"help": "let --init load only the backbone tensors that match (listed)"},
+    )
+    normalize: Literal["auto", "band", "none"] = field(
+        default="auto",
+        metadata={
+            "help": "per-band standardisation of inputs; auto: none for --init on vggish/cnn14/"
+            "cnn10 (inputs as in AudioSet training), band otherwise"
+        },
+    )
+    window: int = field(
+        default=0,
+        metadata={"help": "frames per training window; 0 = the front end's example length"},
+    )
+    freeze_backbone: bool = field(
+        default=False, metadata={"help": "train the classifier head only (linear probe)"}
+    )
+    backbone_lr_mult: float = field(
+        default=1.0, metadata={"help": "backbone learning rate = lr x this (head: lr)"}
+    )
+    from_embeddings: str = field(
+        default="",
+        metadata={"help": "train a head on WORK/embeddings/NAME (from `avfuse embed`)"},
+    )
+    head: Literal["linear", "mlp"] = field(
+        default="linear", metadata={"help": "head over embeddings (with --from-embeddings)"}
     )
     epochs: int = field(default=30, metadata={"help": "training epochs"})
     batch_size: int = field(default=64, metadata={"help": "windows per step and process"})
@@ -102,7 +143,7 @@ class TrainConfig:
     mixup_alpha: float = field(default=0.0, metadata={"help": "mixup Beta(alpha, alpha); 0 = off"})
     grad_clip: float = field(default=5.0, metadata={"help": "max gradient norm; 0 = off"})
     windows_per_video: int = field(
-        default=4, metadata={"help": "random 96-frame windows drawn per video per epoch"}
+        default=4, metadata={"help": "random windows drawn per video per epoch"}
     )
     balanced: bool = field(default=False, metadata={"help": "class-balanced video sampling"})
     num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes"})
@@ -120,7 +161,9 @@ class TrainConfig:
     train_split: str = field(default="train", metadata={"help": "split to train on"})
     val_split: str = field(default="val", metadata={"help": "split for validation ('' = none)"})
     eval_every: int = field(default=1, metadata={"help": "validate every N epochs; 0 = never"})
-    val_hop: int = field(default=WINDOW, metadata={"help": "hop between validation windows"})
+    val_hop: int = field(
+        default=0, metadata={"help": "hop between validation windows; 0 = the window"}
+    )
     checkpoint_every: int = field(
         default=500, metadata={"help": "also write last.pt every N steps; 0 = per epoch only"}
     )
@@ -191,18 +234,64 @@ def spec_augment(
     return x * keep.to(x.device, x.dtype)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on weight matrices and kernels only (not biases, norm scales)."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.ndim > 1 else no_decay).append(p)
+def param_groups(
+    model: nn.Module, weight_decay: float, lr: float | None = None, backbone_lr_mult: float = 1.0
+) -> list[dict[str, Any]]:
+    """Weight decay on weight matrices and kernels only (not biases, norm scales).
+
+    With ``lr`` given, backbone parameters (outside the model's head) get ``lr *
+    backbone_lr_mult`` and head parameters ``lr``; empty groups are dropped.
+    """
+    if lr is None:
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
+        for p in model.parameters():
+            if not p.requires_grad:
+                continue
+            (decay if p.ndim > 1 else no_decay).append(p)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((is_head(model, name), p.ndim > 1), []).append(p)
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {
+            "params": ps,
+            "weight_decay": weight_decay if decays else 0.0,
+            "lr": lr if head else lr * backbone_lr_mult,
+        }
+        for (head, decays), ps in sorted(groups.items())
     ]
+
+
+def freeze_backbone(model: nn.Module) -> int:
+    """Stop gradients into every parameter outside the head; returns how many were frozen."""
+    n = 0
+    for name, p in model.named_parameters():
+        if not is_head(model, name):
+            p.requires_grad_(False)
+            n += 1
+    return n
+
+
+def backbone_eval(model: nn.Module) -> None:
+    """Put backbone modules in eval mode: a linear probe keeps the pretrained batch-norm
+    statistics and sees features without dropout."""
+    heads = tuple(h.rstrip(".") for h in head_prefixes(model))
+    for name, m in model.named_modules():
+        if name and not name.startswith(heads):
+            m.eval()
+
+
+def resolve_normalize(cfg: TrainConfig) -> str:
+    """``band`` or ``none`` for ``cfg.normalize`` (see the field's help)."""
+    if cfg.normalize != "auto":
+        return cfg.normalize
+    pretrained = cfg.init and cfg.model in PRETRAINED_INPUT and not cfg.from_embeddings
+    return "none" if pretrained else "band"
 
 
 def effective_lr(cfg: TrainConfig, world_size: int) -> tuple[int, float]:
@@ -262,9 +351,11 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 # --------------------------------------------------------------------------- the loop
 
 
-def _usable_ids(man: Any, split: str, store: FeatureStore) -> tuple[list[str], np.ndarray]:
+def _usable_ids(
+    man: Any, split: str, store: FeatureStore, window: int = WINDOW
+) -> tuple[list[str], np.ndarray]:
     rows = man[(man["split"] == split) & (man["label_index"] >= 0)]
-    status = video_status(rows, store)
+    status = video_status(rows, store, window)
     rows = rows[[status[str(v)] == "ok" for v in rows["video_id"]]].sort_values("video_id")
     return rows["video_id"].astype(str).tolist(), rows["label_index"].to_numpy(np.int64)
 
@@ -299,16 +390,25 @@ def train(
     seed_everything(cfg.seed + e.rank, cfg.deterministic)
     aug_rng = np.random.default_rng([cfg.seed, e.rank, 1])
 
-    store = FeatureStore(work / "features")
+    if cfg.from_embeddings:
+        # A head over one embedding per window: 1-"frame" windows of D "bands".
+        store = checkpoint_store(work, {"embeddings": cfg.from_embeddings})
+        cfg = dataclasses.replace(cfg, specaugment=False, window=1)
+    else:
+        store = FeatureStore(work / "features")
+    window = cfg.window or store_window(store)
+    val_hop = cfg.val_hop or window
     classes = load_classes(work)
     if store.classes != classes:
         raise ValueError(f"feature store {store.root} has a different class list than {work}")
     man = load_manifest(work)
-    train_ids, train_labels = _usable_ids(man, cfg.train_split, store)
+    train_ids, train_labels = _usable_ids(man, cfg.train_split, store, window)
     if not train_ids:
         raise ValueError(f"no usable videos in split {cfg.train_split!r}")
     val_ids, val_labels = (
-        _usable_ids(man, cfg.val_split, store) if cfg.val_split else ([], np.zeros(0, np.int64))
+        _usable_ids(man, cfg.val_split, store, window)
+        if cfg.val_split
+        else ([], np.zeros(0, np.int64))
     )
 
     ckpt: dict[str, Any] | None = None
@@ -319,15 +419,29 @@ def train(
     else:
         if cfg.resume:
             log.warning("--resume: %s not found, starting a new run", last_path)
-        norm = compute_norm_stats(store, train_ids, cfg.norm_videos, cfg.seed)
+        if resolve_normalize(cfg) == "none":
+            norm = NormStats.identity(store.n_mels)
+        else:
+            norm = compute_norm_stats(store, train_ids, cfg.norm_videos, cfg.seed)
 
-    spec = {"name": cfg.model, "width": cfg.width, "dropout": cfg.dropout}
-    model = build_model(cfg.model, len(classes), cfg.width, cfg.dropout)
+    model_name = cfg.head if cfg.from_embeddings else cfg.model
+    spec = {
+        "name": model_name,
+        "width": cfg.width,
+        "dropout": cfg.dropout,
+        "n_mels": store.n_mels,
+        "frames": window,
+    }
+    model = build_model(
+        model_name, len(classes), cfg.width, cfg.dropout, n_mels=store.n_mels, frames=window
+    )
     if cfg.init and ckpt is None:
-        ignored = load_init(model, cfg.init)
+        ignored = load_init(model, cfg.init, partial=cfg.init_partial)
         log.info(
             "initialised from %s%s", cfg.init, f" (ignored {len(ignored)} keys)" if ignored else ""
         )
+    if cfg.freeze_backbone:
+        log.info("linear probe: %d backbone tensors frozen", freeze_backbone(model))
     if ckpt is not None:
         if ckpt["model_spec"] != spec:
             raise ValueError(
@@ -343,12 +457,14 @@ def train(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
 
-    dataset = WindowDataset(store, train_ids, train_labels, norm)
+    dataset = WindowDataset(store, train_ids, train_labels, norm, window=window)
+    raw_inputs = bool(np.all(norm.mean == 0) and np.all(norm.std == 1))
     if sampler is None:
         sampler = TrainWindowSampler(
             dataset.frames,
             train_labels,
             windows_per_video=cfg.windows_per_video,
+            window=window,
             balanced=cfg.balanced,
             seed=cfg.seed,
             rank=e.rank,
@@ -363,7 +479,9 @@ def train(
         )
     total_steps = steps_per_epoch * cfg.epochs
     eff_batch, lr = effective_lr(cfg, e.world_size)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay, lr, cfg.backbone_lr_mult), lr=lr
+    )
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup)
@@ -405,7 +523,7 @@ def train(
         log.info(
             "%s: %d train / %d val videos, %d classes, %d steps/epoch, effective batch %d, "
             "lr %.3g, device %s, amp %s, %d process(es)",
-            cfg.model,
+            model_name,
             len(train_ids),
             len(val_ids),
             len(classes),
@@ -440,6 +558,8 @@ def train(
             "norm": norm.to_state(),
             "frontend_hash": store.frontend_hash,
             "frontend": store.frontend,
+            "window": window,
+            "embeddings": cfg.from_embeddings,
             "world_size": e.world_size,
             "effective_batch_size": eff_batch,
             "metrics": dict(last),
@@ -467,6 +587,8 @@ def train(
         skip = skip_steps if epoch == start_epoch else 0
         sampler.set_epoch(epoch, skip * cfg.batch_size)
         net.train()
+        if cfg.freeze_backbone:
+            backbone_eval(model)
         sums = [0.0, 0.0, 0.0]  # loss * n, correct, n
         t0 = time.perf_counter()
         bar = tqdm(
@@ -481,7 +603,12 @@ def train(
         for x, y, _ in bar:
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
-            if cfg.specaugment:
+            if cfg.specaugment and raw_inputs:
+                # Unstandardised log-mel: masks take each band's window mean, as zero does
+                # after standardisation (PANNs mask after bn0), not an out-of-range 0.
+                m = x.mean(dim=1, keepdim=True)
+                x = spec_augment(x - m, aug_rng, cfg.time_mask, cfg.freq_mask, cfg.num_masks) + m
+            elif cfg.specaugment:
                 x = spec_augment(x, aug_rng, cfg.time_mask, cfg.freq_mask, cfg.num_masks)
             x = x.unsqueeze(1)
             if cfg.channels_last:
@@ -556,7 +683,8 @@ def train(
                 store,
                 val_ids,
                 norm,
-                hop=cfg.val_hop,
+                hop=val_hop,
+                window=window,
                 batch_size=cfg.batch_size * 4,
                 device=device,
                 amp_dtype=amp_dtype,
