@@ -914,7 +914,8 @@ def check_labels(
     if labels.names is not None:
         names = [labels.names[r] for r in rows]
         uniq = sorted({n for n in names if n})
-        to_ours = dict(zip(uniq, match_class_names(uniq, list(classes)), strict=True))
+        # Each name on its own: rows name classes, they do not claim columns from each other.
+        to_ours = {n: match_class_names([n], list(classes))[0] for n in uniq}
         got = np.asarray([to_ours[n] if n else -2 for n in names], dtype=np.int64)
         said = names
     else:
