@@ -129,6 +129,7 @@ def test_kinetics_csv_labels_are_checked_by_class_name(tmp_path: Path) -> None:
     df = pd.DataFrame(rows, columns=["label", "youtube_id", "time_start", "time_end", "split"])
     df.to_csv(w / "k.csv", index=False)
     ids, labels = read_annotations(w / "k.csv")
+    assert ids == val["stems"]
     assert labels is not None and labels.names is not None
     assert labels.names[:2] == [classes[val["y"][0]].replace(" ", "_"), rows[1][0]]
     res = fuse(cfg_for(d, annotations=w / "k.csv", output=w / "f_k"))
@@ -210,7 +211,7 @@ def test_classes_differing_only_in_case_fuse(tmp_path: Path) -> None:
     df.insert(0, "video_id", t["ids"])
     df.to_csv(t["work"] / "v.csv", index=False)
     res = fuse(
-        FuseCfg(t["work"], video_scores=(t["work"] / "v.csv",), weight_selection="optimistic")
+        fuse_cfg(t["work"], video_scores=(t["work"] / "v.csv",), weight_selection="optimistic")
     )
     assert res.figures["counts"]["video"]["classes"]["by_name"]
     w = res.figures["chosen"]["weight"]
@@ -218,7 +219,7 @@ def test_classes_differing_only_in_case_fuse(tmp_path: Path) -> None:
     np.testing.assert_allclose(ScoreFile.load(res.fused_path).scores, want, atol=1e-5)
 
 
-def FuseCfg(work: Path, **kw: Any) -> Any:  # noqa: N802 - reads like the class it builds
+def fuse_cfg(work: Path, **kw: Any) -> Any:
     from avfuse.fuse import FuseConfig
 
     return FuseConfig(work, bootstrap=200, **kw)
