@@ -649,17 +649,27 @@ def fit_params(
 
 
 def apply_params(p: Params, v: Views) -> np.ndarray:
-    """Fused probabilities ``(N, C)`` float32; rows without audio get the video's alone."""
-    lv = temper(v.lv, p.t_video)
+    """Fused probabilities ``(N, C)`` float32; rows without audio get the video's alone.
+
+    Row blocks at a time (every step is row-wise): the only full-size array is the result.
+    """
+    out = np.empty(v.lv.shape, dtype=np.float32)
+    for lo in range(0, v.lv.shape[0], _CHUNK):
+        sl = slice(lo, lo + _CHUNK)
+        out[sl] = _apply_block(p, v.lv[sl], v.la[sl], v.has_audio[sl])
+    return out
+
+
+def _apply_block(p: Params, lv: np.ndarray, la_all: np.ndarray, m: np.ndarray) -> np.ndarray:
+    lv = temper(lv, p.t_video)
     out = np.exp(lv)
-    m = v.has_audio
     if m.any():
-        la = temper(v.la[m], p.t_audio)
+        la = temper(la_all[m], p.t_audio)
         if p.stacker is not None:
             out[m] = p.stacker.predict(lv[m], la)
         else:
             out[m] = fuse_log_probs(lv[m], la, p.weight, p.method)
-    return out.astype(np.float32)
+    return out
 
 
 # --------------------------------------------------------------------------- inputs
@@ -814,7 +824,11 @@ def _build_views(
     cfg: FuseConfig,
     what: str,
 ) -> _Side:
-    """Join audio and video rows to the manifest videos of ``split`` (or of the audio file)."""
+    """Join audio and video rows to the manifest videos of ``split`` (or of the audio file).
+
+    ``audio`` and ``video`` are consumed: their score matrices may be overwritten with the
+    log-probabilities, to keep the peak memory near three ``(N, C)`` float32 arrays.
+    """
     if split is not None:
         uni = manifest[manifest["split"].astype(str) == split]
     else:
@@ -884,11 +898,17 @@ def _build_views(
             chance["n"],
         )
     c = len(classes)
-    la = np.full((len(ids), c), np.nan, dtype=np.float32)
-    n_win = np.zeros(len(ids), dtype=np.int32)
     hit = rows_a >= 0
     has_audio = np.zeros(len(ids), dtype=bool)
     has_audio[hit] = audio.has_scores[rows_a[hit]]
+    if pa is audio.scores and np.array_equal(rows_a, np.arange(len(audio.ids))):
+        # Our own audio file, rows already in manifest order: converted in place (the
+        # ScoreFile is consumed), saving a full-size array at Kinetics scale.
+        la = pa
+        la[~has_audio] = np.nan
+    else:
+        la = np.full((len(ids), c), np.nan, dtype=np.float32)
+    n_win = np.zeros(len(ids), dtype=np.int32)
     if has_audio.any():
         dest = np.flatnonzero(has_audio)
         for lo in range(0, len(dest), _CHUNK):
@@ -1146,6 +1166,9 @@ def fuse(cfg: FuseConfig, executor: Executor | None = None) -> FuseResult:
     n_per = np.bincount(y, minlength=len(classes))
     curve_all = 100 * (curve_c.sum(axis=1) + correct_v[~wa].sum()) / max(len(y), 1)
     curve_audio = 100 * curve_c.mean(axis=1)
+    # Only the fused scores are written from here on: release the (N, C) inputs before the
+    # report's figures are drawn (about 150 MB at Kinetics scale).
+    v.lv = v.la = np.empty((0, len(classes)), dtype=np.float32)
 
     figures: dict[str, Any] = {
         "split": split,
