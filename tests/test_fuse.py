@@ -496,7 +496,7 @@ def test_cv_weights_are_chosen_on_the_other_folds_only(tmp_path: Path) -> None:
 
 
 def test_block_wise_fusion_equals_a_reference_over_several_blocks(tmp_path: Path) -> None:
-    # More rows than one processing block (2048): the block edges must not show.
+    # More rows than one processing block (512): the block edges must not show.
     d = make_work(tmp_path, n=4500, c=5, seed=8)
     val = d["val"]
     pv, pa, y, has = softmax(val["zv"]), softmax(val["za"]), val["y"], ~val["noa"]

@@ -34,7 +34,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 from scipy import optimize
-from scipy.special import log_softmax, logsumexp
+from scipy.special import bdtrc, log_softmax, logsumexp
 
 from avfuse.config import save_config, to_dict
 from avfuse.io import write_json
@@ -64,7 +64,7 @@ Kind = Literal["auto", "logits", "probs"]
 # must not veto it forever in the product of experts.
 LOG_FLOOR = math.log(1e-8)
 # Rows per block in passes over (N, C) matrices: bounded temporaries at any N.
-_CHUNK = 2048
+_CHUNK = 512
 
 
 @dataclass(frozen=True)
@@ -456,21 +456,29 @@ def fuse_log_probs(lv: np.ndarray, la: np.ndarray, w: float, method: Method) -> 
 
 
 def weight_curves(
-    lv: np.ndarray, la: np.ndarray, labels: np.ndarray, weights: np.ndarray, method: Method
+    lv: np.ndarray,
+    la: np.ndarray,
+    labels: np.ndarray,
+    weights: np.ndarray,
+    method: Method,
+    rows: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-video outcome at every weight: ``correct (G, N)`` bool, ``nll (G, N)`` float32.
 
     Computed once, so choosing a weight on any subset of videos (a fold's complement, say)
     is a masked mean, not a new pass over the scores. Rows are processed in blocks, every
     weight on one block before the next: the temporaries stay a few MB at any N, and each
-    row's figures are those of a full-size computation.
+    row's figures are those of a full-size computation. ``rows`` (a boolean mask) restricts
+    the curves to those rows (N = its count) without a full-size copy of ``lv`` and ``la``.
     """
     m = "logprob" if method == "stack" else method
-    correct = np.zeros((len(weights), len(labels)), dtype=bool)
-    nll = np.zeros((len(weights), len(labels)), dtype=np.float32)
-    for lo in range(0, len(labels), _CHUNK):
+    idx = np.arange(len(labels)) if rows is None else np.flatnonzero(rows)
+    correct = np.zeros((len(weights), len(idx)), dtype=bool)
+    nll = np.zeros((len(weights), len(idx)), dtype=np.float32)
+    for lo in range(0, len(idx), _CHUNK):
         sl = slice(lo, lo + _CHUNK)
-        _weight_curves_block(lv[sl], la[sl], labels[sl], weights, m, correct[:, sl], nll[:, sl])
+        r = idx[sl] if rows is not None else sl
+        _weight_curves_block(lv[r], la[r], labels[r], weights, m, correct[:, sl], nll[:, sl])
     return correct, nll
 
 
@@ -660,6 +668,13 @@ def apply_params(p: Params, v: Views) -> np.ndarray:
     return out
 
 
+def _apply_rows(p: Params, v: Views, rows: np.ndarray, out: np.ndarray) -> None:
+    """``out[rows] = apply_params(p, v.subset(rows))`` without full-size copies."""
+    for lo in range(0, len(rows), _CHUNK):
+        r = rows[lo : lo + _CHUNK]
+        out[r] = _apply_block(p, v.lv[r], v.la[r], v.has_audio[r])
+
+
 def _apply_block(p: Params, lv: np.ndarray, la_all: np.ndarray, m: np.ndarray) -> np.ndarray:
     lv = temper(lv, p.t_video)
     out = np.exp(lv)
@@ -773,8 +788,6 @@ def video_above_chance(
     against ``p0`` at level ``alpha``; ``testable`` is False when even a perfect top-1 on so
     few videos would not pass it.
     """
-    from scipy.stats import binomtest
-
     lab = labels >= 0
     y = labels[lab]
     n = len(y)
@@ -795,8 +808,10 @@ def video_above_chance(
     q = np.bincount(pred, minlength=n_classes) / n
     pi = np.bincount(y, minlength=n_classes) / n
     p0 = min(max(float(q @ pi), 1e-12), 1.0)
-    pval = float(binomtest(k, n, p0, alternative="greater").pvalue) if p0 < 1 else 1.0
-    testable = p0 < 1 and float(binomtest(n, n, p0, alternative="greater").pvalue) < alpha
+    # P(X >= k) for X ~ Binomial(n, p0); bdtrc(j, n, p) is P(X > j) (scipy.special, which
+    # is loaded anyway, where scipy.stats would cost 20 MB of imports).
+    pval = float(bdtrc(k - 1, n, p0)) if (p0 < 1 and k > 0) else 1.0
+    testable = p0 < 1 and float(bdtrc(n - 1, n, p0)) < alpha
     return {
         "n": n,
         "top1": k / n,
@@ -1066,8 +1081,15 @@ def fuse(cfg: FuseConfig, executor: Executor | None = None) -> FuseResult:
         raise VideoScoreError(f"{audio_path}: no labelled video of split {split!r} has audio")
 
     # Curves on the evaluated videos: for the plot, and (uncalibrated) for cheap CV selection.
-    curve_c, curve_nll = weight_curves(v.lv[both], v.la[both], v.labels[both], weights, cfg.method)
-    fused = np.exp(v.lv).astype(np.float32)
+    curve_c, curve_nll = weight_curves(v.lv, v.la, v.labels, weights, cfg.method, rows=both)
+    y = v.labels[lab]
+    wa = v.has_audio[lab]
+    # Single-model ranks first: the default path below overwrites v.lv with fused scores.
+    rank_v = _ranks(v.lv, lab, y, np.exp)
+    # Audio-only on all videos: a video without audio cannot be recognised from its sound,
+    # so it counts as a miss at every k.
+    rank_a = np.full(len(y), len(classes), dtype=np.int64)
+    rank_a[wa] = _ranks(v.la, both, y[wa], np.exp)  # v.la[both] is v.la[lab][wa]
     chosen: dict[str, Any] = {}
     heldout_curve = None
     fold_of = np.full(len(v.ids), -1, dtype=np.int64)
@@ -1117,6 +1139,15 @@ def fuse(cfg: FuseConfig, executor: Executor | None = None) -> FuseResult:
             )
         heldout_curve = 100 * ho_curves[0].mean(axis=1)
     else:
+        if cfg.method != "stack" and not cfg.calibrate and lab.all():
+            # Weights come from the precomputed curves and every video is in one test fold:
+            # a fold's video log-probabilities are read once, by its own fusion, so its fused
+            # scores can take their place (one (N, C) array less at Kinetics scale).
+            fused = v.lv
+        else:
+            fused = np.empty_like(v.lv)
+            for lo in range(0, len(fused), _CHUNK):
+                np.exp(v.lv[lo : lo + _CHUNK], out=fused[lo : lo + _CHUNK])
         k = max(2, int(cfg.folds))
         fold_of[lab] = stratified_folds(v.labels[lab], k, cfg.seed)
         fold_params = []
@@ -1130,7 +1161,7 @@ def fuse(cfg: FuseConfig, executor: Executor | None = None) -> FuseResult:
                 p = Params(cfg.method, weight=float(weights[g]))
             else:
                 p = fit_params(v.subset(train), cfg.method, weights, cfg.calibrate, cfg.stack_l2)
-            fused[test] = apply_params(p, v.subset(test))
+            _apply_rows(p, v, np.flatnonzero(test), fused)
             fold_params.append(p.describe())
         if (~lab).any():  # unlabelled videos: fit on every labelled video (not evaluated)
             p = fit_params(v.subset(lab), cfg.method, weights, cfg.calibrate, cfg.stack_l2)
@@ -1141,14 +1172,7 @@ def fuse(cfg: FuseConfig, executor: Executor | None = None) -> FuseResult:
             chosen["weight_median"] = float(np.median(ws))
 
     optimistic = cfg.weight_selection == "optimistic"
-    y = v.labels[lab]
-    wa = v.has_audio[lab]
-    rank_v = _ranks(v.lv, lab, y, np.exp)
     rank_f = _ranks(fused, lab, y)
-    # Audio-only on all videos: a video without audio cannot be recognised from its sound,
-    # so it counts as a miss at every k.
-    rank_a = np.full(len(y), len(classes), dtype=np.int64)
-    rank_a[wa] = _ranks(v.la, both, y[wa], np.exp)  # v.la[both] is v.la[lab][wa]
     metrics = {
         "all": _metrics_block(
             {"video": rank_v, "audio": rank_a, "fused": rank_f}, y, cfg.bootstrap, cfg.seed

@@ -869,7 +869,7 @@ def check_finite(scores: np.ndarray, ids: Sequence[str], source: str) -> None:
 
 
 # Rows per block when a pass over an (N, C) matrix would otherwise allocate a full-size copy.
-_CHUNK = 2048
+_CHUNK = 512
 
 
 @dataclass
