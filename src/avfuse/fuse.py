@@ -746,8 +746,13 @@ def _video_log_probs(
         al.columns, np.arange(len(classes))
     )
     try:
-        if identity and kind_used == "logits" and vs.scores.dtype == np.float32:
-            # Softmax over our classes twice is the same as once: one in-place pass.
+        if (
+            identity
+            and kind_used == "logits"
+            and vs.scores.dtype == np.float32
+            and vs.scores.flags.writeable
+        ):
+            # The two passes of the general path below (same numbers), in place.
             lp = log_softmax32(log_softmax32(vs.scores, out=vs.scores), out=vs.scores)
         else:
             full, _ = to_log_probs(vs.scores, kind_used)
