@@ -8,12 +8,21 @@ user would otherwise run: mmaction2-style fusion by list position with a fixed w
 accuracy, which has none of the checks. Also compares the exact multinomial bootstrap with
 resampling video indices.
 
+Each fuse runs in a fresh subprocess, so that its peak resident memory (``ru_maxrss``,
+interpreter and libraries included) and its user and system CPU time are its own. The same
+video scores are also read from a named ``.npz`` and from a wide CSV (``video_id`` plus one
+column per class), to compare the two readers end to end.
+
     python benchmarks/bench_fuse.py [--videos 30000] [--classes 600] [--stack]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -64,6 +73,10 @@ def make(work: Path, n: int, c: int, seed: int = 0) -> tuple[np.ndarray, np.ndar
     (work / "val_list.txt").write_text(
         "".join(f"{classes[k]}/{s}.mp4 {k}\n" for k, s in zip(y, stems, strict=True))
     )
+    np.savez(work / "video.npz", ids=np.array(stems), classes=np.array(classes), scores=zv)
+    wide = pd.DataFrame(zv, columns=classes)
+    wide.insert(0, "video_id", [f"{s}.mp4" for s in stems])
+    wide.to_csv(work / "video.csv", index=False, float_format="%.7g")
     return y, zv, np.where(noa[:, None], 0.0, pa).astype(np.float32)
 
 
@@ -75,12 +88,64 @@ def naive(y: np.ndarray, zv: np.ndarray, pa: np.ndarray, w: float = 0.5) -> floa
     return float(np.mean(top1 == y) + np.mean((top5 == y[:, None]).any(1)))
 
 
+def child(spec: str) -> None:
+    """Run one fuse from a JSON spec and print its figures as JSON (one line)."""
+    a = json.loads(spec)
+    work = Path(a["work"])
+    kw = {"annotations": work / "val_list.txt"} if a["video"].endswith(".npy") else {}
+    cfg = FuseConfig(
+        work,
+        video_scores=(work / a["video"],),
+        method=a["method"],
+        weight_selection=a["selection"],
+        output=work / a["output"],
+        **kw,
+    )
+    t = time.perf_counter()
+    res = fuse(cfg)
+    dt = time.perf_counter() - t
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    fused = np.load(res.fused_path)["scores"]
+    print(
+        json.dumps(
+            {
+                "seconds": dt,
+                "user": ru.ru_utime,
+                "sys": ru.ru_stime,
+                "peak_mb": ru.ru_maxrss / 1024,  # Linux: KiB
+                "top1": res.figures["metrics"]["all"]["fused"]["top1"],
+                "checksum": float(np.float64(fused).sum()),
+            }
+        )
+    )
+
+
+def run_child(work: Path, video: str, method: str, selection: str) -> dict:
+    spec = json.dumps(
+        {
+            "work": str(work),
+            "video": video,
+            "method": method,
+            "selection": selection,
+            "output": f"fusion_{method}_{selection}_{video.replace('.', '_')}",
+        }
+    )
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", spec], check=True, capture_output=True, text=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--videos", type=int, default=30000)
     ap.add_argument("--classes", type=int, default=600)
     ap.add_argument("--stack", action="store_true", help="also time the learned stacker")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        child(args.child)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         t = time.perf_counter()
@@ -92,26 +157,31 @@ def main() -> None:
         t = time.perf_counter()
         naive(y, zv, pa)
         t_naive = time.perf_counter() - t
-        print(f"{'method':<34}{'seconds':>9}{'x naive':>9}   fused top-1")
-        print(f"{'naive by position (no checks)':<34}{t_naive:>9.2f}{1.0:>9.1f}")
-        runs = [("mean", "cv"), ("logprob", "cv"), ("mean", "optimistic")]
+        print(
+            f"{'method':<40}{'seconds':>8}{'x naive':>8}{'user':>7}{'sys':>6}{'peak MB':>9}"
+            "   fused top-1"
+        )
+        print(f"{'naive by position (no checks)':<40}{t_naive:>8.2f}{1.0:>8.1f}")
+        runs = [
+            ("video.npy", "mean", "cv"),
+            ("video.npy", "logprob", "cv"),
+            ("video.npy", "mean", "optimistic"),
+            ("video.npz", "mean", "cv"),
+            ("video.csv", "mean", "cv"),
+        ]
         if args.stack:
-            runs.append(("stack", "cv"))
-        for method, sel in runs:
-            cfg = FuseConfig(
-                work,
-                video_scores=(work / "video.npy",),
-                annotations=work / "val_list.txt",
-                method=method,  # type: ignore[arg-type]
-                weight_selection=sel,  # type: ignore[arg-type]
-                output=work / f"fusion_{method}_{sel}",
+            runs.append(("video.npy", "stack", "cv"))
+        seconds = {}
+        for video, method, sel in runs:
+            r = run_child(work, video, method, sel)
+            seconds[video, method, sel] = r["seconds"]
+            name = f"avfuse fuse {method}, {sel}, {video}"
+            print(
+                f"{name:<40}{r['seconds']:>8.2f}{r['seconds'] / t_naive:>8.1f}"
+                f"{r['user']:>7.1f}{r['sys']:>6.1f}{r['peak_mb']:>9.0f}   {100 * r['top1']:.2f}"
             )
-            t = time.perf_counter()
-            res = fuse(cfg)
-            dt = time.perf_counter() - t
-            top1 = 100 * res.figures["metrics"]["all"]["fused"]["top1"]
-            name = f"avfuse fuse {method}, {sel}"
-            print(f"{name:<34}{dt:>9.2f}{dt / t_naive:>9.1f}   {top1:.2f}")
+        ratio = seconds["video.csv", "mean", "cv"] / seconds["video.npz", "mean", "cv"]
+        print(f"wide CSV / npz time: {ratio:.2f}x")
 
         rng = np.random.default_rng(1)
         a = rng.random(args.videos) < 0.7

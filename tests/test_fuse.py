@@ -493,3 +493,37 @@ def test_cv_weights_are_chosen_on_the_other_folds_only(tmp_path: Path) -> None:
     assert res.figures["metrics"]["all"]["fused"]["top1"] == pytest.approx(
         np.mean(fused.argmax(1) == y)
     )
+
+
+def test_block_wise_fusion_equals_a_reference_over_several_blocks(tmp_path: Path) -> None:
+    # More rows than one processing block (512): the block edges must not show.
+    d = make_work(tmp_path, n=4500, c=5, seed=8)
+    val = d["val"]
+    pv, pa, y, has = softmax(val["zv"]), softmax(val["za"]), val["y"], ~val["noa"]
+    grid = np.linspace(0, 1, 11)
+    for method in ("mean", "logprob"):
+        res = fuse(cfg_for(d, method=method, weight_selection="optimistic", grid=11))
+        score = []
+        for g in grid:
+            if method == "mean":
+                p = (1 - g) * pv[has] + g * pa[has]
+            else:
+                p = pv[has] ** (1 - g) * pa[has] ** g
+                p /= p.sum(1, keepdims=True)
+            acc = np.mean(p.argmax(1) == y[has])
+            score.append((-acc, -np.mean(np.log(p[np.arange(has.sum()), y[has]]))))
+        curve = -100 * np.array([s[0] for s in score])
+        np.testing.assert_allclose(
+            res.figures["curve"]["top1_with_audio"], curve, atol=100 * 3 / has.sum()
+        )
+        w = res.figures["chosen"]["weight"]
+        want = pv.copy()
+        if method == "mean":
+            want[has] = (1 - w) * pv[has] + w * pa[has]
+        else:
+            q = pv[has] ** (1 - w) * pa[has] ** w
+            want[has] = q / q.sum(1, keepdims=True)
+        got = ScoreFile.load(res.fused_path).select(val["ids"])
+        np.testing.assert_allclose(got.scores, want, atol=2e-6)
+        top1 = res.figures["metrics"]["all"]["fused"]["top1"]
+        assert top1 == pytest.approx(np.mean(want.argmax(1) == y), abs=2 / 4500)

@@ -360,3 +360,54 @@ def test_unknown_extension_and_missing_file(tmp_path: Path) -> None:
     (tmp_path / "v.json").write_text("{}")
     with pytest.raises(VideoScoreError, match=r"unknown score file type .json"):
         read_one(tmp_path / "v.json")
+
+
+def test_wide_csv_values_labels_and_status(tmp_path: Path) -> None:
+    # Values as written (repr of float64), blanks around a cell, a status column filtering
+    # rows and a gt_label column giving labels: read back exactly.
+    rng = np.random.default_rng(9)
+    s = rng.normal(size=(6, 5)) * 10.0 ** rng.integers(-5, 5, size=(6, 5))
+    lines = ["video_id,status,gt_label," + ",".join(CLASSES)]
+    for i in range(6):
+        cells = [repr(float(x)) for x in s[i]]
+        cells[1] = f" {cells[1]} "
+        lines.append(f"v{i},{'ok' if i != 3 else 'error'},{i % 5}," + ",".join(cells))
+    (tmp_path / "w.csv").write_text("\n".join(lines) + "\n")
+    vs = read_one(tmp_path / "w.csv")
+    keep = [0, 1, 2, 4, 5]
+    assert vs.ids == [f"v{i}" for i in keep] and vs.classes == CLASSES
+    np.testing.assert_array_equal(vs.scores, s[keep])
+    assert vs.labels is not None and vs.labels.index is not None
+    assert vs.labels.index.tolist() == [i % 5 for i in keep]
+
+
+def test_annotation_labels_and_dump_gt_labels(tmp_path: Path) -> None:
+    from avfuse.video_scores import read_annotations
+
+    (tmp_path / "list.txt").write_text(
+        "air drumming/a_1.mp4 3\nzumba/b.mp4 120 4\nabseiling/c.mp4 0\n"
+    )
+    ids, lab = read_annotations(tmp_path / "list.txt")
+    assert ids == ["air drumming/a_1.mp4", "zumba/b.mp4", "abseiling/c.mp4"]
+    assert lab is not None and lab.index is not None and lab.index.tolist() == [3, 4, 0]
+    (tmp_path / "plain.txt").write_text("a\nb\nc\n")
+    assert read_annotations(tmp_path / "plain.txt")[1] is None
+    (tmp_path / "multi.txt").write_text("a.mp4 1,2\nb.mp4 0\nc.mp4 3\n")
+    assert read_annotations(tmp_path / "multi.txt")[1] is None
+    items = [
+        {"pred_score": np.arange(5, dtype=np.float32), "gt_label": np.array([k])} for k in (2, 0, 1)
+    ]
+    with open(tmp_path / "d.pkl", "wb") as fh:
+        pickle.dump(items, fh)
+    vs = read_one(tmp_path / "d.pkl", ids_file=tmp_path / "list.txt")
+    # The dump's own gt_label wins over the list's labels: it travels with the score rows.
+    assert vs.labels is not None and vs.labels.index is not None
+    assert vs.labels.index.tolist() == [2, 0, 1] and vs.labels.source.endswith("d.pkl")
+
+
+def test_align_classes_one_rule_for_case_and_underscores() -> None:
+    classes = ["Jogging", "jogging", "air drumming"]
+    al = align_classes(["air_drumming", "jogging", "Jogging"], classes, n_columns=3, source="s")
+    assert al.columns.tolist() == [2, 1, 0] and not al.missing and not al.extra
+    with pytest.raises(VideoScoreError, match="duplicated class names"):
+        align_classes(["a", "a", "b"], ["a", "b", "c"], n_columns=3, source="s")

@@ -68,7 +68,8 @@ def metrics(scores: np.ndarray, labels: np.ndarray, top_confused: int = 0) -> di
     (over classes present in ``labels``), ``mAP`` (macro over classes with a positive),
     ``per_class`` (lists ``n``, ``correct``, ``accuracy``, ``ap`` of length C) and
     ``confused`` (the ``top_confused`` largest off-diagonal confusion counts as
-    ``(true, predicted, count)``). Rows must be finite; ties in top-k go to the lower index.
+    ``(true, predicted, count)``). Ties in top-k go to the lower index; a row with a NaN is a
+    miss at every k.
     """
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
@@ -90,10 +91,14 @@ def metrics(scores: np.ndarray, labels: np.ndarray, top_confused: int = 0) -> di
             },
             "confused": [],
         }
-    if not np.isfinite(scores).all():
-        raise ValueError("scores contain NaN/inf rows; select the scored videos first")
+    # A NaN row would sort its first column first and could count as correct: it is a miss
+    # at every k instead (pred = -1 matches no label; its scores rank below every other).
+    nan_rows = np.isnan(scores).any(axis=1)
+    if nan_rows.any():
+        scores = np.where(nan_rows[:, None], -np.inf, scores)
     # Stable sort of the negated scores: equal scores keep column order (lower index first).
     order = np.argsort(-scores, axis=1, kind="stable")
+    order[nan_rows] = -1
     pred = order[:, 0]
     k = min(5, c)
     top1 = float(np.mean(pred == labels))
@@ -104,7 +109,7 @@ def metrics(scores: np.ndarray, labels: np.ndarray, top_confused: int = 0) -> di
         acc = np.where(counts > 0, correct / np.maximum(counts, 1), np.nan)
     ap = np.array([average_precision(scores[:, j], labels == j) for j in range(c)])
     conf = np.zeros((c, c), np.int64)
-    np.add.at(conf, (labels, pred), 1)
+    np.add.at(conf, (labels[~nan_rows], pred[~nan_rows]), 1)
     off = conf.copy()
     np.fill_diagonal(off, 0)
     flat = np.argsort(-off, axis=None, kind="stable")[:top_confused]

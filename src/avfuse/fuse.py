@@ -34,19 +34,21 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 from scipy import optimize
-from scipy.special import log_softmax, logsumexp
+from scipy.special import bdtrc, log_softmax, logsumexp
 
 from avfuse.config import save_config, to_dict
 from avfuse.io import write_json
 from avfuse.manifest import load_classes, load_manifest
 from avfuse.scores import ScoreFile
 from avfuse.video_scores import (
+    ClassAlignment,
     Format,
     IdMatch,
     VideoScoreError,
     VideoScores,
     align_classes,
     check_finite,
+    check_labels,
     match_ids,
     normalize_id,
     read_video_scores,
@@ -61,6 +63,8 @@ Kind = Literal["auto", "logits", "probs"]
 # Probabilities are floored here before taking logs: a model that gives a class exactly 0
 # must not veto it forever in the product of experts.
 LOG_FLOOR = math.log(1e-8)
+# Rows per block in passes over (N, C) matrices: bounded temporaries at any N.
+_CHUNK = 512
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,10 @@ class FuseConfig:
     )
     video_kind: Kind = field(
         default="auto",
-        metadata={"help": "video scores are logits or probs (auto: probs if rows sum to 1)"},
+        metadata={
+            "help": "video scores are logits or probs (auto: probs if rows are non-negative "
+            "and sum to 1 within their rounding; ambiguous files are refused)"
+        },
     )
     method: Method = field(
         default="mean",
@@ -139,6 +146,20 @@ class FuseConfig:
         default=0,
         metadata={"help": "class names that may be missing/unknown on the video side"},
     )
+    label_tolerance: float = field(
+        default=0.005,
+        metadata={
+            "help": "fraction of videos whose label in the video scores' list / dump may "
+            "disagree with the manifest"
+        },
+    )
+    allow_low_video_accuracy: bool = field(
+        default=False,
+        metadata={
+            "help": "fuse even when the video scores are no better than chance on the "
+            "evaluated videos (by default a sign of rows or columns that do not line up)"
+        },
+    )
     split: str | None = field(
         default=None, metadata={"help": "split to evaluate (default: the audio file's)"}
     )
@@ -154,34 +175,135 @@ def softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
     return np.exp(log_softmax(z, axis=axis))
 
 
-def log_softmax32(z: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax of ``(N, C)`` in float32 (scipy's works in float64, 3x slower)."""
-    out = np.array(z, dtype=np.float32, copy=True)
-    out -= out.max(axis=1, keepdims=True)
-    out -= np.log(np.exp(out).sum(axis=1, keepdims=True))
+def log_softmax32(z: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Row-wise log-softmax of ``(N, C)`` in float32 (scipy's works in float64, 3x slower).
+
+    Computed in blocks of rows, so the only full-size array is ``out`` (which may be ``z``
+    itself when that is float32: the result then overwrites it).
+    """
+    z = np.asarray(z)
+    if out is None:
+        out = np.empty(z.shape, dtype=np.float32)
+    for lo in range(0, z.shape[0], _CHUNK):
+        blk = out[lo : lo + _CHUNK]
+        blk[...] = z[lo : lo + _CHUNK]
+        blk -= blk.max(axis=1, keepdims=True)
+        blk -= np.log(np.exp(blk).sum(axis=1, keepdims=True))
     return out
 
 
 def detect_kind(scores: np.ndarray, atol: float = 1e-3) -> Literal["logits", "probs"]:
-    """``probs`` when every value is in [0, 1] and every row sums to 1 (within ``atol``)."""
-    s = np.asarray(scores, dtype=np.float64)
-    if s.size and s.min() >= 0.0 and s.max() <= 1.0 and np.allclose(s.sum(axis=1), 1.0, atol=atol):
-        return "probs"
-    return "logits"
+    """``probs`` when :func:`infer_kind` says so, else ``logits`` (ambiguous files included)."""
+    return "probs" if infer_kind(scores).kind == "probs" else "logits"
+
+
+@dataclass(frozen=True)
+class KindGuess:
+    """What :func:`infer_kind` concluded: ``kind`` (``None`` = ambiguous) and why."""
+
+    kind: Literal["logits", "probs"] | None
+    reason: str
+    resolution: str
+    tolerance: float
+
+
+def score_resolution(scores: np.ndarray) -> tuple[str, float]:
+    """How finely the values are written, and half its unit (the rounding error of a value).
+
+    Decimal rounding (``0.12``, ``0.125``) is found as the fewest decimals, up to 6, of which
+    every value is a multiple; otherwise the narrowest float type holding every value exactly.
+    """
+    s = scores
+    for d in range(1, 7):
+        scale = 10.0**d
+        ok = True
+        for lo in range(0, s.shape[0], _CHUNK):
+            blk = np.asarray(s[lo : lo + _CHUNK], dtype=np.float64) * scale
+            # A hundredth of the last digit: float32 storage of decimals stays within it.
+            if not (np.abs(blk - np.rint(blk)) <= 1e-2).all():
+                ok = False
+                break
+        if ok:
+            return f"{d} decimals", 0.5 / scale
+    for name, dt in (("float16", np.float16), ("float32", np.float32)):
+        if s.dtype == dt or all(
+            np.array_equal(s[lo : lo + _CHUNK], s[lo : lo + _CHUNK].astype(dt))
+            for lo in range(0, s.shape[0], _CHUNK)
+        ):
+            return name, float(np.finfo(dt).eps)
+    return "float64", float(np.finfo(np.float64).eps)
+
+
+def infer_kind(scores: np.ndarray) -> KindGuess:
+    """Probabilities or logits, from the values of ``(N, C)`` scores.
+
+    Rows that are non-negative and sum to 1 within their rounding are probabilities: values
+    written with ``d`` decimals may each be off by half a unit of the last digit, so a row of
+    C of them sums to 1 within ``C * 0.5 * 10**-d`` (at least 1e-4 for unrounded floats).
+    Scores with negative values and rows far from summing to 1 are logits. Anything else is
+    ambiguous (``kind=None``): non-negative rows far from sum 1 (sigmoid outputs,
+    probabilities over another class set), or probability-like rows with negative values.
+    """
+    n, c = scores.shape
+    resolution, half = score_resolution(scores)
+    tol = max(c * half, 1e-4)
+    neg = np.zeros(n, dtype=bool)
+    sum1 = np.zeros(n, dtype=bool)
+    over1 = np.zeros(n, dtype=bool)
+    for lo in range(0, n, _CHUNK):
+        blk = np.asarray(scores[lo : lo + _CHUNK], dtype=np.float64)
+        neg[lo : lo + _CHUNK] = (blk < 0).any(axis=1)
+        over1[lo : lo + _CHUNK] = (blk > 1 + half).any(axis=1)
+        sum1[lo : lo + _CHUNK] = np.abs(blk.sum(axis=1) - 1.0) <= tol
+    where = f"rows sum to 1 within {tol:.2g} ({c} classes, {resolution})"
+    if not neg.any() and not over1.any() and sum1.all():
+        return KindGuess("probs", f"non-negative and {where}", resolution, tol)
+    frac = float(sum1.mean())
+    if not neg.any():
+        what = "values in [0, 1]" if not over1.any() else "non-negative values"
+        return KindGuess(
+            None,
+            f"{what}, but {1 - frac:.1%} of the rows do not sum to 1 (within {tol:.2g}): "
+            "sigmoid outputs, probabilities over another class set, or logits that happen to "
+            "be non-negative",
+            resolution,
+            tol,
+        )
+    if frac >= 0.5:
+        return KindGuess(
+            None,
+            f"{frac:.1%} of the rows sum to 1 like probabilities, but {int(neg.sum())} rows have "
+            "negative values",
+            resolution,
+            tol,
+        )
+    return KindGuess("logits", "negative values and rows that do not sum to 1", resolution, tol)
 
 
 def to_log_probs(scores: np.ndarray, kind: Kind = "auto") -> tuple[np.ndarray, str]:
-    """``(N, C)`` scores -> ``(N, C)`` float32 log-probabilities and the kind used."""
-    k = detect_kind(scores) if kind == "auto" else kind
-    s = np.asarray(scores, dtype=np.float64)
+    """``(N, C)`` scores -> ``(N, C)`` float32 log-probabilities and the kind used.
+
+    ``kind="auto"`` uses :func:`infer_kind` and raises ``ValueError`` on an ambiguous file.
+    """
+    if kind == "auto":
+        guess = infer_kind(scores)
+        if guess.kind is None:
+            raise ValueError(f"cannot tell logits from probabilities: {guess.reason}")
+        k = guess.kind
+    else:
+        k = kind
+    s = np.asarray(scores)
     if k == "logits":
         return log_softmax32(s), k
-    if s.min() < 0:
+    if s.size and s.min() < 0:
         raise ValueError("scores declared as probabilities contain negative values")
-    with np.errstate(divide="ignore"):
-        lp = np.maximum(np.log(s), LOG_FLOOR)
-    # Renormalise: a model's probabilities over our class subset need not sum to 1.
-    return log_softmax32(lp), k
+    out = np.empty(s.shape, dtype=np.float32)
+    for lo in range(0, s.shape[0], _CHUNK):
+        with np.errstate(divide="ignore"):
+            lp = np.maximum(np.log(np.asarray(s[lo : lo + _CHUNK], dtype=np.float64)), LOG_FLOOR)
+        # Renormalise: a model's probabilities over our class subset need not sum to 1.
+        log_softmax32(lp, out[lo : lo + _CHUNK])
+    return out, k
 
 
 def temper(logp: np.ndarray, t: float) -> np.ndarray:
@@ -210,10 +332,18 @@ def true_rank(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Rank of the true class in a stable descending sort of each row, ``(N, C) -> (N,)``.
 
     Equal to the position of ``labels[i]`` in ``np.argsort(-scores[i], kind="stable")``:
-    ties go to the lower class index, like ``argmax``.
+    ties go to the lower class index, like ``argmax``. A row with a NaN gets rank ``C``
+    (never correct).
     """
     s = np.asarray(scores)
     labels = np.asarray(labels, dtype=np.int64)
+    rank = np.empty(len(labels), dtype=np.int64)
+    for lo in range(0, len(labels), _CHUNK):
+        rank[lo : lo + _CHUNK] = _true_rank_block(s[lo : lo + _CHUNK], labels[lo : lo + _CHUNK])
+    return rank
+
+
+def _true_rank_block(s: np.ndarray, labels: np.ndarray) -> np.ndarray:
     t = s[np.arange(len(labels)), labels][:, None]
     rank = (s > t).sum(axis=1)
     # Exact ties are rare with real scores: resolve them only on the rows that have one.
@@ -221,6 +351,9 @@ def true_rank(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     if len(tied):
         cols = np.arange(s.shape[1])[None, :]
         rank[tied] += ((s[tied] == t[tied]) & (cols < labels[tied, None])).sum(axis=1)
+    # NaN compares false with everything, so a NaN row would rank its true class first:
+    # it is a miss at every k instead.
+    rank[np.isnan(s).any(axis=1)] = s.shape[1]
     return rank
 
 
@@ -323,18 +456,43 @@ def fuse_log_probs(lv: np.ndarray, la: np.ndarray, w: float, method: Method) -> 
 
 
 def weight_curves(
-    lv: np.ndarray, la: np.ndarray, labels: np.ndarray, weights: np.ndarray, method: Method
+    lv: np.ndarray,
+    la: np.ndarray,
+    labels: np.ndarray,
+    weights: np.ndarray,
+    method: Method,
+    rows: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-video outcome at every weight: ``correct (G, N)`` bool, ``nll (G, N)`` float32.
 
     Computed once, so choosing a weight on any subset of videos (a fold's complement, say)
-    is a masked mean, not a new pass over the scores.
+    is a masked mean, not a new pass over the scores. Rows are processed in blocks, every
+    weight on one block before the next: the temporaries stay a few MB at any N, and each
+    row's figures are those of a full-size computation. ``rows`` (a boolean mask) restricts
+    the curves to those rows (N = its count) without a full-size copy of ``lv`` and ``la``.
     """
     m = "logprob" if method == "stack" else method
+    idx = np.arange(len(labels)) if rows is None else np.flatnonzero(rows)
+    correct = np.zeros((len(weights), len(idx)), dtype=bool)
+    nll = np.zeros((len(weights), len(idx)), dtype=np.float32)
+    for lo in range(0, len(idx), _CHUNK):
+        sl = slice(lo, lo + _CHUNK)
+        r = idx[sl] if rows is not None else sl
+        _weight_curves_block(lv[r], la[r], labels[r], weights, m, correct[:, sl], nll[:, sl])
+    return correct, nll
+
+
+def _weight_curves_block(
+    lv: np.ndarray,
+    la: np.ndarray,
+    labels: np.ndarray,
+    weights: np.ndarray,
+    m: Method,
+    correct: np.ndarray,
+    nll: np.ndarray,
+) -> None:
     rows = np.arange(len(labels))
     pv, pa = (np.exp(lv), np.exp(la)) if m == "mean" else (None, None)
-    correct = np.zeros((len(weights), len(labels)), dtype=bool)
-    nll = np.zeros((len(weights), len(labels)), dtype=np.float32)
     for g, w in enumerate(weights):
         if m == "logprob" and 0.0 < w < 1.0:
             s = np.float32(1 - w) * lv + np.float32(w) * la
@@ -347,7 +505,6 @@ def weight_curves(
                 p = fuse_log_probs(lv, la, float(w), m)
             correct[g] = true_rank(p, labels) == 0
             nll[g] = -np.log(np.maximum(p[rows, labels], 1e-30))
-    return correct, nll
 
 
 def pick_weight(correct: np.ndarray, nll: np.ndarray, mask: np.ndarray | None = None) -> int:
@@ -500,17 +657,34 @@ def fit_params(
 
 
 def apply_params(p: Params, v: Views) -> np.ndarray:
-    """Fused probabilities ``(N, C)`` float32; rows without audio get the video's alone."""
-    lv = temper(v.lv, p.t_video)
+    """Fused probabilities ``(N, C)`` float32; rows without audio get the video's alone.
+
+    Row blocks at a time (every step is row-wise): the only full-size array is the result.
+    """
+    out = np.empty(v.lv.shape, dtype=np.float32)
+    for lo in range(0, v.lv.shape[0], _CHUNK):
+        sl = slice(lo, lo + _CHUNK)
+        out[sl] = _apply_block(p, v.lv[sl], v.la[sl], v.has_audio[sl])
+    return out
+
+
+def _apply_rows(p: Params, v: Views, rows: np.ndarray, out: np.ndarray) -> None:
+    """``out[rows] = apply_params(p, v.subset(rows))`` without full-size copies."""
+    for lo in range(0, len(rows), _CHUNK):
+        r = rows[lo : lo + _CHUNK]
+        out[r] = _apply_block(p, v.lv[r], v.la[r], v.has_audio[r])
+
+
+def _apply_block(p: Params, lv: np.ndarray, la_all: np.ndarray, m: np.ndarray) -> np.ndarray:
+    lv = temper(lv, p.t_video)
     out = np.exp(lv)
-    m = v.has_audio
     if m.any():
-        la = temper(v.la[m], p.t_audio)
+        la = temper(la_all[m], p.t_audio)
         if p.stacker is not None:
             out[m] = p.stacker.predict(lv[m], la)
         else:
             out[m] = fuse_log_probs(lv[m], la, p.weight, p.method)
-    return out.astype(np.float32)
+    return out
 
 
 # --------------------------------------------------------------------------- inputs
@@ -530,31 +704,128 @@ def _aligned_audio(sf: ScoreFile, classes: list[str], path: Path, tol: int) -> n
             f"{path}: the audio model lacks classes {al.missing[:5]}; it was trained on "
             "another class list"
         )
+    if len(sf.classes) == len(classes) and np.array_equal(al.columns, np.arange(len(classes))):
+        return sf.scores  # already in class-list order: no full-size copy
     return sf.scores[:, al.columns]
+
+
+def _finite_rows(a: np.ndarray) -> np.ndarray:
+    """``(N,)`` True where every value of the row of ``(N, C)`` ``a`` is finite."""
+    out = np.empty(a.shape[0], dtype=bool)
+    for lo in range(0, a.shape[0], _CHUNK):
+        out[lo : lo + _CHUNK] = np.isfinite(a[lo : lo + _CHUNK]).all(axis=1)
+    return out
 
 
 def _video_log_probs(
     vs: VideoScores, classes: list[str], kind: Kind, class_tol: int
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """Video scores aligned to ``classes`` as log-probabilities ``(M, C)`` + a report."""
+) -> tuple[np.ndarray, dict[str, Any], ClassAlignment]:
+    """Video scores aligned to ``classes`` as log-probabilities ``(M, C)`` + a report.
+
+    Float32 scores whose columns are already in class-list order are converted in place
+    (``vs.scores`` then holds the log-probabilities): at Kinetics scale that saves a
+    full-size copy.
+    """
     check_finite(vs.scores, vs.ids, vs.source)
     al = align_classes(
         vs.classes, classes, n_columns=vs.scores.shape[1], source=vs.source, tolerance=class_tol
     )
-    k: Kind = vs.kind if (kind == "auto" and vs.kind) else kind
-    kind_used = k if k != "auto" else detect_kind(vs.scores)
+    if kind != "auto":
+        kind_used, how = kind, "given (--video-kind)"
+    elif vs.kind:
+        kind_used, how = vs.kind, "from the file format"
+    else:
+        guess = infer_kind(vs.scores)
+        if guess.kind is None:
+            raise VideoScoreError(
+                f"{vs.source}: cannot tell whether the video scores are logits or "
+                f"probabilities: {guess.reason}. Give --video-kind logits or --video-kind probs"
+            )
+        kind_used, how = guess.kind, f"detected: {guess.reason}"
+    identity = len(classes) == vs.scores.shape[1] and np.array_equal(
+        al.columns, np.arange(len(classes))
+    )
     try:
-        full, _ = to_log_probs(vs.scores, kind_used)
+        if (
+            identity
+            and kind_used == "logits"
+            and vs.scores.dtype == np.float32
+            and vs.scores.flags.writeable
+        ):
+            # The two passes of the general path below (same numbers), in place.
+            lp = log_softmax32(log_softmax32(vs.scores, out=vs.scores), out=vs.scores)
+        else:
+            full, _ = to_log_probs(vs.scores, kind_used)
+            if identity:
+                lp = log_softmax32(full, out=full)
+            else:
+                lp = np.full((vs.scores.shape[0], len(classes)), LOG_FLOOR, dtype=np.float32)
+                have = al.columns >= 0
+                # Softmax over the video model's own classes, then restricted to ours and
+                # renormalised: a class the video model does not know gets the floor
+                # probability, not a zero column.
+                lp[:, have] = full[:, al.columns[have]]
+                del full
+                lp = log_softmax32(lp, out=lp)
     except ValueError as exc:
         raise VideoScoreError(f"{vs.source}: {exc}") from exc
-    lp = np.full((vs.scores.shape[0], len(classes)), LOG_FLOOR, dtype=np.float32)
-    have = al.columns >= 0
-    # Softmax over the video model's own classes, then restricted to ours and renormalised:
-    # a class the video model does not know gets the floor probability, not a zero column.
-    lp[:, have] = full[:, al.columns[have]]
-    lp = log_softmax32(lp)
-    rep = {"source": vs.source, "kind": kind_used, "classes": al.report(), "notes": vs.notes}
-    return lp, rep
+    rep = {
+        "source": vs.source,
+        "kind": kind_used,
+        "kind_how": how,
+        "classes": al.report(),
+        "notes": vs.notes,
+    }
+    return lp, rep, al
+
+
+def video_above_chance(
+    lv: np.ndarray, labels: np.ndarray, n_classes: int, alpha: float = 1e-3
+) -> dict[str, Any]:
+    """Is the video model's top-1 clearly above what unrelated scores would reach?
+
+    ``lv`` (N, C) video scores, ``labels`` (N,) manifest labels (``-1`` = unlabelled,
+    ignored). Scores that belong to other videos (a list in another order than the dump) or
+    columns in another class order predict independently of the true class; their expected
+    top-1 is then ``p0 = sum_c q_c * pi_c``, with ``q`` the predicted and ``pi`` the true
+    class frequencies (the chance agreement of Cohen's kappa; at most the majority-class
+    rate, ``1/C`` for balanced classes). A one-sided binomial test of the observed hits
+    against ``p0`` at level ``alpha``; ``testable`` is False when even a perfect top-1 on so
+    few videos would not pass it.
+    """
+    lab = labels >= 0
+    y = labels[lab]
+    n = len(y)
+    if n == 0:
+        return {
+            "n": 0,
+            "top1": math.nan,
+            "chance": math.nan,
+            "p_value": math.nan,
+            "testable": False,
+            "above_chance": False,
+        }
+    pred = np.empty(n, dtype=np.int64)
+    rows = np.flatnonzero(lab)
+    for lo in range(0, n, _CHUNK):
+        pred[lo : lo + _CHUNK] = np.argmax(lv[rows[lo : lo + _CHUNK]], axis=1)
+    k = int((pred == y).sum())
+    q = np.bincount(pred, minlength=n_classes) / n
+    pi = np.bincount(y, minlength=n_classes) / n
+    p0 = min(max(float(q @ pi), 1e-12), 1.0)
+    # P(X >= k) for X ~ Binomial(n, p0); bdtrc(j, n, p) is P(X > j) (scipy.special, which
+    # is loaded anyway, where scipy.stats would cost 20 MB of imports).
+    pval = float(bdtrc(k - 1, n, p0)) if (p0 < 1 and k > 0) else 1.0
+    testable = p0 < 1 and float(bdtrc(n - 1, n, p0)) < alpha
+    return {
+        "n": n,
+        "top1": k / n,
+        "chance": p0,
+        "p_value": pval,
+        "alpha": alpha,
+        "testable": bool(testable),
+        "above_chance": bool(pval < alpha),
+    }
 
 
 @dataclass
@@ -573,7 +844,11 @@ def _build_views(
     cfg: FuseConfig,
     what: str,
 ) -> _Side:
-    """Join audio and video rows to the manifest videos of ``split`` (or of the audio file)."""
+    """Join audio and video rows to the manifest videos of ``split`` (or of the audio file).
+
+    ``audio`` and ``video`` are consumed: their score matrices may be overwritten with the
+    log-probabilities, to keep the peak memory near three ``(N, C)`` float32 arrays.
+    """
     if split is not None:
         uni = manifest[manifest["split"].astype(str) == split]
     else:
@@ -589,7 +864,7 @@ def _build_views(
 
     pa = _aligned_audio(audio, classes, audio_path, cfg.class_tolerance)
     # After this check a row with status ok has finite scores: status alone says "has audio".
-    broken = audio.has_scores & ~np.isfinite(pa).all(axis=1)
+    broken = audio.has_scores & ~_finite_rows(pa)
     if broken.any():
         raise VideoScoreError(
             f"{audio_path}: {int(broken.sum())} row(s) with status ok but NaN or infinite "
@@ -598,7 +873,7 @@ def _build_views(
     am = match_ids(target, audio.ids.tolist())
     am.check(cfg.tolerance, "the audio scores", str(audio_path))
 
-    lv_all, vrep = _video_log_probs(video, classes, cfg.video_kind, cfg.class_tolerance)
+    lv_all, vrep, v_al = _video_log_probs(video, classes, cfg.video_kind, cfg.class_tolerance)
     vm = match_ids(target, video.ids)
     vm = _classify_extra(vm, manifest, split)
     # A video the dataset download lacks was never scored by anyone: not a mismatch.
@@ -612,15 +887,53 @@ def _build_views(
     rows_a = am.rows[keep]
     ids = np.asarray(target, dtype=str)[keep]
     labels = uni["label_index"].to_numpy(np.int64)[keep]
-    lv = lv_all[rows_v]
+    lv = lv_all if np.array_equal(rows_v, np.arange(len(lv_all))) else lv_all[rows_v]
+    del lv_all
+    label_check = None
+    if video.labels is not None:
+        label_check = check_labels(
+            video.labels,
+            rows_v,
+            labels,
+            ids.tolist(),
+            classes,
+            v_al.columns,
+            cfg.label_tolerance,
+        ).report()
+    chance = video_above_chance(lv, labels, len(classes))
+    if chance["testable"] and not chance["above_chance"] and not cfg.allow_low_video_accuracy:
+        raise VideoScoreError(
+            f"{video.source}: video top-1 on the {what} videos is {chance['top1']:.1%} "
+            f"({chance['n']} videos), no better than chance ({chance['chance']:.1%}, "
+            f"one-sided binomial p = {chance['p_value']:.2g}): the score rows or columns do not "
+            "line up with the videos. Check that the annotation list (--annotations / "
+            "--video-ids) is in the order the scores were written (an mmaction2 dump follows "
+            "its test list line by line) and that --video-label-map gives the model's class "
+            "order; pass --allow-low-video-accuracy to fuse anyway"
+        )
+    if not chance["testable"]:
+        log.warning(
+            "%s: too few labelled videos (%d) to tell the video scores from chance",
+            video.source,
+            chance["n"],
+        )
     c = len(classes)
-    la = np.full((len(ids), c), np.nan, dtype=np.float32)
-    n_win = np.zeros(len(ids), dtype=np.int32)
     hit = rows_a >= 0
     has_audio = np.zeros(len(ids), dtype=bool)
     has_audio[hit] = audio.has_scores[rows_a[hit]]
+    if pa is audio.scores and np.array_equal(rows_a, np.arange(len(audio.ids))):
+        # Our own audio file, rows already in manifest order: converted in place (the
+        # ScoreFile is consumed), saving a full-size array at Kinetics scale.
+        la = pa
+        la[~has_audio] = np.nan
+    else:
+        la = np.full((len(ids), c), np.nan, dtype=np.float32)
+    n_win = np.zeros(len(ids), dtype=np.int32)
     if has_audio.any():
-        la[has_audio], _ = to_log_probs(pa[rows_a[has_audio]], "probs")
+        dest = np.flatnonzero(has_audio)
+        for lo in range(0, len(dest), _CHUNK):
+            d = dest[lo : lo + _CHUNK]
+            la[d], _ = to_log_probs(pa[rows_a[d]], "probs")
         n_win[has_audio] = audio.n_windows[rows_a[has_audio]]
     audio_status = pd.Series(
         np.where(hit, audio.status[np.maximum(rows_a, 0)], "no_row"), dtype=str
@@ -629,7 +942,13 @@ def _build_views(
         "videos_in_split": len(target),
         "videos_fused": len(ids),
         "not_on_disk_without_video_scores": len(not_on_disk),
-        "video": {**vrep, "ids": vm.report(), "exact_ids": vm.exact},
+        "video": {
+            **vrep,
+            "ids": vm.report(),
+            "exact_ids": vm.exact,
+            "labels": label_check,
+            "chance": chance,
+        },
         "audio": {"source": str(audio_path), "ids": am.report(), "status": audio_status.to_dict()},
         "with_audio": int(has_audio.sum()),
         "without_audio": int((~has_audio).sum()),
@@ -680,6 +999,8 @@ class FuseResult:
             f"fusion ({f['method']}, weights by {f['weight_selection']}) on "
             f"{f['counts']['videos_fused']} videos ({f['counts']['with_audio']} with audio)"
         )
+        vrep = f["counts"]["video"]
+        lines.append(f"  video scores read as {vrep['kind']} ({vrep.get('kind_how', '')})")
         for scope in ("all", "with_audio"):
             m = f["metrics"][scope]
             name = "all videos" if scope == "all" else "videos with audio"
@@ -756,6 +1077,7 @@ def fuse(cfg: FuseConfig, executor: Executor | None = None) -> FuseResult:
         cfg.video_scores, cfg.video_format, cfg.video_ids or cfg.annotations, cfg.video_label_map
     )
     ev = _build_views(manifest, split, classes, audio, audio_path, video, cfg, "evaluated")
+    del audio, video  # the views hold what is needed; at Kinetics scale these are ~150 MB
     v = ev.views
     weights = np.linspace(0.0, 1.0, max(int(cfg.grid), 2))
     lab = v.labels >= 0
@@ -764,8 +1086,15 @@ def fuse(cfg: FuseConfig, executor: Executor | None = None) -> FuseResult:
         raise VideoScoreError(f"{audio_path}: no labelled video of split {split!r} has audio")
 
     # Curves on the evaluated videos: for the plot, and (uncalibrated) for cheap CV selection.
-    curve_c, curve_nll = weight_curves(v.lv[both], v.la[both], v.labels[both], weights, cfg.method)
-    fused = np.exp(v.lv).astype(np.float32)
+    curve_c, curve_nll = weight_curves(v.lv, v.la, v.labels, weights, cfg.method, rows=both)
+    y = v.labels[lab]
+    wa = v.has_audio[lab]
+    # Single-model ranks first: the default path below overwrites v.lv with fused scores.
+    rank_v = _ranks(v.lv, lab, y, np.exp)
+    # Audio-only on all videos: a video without audio cannot be recognised from its sound,
+    # so it counts as a miss at every k.
+    rank_a = np.full(len(y), len(classes), dtype=np.int64)
+    rank_a[wa] = _ranks(v.la, both, y[wa], np.exp)  # v.la[both] is v.la[lab][wa]
     chosen: dict[str, Any] = {}
     heldout_curve = None
     fold_of = np.full(len(v.ids), -1, dtype=np.int64)
@@ -815,6 +1144,15 @@ def fuse(cfg: FuseConfig, executor: Executor | None = None) -> FuseResult:
             )
         heldout_curve = 100 * ho_curves[0].mean(axis=1)
     else:
+        if cfg.method != "stack" and not cfg.calibrate and lab.all():
+            # Weights come from the precomputed curves and every video is in one test fold:
+            # a fold's video log-probabilities are read once, by its own fusion, so its fused
+            # scores can take their place (one (N, C) array less at Kinetics scale).
+            fused = v.lv
+        else:
+            fused = np.empty_like(v.lv)
+            for lo in range(0, len(fused), _CHUNK):
+                np.exp(v.lv[lo : lo + _CHUNK], out=fused[lo : lo + _CHUNK])
         k = max(2, int(cfg.folds))
         fold_of[lab] = stratified_folds(v.labels[lab], k, cfg.seed)
         fold_params = []
@@ -828,7 +1166,7 @@ def fuse(cfg: FuseConfig, executor: Executor | None = None) -> FuseResult:
                 p = Params(cfg.method, weight=float(weights[g]))
             else:
                 p = fit_params(v.subset(train), cfg.method, weights, cfg.calibrate, cfg.stack_l2)
-            fused[test] = apply_params(p, v.subset(test))
+            _apply_rows(p, v, np.flatnonzero(test), fused)
             fold_params.append(p.describe())
         if (~lab).any():  # unlabelled videos: fit on every labelled video (not evaluated)
             p = fit_params(v.subset(lab), cfg.method, weights, cfg.calibrate, cfg.stack_l2)
@@ -839,14 +1177,7 @@ def fuse(cfg: FuseConfig, executor: Executor | None = None) -> FuseResult:
             chosen["weight_median"] = float(np.median(ws))
 
     optimistic = cfg.weight_selection == "optimistic"
-    y = v.labels[lab]
-    wa = v.has_audio[lab]
-    rank_v = true_rank(np.exp(v.lv[lab]), y)
-    rank_f = true_rank(fused[lab], y)
-    # Audio-only on all videos: a video without audio cannot be recognised from its sound,
-    # so it counts as a miss at every k.
-    rank_a = np.full(len(y), len(classes), dtype=np.int64)
-    rank_a[wa] = true_rank(np.exp(v.la[both]), y[wa])  # v.la[both] is v.la[lab][wa]
+    rank_f = _ranks(fused, lab, y)
     metrics = {
         "all": _metrics_block(
             {"video": rank_v, "audio": rank_a, "fused": rank_f}, y, cfg.bootstrap, cfg.seed
@@ -864,6 +1195,9 @@ def fuse(cfg: FuseConfig, executor: Executor | None = None) -> FuseResult:
     n_per = np.bincount(y, minlength=len(classes))
     curve_all = 100 * (curve_c.sum(axis=1) + correct_v[~wa].sum()) / max(len(y), 1)
     curve_audio = 100 * curve_c.mean(axis=1)
+    # Only the fused scores are written from here on: release the (N, C) inputs before the
+    # report's figures are drawn (about 150 MB at Kinetics scale).
+    v.lv = v.la = np.empty((0, len(classes)), dtype=np.float32)
 
     figures: dict[str, Any] = {
         "split": split,
@@ -915,6 +1249,19 @@ def fuse(cfg: FuseConfig, executor: Executor | None = None) -> FuseResult:
 
 
 _ID_COUNTS = ("matched", "missing", "extra", "duplicates")  # IdMatch.counts() keys
+
+
+def _ranks(a: np.ndarray, mask: np.ndarray, labels: np.ndarray, fn: Any = None) -> np.ndarray:
+    """``true_rank(fn(a[mask]), labels)`` in blocks of rows, without full-size copies."""
+    rows = np.flatnonzero(mask)
+    out = np.empty(len(rows), dtype=np.int64)
+    for lo in range(0, len(rows), _CHUNK):
+        r = rows[lo : lo + _CHUNK]
+        blk = a[r]
+        out[lo : lo + _CHUNK] = true_rank(
+            fn(blk) if fn is not None else blk, labels[lo : lo + _CHUNK]
+        )
+    return out
 
 
 def write_fusion_report(folder: Path, figures: dict[str, Any]) -> tuple[Path, Path]:

@@ -41,7 +41,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from avfuse.labels import class_key, kinetics_clip_name, read_label_map
+from avfuse.labels import class_key, kinetics_clip_name, match_class_names, nfc, read_label_map
 from avfuse.safe_pickle import CorruptPickleError, UnsafePickleError, load_pickle
 
 Format = Literal["auto", "npz", "npy", "csv", "pkl"]
@@ -49,7 +49,7 @@ Format = Literal["auto", "npz", "npy", "csv", "pkl"]
 # YouTube ids are 11 characters of [A-Za-z0-9_-]; Kinetics clips append start and end seconds.
 _KINETICS = re.compile(r"^(?P<yt>[A-Za-z0-9_-]{11})_(?P<start>\d+)_(?P<end>\d+)$")
 _EXTENSION = re.compile(r"^(?P<stem>.+)\.(?P<ext>[A-Za-z][A-Za-z0-9]{0,4})$")
-_LIST_LINE = re.compile(r"^(?P<path>.+?)(?:\s+-?\d+(?:,\d+)*){0,2}$")
+_LIST_LINE = re.compile(r"^(?P<path>.+?)(?P<nums>(?:\s+-?\d+(?:,\d+)*){0,2})$")
 _ID_COLUMNS = ("video_id", "id", "video", "name", "filename", "file", "path", "vid", "youtube_id")
 _CLASS_COLUMNS = ("class", "label", "class_name", "category", "classname")
 _SCORE_COLUMNS = ("score", "prob", "probability", "logit", "value")
@@ -66,12 +66,31 @@ class AmbiguousIdError(VideoScoreError):
 
 
 @dataclass
+class RowLabels:
+    """Ground truth a source gives for its rows, to check the rows against the manifest.
+
+    Either ``names`` (N,) class names (``""`` where a row has none), or ``index`` (N,) int64
+    columns of the source's own score matrix (the video model's class order; ``-1`` = none).
+    ``source`` names the file the labels came from.
+    """
+
+    source: str
+    names: list[str] | None = None
+    index: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.names) if self.names is not None else len(self.index)  # type: ignore[arg-type]
+
+
+@dataclass
 class VideoScores:
     """Scores read from one or more files.
 
-    ``ids`` (N,) as the source spells them; ``scores`` (N, C) float64; ``classes`` the class
+    ``ids`` (N,) as the source spells them; ``scores`` (N, C) float32 when the source holds
+    float32 (halving the memory of large files), else float64; ``classes`` the class
     name of each column, or ``None`` when the source does not name its columns; ``kind`` is
-    ``"probs"`` when the format guarantees probabilities (our score files), else ``None``.
+    ``"probs"`` when the format guarantees probabilities (our score files), else ``None``;
+    ``labels`` the ground truth the source carries for its rows, if any.
     """
 
     ids: list[str]
@@ -80,9 +99,11 @@ class VideoScores:
     source: str
     kind: Literal["logits", "probs"] | None = None
     notes: list[str] = field(default_factory=list)
+    labels: RowLabels | None = None
 
     def __post_init__(self) -> None:
-        self.scores = np.asarray(self.scores, dtype=np.float64)
+        arr = np.asarray(self.scores)
+        self.scores = arr if arr.dtype in (np.float32, np.float64) else arr.astype(np.float64)
         if self.scores.ndim != 2:
             raise VideoScoreError(
                 f"{self.source}: scores must be a 2-D (videos, classes) array, "
@@ -264,7 +285,7 @@ def align_classes(
     source: str,
     tolerance: int = 0,
 ) -> ClassAlignment:
-    """Map target ``classes`` to source columns by (normalised) name.
+    """Map target ``classes`` to source columns by name (:func:`avfuse.labels.match_class_names`).
 
     Unnamed columns are taken in ``classes`` order when their count matches, else an error.
     More than ``tolerance`` classes missing or extra on the source side is an error; within it,
@@ -277,15 +298,14 @@ def align_classes(
                 "does not name its columns; give --video-label-map (one class a line)"
             )
         return ClassAlignment(np.arange(n_columns, dtype=np.int64), [], [], by_name=False)
-    keys = [normalize_class(c) for c in source_classes]
-    dup = [c for c, n in Counter(keys).items() if n > 1]
+    # Only the same string twice is a duplicate: `Jogging` and `jogging` may be two classes.
+    dup = [c for c, n in Counter(nfc(str(c)) for c in source_classes).items() if n > 1]
     if dup:
         raise VideoScoreError(f"{source}: duplicated class names {_examples(dup)}")
-    pos = {k: i for i, k in enumerate(keys)}
-    cols = np.asarray([pos.get(normalize_class(c), -1) for c in classes], dtype=np.int64)
+    cols = np.asarray(match_class_names(list(classes), list(source_classes)), dtype=np.int64)
     missing = [c for c, j in zip(classes, cols, strict=True) if j < 0]
-    target = {normalize_class(c) for c in classes}
-    extra = [c for c, k in zip(source_classes, keys, strict=True) if k not in target]
+    used = set(cols[cols >= 0].tolist())
+    extra = [c for j, c in enumerate(source_classes) if j not in used]
     if len(missing) > tolerance or len(extra) > tolerance:
         parts = []
         if missing:
@@ -308,6 +328,27 @@ def read_annotation_ids(path: str | Path) -> list[str]:
     column, or text lines whose first field is the video (mmaction2 ``path label`` lists and
     plain id lists alike). Blank lines are skipped.
     """
+    return read_annotations(path)[0]
+
+
+def _labels_of(values: Sequence[str], source: str) -> RowLabels | None:
+    """Integer labels are columns of the model's scores, anything else class names."""
+    vals = [str(v).strip() for v in values]
+    if not any(vals):
+        return None
+    if all(re.fullmatch(r"-?\d+", v) for v in vals if v):
+        return RowLabels(source, index=np.asarray([int(v) if v else -1 for v in vals], np.int64))
+    return RowLabels(source, names=vals)
+
+
+def read_annotations(path: str | Path) -> tuple[list[str], RowLabels | None]:
+    """Ids in the order an annotation file lists its videos, and the labels it gives them.
+
+    Labels: the ``label`` column of a Kinetics CSV (class names; absent in test CSVs), a
+    ``label`` / ``class`` / ``label_index`` column of an id CSV, or the last integer field of
+    mmaction2 ``path label`` / ``path total_frames label`` lines (an index into the model's
+    class order). Multi-label lines (``1,4``) give no labels.
+    """
     path = Path(path)
     try:
         text = path.read_text("utf-8-sig")
@@ -318,21 +359,41 @@ def read_annotation_ids(path: str | Path) -> list[str]:
         raise VideoScoreError(f"{path}: annotation / id file is empty")
     head = [h.strip().lower() for h in next(csv.reader([lines[0]]))]
     if "," in lines[0] and {"youtube_id", "time_start", "time_end"} <= set(head):
-        rows = list(csv.DictReader(io.StringIO("\n".join(lines))))
+        rows = [
+            {k.strip().lower(): v for k, v in r.items() if k is not None}
+            for r in csv.DictReader(io.StringIO("\n".join(lines)))
+        ]
         try:
-            return [
-                kinetics_clip_name(r["youtube_id"], r["time_start"], r["time_end"])
-                for r in ({k.strip().lower(): v for k, v in r.items()} for r in rows)
+            ids = [
+                kinetics_clip_name(r["youtube_id"], r["time_start"], r["time_end"]) for r in rows
             ]
         except (KeyError, ValueError, TypeError) as exc:
             raise VideoScoreError(f"{path}: bad Kinetics CSV row ({exc})") from exc
+        names = [str(r.get("label") or "").strip() for r in rows] if "label" in head else []
+        return ids, (RowLabels(str(path), names=names) if any(names) else None)
     if "," in lines[0] and any(h in _ID_COLUMNS for h in head):
         col = next(h for h in _ID_COLUMNS if h in head)
         j = head.index(col)
-        return [r[j].strip() for r in csv.reader(lines[1:]) if r]
+        recs = [r for r in csv.reader(lines[1:]) if r]
+        lab = next((h for h in ("label", "class", "class_name", "label_index") if h in head), None)
+        labels = None
+        if lab is not None:
+            li = head.index(lab)
+            labels = _labels_of([r[li] if li < len(r) else "" for r in recs], str(path))
+        return [r[j].strip() for r in recs], labels
     # "path label" / "path total_frames label": the path may contain blanks (Kinetics class
     # folders do), so drop up to two trailing integer fields rather than split on blanks.
-    return [_LIST_LINE.match(ln.strip())["path"] for ln in lines]  # type: ignore[index]
+    ids, last = [], []
+    for ln in lines:
+        m = _LIST_LINE.match(ln.strip())
+        assert m is not None  # the pattern matches any non-empty line
+        ids.append(m["path"])
+        nums = m["nums"].split()
+        last.append(nums[-1] if nums else "")
+    labels = None
+    if all(last) and not any("," in v for v in last):
+        labels = RowLabels(str(path), index=np.asarray([int(v) for v in last], np.int64))
+    return ids, labels
 
 
 # --------------------------------------------------------------------------- readers
@@ -430,15 +491,27 @@ def _load_csv(path: Path) -> VideoScores:
                 f"{path}: line {n} has {len(r)} fields, the header has {len(head[0])} "
                 "(wrong column count)"
             )
+    hcols = [str(c) for c in head[0]] if head else []
+    long_layout = bool(
+        _find(hcols, _CLASS_COLUMNS) and _find(hcols, _SCORE_COLUMNS) and len(hcols) <= 4
+    )
+    usecols = None
+    if hcols and not long_layout and len(set(hcols)) == len(hcols):
+        # Wide: pandas reads only the id / meta columns as text; the class columns are parsed
+        # to numbers in one pass by _wide_numbers.
+        hid = _find(hcols, _ID_COLUMNS) or hcols[0]
+        usecols = [c for c in hcols if c == hid or c.strip().lower() in _META_COLUMNS]
     try:
-        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, index_col=False)
+        df = pd.read_csv(
+            path, sep=sep, dtype=str, keep_default_na=False, index_col=False, usecols=usecols
+        )
     except pd.errors.EmptyDataError as exc:
         raise VideoScoreError(f"{path}: empty CSV file") from exc
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
         raise VideoScoreError(f"{path}: malformed CSV ({exc})") from exc
     if df.empty:
         raise VideoScoreError(f"{path}: CSV has a header but no rows (empty file)")
-    cols = [str(c) for c in df.columns]
+    cols = hcols if usecols is not None else [str(c) for c in df.columns]
     id_col = _find(cols, _ID_COLUMNS) or cols[0]
     cls_col = _find(cols, _CLASS_COLUMNS)
     score_col = _find(cols, _SCORE_COLUMNS)
@@ -484,18 +557,88 @@ def _load_csv(path: Path) -> VideoScores:
     class_cols = [c for c in cols if c != id_col and c.strip().lower() not in _META_COLUMNS]
     if not class_cols:
         raise VideoScoreError(f"{path}: no score columns besides the id column {id_col!r}")
-    data = df[class_cols]
+    keep = None
+    n_rows = len(df)
     if "status" in [c.lower() for c in cols]:
         st = df[_find(cols, ("status",)) or "status"].astype(str)
         keep = (st == "ok").to_numpy()
-        data = data[keep]
         df = df[keep]
+    gt_col = _find(cols, ("gt_label", "gt", "target", "label_index"))
     return VideoScores(
         df[id_col].astype(str).str.strip().tolist(),
-        numbers(data, "scores"),
+        _wide_numbers(path, sep, cols, class_cols, keep, n_rows),
         [c.strip() for c in class_cols],
         str(path),
+        labels=None if gt_col is None else _labels_of(df[gt_col].tolist(), str(path)),
     )
+
+
+def _wide_numbers(
+    path: Path,
+    sep: str,
+    cols: list[str],
+    class_cols: list[str],
+    keep: np.ndarray | None,
+    n_rows: int,
+) -> np.ndarray:
+    """The class columns of a wide CSV as one ``(n_rows, C)`` float64 array, in one parse.
+
+    pyarrow converts every column in C++ (pandas' per-column ``to_numeric`` plus a second
+    pass for spelled-out NaN / inf took 3x the CPU time of reading an npz), streaming record
+    batches into the result: no second full-size copy. A cell that is not a number is an
+    error naming its column and data row.
+    """
+    import pyarrow as pa
+    from pyarrow import csv as pacsv
+
+    conv = pacsv.ConvertOptions(
+        column_types={c: pa.float64() for c in class_cols},
+        include_columns=class_cols,
+        null_values=[],
+        strings_can_be_null=False,
+        quoted_strings_can_be_null=False,
+    )
+    n_keep = n_rows if keep is None else int(keep.sum())
+    arr = np.empty((n_keep, len(class_cols)), dtype=np.float64)
+    row = out = 0
+    try:
+        reader = pacsv.open_csv(
+            path,
+            read_options=pacsv.ReadOptions(encoding="utf-8"),
+            parse_options=pacsv.ParseOptions(delimiter=sep),
+            convert_options=conv,
+        )
+        for batch in reader:
+            m = batch.num_rows
+            if row + m > n_rows:
+                break
+            sel = slice(None) if keep is None else keep[row : row + m]
+            k = m if keep is None else int(sel.sum())  # type: ignore[union-attr]
+            for j, name in enumerate(class_cols):
+                arr[out : out + k, j] = batch.column(name).to_numpy()[sel]
+            row += m
+            out += k
+    except (pa.ArrowInvalid, pa.ArrowKeyError, KeyError) as exc:
+        _raise_bad_cell(path, sep, class_cols, exc)
+    if row != n_rows:
+        raise VideoScoreError(f"{path}: malformed CSV (rows read twice disagree in number)")
+    return arr
+
+
+def _raise_bad_cell(path: Path, sep: str, class_cols: list[str], exc: Exception) -> None:
+    """Find the first non-numeric cell (slow path, only on a bad file) and name it."""
+    df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, index_col=False)
+    values = df[[c for c in df.columns if str(c) in class_cols]]
+    arr = values.apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
+    spelled = values.apply(lambda c: c.str.strip().str.lower().isin(_NONFINITE)).to_numpy()
+    bad = np.isnan(arr) & ~spelled
+    if bad.any():
+        r, c = (int(x) for x in np.argwhere(bad)[0])
+        raise VideoScoreError(
+            f"{path}: {int(bad.sum())} non-numeric scores (e.g. {values.iat[r, c]!r} in "
+            f"column {values.columns[c]!r}, data row {r + 1})"
+        ) from exc
+    raise VideoScoreError(f"{path}: malformed CSV ({exc})") from exc
 
 
 def _as_array(x: Any) -> np.ndarray:
@@ -532,7 +675,27 @@ def _load_pkl(path: Path) -> VideoScores:
     widths = Counter(len(r) for r in rows)
     if len(widths) != 1:
         raise VideoScoreError(f"{path}: score vectors of different lengths {dict(widths)}")
-    return _with_ids(np.stack(rows), None, None, path)
+    vs = _with_ids(np.stack(rows), None, None, path)
+    vs.labels = _dump_labels(obj, path)
+    return vs
+
+
+def _dump_labels(obj: Sequence[Any], path: Path) -> RowLabels | None:
+    """``gt_label`` of each item of an mmaction2 dump: the model's class index of row ``i``."""
+    out = []
+    for item in obj:
+        val = None
+        if isinstance(item, dict):
+            val = next((item[k] for k in ("gt_label", "gt_labels", "label") if k in item), None)
+        if isinstance(val, dict) and "item" in val:  # mmaction 1.0 LabelData
+            val = val["item"]
+        if val is None:
+            return None
+        flat = _as_array(val)
+        if flat.size != 1 or not np.isfinite(flat[0]):
+            return None  # multi-label or missing: nothing to check against
+        out.append(int(flat[0]))
+    return RowLabels(str(path), index=np.asarray(out, dtype=np.int64))
 
 
 _READERS = {"npz": _load_npz, "npy": _load_npy, "csv": _load_csv, "pkl": _load_pkl}
@@ -566,12 +729,16 @@ def read_one(
                 f"{path}: the file does not list its videos; give --video-ids (one id a line) "
                 "or --annotations (the list the model was tested on)"
             )
-        ids = read_annotation_ids(ids_file)
+        ids, ann_labels = read_annotations(ids_file)
         if len(ids) != vs.scores.shape[0]:
             raise VideoScoreError(
                 f"{path}: {vs.scores.shape[0]} score rows but {len(ids)} videos in {ids_file}"
             )
         vs.ids = ids
+        # Labels stored with the rows (a dump's gt_label) also test the list's line order;
+        # the list's own labels only test the list and the label map.
+        if vs.labels is None:
+            vs.labels = ann_labels
         vs.notes = [n for n in vs.notes if n != "unnamed rows"] + [f"ids from {ids_file}"]
     if label_map is not None:
         names = read_label_map(label_map)
@@ -626,14 +793,140 @@ def read_video_scores(
         " + ".join(p.source for p in parts),
         first.kind if len(kinds) == 1 else None,
         [n for p in parts for n in p.notes],
+        _stack_labels(parts),
     )
 
 
+def _stack_labels(parts: Sequence[VideoScores]) -> RowLabels | None:
+    """Labels of several parts, index labels renumbered to the first part's columns."""
+    labs = [p.labels for p in parts]
+    if any(lb is None for lb in labs):
+        return None
+    source = " + ".join(lb.source for lb in labs if lb is not None)
+    if all(lb is not None and lb.names is not None for lb in labs):
+        return RowLabels(source, names=[n for lb in labs if lb and lb.names for n in lb.names])
+    if not all(lb is not None and lb.index is not None for lb in labs):
+        return None
+    first, out = parts[0], []
+    for p in parts:
+        idx = p.labels.index  # type: ignore[union-attr]
+        assert idx is not None
+        if first.classes is not None and p.classes is not None and p is not first:
+            al = align_classes(p.classes, first.classes, n_columns=p.scores.shape[1], source="")
+            to_first = np.full(p.scores.shape[1], -1, dtype=np.int64)
+            to_first[al.columns[al.columns >= 0]] = np.flatnonzero(al.columns >= 0)
+            ok = (idx >= 0) & (idx < len(to_first))
+            idx = np.where(ok, to_first[np.clip(idx, 0, len(to_first) - 1)], -1)
+        out.append(idx)
+    return RowLabels(source, index=np.concatenate(out))
+
+
 def check_finite(scores: np.ndarray, ids: Sequence[str], source: str) -> None:
-    """Raise naming the file and an example video when a score is NaN or infinite."""
-    bad = ~np.isfinite(scores).all(axis=1)
+    """Raise naming the file and an example video when a score is NaN, infinite, or too
+    large for float32 (the scores are fused in float32: such a value would become inf, and
+    its row NaN)."""
+    limit = float(np.finfo(np.float32).max)
+    bad = np.zeros(scores.shape[0], dtype=bool)
+    big = np.zeros(scores.shape[0], dtype=bool)
+    for lo in range(0, scores.shape[0], _CHUNK):
+        blk = scores[lo : lo + _CHUNK]
+        bad[lo : lo + _CHUNK] = ~np.isfinite(blk).all(axis=1)
+        if blk.dtype != np.float32:
+            with np.errstate(invalid="ignore"):
+                big[lo : lo + _CHUNK] = (np.abs(blk) > limit).any(axis=1)
+    big &= ~bad
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise VideoScoreError(
-            f"{source}: {int(bad.sum())} row(s) with NaN or infinite scores (e.g. {ids[i]!r})"
+            f"{source}: {int(bad.sum())} row(s) with NaN or infinite scores "
+            f"(e.g. row {i}, {ids[i]!r})"
         )
+    if big.any():
+        i = int(np.flatnonzero(big)[0])
+        j = int(np.argmax(np.abs(scores[i])))
+        raise VideoScoreError(
+            f"{source}: {int(big.sum())} row(s) with scores beyond the float32 range "
+            f"(e.g. row {i}, {ids[i]!r}: {float(scores[i, j]):.3g} in column {j}); "
+            "rescale the scores"
+        )
+
+
+# Rows per block when a pass over an (N, C) matrix would otherwise allocate a full-size copy.
+_CHUNK = 512
+
+
+@dataclass
+class LabelCheck:
+    """How the labels a source gives its rows agree with the manifest (see :func:`check_labels`)."""
+
+    source: str
+    checked: int
+    disagree: int
+    examples: list[str]
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "checked": self.checked,
+            "disagree": self.disagree,
+            "disagree_examples": self.examples[:5],
+        }
+
+
+def check_labels(
+    labels: RowLabels,
+    rows: np.ndarray,
+    expected: np.ndarray,
+    ids: Sequence[str],
+    classes: Sequence[str],
+    columns: np.ndarray,
+    tolerance: float,
+) -> LabelCheck:
+    """Check a source's row labels against the manifest's, by class name.
+
+    ``rows`` (M,): source row of each joined video; ``expected`` (M,): its manifest class
+    index (``-1`` = unlabelled, not checked); ``ids`` (M,) its video_id; ``columns`` (C,): the
+    source column of each class (:class:`ClassAlignment`), which also turns index labels
+    (columns of the video model) into class names: a list or dump numbered in another class
+    order than the label map given (or than the class list, when none is given) disagrees.
+    More than ``tolerance`` of the checked videos disagreeing is an error with counts and
+    examples.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    expected = np.asarray(expected, dtype=np.int64)
+    if labels.names is not None:
+        names = [labels.names[r] for r in rows]
+        uniq = sorted({n for n in names if n})
+        # Each name on its own: rows name classes, they do not claim columns from each other.
+        to_ours = {n: match_class_names([n], list(classes))[0] for n in uniq}
+        got = np.asarray([to_ours[n] if n else -2 for n in names], dtype=np.int64)
+        said = names
+    else:
+        assert labels.index is not None
+        idx = labels.index[rows]
+        col_to_class = np.full(max(len(columns), int(columns.max(initial=-1)) + 1), -1, np.int64)
+        have = columns >= 0
+        col_to_class[columns[have]] = np.flatnonzero(have)
+        inside = (idx >= 0) & (idx < len(col_to_class))
+        got = np.where(inside, col_to_class[np.clip(idx, 0, len(col_to_class) - 1)], -1)
+        got[idx < 0] = -2  # no label given for this row
+        said = [f"label {int(i)}" for i in idx]
+    check = (expected >= 0) & (got != -2)
+    wrong = np.flatnonzero(check & (got != expected))
+    examples = [
+        f"{ids[i]}: {labels.source.rsplit('/', 1)[-1]} says {said[i]!r}"
+        + (f" ({classes[got[i]]!r})" if labels.names is None and got[i] >= 0 else "")
+        + f", the manifest {classes[expected[i]]!r}"
+        for i in wrong[:5]
+    ]
+    res = LabelCheck(labels.source, int(check.sum()), len(wrong), examples)
+    if len(wrong) > tolerance * max(res.checked, 1):
+        raise VideoScoreError(
+            f"{labels.source}: the labels given with the video scores disagree with the "
+            f"manifest for {len(wrong)} of {res.checked} videos ({len(wrong) / res.checked:.1%};"
+            f" tolerance {tolerance:.1%}), e.g. " + "; ".join(examples) + ". The rows do not "
+            "belong to the videos they are joined to: check that the annotation list is in the "
+            "order the scores were written, and that --video-label-map gives the model's class "
+            "order (raise --label-tolerance to accept)"
+        )
+    return res
