@@ -620,7 +620,8 @@ def extract(cfg: ExtractConfig, executor: Executor | None = None) -> ExtractResu
         remove_stale_temporaries(rlog.folder)
 
     # The table covers every video extracted so far (earlier runs on other splits included).
-    full = rlog.read()
+    # Compacting here makes the next run's read one file, however many batches ever ran.
+    full = prior if not (tasks or cfg.force) and len(rlog.parts()) <= 1 else rlog.compact()
     if len(full):
         full = full[full["video_id"].isin(set(everything["video_id"].astype(str)))]
     full = pd.DataFrame(full, columns=list(COLUMNS)).sort_values("video_id")

@@ -439,6 +439,9 @@ def compute_features(cfg: FeaturesConfig, executor: Executor | None = None) -> F
         logged = pd.concat([f for f in (prior, pd.DataFrame(new)) if len(f)], ignore_index=True)
         logged = logged.drop_duplicates("video_id", keep="last").reset_index(drop=True)
     table, shards = _commit(work, store, cfg, manifest, classes, logged, skipped)
+    # After the commit, so a kill here leaves a committed store and a log that still resumes.
+    if len(rlog.parts()) > 1:
+        rlog.compact()
     return FeaturesResult(
         work=work,
         store=store,
