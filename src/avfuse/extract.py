@@ -246,6 +246,11 @@ def _decode_mono(path: str | Path, buf: _MonoBuffer) -> DecodedAudio:
             kinds = ", ".join(sorted({s.type for s in container.streams})) or "none"
             return DecodedAudio(empty, -1, "no_audio", f"no audio stream (streams: {kinds})")
         stream = _pick_stream(audio)
+        # The demuxer then skips the other streams' packets instead of reading and freeing them.
+        for other in container.streams:
+            if other.index != stream.index:
+                with contextlib.suppress(Exception):
+                    other.discard = av.stream.Discard.all
         ctx = stream.codec_context
         info: dict[str, Any] = {
             "codec": ctx.name or "",
