@@ -278,7 +278,7 @@ def main() -> None:
             ("extract", EXTRACT, e_parts),
             ("features", FEATURES, f_parts),
         ):
-            for label in (f"log of {parts} parts", "log compacted"):
+            for label in (f"first, log of {parts} parts", "second"):
                 res = measure(code.format(work=str(work)), src)
                 done = tagged(res, "PROCESSED")
                 assert done[0] == "0", f"{stage} redid {done[0]} videos"
