@@ -19,6 +19,7 @@ method pays for returning memory to the OS between files.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -154,6 +155,12 @@ def main() -> None:
                     )
                 )
 
+        exe = ffmpeg_exe()
+        if exe and not shutil.which("ffmpeg"):
+            # librosa reads mp4 through audioread, which runs whatever `ffmpeg` is on PATH.
+            (tmp / "bin").mkdir()
+            (tmp / "bin" / "ffmpeg").symlink_to(exe)
+            os.environ["PATH"] = f"{tmp / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
         try:
             import librosa
 
