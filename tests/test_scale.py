@@ -290,3 +290,20 @@ def test_block_sampler_shards_ranks_and_resumes() -> None:
     items = full.epoch_items()
     np.testing.assert_array_equal(ranks[0], items[0::2][5:])
     np.testing.assert_array_equal(ranks[1], items[1::2][5:])
+
+
+def test_getitems_full_batch_gathers_into_one_array(store_work) -> None:
+    from avfuse.data import NormStats, WindowDataset
+    from avfuse.store import FeatureStore
+
+    work, _ = store_work
+    store = FeatureStore(work / "features")
+    frames = store.frames_array(store.ids)
+    norm = NormStats(np.zeros(64, np.float32), np.ones(64, np.float32))
+    ds = WindowDataset(store, store.ids, np.zeros(len(store), np.int64), norm)
+    long = np.flatnonzero(frames >= 200)[:16]
+    items = [(int(p), int(frames[p]) - 96) for p in long]  # last window of each video
+    for (x, _, p), (vid_pos, start) in zip(ds.__getitems__(items), items):
+        want = np.asarray(store[store.ids[vid_pos]][start : start + 96], np.float32)
+        np.testing.assert_array_equal(x.numpy(), want)
+        assert p == vid_pos
