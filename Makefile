@@ -27,12 +27,19 @@ test: lint
 demo: $(STAMP)
 	$(VENV)/bin/avfuse demo --work demo-work
 
-bench: $(STAMP)
+BENCH_STAMP := $(VENV)/.avfuse-bench-installed
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[dev,cluster,bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(PY) benchmarks/bench_extract.py
 	$(PY) benchmarks/bench_melspec.py
 	$(PY) benchmarks/bench_store.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_fuse.py
+	$(PY) benchmarks/bench_scale.py --videos 20000
 
 clean:
 	rm -rf demo-work .pytest_cache .mypy_cache .ruff_cache

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -83,6 +84,99 @@ def timed(fn: Callable[[], int], repeats: int) -> float:
     return n / best
 
 
+CGROUP = Path("/sys/fs/cgroup/memory")
+
+
+def _drop_cache(folder: Path) -> None:
+    """Write back and evict ``folder``'s files from the page cache, so the next read is cold."""
+    for p in folder.rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def training_reads(store_dir: str, order: str, batch: int, n_windows: int, getitems: bool) -> None:
+    """Child side: read ``n_windows`` training windows in ``order`` and print windows/s."""
+    from avfuse.data import NormStats, TrainWindowSampler, WindowDataset
+
+    st = FeatureStore(store_dir)
+    norm = NormStats(np.zeros(st.n_mels, np.float32), np.ones(st.n_mels, np.float32))
+    ds = WindowDataset(st, st.ids, np.zeros(len(st), np.int64), norm)
+    blocks = st.blocks(st.ids) if order == "blocks" else None
+    sampler = TrainWindowSampler(ds.frames, windows_per_video=4, seed=0, blocks=blocks, group=64)
+    items = [(int(v), int(s)) for v, s in sampler.epoch_items()[:n_windows]]
+    t0 = time.perf_counter()
+    for b in range(0, len(items), batch):
+        chunk = items[b : b + batch]
+        if getitems:
+            ds.__getitems__(chunk)
+        else:
+            [ds[i] for i in chunk]
+    print(f"RATE {len(items) / (time.perf_counter() - t0):.1f}")
+
+
+def larger_than_memory(root: Path, limit_mb: int, n_videos: int, n_windows: int, bs: int) -> None:
+    """Training windows/s with the store several times larger than the page cache allowed.
+
+    The readers run in a cgroup-v1 memory group limited to ``limit_mb`` (page cache counts
+    against it), after the store's pages were written back and evicted.
+    """
+    store = root / "big"
+    writer = ShardWriter(store, N_MELS, dtype="float16", max_mb=256, prefix="big")
+    rng = np.random.default_rng(0)
+    base = rng.normal(0.0, 2.0, (1200, N_MELS)).astype(np.float32)
+    ids = [f"train/class{i % 400:03d}/video{i:06d}" for i in range(n_videos)]
+    for vid, t in zip(ids, rng.integers(900, 1100, n_videos)):
+        writer.add(vid, base[:t])
+    write_meta(store, frontend={}, frontend_hash="bench", classes=[], dtype="float16", n_mels=64)
+    commit_index(store, writer.close())
+    size_mb = footprint(store)[0] / 2**20
+    group = CGROUP / f"avfuse-bench-{os.getpid()}"
+    try:
+        group.mkdir()
+        (group / "memory.limit_in_bytes").write_text(str(limit_mb * 2**20))
+    except OSError as exc:
+        print(f"\nstore larger than memory: no memory cgroup ({exc}); skipped")
+        return
+    print(
+        f"\ntraining windows, store of {size_mb:.0f} MB read by a process limited to "
+        f"{limit_mb} MB (memory cgroup, page cache included), cold start, batches of {bs}"
+    )
+    try:
+        rates = {}
+        for order, getitems, name in (
+            ("random", False, "random order, item by item (before)"),
+            ("random", True, "random order, __getitems__"),
+            ("blocks", False, "block-local order, item by item"),
+            ("blocks", True, "block-local order, __getitems__ (after)"),
+        ):
+            _drop_cache(store)
+            code = (
+                "import sys; sys.path.insert(0, sys.argv[1]); import bench_store as b; "
+                f"b.training_reads({str(store)!r}, {order!r}, {bs}, {n_windows}, {getitems})"
+            )
+            env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+            out = subprocess.run(
+                [sys.executable, "-c", code, str(Path(__file__).parent)],
+                capture_output=True,
+                text=True,
+                env=env,
+                # Join the group before Python starts, so every page it reads is charged there.
+                preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())),
+                check=True,
+            )
+            rates[name] = float(out.stdout.split("RATE")[1])
+        base_rate = rates["random order, item by item (before)"]
+        for name, r in rates.items():
+            print(f"{name:42s} {r:10,.0f} windows/s {r / base_rate:6.1f}x")
+    finally:
+        group.rmdir()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--videos", type=int, default=2000)
@@ -90,9 +184,25 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dir", type=Path, default=None, help="where to build (default: a temp dir)")
+    ap.add_argument(
+        "--larger-than-memory",
+        type=int,
+        default=0,
+        metavar="MB",
+        help="also time training reads from a store of --big-videos under a MB memory limit",
+    )
+    ap.add_argument("--big-videos", type=int, default=8000)
     args = ap.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="avfuse-bench-store-", dir=args.dir))
+    if args.larger_than_memory:
+        try:
+            larger_than_memory(
+                root, args.larger_than_memory, args.big_videos, args.windows, args.batch
+            )
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        return
     try:
         ids, frames = build(root, args.videos)
         rng = np.random.default_rng(1)

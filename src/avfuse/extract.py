@@ -38,6 +38,8 @@ from typing import Any, Literal
 import av
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import soxr
 
 from avfuse import __version__
@@ -253,6 +255,11 @@ def _decode_mono(path: str | Path, buf: _MonoBuffer) -> DecodedAudio:
             kinds = ", ".join(sorted({s.type for s in container.streams})) or "none"
             return DecodedAudio(empty, -1, "no_audio", f"no audio stream (streams: {kinds})")
         stream = _pick_stream(audio)
+        # The demuxer then skips the other streams' packets instead of reading and freeing them.
+        for other in container.streams:
+            if other.index != stream.index:
+                with contextlib.suppress(Exception):
+                    other.discard = av.stream.Discard.all
         ctx = stream.codec_context
         info: dict[str, Any] = {
             "codec": ctx.name or "",
@@ -548,6 +555,13 @@ def _remove_outputs(work: Path, prior: pd.DataFrame, fmt: str) -> None:
                 (work / str(rel)).unlink()
 
 
+def _isin(values: pd.Series, among: pd.Series) -> np.ndarray:
+    """``values.isin(among)`` for string ids, as one Arrow hash look-up (pandas' ``isin`` on
+    Arrow strings walks the values in Python: seconds at 400k videos)."""
+    found = pc.is_in(pa.array(values.astype(str)), value_set=pa.array(among.astype(str)))
+    return np.asarray(found.to_numpy(zero_copy_only=False), dtype=bool)
+
+
 def extract(cfg: ExtractConfig, executor: Executor | None = None) -> ExtractResult:
     """Decode every video of the manifest to ``WORK/audio/{video_id}.{format}``.
 
@@ -581,24 +595,33 @@ def extract(cfg: ExtractConfig, executor: Executor | None = None) -> ExtractResu
     save_config(cfg, work / CONFIG)
 
     done: set[str] = set()
-    if not cfg.force:
-        for rec in prior.itertuples(index=False):
-            status = str(rec.status)
+    if not cfg.force and len(prior):
+        # Plain strings and os.path: a Path object and an Arrow-string lookup per video cost
+        # more than the stat itself at 400k videos.
+        root = str(work)
+        for vid, status, rel in zip(
+            prior["video_id"].astype(str).tolist(),
+            prior["status"].astype(str).tolist(),
+            prior["audio_path"].astype(str).tolist(),
+            strict=True,
+        ):
             if status in USABLE:
-                if not (work / str(rec.audio_path)).is_file():
+                if not os.path.isfile(os.path.join(root, rel)):
                     continue  # output lost: redo
             elif status == "missing":
                 continue  # the file may have appeared since
-            done.add(str(rec.video_id))
+            done.add(vid)
 
     tasks = [
         {
-            "video_id": str(r.video_id),
-            "path": str(r.path) if isinstance(r.path, str) else "",
-            "audio_path": _audio_rel(str(r.video_id), cfg.format),
+            "video_id": vid,
+            "path": path if isinstance(path, str) else "",
+            "audio_path": _audio_rel(vid, cfg.format),
         }
-        for r in manifest.itertuples(index=False)
-        if str(r.video_id) not in done
+        for vid, path in zip(
+            manifest["video_id"].astype(str).tolist(), manifest["path"].tolist(), strict=True
+        )
+        if vid not in done
     ]
     skipped = len(manifest) - len(tasks)
     if tasks:
@@ -627,14 +650,15 @@ def extract(cfg: ExtractConfig, executor: Executor | None = None) -> ExtractResu
         remove_stale_temporaries(rlog.folder)
 
     # The table covers every video extracted so far (earlier runs on other splits included).
-    full = rlog.read()
+    # Compacting here makes the next run's read one file, however many batches ever ran.
+    full = prior if not (tasks or cfg.force) and len(rlog.parts()) <= 1 else rlog.compact()
     if len(full):
-        full = full[full["video_id"].isin(set(everything["video_id"].astype(str)))]
+        full = full[_isin(full["video_id"], everything["video_id"])]
     full = pd.DataFrame(full, columns=list(COLUMNS)).sort_values("video_id")
     full = full.reset_index(drop=True)
-    selected = set(manifest["video_id"].astype(str))
-    table = full[full["video_id"].isin(selected)].reset_index(drop=True)
-    missing_ids = selected - set(table["video_id"])
+    selected_ids = manifest["video_id"].astype(str)
+    table = full[_isin(full["video_id"], selected_ids)].reset_index(drop=True)
+    missing_ids = set(selected_ids.tolist()) - set(table["video_id"].tolist())
     if missing_ids:  # cannot happen unless a worker's log part was lost; say so, never drop
         raise RuntimeError(
             f"{len(missing_ids)} video(s) have no extract record, e.g. {sorted(missing_ids)[:3]}"

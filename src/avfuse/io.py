@@ -7,6 +7,8 @@ the complete new one, never a truncated one.
 Stage results are kept in a :class:`RecordLog`: a folder of small Parquet "part" files, each
 written atomically by whichever worker finished a batch. A rerun reads the parts to learn which
 videos are done; :meth:`RecordLog.consolidate` writes the single table the next stage reads.
+When a stage commits, :meth:`RecordLog.compact` folds the parts into one, so a rerun reads one
+file instead of one per batch ever run.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 TMP_MARK = ".tmp-"
+# Suffix of a record-log part that replaced many ("~" sorts after the "." of a plain part).
+COMPACTED = "~compact"
 
 
 def error_reason(exc: BaseException, limit: int = 300) -> str:
@@ -125,7 +129,10 @@ class RecordLog:
         return sorted(p for p in self.folder.glob("part-*.parquet") if TMP_MARK not in p.name)
 
     def read(self) -> pd.DataFrame:
-        frames = [read_table(p) for p in self.parts()]
+        return self._read(self.parts())
+
+    def _read(self, parts: list[Path]) -> pd.DataFrame:
+        frames = [read_table(p) for p in parts]
         frames = [f for f in frames if len(f)]
         if not frames:
             return pd.DataFrame({self.key: pd.Series([], dtype=str)})
@@ -138,6 +145,28 @@ class RecordLog:
     def clear(self) -> None:
         for p in self.parts():
             p.unlink()
+
+    def compact(self) -> pd.DataFrame:
+        """Rewrite the log as one part, so the next read opens one file; returns the log.
+
+        Crash-safe at every step: the compacted part is written under a temporary name and
+        renamed into place, then the parts it covers are deleted. Its name sorts right after
+        the newest part it covers, so a kill between the rename and the last delete leaves
+        parts that lose to it ("newest wins") and hold the same records anyway; parts logged
+        later still sort after it and win.
+        """
+        parts = self.parts()
+        df = self._read(parts)
+        if len(parts) <= 1:
+            return df
+        newest = parts[-1].name.removesuffix(".parquet").split(COMPACTED)[0]
+        target = self.folder / f"{newest}{COMPACTED}.parquet"
+        write_table(df, target)
+        for p in parts:
+            if p != target:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+        return df
 
     def consolidate(
         self, path: str | Path, metadata: Mapping[str, str] | None = None

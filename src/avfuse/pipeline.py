@@ -750,18 +750,41 @@ def _rel(p: Path, base: Path) -> str:
         return str(p)
 
 
-def _result(work: Path, sc: StageConfigs, outcomes: list[StageOutcome]) -> RunResult:
-    from avfuse.manifest import load_manifest
+def status_counts(work: str | Path) -> dict[str, dict[str, int]]:
+    """Videos of the manifest per extract ``status`` and per ``feature_status``.
 
+    A video without a record counts as ``"not run"``. Reads only the ``video_id`` and status
+    columns of each table: joining whole tables costs gigabytes at Kinetics scale.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from avfuse.manifest import MANIFEST
+
+    work = Path(work)
+    if not (work / MANIFEST).exists():
+        return {}
+    ids = pq.read_table(work / MANIFEST, columns=["video_id"]).column("video_id")
     counts: dict[str, dict[str, int]] = {}
-    try:
-        man = load_manifest(work)
-        for col in ("status", "feature_status"):
-            if col in man:
-                vc = man[col].fillna("not run").astype(str).value_counts()
-                counts[col] = {str(k): int(v) for k, v in vc.items()}
-    except FileNotFoundError:
-        pass
+    for table, col in (("extract.parquet", "status"), ("features.parquet", "feature_status")):
+        path = work / table
+        if not path.exists() or col not in pq.read_schema(path).names:
+            continue
+        t = pq.read_table(path, columns=["video_id", col])
+        t = t.filter(pc.is_in(t.column("video_id"), value_set=ids))
+        status = pc.fill_null(t.column(col).cast("string"), "not run")
+        vc: dict[str, int] = {}
+        for item in pc.value_counts(status).to_pylist():
+            vc[str(item["values"])] = vc.get(str(item["values"]), 0) + int(item["counts"])
+        unrecorded = len(ids) - len(t)
+        if unrecorded:
+            vc["not run"] = vc.get("not run", 0) + unrecorded
+        counts[col] = vc
+    return counts
+
+
+def _result(work: Path, sc: StageConfigs, outcomes: list[StageOutcome]) -> RunResult:
+    counts = status_counts(work)
     accuracy: dict[str, dict[str, float]] = {}
     gain: dict[str, list[float]] = {}
     fig = _fusion_figures(sc)

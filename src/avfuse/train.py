@@ -469,6 +469,8 @@ def train(
             seed=cfg.seed,
             rank=e.rank,
             world_size=e.world_size,
+            # Reads a store larger than memory from the page cache (see the sampler).
+            blocks=store.blocks(train_ids),
         )
     sampler.set_epoch(0)
     steps_per_epoch = len(sampler) // cfg.batch_size
