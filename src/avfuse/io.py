@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -91,6 +93,50 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+_OLD_MARK = ".old-"
+
+
+def _recover_dir(path: Path) -> None:
+    """Undo what a kill during :func:`atomic_dir`'s two renames left behind."""
+    parent = path.parent
+    olds = sorted(parent.glob(f".{glob.escape(path.name)}{_OLD_MARK}*"), key=os.path.getmtime)
+    if olds and not path.exists():
+        # Killed between moving the old folder aside and moving the new one in: the old
+        # outputs are complete and consistent, so they come back.
+        os.rename(olds.pop(), path)
+    for leftover in olds + list(parent.glob(f".{glob.escape(path.name)}{TMP_MARK}*")):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a new temporary folder next to ``path``; on success it replaces folder ``path``.
+
+    Readers see the old folder or the new one, never a mix: the old folder stays until the new
+    one is complete, then two renames swap them (a kill between them is undone by the next
+    call). On an exception the temporary folder is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"output folder {path} is a file, not a folder")
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _recover_dir(path)
+        tmp.mkdir()
+        yield tmp
+        old = path.with_name(f".{path.name}{_OLD_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        if path.exists():
+            os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        raise_if_disk_full(exc, path.parent)
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json(path: str | Path, data: Any) -> Path:
