@@ -473,9 +473,7 @@ def _extract_one(task: dict[str, str], work: Path, sample_rate: int) -> dict[str
         # A full disk stops the run (every later video would fail alike); anything else
         # (permissions, a vanished folder) fails this video with a status a rerun retries.
         raise_if_disk_full(exc, (work / rel).parent)
-        return _record(
-            vid, "error", f"{_WRITE_FAILED}: {error_reason(exc)}", sample_rate, **info
-        )
+        return _record(vid, "error", f"{_WRITE_FAILED}: {error_reason(exc)}", sample_rate, **info)
     return _record(
         vid,
         res.status,
