@@ -176,7 +176,10 @@ def map_batches(
                 batch = next(queue, None)
                 if batch is None:
                     return
-                pending[executor.submit(fn, batch)] = len(batch)
+                fut = executor.submit(fn, batch)
+                pending[fut] = len(batch)
+                if fut.done() and fut.exception() is not None:
+                    return  # inline and failed: raise it now instead of running the next batch
 
         refill()
         while pending:

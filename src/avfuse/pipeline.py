@@ -633,7 +633,11 @@ def recognise_stage(name: str, sc: StageConfigs) -> bool:
             have = load_config(cls, path)
         except Exception:  # unreadable saved settings: cannot vouch for the outputs
             return False
-        if _digest(_semantic(name, have)) != _digest(_semantic(name, want)):
+        have_s, want_s = _semantic(name, have), _semantic(name, want)
+        if isinstance(have_s, dict) and isinstance(want_s, dict):
+            # A stage saves what "auto" resolved to (device, amp): "auto" accepts it.
+            have_s.update({k: v for k, v in want_s.items() if v == "auto" and k in have_s})
+        if _digest(have_s) != _digest(want_s):
             return False
     return True
 
@@ -696,12 +700,14 @@ def _run_locked(
         )
     # Stages without a record (pipeline.json lost or corrupt): outputs that match the settings
     # are as good as recorded, so nothing is retrained for a lost bookkeeping file.
+    recognised = False
     for name in STAGES:
-        if name in state:
-            break
-        if not recognise_stage(name, sc):
+        if name in state or not recognise_stage(name, sc):
             break
         state[name] = {**keys[name], "state": "done", "recognised": True}
+        recognised = True
+    if problem or recognised:
+        _save_state(work, state)  # a readable record again, even if every stage is skipped
     listing = dataset_listing(sc.scan.root, (sc.scan.annotations, sc.scan.classes))
     fingerprint = listing_hash(listing)
     files = work / FILES
