@@ -686,7 +686,8 @@ def test_full_disk_from_the_cli_is_one_line_naming_the_folder(tmp_path: Path) ->
     assert "rerun" in line
 
 
-def test_ctrl_c_exits_130_and_a_rerun_resumes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_ctrl_c_exits_130_and_a_rerun_resumes(tmp_path: Path, workers: str) -> None:
     work = _scanned(tmp_path)
     hook = _hook(
         tmp_path,
@@ -700,7 +701,7 @@ def test_ctrl_c_exits_130_and_a_rerun_resumes(tmp_path: Path) -> None:
         e.decode_audio = slow
         """,
     )
-    args = ["extract", str(work), "--num-workers", "0", "--batch-size", "1", "--no-progress"]
+    args = ["extract", str(work), "--num-workers", workers, "--batch-size", "1", "--no-progress"]
     proc = subprocess.Popen(
         [*AVFUSE, *args],
         env=_env(hook),
@@ -708,13 +709,14 @@ def test_ctrl_c_exits_130_and_a_rerun_resumes(tmp_path: Path) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,
     )
     parts = work / "extract" / "parts"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not any(parts.glob("part-*.parquet")):
         assert proc.poll() is None
         time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to every process of the run
     _, err = proc.communicate(timeout=60)
     out = subprocess.CompletedProcess(args, proc.returncode, "", err)
     assert "rerun resumes" in _one_line_error(out, 130)

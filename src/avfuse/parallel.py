@@ -83,6 +83,9 @@ def die_with_driver(driver_pid: int) -> None:
     polling the driver's PID (any POSIX system with ``/proc``; also covers other start
     methods).
     """
+    # Ctrl-C reaches the whole process group: the driver stops the run and says so in one
+    # line; workers printing a KeyboardInterrupt traceback each would bury that line.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         with contextlib.suppress(Exception):
             libc = ctypes.CDLL("libc.so.6", use_errno=True)
