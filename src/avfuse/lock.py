@@ -7,7 +7,8 @@ drops them when the process dies, so a run killed with ``kill -9`` never leaves 
 blocked; the file itself stays and only records the PID of the last holder.
 
 The lock is re-entrant within one process (``avfuse run`` calls the stage functions, which may
-take it again) and is never waited for: a second run is refused at once.
+take it again) and is never waited for: a second run is refused at once. Under ``torchrun``
+only rank 0 takes it (the ranks of one job share the work folder).
 """
 
 from __future__ import annotations
@@ -61,6 +62,11 @@ def work_lock(work: str | Path) -> Iterator[Path]:
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     path = lock_path(work)
+    if os.environ.get("RANK", "0") != "0":
+        # Under torchrun every rank runs the same command on the one work folder: rank 0
+        # holds the lock for all of them.
+        yield path
+        return
     key = str(path.resolve())
     with _GUARD:
         held = _HELD.get(key)
