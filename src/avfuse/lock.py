@@ -83,8 +83,11 @@ def work_lock(work: str | Path) -> Iterator[Path]:
                     raise WorkFolderBusyError(work, holder_pid(work)) from None
                 raise
             # The PID is for the message of a refused second run; the lock is the flock.
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+            # Written only when it changed: a rerun that redoes nothing rewrites nothing.
+            pid = f"{os.getpid()}\n".encode("ascii")
+            if os.pread(fd, 64, 0) != pid:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, pid, 0)
             _HELD[key] = (fd, 1)
     try:
         yield path
