@@ -185,7 +185,8 @@ def test_bad_files_get_a_status_and_reason(tmp_path) -> None:
     assert "no audio stream" in res.reason and "video" in res.reason
     # FFmpeg opens a .txt as an ANSI-art "video": still no audio, never a crash.
     assert decode_audio(tmp_path / "notes.txt").status in ("no_audio", "unreadable")
-    assert decode_audio(tmp_path / "absent.mp4").status == "unreadable"
+    # A file that cannot be opened (here: gone) is a read failure, retried by a rerun.
+    assert decode_audio(tmp_path / "absent.mp4").status == "error"
 
 
 def test_audio_stream_without_samples_is_empty_audio(tmp_path) -> None:

@@ -7,14 +7,17 @@ included, can also be given as ``--set key=value``, and a whole config as ``--co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from avfuse import __version__
 from avfuse.config import add_arguments, apply_overrides, from_arguments, from_dict, read_mapping
+from avfuse.lock import work_lock
 
 # subcommand -> (module, config class, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
@@ -83,18 +86,68 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = apply_overrides(cfg, ns.set)
     except (TypeError, ValueError, OSError) as exc:
         parser.error(str(exc))
+    log = logging.getLogger("avfuse")
     try:
-        result = fn(cfg)
-    except (FileNotFoundError, ValueError) as exc:
-        # Bad input or a refused combination (front-end mismatch, unknown class, ...): the
-        # message says what to do; a traceback would only hide it.
-        logging.getLogger("avfuse").debug("failed", exc_info=True)
-        print(f"avfuse {ns.command}: error: {exc}", file=sys.stderr)
+        check_command(ns.command, cfg)
+        with _work_lock(cfg):
+            result = fn(cfg)
+    except KeyboardInterrupt:
+        log.debug("interrupted", exc_info=True)
+        print(
+            f"avfuse {ns.command}: interrupted; finished work is kept and a rerun resumes",
+            file=sys.stderr,
+        )
+        return 130
+    except CLEAN_ERRORS as exc:
+        # Bad input, a refused combination, a full disk, a busy work folder: the message says
+        # what to do; a traceback would only hide it (``-v`` shows it).
+        log.debug("failed", exc_info=True)
+        print(f"avfuse {ns.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     summary = getattr(result, "summary", None)
     if callable(summary):
         print(summary())
     return 0
+
+
+# What a user can fix: reported as one line and exit code 2. ``OSError`` covers a full disk
+# (:class:`avfuse.io.DiskFullError`), permissions and paths that are files; ``ValueError``
+# covers corrupt checkpoints, foreign score files and refused settings; ``RuntimeError``
+# covers a busy work folder, a missing GPU and stages refusing an inconsistent state.
+CLEAN_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, RuntimeError)
+
+
+def one_line(exc: BaseException) -> str:
+    """The exception's message on one line (whitespace folded); its type if it has none."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def check_command(command: str, cfg: Any) -> None:
+    """Refuse settings that cannot work before any stage starts (one clear line each)."""
+    work = getattr(cfg, "work", None)
+    if work is not None and Path(work).exists() and not Path(work).is_dir():
+        raise NotADirectoryError(f"work folder {work} is a file, not a folder")
+    for section in (cfg, *(getattr(cfg, name, None) for name in ("train", "predict"))):
+        device = getattr(section, "device", None)
+        if isinstance(device, str) and device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise RuntimeError(
+                    f"device={device} requested but no CUDA device is available "
+                    "(use --device cpu or auto)"
+                )
+    for section in (cfg, getattr(cfg, "fuse", None)):
+        tol = getattr(section, "tolerance", None)
+        if isinstance(tol, int | float) and not 0 <= tol <= 1:
+            raise ValueError(f"tolerance must be a fraction in [0, 1], got {tol}")
+
+
+def _work_lock(cfg: Any) -> contextlib.AbstractContextManager[Any]:
+    work = getattr(cfg, "work", None)
+    if work is None:
+        return contextlib.nullcontext()
+    return work_lock(work)
 
 
 if __name__ == "__main__":

@@ -178,6 +178,9 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
         if len(splits) != 1:
             raise ValueError(f"{path}: scored videos span splits {splits}; pass --split")
         split = str(splits[0])
+    have = sorted(set(man["split"].astype(str)))
+    if split not in have:
+        raise ValueError(f"no split {split!r} in the manifest; its splits: {', '.join(have)}")
     universe = man[(man["split"] == split) & (man["label_index"] >= 0)][["video_id", "label_index"]]
     table = pd.DataFrame({"video_id": sf.ids, "status": sf.status, "row": np.arange(len(sf.ids))})
     joined = universe.merge(table, on="video_id", how="left")

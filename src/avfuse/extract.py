@@ -48,6 +48,7 @@ from avfuse.io import (
     RecordLog,
     atomic_write,
     error_reason,
+    raise_if_disk_full,
     remove_stale_temporaries,
     safe_join,
     write_table,
@@ -63,7 +64,7 @@ PARTS = "extract/parts"
 FAILURES = "extract_failures.csv"
 CONFIG = "extract.toml"
 
-STATUSES = ("ok", "partial", "no_audio", "empty_audio", "unreadable", "missing")
+STATUSES = ("ok", "partial", "no_audio", "empty_audio", "unreadable", "missing", "error")
 USABLE = ("ok", "partial")
 COLUMNS = (
     "video_id",
@@ -248,7 +249,7 @@ def _decode_mono(path: str | Path, buf: _MonoBuffer) -> DecodedAudio:
         # audio decoders ignore it.
         container = av.open(str(path), options={"skip_frame": "all"}, metadata_errors="replace")
     except Exception as exc:  # a bad file must never stop the run
-        return DecodedAudio(empty, -1, "unreadable", error_reason(exc))
+        return DecodedAudio(empty, -1, read_failure_status(exc), error_reason(exc))
     with container:
         audio = list(container.streams.audio)
         if not audio:
@@ -279,6 +280,10 @@ def _decode_mono(path: str | Path, buf: _MonoBuffer) -> DecodedAudio:
             except StopIteration:
                 break
             except Exception as exc:  # demuxer hit damaged/truncated data: keep what we have
+                if read_failure_status(exc) == "error":
+                    # The file could not be read (I/O error, permissions): not its content's
+                    # fault, so no partial result a rerun would keep.
+                    return DecodedAudio(empty, -1, "error", f"reading failed: {error_reason(exc)}")
                 errors.append(error_reason(exc))
                 break
             try:
@@ -326,6 +331,13 @@ def _decode_mono(path: str | Path, buf: _MonoBuffer) -> DecodedAudio:
             **info,
         )
     return DecodedAudio(empty, rate, "ok", "", **info)
+
+
+def read_failure_status(exc: BaseException) -> str:
+    """``"error"`` for a failure to read the file (any ``OSError``: EIO, EACCES, EMFILE, a
+    vanished file; retried by a rerun), ``"unreadable"`` for content FFmpeg cannot decode
+    (``av.error.InvalidDataError`` and the other non-``OSError`` FFmpeg errors)."""
+    return "error" if isinstance(exc, OSError) else "unreadable"
 
 
 def _take(buf: _MonoBuffer, rate: int, sample_rate: int) -> np.ndarray:
@@ -420,6 +432,7 @@ def _tune_malloc() -> None:
 
 
 _TUNED = False
+_WRITE_FAILED = "writing output failed"
 
 
 def _record(
@@ -450,7 +463,9 @@ def _extract_one(task: dict[str, str], work: Path, sample_rate: int) -> dict[str
     try:
         res = decode_audio(src, sample_rate)
     except Exception as exc:  # a decoder bug on one odd file must not sink its whole batch
-        return _record(vid, "unreadable", f"decoding failed: {error_reason(exc)}", sample_rate)
+        return _record(
+            vid, read_failure_status(exc), f"decoding failed: {error_reason(exc)}", sample_rate
+        )
     info = {
         "codec": res.codec,
         "source_sample_rate": res.source_sample_rate,
@@ -461,11 +476,13 @@ def _extract_one(task: dict[str, str], work: Path, sample_rate: int) -> dict[str
     if res.status not in USABLE:
         return _record(vid, res.status, res.reason, sample_rate, **info)
     try:
-        write_audio(safe_join(work, rel), res.samples, sample_rate)
-    except Exception as exc:  # disk full, permissions: this video fails, the run goes on
-        return _record(
-            vid, "unreadable", f"writing output failed: {error_reason(exc)}", sample_rate, **info
-        )
+        out = safe_join(work, rel)
+        write_audio(out, res.samples, sample_rate)
+    except Exception as exc:
+        # A full disk stops the run (every later video would fail alike); anything else
+        # (permissions, a vanished folder) fails this video with a status a rerun retries.
+        raise_if_disk_full(exc, (work / rel).parent)
+        return _record(vid, "error", f"{_WRITE_FAILED}: {error_reason(exc)}", sample_rate, **info)
     return _record(
         vid,
         res.status,
@@ -599,17 +616,20 @@ def extract(cfg: ExtractConfig, executor: Executor | None = None) -> ExtractResu
         # Plain strings and os.path: a Path object and an Arrow-string lookup per video cost
         # more than the stat itself at 400k videos.
         root = str(work)
-        for vid, status, rel in zip(
+        for vid, status, rel, reason in zip(
             prior["video_id"].astype(str).tolist(),
             prior["status"].astype(str).tolist(),
             prior["audio_path"].astype(str).tolist(),
+            prior["reason"].astype(str).tolist(),
             strict=True,
         ):
             if status in USABLE:
                 if not os.path.isfile(os.path.join(root, rel)):
                     continue  # output lost: redo
-            elif status == "missing":
-                continue  # the file may have appeared since
+            elif status in ("missing", "error"):
+                continue  # the file may have appeared since / the failure may be transient
+            elif status == "unreadable" and reason.startswith(_WRITE_FAILED):
+                continue  # logged by an older avfuse that called write failures unreadable
             done.add(vid)
 
     tasks = [

@@ -47,6 +47,7 @@ from avfuse.extract import USABLE, decode_audio, load_audio
 from avfuse.io import (
     RecordLog,
     error_reason,
+    raise_if_disk_full,
     read_json,
     read_table,
     remove_stale_temporaries,
@@ -61,7 +62,9 @@ from avfuse.store import (
     SHARDS,
     FrontendMismatchError,
     ShardWriter,
+    check_shards,
     commit_index,
+    needed_rows,
     remove_unreferenced_shards,
     write_meta,
 )
@@ -135,6 +138,8 @@ def _load(task: dict[str, Any], sample_rate: int) -> tuple[np.ndarray | None, st
     """Samples of one task, or ``None`` with (status, reason) when there is no usable audio."""
     if task["kind"] == "video":
         res = decode_audio(task["path"], sample_rate)
+        if res.status == "error":  # reading the video failed, not its content: retried
+            raise OSError(res.reason)
         if res.status not in USABLE:
             return None, "not_extracted", f"{res.status}: {res.reason}".rstrip(": ")
         note = f"from partial audio: {res.reason}" if res.status == "partial" else ""
@@ -163,6 +168,12 @@ def _feature_one(
             return rec
         feats = log_mel(x, frontend)
         rec["num_frames"] = len(feats)
+        bad = int(np.count_nonzero(~np.isfinite(feats.astype(writer.dtype, copy=False))))
+        if bad:
+            # Never stored as ok: a NaN would poison every window of the video and every
+            # score computed from it.
+            rec["feature_reason"] = f"{bad} NaN or infinite feature value(s)"
+            return rec
         if len(feats) < frontend.example_frames:
             rec["feature_status"] = "too_short"
             rec["feature_reason"] = (
@@ -173,7 +184,8 @@ def _feature_one(
             return rec
         writer.add(task["video_id"], feats)
         rec.update(feature_status="ok", feature_reason=reason)
-    except Exception as exc:  # one bad file fails alone
+    except Exception as exc:  # one bad file fails alone; a full disk stops the run
+        raise_if_disk_full(exc, writer.dir)
         rec["feature_reason"] = error_reason(exc)
     return rec
 
@@ -374,6 +386,21 @@ def _pack(tasks: list[dict[str, Any]], cfg: FeaturesConfig, width: int) -> list[
     return batches
 
 
+def _damaged_shards(store: Path, prior: pd.DataFrame, cfg: FeaturesConfig) -> dict[str, str]:
+    """Shards of logged ``ok`` records that are truncated or damaged: their videos are redone
+    (and the shard deleted at commit, since no record refers to it any more)."""
+    if "shard" not in prior or "feature_status" not in prior:
+        return {}
+    ok = prior[prior["feature_status"] == "ok"]
+    rows = needed_rows(
+        pd.DataFrame({"shard": ok["shard"], "offset": ok["offset"], "frames": ok["num_frames"]})
+    )
+    bad = check_shards(store, rows, cfg.frontend.n_mels, cfg.dtype)
+    for name, why in sorted(bad.items()):
+        log.warning("shard %s: %s; recomputing its videos", store / SHARDS / name, why)
+    return bad
+
+
 def _dir_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.npy")) if folder.exists() else 0
 
@@ -406,6 +433,7 @@ def compute_features(cfg: FeaturesConfig, executor: Executor | None = None) -> F
     if len(prior):
         shard_dir = store / SHARDS
         present = {p.name for p in shard_dir.iterdir()} if shard_dir.exists() else set()
+        present -= set(_damaged_shards(store, prior, cfg))
         # Plain lists: itertuples over Arrow strings costs seconds at 400k videos.
         for vid, status, shard in zip(
             prior["video_id"].astype(str).tolist(),

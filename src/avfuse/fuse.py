@@ -37,7 +37,7 @@ from scipy import optimize
 from scipy.special import bdtrc, log_softmax, logsumexp
 
 from avfuse.config import save_config, to_dict
-from avfuse.io import write_json
+from avfuse.io import atomic_dir, write_json
 from avfuse.manifest import load_classes, load_manifest
 from avfuse.scores import ScoreFile
 from avfuse.video_scores import (
@@ -1223,7 +1223,6 @@ def fuse(cfg: FuseConfig, executor: Executor | None = None) -> FuseResult:
         },
     }
 
-    out.mkdir(parents=True, exist_ok=True)
     sf = ScoreFile(
         v.ids,
         classes,
@@ -1241,11 +1240,14 @@ def fuse(cfg: FuseConfig, executor: Executor | None = None) -> FuseResult:
             "note": "n_windows = 0 marks videos without audio (their scores are video-only)",
         },
     )
-    fused_path = sf.save(out / f"fused_{split}.npz")
-    write_json(out / "fusion.json", {"config": to_dict(cfg), **figures})
-    save_config(cfg, out / "config.toml")
-    md, page = write_fusion_report(out, figures)
-    return FuseResult(out, fused_path, md, page, figures, optimistic)
+    # All outputs appear together: written into a fresh folder that then replaces ``out``, so
+    # a kill never leaves a new fusion.json beside an old report.
+    with atomic_dir(out) as tmp:
+        fused_name = sf.save(tmp / f"fused_{split}.npz").name
+        write_json(tmp / "fusion.json", {"config": to_dict(cfg), **figures})
+        save_config(cfg, tmp / "config.toml")
+        md, page = write_fusion_report(tmp, figures)
+    return FuseResult(out, out / fused_name, out / md.name, out / page.name, figures, optimistic)
 
 
 _ID_COUNTS = ("matched", "missing", "extra", "duplicates")  # IdMatch.counts() keys

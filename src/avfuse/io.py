@@ -14,8 +14,11 @@ file instead of one per batch ever run.
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import json
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -37,21 +40,107 @@ def error_reason(exc: BaseException, limit: int = 300) -> str:
     return f"{type(exc).__name__}: {text}"[:limit]
 
 
+class DiskFullError(OSError):
+    """No space left where a stage writes: the run stops at once (a rerun after freeing space
+    resumes). Raised instead of recording a per-video failure, since every later video would
+    fail the same way. Picklable, so a worker's raise reaches the driver unchanged."""
+
+    def __init__(self, folder: str | Path, detail: str = "") -> None:
+        self.folder = str(folder)
+        self.detail = detail
+        super().__init__(
+            errno.ENOSPC,
+            f"no space left on the device holding {self.folder}"
+            + (f" ({detail})" if detail else "")
+            + "; free some space and run again: finished work is kept and a rerun resumes",
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.folder, self.detail))
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for ENOSPC / EDQUOT (quota exceeded): the device, not the file, is the problem."""
+    if not isinstance(exc, OSError):
+        return False
+    # Some writers (pyarrow) raise OSError without an errno, with the C library's message.
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(exc)
+
+
+def raise_if_disk_full(exc: BaseException, folder: str | Path) -> None:
+    """Re-raise ``exc`` as :class:`DiskFullError` naming ``folder`` when the disk is full."""
+    if isinstance(exc, DiskFullError):
+        raise exc
+    if is_disk_full(exc):
+        raise DiskFullError(folder, error_reason(exc)) from exc
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it onto ``path``.
 
-    On an exception the temporary file is removed and ``path`` is left untouched.
+    On an exception the temporary file is removed and ``path`` is left untouched; a full disk
+    is raised as :class:`DiskFullError` naming the folder.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}{path.suffix}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         os.replace(tmp, path)
+    except OSError as exc:
+        raise_if_disk_full(exc, path.parent)
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+_OLD_MARK = ".old-"
+
+
+def _recover_dir(path: Path) -> None:
+    """Undo what a kill during :func:`atomic_dir`'s two renames left behind."""
+    parent = path.parent
+    olds = sorted(parent.glob(f".{glob.escape(path.name)}{_OLD_MARK}*"), key=os.path.getmtime)
+    if olds and not path.exists():
+        # Killed between moving the old folder aside and moving the new one in: the old
+        # outputs are complete and consistent, so they come back.
+        os.rename(olds.pop(), path)
+    for leftover in olds + list(parent.glob(f".{glob.escape(path.name)}{TMP_MARK}*")):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a new temporary folder next to ``path``; on success it replaces folder ``path``.
+
+    Readers see the old folder or the new one, never a mix: the old folder stays until the new
+    one is complete, then two renames swap them (a kill between them is undone by the next
+    call). On an exception the temporary folder is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"output folder {path} is a file, not a folder")
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _recover_dir(path)
+        tmp.mkdir()
+        yield tmp
+        old = path.with_name(f".{path.name}{_OLD_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        if path.exists():
+            os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        raise_if_disk_full(exc, path.parent)
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json(path: str | Path, data: Any) -> Path:

@@ -10,8 +10,13 @@ a cluster scheduler.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import multiprocessing
 import os
+import signal
+import sys
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from typing import Any, TypeVar
@@ -48,6 +53,51 @@ class InlineExecutor(Executor):
         return fut
 
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_WATCH_INTERVAL_S = 0.5
+
+
+def _driver_alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (a killed driver awaiting its reaper counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            # The state letter follows the parenthesised command name.
+            return fh.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False
+
+
+def _watch_driver(pid: int) -> None:
+    while _driver_alive(pid):
+        time.sleep(_WATCH_INTERVAL_S)
+    os._exit(1)  # no cleanup: the driver that would receive the results is gone
+
+
+def die_with_driver(driver_pid: int) -> None:
+    """Pool initializer: end this worker when the driver process ends, even by ``kill -9``.
+
+    A pool worker's parent is the forkserver, not the driver, and a SIGKILLed driver runs no
+    shutdown code, so without this the workers finish every queued batch for nobody. Two
+    mechanisms: the kernel's parent-death signal (Linux ``prctl``; fires when the forkserver,
+    which exits once the driver's end of its pipe closes, goes away) and a watchdog thread
+    polling the driver's PID (any POSIX system with ``/proc``; also covers other start
+    methods).
+    """
+    # Ctrl-C reaches the whole process group: the driver stops the run and says so in one
+    # line; workers printing a KeyboardInterrupt traceback each would bury that line.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.path.isdir("/proc"):
+        if not _driver_alive(driver_pid):  # died while this worker started
+            os._exit(1)
+        threading.Thread(
+            target=_watch_driver, args=(driver_pid,), name="avfuse-watch-driver", daemon=True
+        ).start()
+
+
 @contextlib.contextmanager
 def make_executor(
     num_workers: int | None = None, scheduler: str | None = None
@@ -76,8 +126,16 @@ def make_executor(
         return
     # forkserver: children do not inherit the parent's threads (torch, tqdm) or its memory.
     ctx = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(max_workers=n, mp_context=ctx) as pool:
-        yield pool
+    with ProcessPoolExecutor(
+        max_workers=n, mp_context=ctx, initializer=die_with_driver, initargs=(os.getpid(),)
+    ) as pool:
+        try:
+            yield pool
+        except BaseException:
+            # A full disk or Ctrl-C stops the run now: queued batches are dropped rather than
+            # run to completion by the pool's shutdown.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
 
 
 def executor_width(executor: Executor) -> int:
@@ -121,7 +179,10 @@ def map_batches(
                 batch = next(queue, None)
                 if batch is None:
                     return
-                pending[executor.submit(fn, batch)] = len(batch)
+                fut = executor.submit(fn, batch)
+                pending[fut] = len(batch)
+                if fut.done() and fut.exception() is not None:
+                    return  # inline and failed: raise it now instead of running the next batch
 
         refill()
         while pending:

@@ -29,10 +29,12 @@ and a console summary table.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
 import typing
 from collections.abc import Callable
@@ -41,12 +43,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import pandas as pd
+
 from avfuse.config import dumps, from_dict, to_dict
 from avfuse.evaluate import EvaluateConfig
 from avfuse.extract import ExtractConfig
 from avfuse.features import FeaturesConfig
 from avfuse.fuse import FuseConfig
-from avfuse.io import atomic_write, read_json, write_json
+from avfuse.io import (
+    atomic_write,
+    error_reason,
+    read_json,
+    read_table,
+    table_metadata,
+    write_json,
+    write_table,
+)
+from avfuse.lock import work_lock
 from avfuse.manifest import ScanConfig
 from avfuse.predict import PredictConfig
 from avfuse.train import TrainConfig
@@ -433,19 +446,213 @@ def _by_count(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda x: -x[1]))
 
 
-def _load_state(work: Path) -> dict[str, Any]:
+def _read_state(work: Path) -> tuple[dict[str, Any], str]:
+    """(``pipeline.json``'s content, why it was unusable: "" when fine or absent)."""
     path = work / STATE
     if not path.exists():
-        return {}
+        return {}, ""
     try:
         data = read_json(path)
-    except (OSError, ValueError):
-        return {}
-    return data.get("stages", {}) if isinstance(data, dict) else {}
+    except (OSError, ValueError) as exc:
+        return {}, error_reason(exc)
+    if not isinstance(data, dict) or not isinstance(data.get("stages", {}), dict):
+        return {}, "not a JSON object with a 'stages' table"
+    return data, ""
 
 
-def _save_state(work: Path, stages: dict[str, Any]) -> None:
-    write_json(work / STATE, {"stages": stages})
+def _load_state(work: Path) -> dict[str, Any]:
+    return dict(_read_state(work)[0].get("stages", {}))
+
+
+def _save_state(work: Path, stages: dict[str, Any], dataset: str | None = None) -> None:
+    doc: dict[str, Any] = {"stages": stages}
+    if dataset is None:  # keep the recorded fingerprint
+        dataset = _read_state(work)[0].get("dataset")
+    if dataset is not None:
+        doc["dataset"] = dataset
+    write_json(work / STATE, doc)
+
+
+# ---------------------------------------------------------------------------------------------
+# The dataset fingerprint: noticing added, deleted and replaced videos
+
+FILES = "dataset_files.parquet"
+
+
+def dataset_listing(root: str | Path, extra: Any = ()) -> pd.DataFrame:
+    """Every file under ``root``: ``path`` (relative, POSIX), ``size``, ``mtime_ns``, sorted.
+
+    One ``os.scandir`` walk (the entries' ``stat`` is one call per file, none per folder on
+    Linux); symlinked folders are followed once each, so a link loop ends. ``extra`` files
+    (a Kinetics CSV, a class list) are listed under their absolute path.
+    """
+    root = Path(root)
+    rows: list[tuple[str, int, int]] = []
+    seen: set[tuple[int, int]] = set()
+    stack = [(root, "")]
+    while stack:
+        folder, rel = stack.pop()
+        try:
+            st = folder.stat()
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            entries = list(os.scandir(folder))
+        except OSError:
+            rows.append((rel + "/", -1, -1))  # unreadable folder: listed, so a fix is noticed
+            continue
+        for e in entries:
+            name = f"{rel}/{e.name}" if rel else e.name
+            try:
+                if e.is_dir():
+                    stack.append((Path(e.path), name))
+                    continue
+                est = e.stat()
+                rows.append((name, int(est.st_size), int(est.st_mtime_ns)))
+            except OSError:  # dangling link, vanished file
+                rows.append((name, -1, -1))
+    for f in extra:
+        if f is None:
+            continue
+        try:
+            est = Path(f).stat()
+            rows.append((str(Path(f).resolve()), int(est.st_size), int(est.st_mtime_ns)))
+        except OSError:
+            rows.append((str(f), -1, -1))
+    rows.sort()
+    return pd.DataFrame(rows, columns=["path", "size", "mtime_ns"])
+
+
+def listing_hash(listing: pd.DataFrame) -> str:
+    h = hashlib.sha256()
+    for path, size, mtime in listing.itertuples(index=False):
+        h.update(f"{path}\0{size}\0{mtime}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()[:16]
+
+
+def _changed_paths(old: pd.DataFrame, new: pd.DataFrame) -> set[str]:
+    """Paths in both listings whose size or time differ (replaced files)."""
+    both = old.merge(new, on="path", suffixes=("_old", "_new"))
+    diff = (both["size_old"] != both["size_new"]) | (both["mtime_ns_old"] != both["mtime_ns_new"])
+    return set(both.loc[diff, "path"].astype(str))
+
+
+def _invalidate_replaced(sc: StageConfigs, old: pd.DataFrame, new: pd.DataFrame) -> int:
+    """Mark videos whose file was replaced as failed in the extract and features logs.
+
+    Both stages retry ``error`` records, so a plain rerun redoes exactly these videos; added
+    videos are new to the logs and deleted ones leave the manifest. Returns how many.
+    """
+    from avfuse.extract import PARTS as EXTRACT_PARTS
+    from avfuse.features import PARTS as FEATURE_PARTS
+    from avfuse.io import RecordLog
+    from avfuse.manifest import load_manifest
+
+    changed = _changed_paths(old, new)
+    if not changed:
+        return 0
+    work, root = Path(sc.scan.work), Path(sc.scan.root)
+    man = load_manifest(work, stages=False)
+    ids = [
+        str(v)
+        for v, p in zip(man["video_id"], man["path"], strict=True)
+        if isinstance(p, str) and p and Path(os.path.relpath(p, root)).as_posix() in changed
+    ]
+    if not ids:
+        return 0
+    why = "the video file changed since it was processed"
+    RecordLog(work / EXTRACT_PARTS).write(
+        {"video_id": v, "status": "error", "reason": why, "audio_path": ""} for v in ids
+    )
+    RecordLog(work / FEATURE_PARTS).write(
+        {
+            "video_id": v,
+            "feature_status": "error",
+            "feature_reason": why,
+            "num_frames": 0,
+            "shard": "",
+            "offset": -1,
+        }
+        for v in ids
+    )
+    log.info("%d video file(s) changed since the last run: they are redone", len(ids))
+    return len(ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# Recognising finished stages when pipeline.json is lost
+
+
+# Per stage: (config class, file the stage saves its config to); the outputs come from _outputs.
+def _saved_configs(name: str, sc: StageConfigs) -> list[tuple[type[Any], Path, Any]]:
+    work = Path(sc.scan.work)
+    if name == "scan":
+        return [(ScanConfig, work / "scan.toml", sc.scan)]
+    if name == "extract":
+        return [(ExtractConfig, work / "extract.toml", sc.extract)]
+    if name == "features":
+        return [(FeaturesConfig, work / "features" / "config.toml", sc.features)]
+    if name == "train":
+        return [(TrainConfig, work / "runs" / sc.train.name / "config.toml", sc.train)]
+    if name == "predict":
+        return [
+            (PredictConfig, _sidecar(Path(p.output or _audio_scores(work, p.split)), ".predict"), p)
+            for p in sc.predict.values()
+        ]
+    if name == "evaluate":
+        return [
+            (EvaluateConfig, _sidecar(Path(e.scores or ""), ".evaluate"), e)
+            for e in sc.evaluate.values()
+        ]
+    if name == "fuse" and sc.fuse is not None:
+        return [(FuseConfig, _fusion_dir(sc.fuse) / "config.toml", sc.fuse)]
+    return []
+
+
+def _sidecar(scores: Path, kind: str) -> Path:
+    return scores.with_name(scores.name.removesuffix(".npz") + f"{kind}.toml")
+
+
+def _training_finished(sc: StageConfigs) -> bool:
+    """Whether ``metrics.jsonl`` of the run folder reached the configured last epoch."""
+    path = Path(sc.train.work) / "runs" / sc.train.name / "metrics.jsonl"
+    try:
+        epochs = [json.loads(ln).get("epoch", 0) for ln in path.read_text("utf-8").splitlines()]
+    except (OSError, ValueError, AttributeError):
+        return False
+    return bool(epochs) and max(epochs) >= sc.train.epochs
+
+
+def recognise_stage(name: str, sc: StageConfigs) -> bool:
+    """Whether ``name``'s outputs exist, were written after its saved config, and that config
+    has the settings this run would use (what ``pipeline.json`` would have said)."""
+    from avfuse.config import load_config
+
+    saved = _saved_configs(name, sc)
+    outputs = _outputs(name, sc)
+    if not saved or not outputs or not all(p.exists() for p in outputs):
+        return False
+    first_output = min(p.stat().st_mtime_ns for p in outputs)
+    if name == "train" and not _training_finished(sc):
+        return False
+    for cls, path, want in saved:
+        try:
+            # Extract and features save their settings when they start: a later start means
+            # a run that may not have finished (the outputs are an older run's).
+            if not path.exists() or (
+                name in ("extract", "features") and path.stat().st_mtime_ns > first_output
+            ):
+                return False
+            have = load_config(cls, path)
+        except Exception:  # unreadable saved settings: cannot vouch for the outputs
+            return False
+        have_s, want_s = _semantic(name, have), _semantic(name, want)
+        if isinstance(have_s, dict) and isinstance(want_s, dict):
+            # A stage saves what "auto" resolved to (device, amp): "auto" accepts it.
+            have_s.update({k: v for k, v in want_s.items() if v == "auto" and k in have_s})
+        if _digest(have_s) != _digest(want_s):
+            return False
+    return True
 
 
 def save_run_config(cfg: RunConfig, path: str | Path) -> Path:
@@ -486,10 +693,44 @@ def run(cfg: RunConfig, executor: Executor | None = None) -> RunResult:
         raise ValueError(f"force: unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")
     sc = stage_configs(cfg)
     work = Path(cfg.work)
-    work.mkdir(parents=True, exist_ok=True)
+    with work_lock(work):
+        return _run_locked(cfg, sc, work, executor)
+
+
+def _run_locked(
+    cfg: RunConfig, sc: StageConfigs, work: Path, executor: Executor | None
+) -> RunResult:
     save_run_config(cfg, work / "run.toml")
-    state = _load_state(work)
+    doc, problem = _read_state(work)
+    state: dict[str, Any] = dict(doc.get("stages", {}))
     keys = stage_keys(sc)
+    if problem:
+        log.warning(
+            "%s is unreadable (%s): ignoring it; stages whose outputs match this run's settings "
+            "are reused",
+            work / STATE,
+            problem,
+        )
+    # Stages without a record (pipeline.json lost or corrupt): outputs that match the settings
+    # are as good as recorded, so nothing is retrained for a lost bookkeeping file.
+    recognised = False
+    for name in STAGES:
+        if name in state or not recognise_stage(name, sc):
+            break
+        state[name] = {**keys[name], "state": "done", "recognised": True}
+        recognised = True
+    if problem or recognised:
+        _save_state(work, state)  # a readable record again, even if every stage is skipped
+    listing = dataset_listing(sc.scan.root, (*(sc.scan.annotations or ()), sc.scan.classes))
+    fingerprint = listing_hash(listing)
+    files = work / FILES
+    recorded = doc.get("dataset")
+    if recorded is None and files.exists():  # pipeline.json lost: the listing remembers
+        with contextlib.suppress(Exception):
+            recorded = table_metadata(files).get("fingerprint")
+    dataset_changed = recorded is not None and recorded != fingerprint
+    if dataset_changed:
+        log.info("the dataset under %s changed since the last run: rescanning", sc.scan.root)
     outcomes: list[StageOutcome] = []
     last = STAGES.index(cfg.stop_after)
 
@@ -502,10 +743,13 @@ def run(cfg: RunConfig, executor: Executor | None = None) -> RunResult:
             continue
         rec = state.get(name) or {}
         complete = all(p.exists() for p in _outputs(name, sc))
-        forced = name in cfg.force or "all" in cfg.force
+        forced = name in cfg.force or "all" in cfg.force or (name == "scan" and dataset_changed)
         same_key = rec.get("key") == keys[name]["key"]
         if rec.get("state") == "done" and same_key and complete and not forced:
             outcomes.append(StageOutcome(name, "skipped", detail="up to date"))
+            if name == "scan" and recorded != fingerprint:  # first run that fingerprints
+                write_table(listing, files, {"fingerprint": fingerprint})
+                _save_state(work, state, fingerprint)
             continue
         # A config change (this stage's or an earlier one's, scan aside) invalidates the
         # old outputs: redo with force. Same config, unfinished: resume where it stopped.
@@ -528,6 +772,12 @@ def run(cfg: RunConfig, executor: Executor | None = None) -> RunResult:
             "state": "done",
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
+        if name == "scan":
+            if dataset_changed and files.exists():
+                _invalidate_replaced(sc, read_table(files), listing)
+            write_table(listing, files, {"fingerprint": fingerprint})
+            _save_state(work, state, fingerprint)
+            continue
         _save_state(work, state)
 
     return _result(work, sc, outcomes)

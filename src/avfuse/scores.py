@@ -71,6 +71,12 @@ class ScoreFile:
     @classmethod
     def load(cls, path: str | Path) -> ScoreFile:
         with np.load(path, allow_pickle=False) as z:
+            lacking = [k for k in ("ids", "classes", "scores", "n_windows", "status") if k not in z]
+            if lacking:
+                raise ValueError(
+                    f"{path} is not an avfuse score file: no {', '.join(lacking)} array(s) "
+                    f"(it holds {', '.join(sorted(z.files)) or 'nothing'})"
+                )
             return cls(
                 ids=z["ids"],
                 classes=z["classes"].tolist(),

@@ -43,6 +43,68 @@ class FrontendMismatchError(ValueError):
     pass
 
 
+class CorruptStoreError(ValueError):
+    """A shard file is shorter than the index says (or unreadable); ``shards`` names them."""
+
+    def __init__(self, message: str, shards: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.shards = list(shards)
+
+
+def shard_problem(path: str | Path, rows: int, n_mels: int, dtype: Any) -> str:
+    """Why shard ``path`` cannot hold ``rows`` rows of ``n_mels`` ``dtype`` values ("" if fine).
+
+    Reads only the ``.npy`` header and the file size: the data must be exactly header +
+    shape[0] * shape[1] * itemsize bytes (np.save's layout), with ``rows <= shape[0]``.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, have = read_header(fh)
+            data_at = fh.tell()
+    except (OSError, ValueError) as exc:
+        return f"unreadable .npy header ({type(exc).__name__}: {exc})"
+    if len(shape) != 2 or shape[1] != n_mels or fortran or np.dtype(have) != np.dtype(dtype):
+        return f"holds {have} {shape}, expected {np.dtype(dtype)} (rows, {n_mels})"
+    want = data_at + int(shape[0]) * int(shape[1]) * np.dtype(have).itemsize
+    if size != want:
+        return f"{size} bytes, its header says {want} (truncated or damaged)"
+    if rows > shape[0]:
+        return f"{shape[0]} rows, the index refers to {rows}"
+    return ""
+
+
+def check_shards(
+    root: str | Path, rows: Mapping[str, int], n_mels: int, dtype: Any
+) -> dict[str, str]:
+    """``{shard name: problem}`` for the shards of ``root`` that cannot serve ``rows``.
+
+    ``rows``: shard name -> rows the index needs from it (max ``offset + frames``).
+    """
+    shard_dir = Path(root) / SHARDS
+    out = {}
+    for name, n in rows.items():
+        why = shard_problem(shard_dir / name, int(n), n_mels, dtype)
+        if why:
+            out[name] = why
+    return out
+
+
+def needed_rows(index: pd.DataFrame) -> dict[str, int]:
+    """Shard name -> rows an index (``shard, offset, frames`` columns) reads from it."""
+    if not len(index):
+        return {}
+    end = index["offset"].astype("int64") + index["frames"].astype("int64")
+    return {str(k): int(v) for k, v in end.groupby(index["shard"].astype(str)).max().items()}
+
+
 class ShardWriter:
     """Accumulates feature matrices and writes them as one or more shards of ~``max_mb``."""
 
@@ -176,6 +238,16 @@ class FeatureStore:
             )
         }
         self._maps: list[np.ndarray | None] = [None] * len(self._shard_names)
+        # A truncated shard would only fail (or read garbage) deep inside a training loop.
+        bad = check_shards(self.root, needed_rows(index), self.n_mels, self.dtype)
+        if bad:
+            name, why = next(iter(sorted(bad.items())))
+            raise CorruptStoreError(
+                f"feature store {self.root}: shard {self.root / SHARDS / name}: {why}"
+                + (f" (and {len(bad) - 1} more shard(s))" if len(bad) > 1 else "")
+                + "; run `avfuse features` again to recompute the affected videos",
+                sorted(bad),
+            )
 
     def __getstate__(self) -> dict[str, Any]:
         # Only the path (and a stamp of the committed index): each DataLoader worker reopens

@@ -354,9 +354,14 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 def _usable_ids(
     man: Any, split: str, store: FeatureStore, window: int = WINDOW
 ) -> tuple[list[str], np.ndarray]:
+    have = sorted(set(man["split"].astype(str)))
+    if split not in have:
+        raise ValueError(f"no split {split!r} in the manifest; its splits: {', '.join(have)}")
     rows = man[(man["split"] == split) & (man["label_index"] >= 0)]
     status = video_status(rows, store, window)
-    rows = rows[[status[str(v)] == "ok" for v in rows["video_id"]]].sort_values("video_id")
+    # A boolean mask, not a list: an empty list would select columns instead of rows.
+    keep = np.fromiter((status[str(v)] == "ok" for v in rows["video_id"]), bool, len(rows))
+    rows = rows[keep].sort_values("video_id")
     return rows["video_id"].astype(str).tolist(), rows["label_index"].to_numpy(np.int64)
 
 
