@@ -454,7 +454,8 @@ def compute_features(cfg: FeaturesConfig, executor: Executor | None = None) -> F
                 continue  # maybe transient: try again
             if status in STORED and str(rec.shard) not in present:
                 continue  # shard lost: recompute
-            if status == "too_short" and float(rec.num_frames or 0) > 0  # type: ignore[arg-type]:
+            frames: Any = rec.num_frames
+            if status == "too_short" and pd.notna(frames) and int(frames) > 0:
                 continue  # a short clip of a version that stored nothing: store it now
             done.add(str(rec.video_id))
     todo = [t for t in tasks if t["video_id"] not in done]

@@ -717,7 +717,7 @@ def train(
             _append_metrics(run_dir / "metrics.jsonl", last_metrics)
             if writer is not None:
                 for k, v in last_metrics.items():
-                    if v is not None and k not in ("epoch", "step"):
+                    if isinstance(v, int | float) and k not in ("epoch", "step"):
                         writer.add_scalar(f"epoch/{k}", v, epoch + 1)
                 writer.flush()
             val = (
