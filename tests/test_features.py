@@ -104,7 +104,7 @@ def test_features_round_trip_and_statuses(work: Path) -> None:
         "val/run/g": "ok",
         "val/swim/h": "ok",
     }
-    assert "88 frames" in table.loc["train/run/c", "feature_reason"]
+    assert "(88 of 96 frames)" in table.loc["train/run/c", "feature_reason"]
     assert table.loc["train/run/c", "num_frames"] == 88
     assert "no_audio" in table.loc["train/swim/e", "feature_reason"]
     assert "no audio stream" in table.loc["train/swim/e", "feature_reason"]
