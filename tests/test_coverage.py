@@ -274,3 +274,54 @@ def test_baseline_matches_an_independent_fit(tmp_path: Path) -> None:
     np.testing.assert_allclose(
         fitted.predict_proba(store, va), ref.predict_proba(sc.transform(vstats)), atol=1e-6
     )
+
+
+def test_console_line_and_run_report_show_coverage_and_the_baseline(tmp_path: Path) -> None:
+    from avfuse.pipeline import RunConfig, _run_evaluate, stage_configs, write_run_report
+
+    work = tmp_path / "w"
+    man = make_synthetic_work(work, n_classes=2, videos_per_class=4, structured=False)
+    rows = {}
+    for r in man[man["split"] == "val"].itertuples(index=False):
+        k = int(r.label_index)
+        if r.video_id.endswith("v000"):
+            rows[r.video_id] = (None, 0, "silent")
+        else:
+            s = np.full(2, 0.2, np.float32)
+            s[k] = 0.8
+            rows[r.video_id] = (s, 1, "ok")
+    ScoreFile.from_rows(["class_00", "class_01"], rows).save(work / "scores" / "audio_val.npz")
+    cfg = RunConfig(root=tmp_path, work=work)
+    sc = stage_configs(cfg)
+    detail = _run_evaluate(sc, False, False, None, cfg)
+    assert detail.startswith("val scored 6/8: audio top-1 75.0% over all (100.0% over scored)")
+    assert ", baseline " in detail
+    md, _ = write_run_report(sc)
+    text = md.read_text()
+    assert "| val | audio model | 6 / 8 | 75.00 |" in text
+    assert "| val | baseline (" in text
+
+
+def test_training_curves_are_named_after_the_selection_split() -> None:
+    from avfuse.report import audio_results_table, curve_labels
+
+    df = pd.DataFrame({"epoch": [1], "val_top1": [0.5], "selection_split": ["heldout"]})
+    assert curve_labels(df) == {"val_top1": "heldout_top1"}
+    carved = pd.DataFrame({"val_top1": [0.5], "selection_split": ["train carve-out"]})
+    assert curve_labels(carved) == {"val_top1": "train_carve-out_top1"}
+    assert curve_labels(pd.DataFrame({"val_top1": [0.5]})) == {}
+    m = {
+        "top1": 0.9,
+        "top5": 1.0,
+        "mAP": 0.8,
+        "top1_all": 0.45,
+        "top5_all": 0.5,
+        "mean_class_accuracy_all": 0.4,
+        "coverage": {"scored": 5, "videos": 10},
+    }
+    table = audio_results_table({"val": m})
+    row = table.iloc[0]
+    assert row["scored / videos"] == "5 / 10"
+    assert row["top-1 % (all)"] == pytest.approx(45) and row["top-1 % (scored)"] == pytest.approx(
+        90
+    )
