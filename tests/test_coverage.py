@@ -325,3 +325,42 @@ def test_training_curves_are_named_after_the_selection_split() -> None:
     assert row["top-1 % (all)"] == pytest.approx(45) and row["top-1 % (scored)"] == pytest.approx(
         90
     )
+
+
+def test_fusion_keeps_the_video_score_of_silent_videos_like_no_audio(tmp_path: Path) -> None:
+    from avfuse.fuse import FuseConfig, fuse
+
+    work = tmp_path / "w"
+    man = make_synthetic_work(work, n_classes=2, videos_per_class=6, splits=("val",))
+    rng = np.random.default_rng(0)
+    ids = man["video_id"].tolist()
+    labels = man["label_index"].to_numpy()
+    video = rng.dirichlet([1.0, 1.0], len(ids)).astype(np.float32)
+    np.savez(
+        tmp_path / "video.npz", scores=video, ids=np.asarray(ids), classes=["class_00", "class_01"]
+    )
+    rows = {}
+    for i, vid in enumerate(ids):
+        if i in (0, 6):
+            rows[vid] = (None, 0, "silent")
+        elif i in (1, 7):
+            rows[vid] = (None, 0, "no_audio")
+        else:
+            s = np.full(2, 0.3, np.float32)
+            s[labels[i]] = 0.7
+            rows[vid] = (s, 1, "ok")
+    ScoreFile.from_rows(["class_00", "class_01"], rows).save(work / "scores" / "audio_val.npz")
+    res = fuse(
+        FuseConfig(
+            work,
+            video_scores=(tmp_path / "video.npz",),
+            weight_selection="optimistic",
+            bootstrap=20,
+            folds=2,
+        )
+    )
+    fused = ScoreFile.load(res.fused_path)
+    got = dict(zip(fused.ids.tolist(), fused.scores))
+    for i in (0, 6, 1, 7):  # silent and no_audio alike: the video model's scores, unchanged
+        np.testing.assert_allclose(got[ids[i]], video[i], atol=1e-6)
+    assert not np.allclose(got[ids[2]], video[2], atol=1e-3)
