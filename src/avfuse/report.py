@@ -106,7 +106,7 @@ def plot_status_counts(table: pd.DataFrame, png: str | Path) -> Path:
     fig = Figure(figsize=(7, 0.35 * len(labels) + 1.2))
     ax = fig.add_subplot()
     y = np.arange(len(labels))
-    ok = table["status"].isin(["ok", "found"]).to_numpy()
+    ok = table["status"].isin(["ok", "found", "padded"]).to_numpy()
     ax.barh(y, table["total"], color=np.where(ok, "#55A868", "#C44E52"))
     for yi, v in zip(y, table["total"], strict=True):
         ax.text(float(v), float(yi), f" {int(v)}", va="center", fontsize=8)
