@@ -700,8 +700,8 @@ def write_run_report(sc: StageConfigs) -> tuple[Path, Path]:
         )
         if chosen and chosen in sc.evaluate:
             r.note(
-                f"The model was chosen on `{chosen}`, the split evaluated below: its figures "
-                "there are OPTIMISTIC."
+                f"The model was chosen on `{chosen}`: its `{chosen}` figures below are "
+                "OPTIMISTIC (measured on the split that picked the epoch)."
             )
         r.image(rp.plot_training_curves(metrics, figs / "training_curves.png"), "training curves")
 
