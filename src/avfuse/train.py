@@ -413,7 +413,9 @@ def train(
         val_labels = train_labels[held]
         train_ids = [v for v, h in zip(train_ids, held) if not h]
         train_labels = train_labels[~held]
-        selection_label = f"{cfg.train_split} carve-out"
+        selection_label = f"{cfg.train_split} carve-out" if val_ids else ""
+        if not val_ids:
+            selection_name = "none: no class has two training videos to carve from"
     elif selection:
         if selection == cfg.train_split:
             raise ValueError(f"val_split={selection!r} is the training split")
