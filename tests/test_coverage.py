@@ -364,3 +364,13 @@ def test_fusion_keeps_the_video_score_of_silent_videos_like_no_audio(tmp_path: P
     for i in (0, 6, 1, 7):  # silent and no_audio alike: the video model's scores, unchanged
         np.testing.assert_allclose(got[ids[i]], video[i], atol=1e-6)
     assert not np.allclose(got[ids[2]], video[2], atol=1e-3)
+
+
+def test_one_video_per_class_trains(tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    make_synthetic_work(work, n_classes=2, videos_per_class=1, splits=("train",))
+    cfg = {**TINY, "batch_size": 64, "windows_per_video": 1, "epochs": 1}
+    res = train(TrainConfig(work, name="one", **cfg))  # type: ignore[arg-type]
+    assert res is not None and res.selection_split == ""  # nothing to carve from
+    ck = load_checkpoint(work / "runs" / "one" / "last.pt")
+    assert ck["batch_size_used"] == 2 and ck["global_step"] == 1
