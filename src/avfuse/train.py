@@ -75,8 +75,9 @@ from avfuse.store import FeatureStore
 log = D.get_logger(__name__)
 
 ModelName = Literal["vggish", "resnet", "panns"]
-# Steps a run takes at least. Measured on generated two-class sets of 28 and 112 clips (half
-# of them under 1 s): 18 steps stayed at chance, a few hundred steps separate them.
+# Steps a run takes at least: with a few hundred clips an epoch is a handful of steps, and 18
+# steps left a generated two-class set (14 clips a class, half under 1 s) at chance, while 300
+# steps reached 11 of 12 val videos (benchmarks/bench_short_clips.py).
 MIN_STEPS = 300
 HELDOUT = "heldout"
 CARVE = "carve"
