@@ -202,3 +202,12 @@ def make_dataset(
                 write_tone_video(p, freq=f, duration=duration, rate=16000, channels=1, fps=2)
                 out[f"{split}/{cls}/{Path(name).stem}"] = p
     return out
+
+
+def write_level_video(
+    path: str | Path, signal: np.ndarray, rate: int = 16000, codec: str = "pcm_s16le"
+) -> Path:
+    """A small video whose mono sound track is ``signal`` (``(samples,)``), losslessly coded by
+    default so that levels and lengths survive exactly (muted tracks, -90 dBFS hiss, short
+    clips)."""
+    return write_media(path, [AudioTrack(np.asarray(signal, np.float32), rate, codec=codec)], fps=2)

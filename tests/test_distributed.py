@@ -27,7 +27,7 @@ from avfuse.train import TrainConfig, train
 work = Path(sys.argv[1])
 common = dict(model="resnet", width=0.125, batch_size=4, windows_per_video=3, num_workers=0,
               amp="off", device="cpu", progress=False, checkpoint_every=0, eval_every=1,
-              name="ddp")
+              name="ddp", min_steps=0, val_split="val")
 seen = []
 def log_step(step):
     seen.append(step)

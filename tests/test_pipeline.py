@@ -129,6 +129,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunConfig, Path]:
             "train.epochs=1",
             "train.width=0.25",
             "train.batch_size=16",
+            "train.min_steps=0",
             "train.num_workers=0",
             "train.progress=false",
             f'fuse.video_scores=["{csv}"]',

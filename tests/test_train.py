@@ -34,6 +34,7 @@ TINY = dict(
     device="cpu",
     progress=False,
     deterministic=True,
+    min_steps=0,
 )
 
 
@@ -107,7 +108,7 @@ def test_overfits_tiny_dataset(easy: Path) -> None:
 def test_run_folder_and_checkpoint_round_trip(easy: Path) -> None:
     # two persistent DataLoader workers reading the memory-mapped shards
     opts = {**TINY, "num_workers": 2}
-    cfg = TrainConfig(easy, name="rt", epochs=3, lr=3e-3, eval_every=1, **opts)  # type: ignore[arg-type]
+    cfg = TrainConfig(easy, name="rt", epochs=3, lr=3e-3, eval_every=1, val_split="val", **opts)  # type: ignore[arg-type]
     res = train(cfg)
     assert res is not None
     run = easy / "runs" / "rt"

@@ -12,9 +12,11 @@ run (the sampler skips the samples already consumed) and easy to shard across ra
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -29,6 +31,37 @@ WINDOW = 96  # frames of a VGGish example; a store's own front end says what its
 def store_window(store: FeatureStore) -> int:
     """Frames per model example of ``store``'s front end (``example_frames``; 96 if unstated)."""
     return int(store.frontend.get("example_frames", WINDOW))
+
+
+# What a clip shorter than one window becomes when its window is cut (the store keeps only its
+# real frames): ``repeat`` loops the clip, ``zeros`` appends digital silence (the front end's
+# log floor, log(log_offset)), ``drop`` leaves the clip out of training and scoring.
+ShortClips = Literal["repeat", "zeros", "drop"]
+SHORT_CLIPS: tuple[str, ...] = ("repeat", "zeros", "drop")
+
+
+def silence_level(store: FeatureStore) -> float:
+    """The feature value of digital silence in ``store``: ``log(log_offset)`` of its front end."""
+    offset = store.frontend.get("log_offset", 0.01)
+    try:
+        return math.log(float(offset))
+    except (TypeError, ValueError):
+        return math.log(0.01)
+
+
+def pad_window(x: np.ndarray, length: int, short_clips: str, floor: float) -> np.ndarray:
+    """``(frames, n_mels)`` with ``0 < frames < length`` -> ``(length, n_mels)`` per policy."""
+    x = np.asarray(x)
+    if len(x) == 0:
+        raise ValueError("cannot pad a clip without frames")
+    if short_clips == "repeat":
+        reps = -(-length // len(x))
+        return np.tile(x, (reps, 1))[:length]
+    if short_clips == "zeros":
+        out = np.full((length, x.shape[1]), floor, dtype=x.dtype)
+        out[: len(x)] = x
+        return out
+    raise ValueError(f"short_clips={short_clips!r}: one of repeat, zeros (drop scores nothing)")
 
 
 @dataclass(frozen=True)
@@ -90,14 +123,19 @@ def compute_norm_stats(
     return NormStats(mean.astype(np.float32), std.astype(np.float32))
 
 
-def _window(store: FeatureStore, vid: str, start: int, length: int) -> np.ndarray:
+def _window(
+    store: FeatureStore,
+    vid: str,
+    start: int,
+    length: int,
+    short_clips: str = "repeat",
+    floor: float = math.log(0.01),
+) -> np.ndarray:
     frames = store.frames(vid)
     if frames >= start + length:
         return np.asarray(store.window(vid, start, length))
-    # Shorter than one window: repeat-pad (keeps the band statistics, unlike zeros).
-    x = np.asarray(store[vid])
-    reps = -(-length // max(len(x), 1))
-    return np.tile(x, (reps, 1))[:length]
+    # Shorter than one window: pad per the policy.
+    return pad_window(np.asarray(store[vid]), length, short_clips, floor)
 
 
 class WindowDataset(Dataset[tuple[torch.Tensor, int, int]]):
@@ -114,8 +152,13 @@ class WindowDataset(Dataset[tuple[torch.Tensor, int, int]]):
         labels: Sequence[int] | np.ndarray,
         norm: NormStats,
         window: int = WINDOW,
+        short_clips: ShortClips = "repeat",
     ) -> None:
+        if short_clips not in SHORT_CLIPS:
+            raise ValueError(f"short_clips={short_clips!r} is not one of {SHORT_CLIPS}")
         self.store = store
+        self.short_clips = short_clips
+        self.floor = silence_level(store)
         self.ids = list(ids)
         self.labels = np.asarray(labels, dtype=np.int64)
         if len(self.labels) != len(self.ids):
@@ -129,7 +172,8 @@ class WindowDataset(Dataset[tuple[torch.Tensor, int, int]]):
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, int]:  # type: ignore[override]
         pos, start = int(item[0]), int(item[1])
-        x = self.norm.apply(_window(self.store, self.ids[pos], start, self.window))
+        raw = _window(self.store, self.ids[pos], start, self.window, self.short_clips, self.floor)
+        x = self.norm.apply(raw)
         return torch.from_numpy(x), int(self.labels[pos]), pos
 
     def __getitems__(self, items: Sequence[tuple[int, int]]) -> list[tuple[torch.Tensor, int, int]]:
@@ -289,15 +333,20 @@ class WholeClips(Dataset[tuple[torch.Tensor, int, int]]):
     differ between videos, so batches hold one video each.
     """
 
-    def __init__(self, base: WindowDataset) -> None:
+    def __init__(self, base: WindowDataset, min_frames: int = 1) -> None:
         self.base = base
+        self.min_frames = min_frames
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         b = self.base
-        x = b.norm.apply(np.asarray(b.store[b.ids[i]]))
+        raw = np.asarray(b.store[b.ids[i]])
+        if len(raw) < self.min_frames:
+            # A clip shorter than the training windows is padded as those were.
+            raw = pad_window(raw, self.min_frames, b.short_clips, b.floor)
+        x = b.norm.apply(raw)
         return torch.from_numpy(x), int(b.labels[i]), i
 
 

@@ -3,10 +3,16 @@
 ``avfuse evaluate WORK`` reads ``WORK/scores/audio_val.npz`` (or ``--scores FILE``) and writes
 next to it ``audio_val.metrics.json`` and ``audio_val.per_class.csv``.
 
-Accuracy figures are over the videos that have scores; ``top1_over_split`` also counts every
-video of the split without scores as a miss (what an audio-only system would achieve on the
-whole split). Coverage says how many videos of the split were scored, and why the others were
-not (counts per status).
+Two sets of figures, side by side: over the videos that have scores (``top1``, ``top5``, ...)
+and over every labelled video of the split, a video without scores counting as a miss
+(``top1_all``, ``top5_all``, ``mean_class_accuracy_all``: what an audio-only system achieves on
+the whole split). ``mean_class_accuracy`` averages over every class of the split, a class none
+of whose videos was scored counting as 0. Coverage says how many videos of the split were
+scored, and why the others were not (counts per status).
+
+With the feature store at hand, a baseline (:mod:`avfuse.baseline`: per-band log-mel mean and
+std + logistic regression, fitted on ``baseline_train_split``) is evaluated on the same videos
+and reported next to the model (``baseline`` in the metrics JSON).
 """
 
 from __future__ import annotations
@@ -19,9 +25,9 @@ import numpy as np
 import pandas as pd
 
 from avfuse.config import save_config
-from avfuse.io import atomic_write, write_json
+from avfuse.io import atomic_write, error_reason, write_json
 from avfuse.manifest import load_classes, load_manifest
-from avfuse.scores import ScoreFile
+from avfuse.scores import SCORED_STATUSES, ScoreFile
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,21 @@ class EvaluateConfig:
     )
     top_confused: int = field(
         default=20, metadata={"help": "how many most-confused class pairs to list"}
+    )
+    baseline: bool = field(
+        default=True,
+        metadata={
+            "help": "also fit and evaluate the log-mel statistics + logistic regression baseline"
+        },
+    )
+    baseline_train_split: str = field(
+        default="train", metadata={"help": "split the baseline is fitted on"}
+    )
+    baseline_max_train: int = field(
+        default=20000,
+        metadata={
+            "help": "fit the baseline on at most this many training videos (seeded); 0 = all"
+        },
     )
 
 
@@ -141,12 +162,127 @@ class EvaluateResult:
 
     def summary(self) -> str:
         m, cov = self.metrics, self.coverage
-        return (
-            f"{self.scores_path.name} [{self.split}]: top-1 {m['top1']:.2%}, top-5 {m['top5']:.2%}, "
-            f"mean class acc {m['mean_class_accuracy']:.2%}, mAP {m['mAP']:.3f} on "
-            f"{cov['scored']}/{cov['videos']} videos (coverage {cov['coverage']:.1%}; "
-            f"top-1 over the split {m['top1_over_split']:.2%}) -> {self.metrics_path}"
+        lines = [
+            f"{self.scores_path.name} [{self.split}]: scored {cov['scored']}/{cov['videos']} "
+            f"videos ({cov['coverage']:.1%}; {_counts_text(cov['status_counts'])})",
+            f"  {'':<22}{'top-1':>8}{'top-5':>8}{'class':>8}",
+            f"  {'all videos':<22}{_pc(m['top1_all'])}{_pc(m['top5_all'])}"
+            f"{_pc(m['mean_class_accuracy_all'])}   (unscored = miss)",
+            f"  {'scored videos':<22}{_pc(m['top1'])}{_pc(m['top5'])}"
+            f"{_pc(m['mean_class_accuracy'])}   mAP {m['mAP']:.3f}",
+        ]
+        b = m.get("baseline") or {}
+        if b.get("top1_all") is not None:
+            lines.append(
+                f"  {'baseline, all videos':<22}{_pc(b['top1_all'])}{_pc(b['top5_all'])}"
+                f"{_pc(b['mean_class_accuracy_all'])}   ({b['name']}, fitted on "
+                f"{b['train_videos']} {b['train_split']} videos)"
+            )
+        elif b.get("skipped"):
+            lines.append(f"  baseline: not run ({b['skipped']})")
+        lines.append(f"  -> {self.metrics_path}")
+        return "\n".join(lines)
+
+
+def _pc(v: float | None) -> str:
+    return f"{'n/a':>8}" if v is None or not np.isfinite(v) else f"{100 * v:>7.1f}%"
+
+
+def _counts_text(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda x: (-x[1], x[0])))
+
+
+def over_all_videos(
+    scores: np.ndarray, labels: np.ndarray, scored: np.ndarray, n_classes: int
+) -> dict[str, Any]:
+    """Accuracy over every video, an unscored one counting as a miss.
+
+    ``scores`` (N, C) (rows where ``scored`` is False are ignored and may be NaN), ``labels``
+    (N,), ``scored`` (N,) bool. Returns ``top1_all``, ``top5_all``, ``mean_class_accuracy_all``
+    (over classes with a video), ``mean_class_accuracy`` over the same classes from the scored
+    videos only (a class without a scored video counts as 0), and per class ``n_all``,
+    ``correct_all``, ``accuracy_all``.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    scored = np.asarray(scored, dtype=bool)
+    n = len(labels)
+    hit1 = np.zeros(n, dtype=bool)
+    hit5 = np.zeros(n, dtype=bool)
+    if scored.any():
+        s = np.asarray(scores, dtype=np.float64)[scored]
+        order = np.argsort(-s, axis=1, kind="stable")
+        k = min(5, n_classes)
+        hit1[scored] = order[:, 0] == labels[scored]
+        hit5[scored] = (order[:, :k] == labels[scored][:, None]).any(axis=1)
+    n_all = np.bincount(labels, minlength=n_classes)
+    correct_all = np.bincount(labels[hit1], minlength=n_classes)
+    n_scored = np.bincount(labels[scored], minlength=n_classes)
+    present = n_all > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        acc_all = np.where(present, correct_all / np.maximum(n_all, 1), np.nan)
+        acc_scored = np.where(n_scored > 0, correct_all / np.maximum(n_scored, 1), 0.0)
+    nan = float("nan")
+    return {
+        "top1_all": float(hit1.mean()) if n else nan,
+        "top5_all": float(hit5.mean()) if n else nan,
+        "mean_class_accuracy_all": float(acc_all[present].mean()) if present.any() else nan,
+        "mean_class_accuracy": float(acc_scored[present].mean()) if present.any() else nan,
+        "per_class": {
+            "n_all": n_all.tolist(),
+            "correct_all": correct_all.tolist(),
+            "accuracy_all": acc_all.tolist(),
+        },
+    }
+
+
+def _baseline_metrics(
+    cfg: EvaluateConfig,
+    work: Path,
+    man: pd.DataFrame,
+    classes: list[str],
+    joined: pd.DataFrame,
+    ok: np.ndarray,
+) -> dict[str, Any]:
+    """The baseline fitted on ``cfg.baseline_train_split``, on the videos the model scored."""
+    from avfuse import baseline as bl
+    from avfuse.store import FeatureStore
+
+    out: dict[str, Any] = {"name": bl.NAME, "train_split": cfg.baseline_train_split}
+    try:
+        store = FeatureStore(work / "features")
+    except FileNotFoundError as exc:
+        return {**out, "skipped": error_reason(exc)}
+    tr = man[(man["split"] == cfg.baseline_train_split) & (man["label_index"] >= 0)]
+    tr = tr[tr["video_id"].astype(str).isin(set(store.ids))].sort_values("video_id")
+    if 0 < cfg.baseline_max_train < len(tr):
+        # A few thousand videos pin 2 x n_mels statistics down; reading all of Kinetics would not.
+        tr = tr.sample(n=cfg.baseline_max_train, random_state=0).sort_values("video_id")
+    try:
+        fitted = bl.fit_baseline(
+            store, tr["video_id"].astype(str).tolist(), tr["label_index"].to_numpy(), len(classes)
         )
+    except ValueError as exc:
+        return {**out, "skipped": error_reason(exc)}
+    # The very videos the model scored: the two columns compare like with like.
+    usable = ok & joined["video_id"].astype(str).isin(set(store.ids)).to_numpy()
+    ids = joined.loc[usable, "video_id"].astype(str).tolist()
+    labels = joined["label_index"].to_numpy(np.int64)
+    full = np.full((len(joined), len(classes)), np.nan)
+    full[usable] = fitted.predict_proba(store, ids)
+    sub = metrics(full[usable], labels[usable])
+    allv = over_all_videos(full, labels, usable, len(classes))
+    return {
+        **out,
+        "train_videos": fitted.train_videos,
+        "n": int(usable.sum()),
+        "top1": sub["top1"],
+        "top5": sub["top5"],
+        "mAP": sub["mAP"],
+        "top1_all": allv["top1_all"],
+        "top5_all": allv["top5_all"],
+        "mean_class_accuracy_all": allv["mean_class_accuracy_all"],
+        "mean_class_accuracy": allv["mean_class_accuracy"],
+    }
 
 
 def _default_scores(work: Path, split: str | None) -> Path:
@@ -185,7 +321,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     table = pd.DataFrame({"video_id": sf.ids, "status": sf.status, "row": np.arange(len(sf.ids))})
     joined = universe.merge(table, on="video_id", how="left")
     joined["status"] = joined["status"].fillna("absent")
-    ok = (joined["status"] == "ok").to_numpy()
+    ok = joined["status"].isin(SCORED_STATUSES).to_numpy()
     ok_scores = scores[joined.loc[ok, "row"].to_numpy(np.int64)]
     finite = np.isfinite(ok_scores).all(axis=1)
     if not finite.all():
@@ -194,6 +330,15 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     m = metrics(ok_scores, labels, top_confused=cfg.top_confused)
     n_split = len(joined)
     m["top1_over_split"] = float(m["top1"] * m["n"] / n_split) if n_split else float("nan")
+    all_labels = joined["label_index"].to_numpy(np.int64)
+    full = np.full((n_split, len(classes)), np.nan)
+    full[ok] = ok_scores
+    allv = over_all_videos(full, all_labels, ok, len(classes))
+    m["mean_class_accuracy_scored_classes"] = m["mean_class_accuracy"]
+    m["mean_class_accuracy"] = allv["mean_class_accuracy"]
+    m.update({k: v for k, v in allv.items() if k not in ("per_class", "mean_class_accuracy")})
+    if cfg.baseline:
+        m["baseline"] = _baseline_metrics(cfg, work, man, classes, joined, ok)
     m["confused"] = [
         {
             "true": classes[t],
@@ -231,6 +376,8 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
             "correct": pc["correct"],
             "accuracy": pc["accuracy"],
             "ap": pc["ap"],
+            "n_all": allv["per_class"]["n_all"],
+            "accuracy_all": allv["per_class"]["accuracy_all"],
         }
     )
     with atomic_write(per_class_path) as tmp:

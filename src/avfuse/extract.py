@@ -64,7 +64,7 @@ PARTS = "extract/parts"
 FAILURES = "extract_failures.csv"
 CONFIG = "extract.toml"
 
-STATUSES = ("ok", "partial", "no_audio", "empty_audio", "unreadable", "missing", "error")
+STATUSES = ("ok", "partial", "silent", "no_audio", "empty_audio", "unreadable", "missing", "error")
 USABLE = ("ok", "partial")
 COLUMNS = (
     "video_id",
@@ -79,6 +79,8 @@ COLUMNS = (
     "sample_rate",
     "num_samples",
     "audio_path",
+    "peak_dbfs",
+    "rms_dbfs",
 )
 
 # A clean decode shorter than the declared duration minus max(1 s, 20 %) is reported as partial.
@@ -86,6 +88,12 @@ _SHORT_ABS_S = 1.0
 _SHORT_REL = 0.2
 # Give up on a stream after this many consecutive bad packets (a truncated file's tail).
 _MAX_CONSECUTIVE_ERRORS = 32
+# Silence thresholds. One 16-bit LSB is -90.3 dBFS, so dithered "hiss" of a muted track sits
+# near -90 dBFS RMS with peaks around -80 dBFS; quiet real recordings (room tone, distant
+# speech) measure -60..-40 dBFS RMS with peaks above -45 dBFS. A peak below -60 dBFS or an
+# RMS below -70 dBFS leaves 10 dB of margin on both sides.
+SILENCE_PEAK_DBFS = -60.0
+SILENCE_RMS_DBFS = -70.0
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,14 @@ class ExtractConfig:
     )
     splits: tuple[str, ...] = field(
         default=(), metadata={"help": "only these splits (default: all)"}
+    )
+    silence_peak_dbfs: float = field(
+        default=SILENCE_PEAK_DBFS,
+        metadata={"help": "a track whose peak is below this level (dBFS) is `silent`"},
+    )
+    silence_rms_dbfs: float = field(
+        default=SILENCE_RMS_DBFS,
+        metadata={"help": "a track whose RMS level is below this (dBFS) is `silent`"},
     )
     force: bool = field(default=False, metadata={"help": "redo every video, ignoring earlier runs"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
@@ -346,6 +362,38 @@ def _take(buf: _MonoBuffer, rate: int, sample_rate: int) -> np.ndarray:
     return mono.copy() if rate == sample_rate else soxr.resample(mono, rate, sample_rate)
 
 
+def audio_levels(samples: np.ndarray) -> tuple[float, float]:
+    """``(samples,)`` float audio in [-1, 1] -> (peak dBFS, RMS dBFS); ``-inf`` for all zeros.
+
+    0 dBFS is a full-scale peak (|x| = 1) and the RMS of a full-scale square wave.
+    """
+    x = np.asarray(samples, dtype=np.float64)
+    if x.size == 0:
+        return float("-inf"), float("-inf")
+    peak = float(np.max(np.abs(x)))
+    ms = float(np.mean(x * x))
+    with np.errstate(divide="ignore"):
+        return float(20 * np.log10(peak)), float(10 * np.log10(ms))
+
+
+def silence_reason(
+    peak_dbfs: float,
+    rms_dbfs: float,
+    peak_threshold: float = SILENCE_PEAK_DBFS,
+    rms_threshold: float = SILENCE_RMS_DBFS,
+) -> str:
+    """Why a track counts as silent ("" when it does not): digital zeros or a level below either
+    threshold."""
+    if not np.isfinite(peak_dbfs):
+        return "digital silence (every sample is zero)"
+    if peak_dbfs < peak_threshold or rms_dbfs < rms_threshold:
+        return (
+            f"near-silence: peak {peak_dbfs:.1f} dBFS, RMS {rms_dbfs:.1f} dBFS "
+            f"(thresholds: peak {peak_threshold:g}, RMS {rms_threshold:g} dBFS)"
+        )
+    return ""
+
+
 def decode_audio(path: str | Path, sample_rate: int = 16000) -> DecodedAudio:
     """Decode a media file's default audio stream to mono float32 at ``sample_rate``.
 
@@ -451,10 +499,17 @@ def _record(
         "sample_rate": int(sample_rate),
         "num_samples": int(info.get("num_samples", 0)),
         "audio_path": str(info.get("audio_path", "")),
+        "peak_dbfs": float(info.get("peak_dbfs", float("nan"))),
+        "rms_dbfs": float(info.get("rms_dbfs", float("nan"))),
     }
 
 
-def _extract_one(task: dict[str, str], work: Path, sample_rate: int) -> dict[str, Any]:
+def _extract_one(
+    task: dict[str, str],
+    work: Path,
+    sample_rate: int,
+    silence: tuple[float, float] = (SILENCE_PEAK_DBFS, SILENCE_RMS_DBFS),
+) -> dict[str, Any]:
     vid, src, rel = task["video_id"], task["path"], task["audio_path"]
     if not src or not os.path.exists(src):
         return _record(
@@ -475,6 +530,20 @@ def _extract_one(task: dict[str, str], work: Path, sample_rate: int) -> dict[str
     }
     if res.status not in USABLE:
         return _record(vid, res.status, res.reason, sample_rate, **info)
+    peak, level = audio_levels(res.samples)
+    info.update(peak_dbfs=peak, rms_dbfs=level)
+    quiet = silence_reason(peak, level, *silence)
+    if quiet:
+        # A muted upload is not sound: no file, no features, no audio score.
+        return _record(
+            vid,
+            "silent",
+            quiet,
+            sample_rate,
+            duration_s=res.duration_s,
+            num_samples=len(res.samples),
+            **info,
+        )
     try:
         out = safe_join(work, rel)
         write_audio(out, res.samples, sample_rate)
@@ -496,7 +565,11 @@ def _extract_one(task: dict[str, str], work: Path, sample_rate: int) -> dict[str
 
 
 def _extract_batch(
-    tasks: list[dict[str, str]], work: str, sample_rate: int, log_dir: str
+    tasks: list[dict[str, str]],
+    work: str,
+    sample_rate: int,
+    log_dir: str,
+    silence: tuple[float, float] = (SILENCE_PEAK_DBFS, SILENCE_RMS_DBFS),
 ) -> list[dict[str, Any]]:
     """Worker side: decode and write one batch, then log its records (one atomic part)."""
     global _TUNED
@@ -504,7 +577,7 @@ def _extract_batch(
         _tune_malloc()
         _TUNED = True
     root = Path(work)
-    records = [_extract_one(t, root, sample_rate) for t in tasks]
+    records = [_extract_one(t, root, sample_rate, silence) for t in tasks]
     RecordLog(log_dir).write(records)
     return records
 
@@ -651,6 +724,7 @@ def extract(cfg: ExtractConfig, executor: Executor | None = None) -> ExtractResu
             work=str(work.resolve()),
             sample_rate=cfg.sample_rate,
             log_dir=str(rlog.folder.resolve()),
+            silence=(cfg.silence_peak_dbfs, cfg.silence_rms_dbfs),
         )
         ctx = (
             contextlib.nullcontext(executor)
@@ -708,8 +782,10 @@ __all__ = [
     "DecodedAudio",
     "ExtractConfig",
     "ExtractResult",
+    "audio_levels",
     "decode_audio",
     "extract",
     "load_audio",
+    "silence_reason",
     "write_audio",
 ]

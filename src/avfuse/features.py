@@ -9,10 +9,13 @@ and resampled in one pass, no audio written to disk). It writes
 * ``WORK/features.parquet``: ``video_id, feature_status, feature_reason, num_frames`` for every
   video of the manifest.
 
-Statuses: ``ok``; ``too_short`` (fewer than ``example_frames`` frames, i.e. under 0.975 s with the
-VGGish preset: no complete example, nothing stored); ``not_extracted`` (the extract status was
-not ok/partial, or with ``--from-video`` the video has no usable audio; the reason is copied);
-``error`` (reading the audio failed; retried by a rerun).
+Statuses: ``ok``; ``padded`` (at least one frame but fewer than ``example_frames``, i.e. under
+0.975 s with the VGGish preset: the real frames are stored, and training and prediction pad
+them to one example when they cut windows, per their ``short_clips`` policy, so a policy change
+needs no recomputation); ``too_short`` (not even one frame); ``silent`` (digital silence or a
+level below the silence thresholds, see :func:`avfuse.extract.silence_reason`; nothing stored);
+``not_extracted`` (the extract status was not ok/partial, or with ``--from-video`` the video has
+no usable audio; the reason is copied); ``error`` (reading the audio failed; retried by a rerun).
 
 Parallelism: videos are packed into batches of about ``shard_mb`` of features (estimated from
 the extracted lengths), each batch computed by one worker that writes its own shard file(s)
@@ -43,7 +46,15 @@ import pandas as pd
 
 from avfuse import __version__
 from avfuse.config import load_config, num_workers_field, save_config, scheduler_field
-from avfuse.extract import USABLE, decode_audio, load_audio
+from avfuse.extract import (
+    SILENCE_PEAK_DBFS,
+    SILENCE_RMS_DBFS,
+    USABLE,
+    audio_levels,
+    decode_audio,
+    load_audio,
+    silence_reason,
+)
 from avfuse.io import (
     RecordLog,
     error_reason,
@@ -75,7 +86,9 @@ STORE_DIR = "features"
 TABLE = "features.parquet"
 PARTS = "features/parts"
 CONFIG = "features/config.toml"
-STATUSES = ("ok", "too_short", "not_extracted", "error")
+STATUSES = ("ok", "padded", "too_short", "silent", "not_extracted", "error")
+# Statuses whose frames are in the store (a padded clip is stored unpadded).
+STORED = ("ok", "padded")
 COLUMNS = ("video_id", "feature_status", "feature_reason", "num_frames")
 # Length assumed for a video whose duration is unknown (--from-video): Kinetics clips are 10 s.
 _ASSUMED_SECONDS = 10.0
@@ -94,6 +107,14 @@ class FeaturesConfig:
     from_video: bool = field(
         default=False,
         metadata={"help": "decode the videos directly (one pass, no extracted audio needed)"},
+    )
+    silence_peak_dbfs: float = field(
+        default=SILENCE_PEAK_DBFS,
+        metadata={"help": "--from-video: a track whose peak is below this (dBFS) is `silent`"},
+    )
+    silence_rms_dbfs: float = field(
+        default=SILENCE_RMS_DBFS,
+        metadata={"help": "--from-video: a track whose RMS is below this (dBFS) is `silent`"},
     )
     frontend: FrontendConfig = field(
         default_factory=FrontendConfig,
@@ -134,7 +155,11 @@ def _one_blas_thread() -> Iterator[None]:
         yield
 
 
-def _load(task: dict[str, Any], sample_rate: int) -> tuple[np.ndarray | None, str, str]:
+def _load(
+    task: dict[str, Any],
+    sample_rate: int,
+    silence: tuple[float, float] = (SILENCE_PEAK_DBFS, SILENCE_RMS_DBFS),
+) -> tuple[np.ndarray | None, str, str]:
     """Samples of one task, or ``None`` with (status, reason) when there is no usable audio."""
     if task["kind"] == "video":
         res = decode_audio(task["path"], sample_rate)
@@ -142,6 +167,9 @@ def _load(task: dict[str, Any], sample_rate: int) -> tuple[np.ndarray | None, st
             raise OSError(res.reason)
         if res.status not in USABLE:
             return None, "not_extracted", f"{res.status}: {res.reason}".rstrip(": ")
+        quiet = silence_reason(*audio_levels(res.samples), *silence)
+        if quiet:
+            return None, "silent", quiet
         note = f"from partial audio: {res.reason}" if res.status == "partial" else ""
         return res.samples, "ok", note
     x = load_audio(task["path"], sample_rate=sample_rate)
@@ -150,7 +178,10 @@ def _load(task: dict[str, Any], sample_rate: int) -> tuple[np.ndarray | None, st
 
 
 def _feature_one(
-    task: dict[str, Any], frontend: FrontendConfig, writer: ShardWriter
+    task: dict[str, Any],
+    frontend: FrontendConfig,
+    writer: ShardWriter,
+    silence: tuple[float, float] = (SILENCE_PEAK_DBFS, SILENCE_RMS_DBFS),
 ) -> dict[str, Any]:
     rec: dict[str, Any] = {
         "video_id": task["video_id"],
@@ -159,7 +190,7 @@ def _feature_one(
         "num_frames": 0,
     }
     try:
-        x, status, reason = _load(task, frontend.sample_rate)
+        x, status, reason = _load(task, frontend.sample_rate, silence)
         if x is None:
             rec.update(feature_status=status, feature_reason=reason)
             return rec
@@ -174,16 +205,27 @@ def _feature_one(
             # score computed from it.
             rec["feature_reason"] = f"{bad} NaN or infinite feature value(s)"
             return rec
-        if len(feats) < frontend.example_frames:
+        seconds = len(x) / frontend.sample_rate
+        example_s = frontend.min_samples / frontend.sample_rate
+        if len(feats) == 0:
             rec["feature_status"] = "too_short"
             rec["feature_reason"] = (
-                f"{len(x) / frontend.sample_rate:.3f} s of audio gives {len(feats)} frames, "
-                f"fewer than one example ({frontend.example_frames} frames = "
-                f"{frontend.min_samples / frontend.sample_rate:.3f} s)"
+                f"{seconds:.3f} s of audio gives no frame "
+                f"({frontend.win_length / frontend.sample_rate:.3f} s needed)"
             )
             return rec
         writer.add(task["video_id"], feats)
-        rec.update(feature_status="ok", feature_reason=reason)
+        if len(feats) < frontend.example_frames:
+            # The real frames are stored; windows are padded when they are cut.
+            short = (
+                f"{seconds:.2f} s < {example_s:.3f} s ({len(feats)} of "
+                f"{frontend.example_frames} frames), padded to one example"
+            )
+            rec.update(
+                feature_status="padded", feature_reason="; ".join(filter(None, [short, reason]))
+            )
+        else:
+            rec.update(feature_status="ok", feature_reason=reason)
     except Exception as exc:  # one bad file fails alone; a full disk stops the run
         raise_if_disk_full(exc, writer.dir)
         rec["feature_reason"] = error_reason(exc)
@@ -196,6 +238,7 @@ def _feature_batch(
     frontend: FrontendConfig,
     dtype: str,
     shard_mb: float,
+    silence: tuple[float, float] = (SILENCE_PEAK_DBFS, SILENCE_RMS_DBFS),
 ) -> list[dict[str, Any]]:
     """Worker side: features of one batch into this execution's own shard(s).
 
@@ -209,7 +252,7 @@ def _feature_batch(
         store, frontend.n_mels, dtype=dtype, max_mb=shard_mb, prefix=uuid.uuid4().hex[:16]
     )
     with _one_blas_thread():
-        records = [_feature_one(t, frontend, writer) for t in tasks]
+        records = [_feature_one(t, frontend, writer, silence) for t in tasks]
     rows = {r["video_id"]: r for r in writer.close()}
     for rec in records:
         row = rows.get(rec["video_id"])
@@ -241,7 +284,7 @@ class FeaturesResult:
     def summary(self) -> str:
         counts = self.counts
         order = [s for s in STATUSES if s in counts] + sorted(set(counts) - set(STATUSES))
-        ok = self.table[self.table["feature_status"] == "ok"]
+        ok = self.table[self.table["feature_status"].isin(STORED)]
         frames = int(ok["num_frames"].sum())
         rate = self.computed / self.elapsed_s if self.elapsed_s > 0 else 0.0
         lines = [
@@ -250,7 +293,7 @@ class FeaturesResult:
             f"  computed {self.computed} now ({rate:.1f} videos/s), {self.skipped} already done",
             "  " + ", ".join(f"{s}: {counts[s]}" for s in order),
         ]
-        bad = self.table[self.table["feature_status"] != "ok"]
+        bad = self.table[~self.table["feature_status"].isin(STORED)]
         for rec in bad.head(5).itertuples(index=False):
             lines.append(f"  {rec.video_id}: {rec.feature_status}: {rec.feature_reason}")
         if len(bad) > 5:
@@ -339,7 +382,11 @@ def _plan_tasks(
         status = str(status)
         reason = reason if isinstance(reason, str) else ""
         if status not in USABLE or not isinstance(audio, str) or not audio:
-            skipped.append(_skip(vid, f"{status}: {reason}".rstrip(": ")))
+            skipped.append(
+                _skip(
+                    vid, f"{status}: {reason}".rstrip(": "), "silent" if status == "silent" else ""
+                )
+            )
             continue
         ratio = fe.sample_rate / float(rate) if pd.notna(rate) and rate > 0 else 1.0
         tasks.append(
@@ -355,10 +402,10 @@ def _plan_tasks(
     return tasks, skipped
 
 
-def _skip(video_id: str, reason: str) -> dict[str, Any]:
+def _skip(video_id: str, reason: str, status: str = "") -> dict[str, Any]:
     return {
         "video_id": video_id,
-        "feature_status": "not_extracted",
+        "feature_status": status or "not_extracted",
         "feature_reason": reason,
         "num_frames": 0,
     }
@@ -435,16 +482,19 @@ def compute_features(cfg: FeaturesConfig, executor: Executor | None = None) -> F
         present = {p.name for p in shard_dir.iterdir()} if shard_dir.exists() else set()
         present -= set(_damaged_shards(store, prior, cfg))
         # Plain lists: itertuples over Arrow strings costs seconds at 400k videos.
-        for vid, status, shard in zip(
+        for vid, status, shard, frames in zip(
             prior["video_id"].astype(str).tolist(),
             prior["feature_status"].astype(str).tolist(),
             prior["shard"].astype(str).tolist(),
+            prior["num_frames"].tolist(),
             strict=True,
         ):
             if status == "error":
                 continue  # maybe transient: try again
-            if status == "ok" and shard not in present:
+            if status in STORED and shard not in present:
                 continue  # shard lost: recompute
+            if status == "too_short" and pd.notna(frames) and int(frames) > 0:
+                continue  # a short clip of a version that stored nothing: store it now
             done.add(vid)
     todo = [t for t in tasks if t["video_id"] not in done]
 
@@ -456,6 +506,7 @@ def compute_features(cfg: FeaturesConfig, executor: Executor | None = None) -> F
             frontend=cfg.frontend,
             dtype=cfg.dtype,
             shard_mb=cfg.shard_mb,
+            silence=(cfg.silence_peak_dbfs, cfg.silence_rms_dbfs),
         )
         ctx = (
             contextlib.nullcontext(executor)
@@ -506,7 +557,7 @@ def _commit(
     if len(logged):
         # Upstream decides for videos that now have no audio; the log for the rest.
         logged = logged[logged["video_id"].isin(ids - skip_ids)]
-    ok = logged[logged["feature_status"] == "ok"] if len(logged) else logged
+    ok = logged[logged["feature_status"].isin(STORED)] if len(logged) else logged
     index_rows: list[dict[str, Any]] = [
         {
             "video_id": str(r.video_id),
@@ -559,6 +610,7 @@ def _commit(
 __all__ = [
     "COLUMNS",
     "STATUSES",
+    "STORED",
     "FeaturesConfig",
     "FeaturesResult",
     "compute_features",

@@ -829,7 +829,10 @@ def _run_train(
     if res is None:
         return "(not rank 0)"
     print(res.summary())
-    return f"{res.epochs} epochs, best val top-1 {res.best_top1:.1%}"
+    sel = res.selection_split
+    if not sel:
+        return f"{res.epochs} epochs, no selection split (best.pt = last epoch)"
+    return f"{res.epochs} epochs, best {sel} top-1 {res.best_top1:.1%} (model chosen on {sel})"
 
 
 def _run_predict(
@@ -863,8 +866,16 @@ def _run_evaluate(
     for split, ec in sc.evaluate.items():
         res = evaluate(ec)
         print(res.summary())
-        parts.append(f"{split} audio top-1 {res.metrics['top1']:.1%}")
-    return ", ".join(parts)
+        m, cov = res.metrics, res.coverage
+        text = (
+            f"{split} scored {cov['scored']}/{cov['videos']}: audio top-1 {m['top1_all']:.1%} "
+            f"over all ({m['top1']:.1%} over scored)"
+        )
+        b = m.get("baseline") or {}
+        if b.get("top1_all") is not None:
+            text += f", baseline {b['top1_all']:.1%}"
+        parts.append(text)
+    return "; ".join(parts)
 
 
 def _run_fuse(
@@ -942,31 +953,37 @@ def write_run_report(sc: StageConfigs) -> tuple[Path, Path]:
     metrics = work / "runs" / sc.train.name / "metrics.jsonl"
     if metrics.exists():
         r.heading("Audio model training")
+        chosen = _selection_split(metrics)
         r.paragraph(
             f"Model `{sc.train.model}`, {sc.train.epochs} epochs; run folder "
-            f"`runs/{sc.train.name}` (TensorBoard: `tensorboard --logdir {work}/runs`)."
+            f"`runs/{sc.train.name}` (TensorBoard: `tensorboard --logdir {work}/runs`). "
+            + (
+                f"The epoch kept in `best.pt` was chosen on **{chosen}**."
+                if chosen
+                else "No selection split: `best.pt` holds the last epoch."
+            )
         )
+        if chosen and chosen in sc.evaluate:
+            r.note(
+                f"The model was chosen on `{chosen}`: its `{chosen}` figures below are "
+                "OPTIMISTIC (measured on the split that picked the epoch)."
+            )
         r.image(rp.plot_training_curves(metrics, figs / "training_curves.png"), "training curves")
 
-    rows = []
+    results = {}
     for split, ec in sc.evaluate.items():
         mp = _metrics_path(ec)
         if mp.exists():
-            m = read_json(mp)
-            cov = m.get("coverage", {})
-            rows.append(
-                {
-                    "split": split,
-                    "top-1 %": 100 * m["top1"],
-                    "top-5 %": 100 * m["top5"],
-                    "mean class %": 100 * m["mean_class_accuracy"],
-                    "mAP": m["mAP"],
-                    "scored / videos": f"{cov.get('scored')} / {cov.get('videos')}",
-                }
-            )
-    if rows:
-        r.heading("Audio-only results (videos with usable audio)")
-        r.table(pd.DataFrame(rows))
+            results[split] = read_json(mp)
+    if results:
+        r.heading("Audio-only results")
+        r.paragraph(
+            "Over all videos of the split (a video without a score counts as a miss) and over "
+            "the scored ones; mean class accuracy counts a class without a scored video as 0. "
+            "The baseline (per-band log-mel mean and std, logistic regression, fitted on the "
+            "training split) is evaluated on the same videos."
+        )
+        r.table(rp.audio_results_table(results))
 
     fig = _fusion_figures(sc)
     if fig is not None and sc.fuse is not None:
@@ -991,6 +1008,19 @@ def write_run_report(sc: StageConfigs) -> tuple[Path, Path]:
             f"Details (alignment, chosen weights, classes): `{_rel(out / 'report.md', work)}`."
         )
     return r.write(work, "report")
+
+
+def _selection_split(metrics_jsonl: Path) -> str:
+    """The split that chose ``best.pt``, from the run's last metrics record (``val`` before
+    runs recorded it)."""
+    lines = [ln for ln in metrics_jsonl.read_text("utf-8").splitlines() if ln.strip()]
+    for line in reversed(lines):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        return str(rec.get("selection_split", "val"))
+    return ""
 
 
 def _rel(p: Path, base: Path) -> str:

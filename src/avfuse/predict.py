@@ -9,7 +9,9 @@ table as ``audio_val.csv``. A video is scored from every 96-frame window (hop ``
 * ``max``: per class, the largest window probability (rows do not sum to one).
 
 Videos without usable audio keep a row with NaN scores, ``n_windows`` 0 and their status
-(``no_audio``, ``too_short``, ``not_in_store`` ...). Under ``torchrun`` the videos are split
+(``no_audio``, ``silent``, ``too_short``, ``not_in_store`` ...). A clip shorter than one window
+is scored from one window padded per ``short_clips`` (default: the policy the checkpoint was
+trained with) and its row has status ``padded``; with ``drop`` it stays unscored (``too_short``). Under ``torchrun`` the videos are split
 between ranks (each video exactly once) and rank 0 writes the file.
 """
 
@@ -29,7 +31,15 @@ from tqdm import tqdm
 
 from avfuse import distributed as D
 from avfuse.config import save_config
-from avfuse.data import WINDOW, EvalWindows, NormStats, WholeClips, WindowDataset
+from avfuse.data import (
+    SHORT_CLIPS,
+    WINDOW,
+    EvalWindows,
+    NormStats,
+    ShortClips,
+    WholeClips,
+    WindowDataset,
+)
 from avfuse.extract import USABLE
 from avfuse.manifest import load_classes, load_manifest
 from avfuse.models import VGGish, build_model
@@ -79,6 +89,13 @@ class PredictConfig:
     amp: Literal["auto", "off", "bf16", "fp16"] = field(
         default="auto", metadata={"help": "mixed precision (auto: bf16 where native)"}
     )
+    short_clips: Literal["auto", "repeat", "zeros", "drop"] = field(
+        default="auto",
+        metadata={
+            "help": "clips shorter than one window: repeat (loop), zeros (pad with silence), "
+            "drop (leave unscored); auto: the checkpoint's training policy"
+        },
+    )
 
 
 @dataclass
@@ -91,9 +108,11 @@ class PredictResult:
         st = self.scores.status
         vals, counts = np.unique(st, return_counts=True)
         by = ", ".join(f"{v} {c}" for v, c in zip(vals, counts))
+        n_scored = int(self.scores.has_scores.sum())
+        share = n_scored / len(st) if len(st) else float("nan")
         return (
-            f"scored {int((st == 'ok').sum())}/{len(st)} videos "
-            f"({int(self.scores.n_windows.sum())} windows; {by}) -> {self.path}"
+            f"scored {n_scored}/{len(st)} videos of the split ({share:.1%}; "
+            f"{int(self.scores.n_windows.sum())} windows; {by}) -> {self.path}"
         )
 
 
@@ -179,9 +198,14 @@ def score_videos(
     num_workers: int = 0,
     channels_last: bool = False,
     progress: bool = True,
+    short_clips: ShortClips = "repeat",
+    min_frames: int = 1,
 ) -> dict[str, tuple[np.ndarray, int]]:
     """Score ``ids`` (all present in ``store``) window by window: windows of ``window`` frames
     (the model's), starting every ``hop`` frames.
+
+    A video shorter than one window is scored from one window padded per ``short_clips``;
+    with ``window < 0`` each whole clip is one window, padded to at least ``min_frames``.
 
     Returns ``{video_id: (probabilities (C,), n_windows)}`` aggregated per ``aggregation``.
     Windows of a video are combined by video position, whatever order batches come in.
@@ -190,11 +214,15 @@ def score_videos(
     ids = list(ids)
     if not ids:
         return {}
-    base = WindowDataset(store, ids, np.full(len(ids), -1), norm, window=max(window, 1))
+    base = WindowDataset(
+        store, ids, np.full(len(ids), -1), norm, window=max(window, 1), short_clips=short_clips
+    )
     whole = window < 0
     if whole and isinstance(model, VGGish):
         raise ValueError("VGGish takes fixed-size windows: whole-clip scoring needs global pooling")
-    ds: Dataset[Any] = WholeClips(base) if whole else EvalWindows(base, hop=hop)
+    ds: Dataset[Any] = (
+        WholeClips(base, min_frames=min_frames) if whole else EvalWindows(base, hop=hop)
+    )
     loader = DataLoader(
         ds,
         batch_size=1 if whole else batch_size,
@@ -263,8 +291,19 @@ def score_videos_distributed(
     return merged
 
 
-def video_status(manifest_rows: Any, store: FeatureStore, window: int = WINDOW) -> dict[str, str]:
-    """``{video_id: status}`` for manifest rows: ``ok`` or why the video cannot be scored."""
+# Score-file statuses of rows that carry scores.
+SCORED = ("ok", "padded")
+
+
+def video_status(
+    manifest_rows: Any,
+    store: FeatureStore,
+    window: int = WINDOW,
+    short_clips: str = "repeat",
+) -> dict[str, str]:
+    """``{video_id: status}`` for manifest rows: ``ok``, ``padded`` (shorter than one window,
+    scored from a padded window) or why the video cannot be scored (``silent``, ``no_audio``,
+    ``too_short`` with ``short_clips="drop"``, ...)."""
     out: dict[str, str] = {}
     for rec in manifest_rows.itertuples(index=False):
         vid = str(rec.video_id)
@@ -273,15 +312,23 @@ def video_status(manifest_rows: Any, store: FeatureStore, window: int = WINDOW) 
         feat = getattr(rec, "feature_status", None)
         if isinstance(ext, str) and ext not in USABLE:
             out[vid] = ext
-        elif isinstance(feat, str) and feat != "ok":
+        elif isinstance(feat, str) and feat not in SCORED:
             out[vid] = feat
         elif vid not in store:
             out[vid] = "not_in_store"
-        elif store.frames(vid) < window:
+        elif store.frames(vid) < 1:
             out[vid] = "too_short"
+        elif store.frames(vid) < window:
+            out[vid] = "too_short" if short_clips == "drop" else "padded"
         else:
             out[vid] = "ok"
     return out
+
+
+def checkpoint_short_clips(ckpt: dict[str, Any]) -> ShortClips:
+    """The short-clip policy a checkpoint was trained with (``repeat`` for older checkpoints)."""
+    value = (ckpt.get("config") or {}).get("short_clips", "repeat")
+    return value if value in SHORT_CLIPS else "repeat"  # type: ignore[return-value]
 
 
 def predict(cfg: PredictConfig) -> PredictResult | None:
@@ -313,9 +360,12 @@ def predict(cfg: PredictConfig) -> PredictResult | None:
     rows = man[man["split"] == cfg.split]
     if rows.empty:
         raise ValueError(f"no videos of split {cfg.split!r} in the manifest")
-    # A whole clip must still be as long as the windows the model was trained on.
-    status = video_status(rows, store, window if window > 0 else checkpoint_window(ckpt))
-    ok_ids = sorted(v for v, s in status.items() if s == "ok")
+    short_clips = checkpoint_short_clips(ckpt) if cfg.short_clips == "auto" else cfg.short_clips
+    # A whole clip must still be as long as the windows the model was trained on (or padded).
+    status = video_status(
+        rows, store, window if window > 0 else checkpoint_window(ckpt), short_clips=short_clips
+    )
+    ok_ids = sorted(v for v, s in status.items() if s in SCORED)
     scored = score_videos_distributed(
         model,
         store,
@@ -328,15 +378,17 @@ def predict(cfg: PredictConfig) -> PredictResult | None:
         amp_dtype=amp_dtype,
         aggregation=cfg.aggregation,
         num_workers=cfg.num_workers,
+        short_clips=short_clips,
+        min_frames=checkpoint_window(ckpt),
     )
     if not e.is_main:
         D.barrier()
         return None
     table: dict[str, tuple[np.ndarray | None, int, str]] = {}
     for vid, st in status.items():
-        if st == "ok":
+        if st in SCORED:
             s, n = scored[vid]
-            table[vid] = (s, n, "ok")
+            table[vid] = (s, n, st)
         else:
             table[vid] = (None, 0, st)
     meta = {
@@ -348,6 +400,7 @@ def predict(cfg: PredictConfig) -> PredictResult | None:
         "aggregation": cfg.aggregation,
         "hop": hop,
         "window": window,
+        "short_clips": short_clips,
         "split": cfg.split,
         "frontend_hash": ckpt["frontend_hash"],
         "amp": D.amp_name(amp_dtype),

@@ -106,7 +106,7 @@ def plot_status_counts(table: pd.DataFrame, png: str | Path) -> Path:
     fig = Figure(figsize=(7, 0.35 * len(labels) + 1.2))
     ax = fig.add_subplot()
     y = np.arange(len(labels))
-    ok = table["status"].isin(["ok", "found"]).to_numpy()
+    ok = table["status"].isin(["ok", "found", "padded"]).to_numpy()
     ax.barh(y, table["total"], color=np.where(ok, "#55A868", "#C44E52"))
     for yi, v in zip(y, table["total"], strict=True):
         ax.text(float(v), float(yi), f" {int(v)}", va="center", fontsize=8)
@@ -137,11 +137,13 @@ def plot_training_curves(metrics_jsonl: str | Path, png: str | Path) -> Path:
 
     Each line is a JSON object; the x axis is ``epoch`` (else ``step``, else the line number).
     Numeric keys containing ``loss`` go on the left panel, the others that look like
-    accuracies (``acc``, ``top``, ``map``) on the right.
+    accuracies (``acc``, ``top``, ``map``) on the right. ``val_*`` curves are labelled with the
+    record's ``selection_split`` (the split that was actually validated on) when it has one.
     """
     df = _read_jsonl(metrics_jsonl)
     if df.empty:
         raise ValueError(f"{metrics_jsonl}: no metrics recorded")
+    df = df.rename(columns=curve_labels(df))
     xcol = next((c for c in ("epoch", "step") if c in df.columns), None)
     x = df[xcol].to_numpy() if xcol else np.arange(len(df))
     numeric = [
@@ -164,6 +166,57 @@ def plot_training_curves(metrics_jsonl: str | Path, png: str | Path) -> Path:
         if ax.lines:
             ax.legend(fontsize=8)
     return _save(fig, png)
+
+
+def curve_labels(df: pd.DataFrame) -> dict[str, str]:
+    """``{"val_top1": "heldout_top1", ...}``: validation curves named after their split."""
+    if "selection_split" not in df.columns:
+        return {}
+    names = [str(v) for v in df["selection_split"].dropna().unique() if str(v)]
+    if len(names) != 1 or names[0] == "val":
+        return {}
+    split = names[0].replace(" ", "_")
+    return {c: split + c[3:] for c in df.columns if str(c).startswith("val_")}
+
+
+def audio_results_table(results: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per (split, model) from ``evaluate`` metrics JSONs (``{split: metrics}``).
+
+    Figures over all videos of the split (unscored = miss) come first, then over the scored
+    videos; the baseline (when evaluated) is the next row, on the same videos.
+    """
+    rows = []
+    for split, m in results.items():
+        cov = m.get("coverage", {})
+        rows.append(
+            {
+                "split": split,
+                "model": "audio model",
+                "scored / videos": f"{cov.get('scored')} / {cov.get('videos')}",
+                "top-1 % (all)": 100 * m.get("top1_all", m.get("top1_over_split", math.nan)),
+                "top-5 % (all)": 100 * m.get("top5_all", math.nan),
+                "mean class % (all)": 100 * m.get("mean_class_accuracy_all", math.nan),
+                "top-1 % (scored)": 100 * m["top1"],
+                "top-5 % (scored)": 100 * m["top5"],
+                "mAP (scored)": m["mAP"],
+            }
+        )
+        b = m.get("baseline") or {}
+        if b.get("top1_all") is not None:
+            rows.append(
+                {
+                    "split": split,
+                    "model": f"baseline ({b.get('name', 'log-mel statistics')})",
+                    "scored / videos": f"{b.get('n')} / {cov.get('videos')}",
+                    "top-1 % (all)": 100 * b["top1_all"],
+                    "top-5 % (all)": 100 * b["top5_all"],
+                    "mean class % (all)": 100 * b["mean_class_accuracy_all"],
+                    "top-1 % (scored)": 100 * b["top1"],
+                    "top-5 % (scored)": 100 * b["top5"],
+                    "mAP (scored)": b["mAP"],
+                }
+            )
+    return pd.DataFrame(rows)
 
 
 def plot_accuracy_bars(

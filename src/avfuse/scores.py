@@ -6,7 +6,9 @@ Format (``.npz``, loadable with numpy alone)::
     classes    (C,)   str     class names, column order of ``scores``
     scores     (N, C) float32 probabilities (rows of videos without audio are NaN)
     n_windows  (N,)   int32   windows averaged into the row (0 where no audio)
-    status     (N,)   str     "ok", or why the row has no scores ("no_audio", "too_short", ...)
+    status     (N,)   str     "ok"; "padded" (scored from one padded window: a clip shorter
+                              than one example); else why the row has no scores ("no_audio",
+                              "silent", "too_short", ...)
     meta       ()     str     JSON: what produced the file (model, checkpoint, aggregation, ...)
 
 Rows are never matched by position: every consumer joins on ``ids``.
@@ -24,6 +26,9 @@ import numpy as np
 import pandas as pd
 
 from avfuse.io import atomic_write
+
+# Row statuses that carry scores; every other status has a NaN row.
+SCORED_STATUSES = ("ok", "padded")
 
 
 @dataclass
@@ -51,8 +56,8 @@ class ScoreFile:
 
     @property
     def has_scores(self) -> np.ndarray:
-        """Boolean mask of rows that carry real scores."""
-        return self.status == "ok"
+        """Boolean mask of rows that carry real scores (status ``ok`` or ``padded``)."""
+        return np.isin(self.status, SCORED_STATUSES)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

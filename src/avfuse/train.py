@@ -6,7 +6,18 @@
     metrics.jsonl   one line per epoch: loss, train accuracy, video-level val top-1/top-5, lr, samples/s
     tb/             TensorBoard event files
     last.pt         checkpoint after the latest epoch (and every ``checkpoint_every`` steps)
-    best.pt         checkpoint with the best video-level val top-1
+    best.pt         checkpoint with the best video-level top-1 on the selection split
+
+Model selection. ``best.pt`` is chosen on ``val_split``. Its default, ``auto``, never looks at
+the split that is evaluated afterwards: it takes the manifest's ``heldout`` split if there is
+one, else it carves a seeded, class-stratified ``carve_fraction`` of the training split
+(excluded from training, ``carve``). Naming ``val`` there selects on the evaluated split; the
+console, ``metrics.jsonl`` (``selection_split``) and the saved config say which split chose.
+
+Small datasets. Every epoch draws ``windows_per_video`` windows per video; when that would give
+fewer than ``min_steps`` optimizer steps over the run, more windows per video are drawn (the
+number of epochs, hence of validations, stays), and a batch larger than an epoch's windows is
+clamped to them. Both adjustments are logged and recorded in the checkpoint.
 
 A checkpoint holds weights, optimizer, scheduler, grad-scaler and RNG states, epoch and step
 (including the position inside the epoch), the config, class list, per-band normalisation
@@ -49,6 +60,7 @@ from avfuse.config import save_config, to_dict
 from avfuse.data import (
     WINDOW,
     NormStats,
+    ShortClips,
     TrainWindowSampler,
     WindowDataset,
     compute_norm_stats,
@@ -76,6 +88,12 @@ from avfuse.store import FeatureStore
 log = D.get_logger(__name__)
 
 ModelName = Literal["vggish", "resnet", "panns", "cnn14", "cnn10"]
+# Steps a run takes at least: with a few hundred clips an epoch is a handful of steps, and 18
+# steps left a generated two-class set (14 clips a class, half under 1 s) at chance, while 300
+# steps reached 11 of 12 val videos (benchmarks/bench_short_clips.py).
+MIN_STEPS = 300
+HELDOUT = "heldout"
+CARVE = "carve"
 
 
 @dataclass(frozen=True)
@@ -146,6 +164,20 @@ class TrainConfig:
         default=4, metadata={"help": "random windows drawn per video per epoch"}
     )
     balanced: bool = field(default=False, metadata={"help": "class-balanced video sampling"})
+    min_steps: int = field(
+        default=MIN_STEPS,
+        metadata={
+            "help": "at least this many optimizer steps over the run: small datasets draw more "
+            "windows per video per epoch (0 = epochs x windows_per_video only)"
+        },
+    )
+    short_clips: ShortClips = field(
+        default="repeat",
+        metadata={
+            "help": "clips shorter than one window: repeat (loop the clip), zeros (pad with "
+            "silence) or drop (do not train on them); predict follows the checkpoint's choice"
+        },
+    )
     num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes"})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "device"})
     amp: Literal["auto", "off", "bf16", "fp16"] = field(
@@ -159,7 +191,18 @@ class TrainConfig:
     )
     resume: bool = field(default=False, metadata={"help": "continue WORK/runs/NAME/last.pt"})
     train_split: str = field(default="train", metadata={"help": "split to train on"})
-    val_split: str = field(default="val", metadata={"help": "split for validation ('' = none)"})
+    val_split: str = field(
+        default="auto",
+        metadata={
+            "help": "split that chooses best.pt: a split name, 'carve' (a seeded, class-"
+            "stratified part of train, not trained on), 'auto' (heldout if the manifest has "
+            "it, else carve) or '' (none: best.pt = last)"
+        },
+    )
+    carve_fraction: float = field(
+        default=0.1,
+        metadata={"help": "share of each class of train carved out for model selection"},
+    )
     eval_every: int = field(default=1, metadata={"help": "validate every N epochs; 0 = never"})
     val_hop: int = field(
         default=0, metadata={"help": "hop between validation windows; 0 = the window"}
@@ -181,15 +224,21 @@ class TrainResult:
     last_metrics: dict[str, Any]
     best_path: Path
     last_path: Path
+    selection_split: str = "val"  # the split whose top-1 chose best.pt ("" = none)
 
     def summary(self) -> str:
         m = self.last_metrics
+        name = self.selection_split or "val"
         val = (
-            f", val top-1 {m['val_top1']:.2%} top-5 {m['val_top5']:.2%}"
+            f", {name} top-1 {m['val_top1']:.2%} top-5 {m['val_top5']:.2%}"
             if m.get("val_top1") is not None
             else ""
         )
-        best = f"; best val top-1 {self.best_top1:.2%}" if self.best_top1 >= 0 else ""
+        best = (
+            f"; best {name} top-1 {self.best_top1:.2%} (model chosen on {name})"
+            if self.best_top1 >= 0
+            else "; no selection split: best.pt = last epoch"
+        )
         return (
             f"trained {self.epochs} epochs: loss {m.get('loss', float('nan')):.4f}, "
             f"train acc {m.get('train_acc', float('nan')):.2%}{val}{best} -> {self.run_dir}"
@@ -352,17 +401,68 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def _usable_ids(
-    man: Any, split: str, store: FeatureStore, window: int = WINDOW
+    man: Any,
+    split: str,
+    store: FeatureStore,
+    window: int = WINDOW,
+    short_clips: str = "repeat",
 ) -> tuple[list[str], np.ndarray]:
     have = sorted(set(man["split"].astype(str)))
     if split not in have:
         raise ValueError(f"no split {split!r} in the manifest; its splits: {', '.join(have)}")
     rows = man[(man["split"] == split) & (man["label_index"] >= 0)]
-    status = video_status(rows, store, window)
+    status = video_status(rows, store, window, short_clips=short_clips)
     # A boolean mask, not a list: an empty list would select columns instead of rows.
-    keep = np.fromiter((status[str(v)] == "ok" for v in rows["video_id"]), bool, len(rows))
+    keep = np.fromiter(
+        (status[str(v)] in ("ok", "padded") for v in rows["video_id"]), bool, len(rows)
+    )
     rows = rows[keep].sort_values("video_id")
     return rows["video_id"].astype(str).tolist(), rows["label_index"].to_numpy(np.int64)
+
+
+def resolve_selection_split(val_split: str, splits: Any) -> str:
+    """``auto`` -> ``heldout`` when the manifest has that split, else ``carve``."""
+    if val_split == "auto":
+        return HELDOUT if HELDOUT in set(map(str, splits)) else CARVE
+    return val_split
+
+
+def carve_selection(
+    ids: list[str], labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, str]:
+    """Boolean mask over ``ids``: the videos set aside from training to choose the epoch.
+
+    Class-stratified and seeded: per class (in label order), ``round(fraction * n)`` videos,
+    at least one where the class has two or more and never all of a class, drawn by a
+    generator seeded with ``(seed, label)``; independent of the other classes' sizes.
+    Returns (mask, a description for logs and reports).
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    mask = np.zeros(len(ids), dtype=bool)
+    order = np.argsort(np.asarray(ids, dtype=str), kind="stable")
+    for label in np.unique(labels):
+        members = order[labels[order] == label]
+        n = len(members)
+        k = min(n - 1, max(1 if n >= 2 else 0, round(fraction * n)))
+        if k <= 0:
+            continue
+        rng = np.random.default_rng([seed, int(label), 7])
+        mask[members[rng.permutation(n)[:k]]] = True
+    return mask, f"{int(mask.sum())} of {len(ids)} train videos carved out (seed {seed})"
+
+
+def fit_schedule(
+    n_items_per_video: int, n_videos: int, batch_size: int, epochs: int, min_steps: int, world: int
+) -> tuple[int, int]:
+    """(windows per video, batch size) so that the run has ``>= min_steps`` steps and a batch
+    never exceeds an epoch's windows per process (at least one window each)."""
+    wpv = max(1, n_items_per_video)
+    per_rank = max(1, n_videos // max(world, 1))
+    if min_steps > 0 and epochs > 0:
+        need = math.ceil(min_steps * batch_size / (epochs * per_rank))
+        wpv = max(wpv, need)
+    batch = max(1, min(batch_size, (per_rank * wpv)))
+    return wpv, batch
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -407,14 +507,31 @@ def train(
     if store.classes != classes:
         raise ValueError(f"feature store {store.root} has a different class list than {work}")
     man = load_manifest(work)
-    train_ids, train_labels = _usable_ids(man, cfg.train_split, store, window)
+    train_ids, train_labels = _usable_ids(man, cfg.train_split, store, window, cfg.short_clips)
     if not train_ids:
         raise ValueError(f"no usable videos in split {cfg.train_split!r}")
-    val_ids, val_labels = (
-        _usable_ids(man, cfg.val_split, store, window)
-        if cfg.val_split
-        else ([], np.zeros(0, np.int64))
-    )
+    selection = resolve_selection_split(cfg.val_split, man["split"].unique())
+    cfg = dataclasses.replace(cfg, val_split=selection)
+    if selection == CARVE:
+        held, selection_name = carve_selection(
+            train_ids, train_labels, cfg.carve_fraction, cfg.seed
+        )
+        val_ids = [v for v, h in zip(train_ids, held) if h]
+        val_labels = train_labels[held]
+        train_ids = [v for v, h in zip(train_ids, held) if not h]
+        train_labels = train_labels[~held]
+        selection_label = f"{cfg.train_split} carve-out" if val_ids else ""
+        if not val_ids:
+            selection_name = "none: no class has two training videos to carve from"
+    elif selection:
+        if selection == cfg.train_split:
+            raise ValueError(f"val_split={selection!r} is the training split")
+        val_ids, val_labels = _usable_ids(man, selection, store, window, cfg.short_clips)
+        selection_name = f"split {selection!r} ({len(val_ids)} videos)"
+        selection_label = selection
+    else:
+        val_ids, val_labels = [], np.zeros(0, np.int64)
+        selection_name, selection_label = "none (best.pt = last epoch)", ""
 
     ckpt: dict[str, Any] | None = None
     if cfg.resume and last_path.exists():
@@ -462,13 +579,39 @@ def train(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
 
-    dataset = WindowDataset(store, train_ids, train_labels, norm, window=window)
+    dataset = WindowDataset(
+        store, train_ids, train_labels, norm, window=window, short_clips=cfg.short_clips
+    )
     raw_inputs = bool(np.all(norm.mean == 0) and np.all(norm.std == 1))
+    wpv, batch_size = fit_schedule(
+        cfg.windows_per_video,
+        len(train_ids),
+        cfg.batch_size,
+        cfg.epochs,
+        cfg.min_steps,
+        e.world_size,
+    )
+    if wpv != cfg.windows_per_video and e.is_main:
+        log.info(
+            "%d training videos: %d windows per video per epoch instead of %d, for at least "
+            "%d steps (min_steps)",
+            len(train_ids),
+            wpv,
+            cfg.windows_per_video,
+            cfg.min_steps,
+        )
+    if batch_size != cfg.batch_size and e.is_main:
+        log.warning(
+            "batch size clamped from %d to %d: an epoch has only %d windows per process",
+            cfg.batch_size,
+            batch_size,
+            len(train_ids) // e.world_size * wpv,
+        )
     if sampler is None:
         sampler = TrainWindowSampler(
             dataset.frames,
             train_labels,
-            windows_per_video=cfg.windows_per_video,
+            windows_per_video=wpv,
             window=window,
             balanced=cfg.balanced,
             seed=cfg.seed,
@@ -478,14 +621,15 @@ def train(
             blocks=store.blocks(train_ids),
         )
     sampler.set_epoch(0)
-    steps_per_epoch = len(sampler) // cfg.batch_size
+    batch_size = max(1, min(batch_size, len(sampler)))
+    steps_per_epoch = len(sampler) // batch_size
     if steps_per_epoch == 0:
         raise ValueError(
-            f"{len(sampler)} windows per epoch and process < batch size {cfg.batch_size}: "
-            "lower --batch-size or raise --windows-per-video"
+            f"{len(sampler)} windows per epoch and process: nothing to train on "
+            f"({len(train_ids)} videos in {cfg.train_split!r} for {e.world_size} process(es))"
         )
     total_steps = steps_per_epoch * cfg.epochs
-    eff_batch, lr = effective_lr(cfg, e.world_size)
+    eff_batch, lr = effective_lr(dataclasses.replace(cfg, batch_size=batch_size), e.world_size)
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.weight_decay, lr, cfg.backbone_lr_mult), lr=lr
     )
@@ -527,9 +671,10 @@ def train(
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(run_dir / "tb"), purge_step=global_step or None)
+        log.info("model selection (best.pt) on %s", selection_name)
         log.info(
-            "%s: %d train / %d val videos, %d classes, %d steps/epoch, effective batch %d, "
-            "lr %.3g, device %s, amp %s, %d process(es)",
+            "%s: %d train / %d selection videos, %d classes, %d steps/epoch, effective batch "
+            "%d, lr %.3g, device %s, amp %s, %d process(es)",
             model_name,
             len(train_ids),
             len(val_ids),
@@ -569,6 +714,10 @@ def train(
             "embeddings": cfg.from_embeddings,
             "world_size": e.world_size,
             "effective_batch_size": eff_batch,
+            "batch_size_used": batch_size,
+            "windows_per_video_used": wpv,
+            "selection_split": selection_label,
+            "selection_videos": list(val_ids),
             "metrics": dict(last),
         }
         for p in path_list:
@@ -579,7 +728,7 @@ def train(
     # workers only ever see (video_pos, start) pairs and need no per-epoch restart.
     loader = DataLoader(
         dataset,
-        batch_size=cfg.batch_size,
+        batch_size=batch_size,
         sampler=sampler,  # type: ignore[arg-type]
         num_workers=cfg.num_workers,
         drop_last=True,
@@ -592,7 +741,7 @@ def train(
     )
     for epoch in range(start_epoch, cfg.epochs):
         skip = skip_steps if epoch == start_epoch else 0
-        sampler.set_epoch(epoch, skip * cfg.batch_size)
+        sampler.set_epoch(epoch, skip * batch_size)
         net.train()
         if cfg.freeze_backbone:
             backbone_eval(model)
@@ -677,6 +826,7 @@ def train(
             "samples_per_s": sps,
             "val_top1": None,
             "val_top5": None,
+            "selection_split": selection_label,
         }
         validate = (
             bool(val_ids)
@@ -692,11 +842,12 @@ def train(
                 norm,
                 hop=val_hop,
                 window=window,
-                batch_size=cfg.batch_size * 4,
+                batch_size=batch_size * 4,
                 device=device,
                 amp_dtype=amp_dtype,
                 channels_last=cfg.channels_last,
                 progress=cfg.progress,
+                short_clips=cfg.short_clips,
             )
             vm = score_metrics(np.stack([scored[v][0] for v in val_ids]), val_labels)
             last_metrics.update(val_top1=vm["top1"], val_top5=vm["top5"], val_mAP=vm["mAP"])
@@ -707,11 +858,12 @@ def train(
             _append_metrics(run_dir / "metrics.jsonl", last_metrics)
             if writer is not None:
                 for k, v in last_metrics.items():
-                    if v is not None and k not in ("epoch", "step"):
+                    if isinstance(v, int | float) and k not in ("epoch", "step"):
                         writer.add_scalar(f"epoch/{k}", v, epoch + 1)
                 writer.flush()
             val = (
-                f" val top-1 {last_metrics['val_top1']:.2%} top-5 {last_metrics['val_top5']:.2%}"
+                f" {selection_label} top-1 {last_metrics['val_top1']:.2%} "
+                f"top-5 {last_metrics['val_top5']:.2%}"
                 if validate
                 else ""
             )
@@ -734,7 +886,9 @@ def train(
     D.barrier()
     if not e.is_main:
         return None
-    return TrainResult(run_dir, cfg.epochs, best_top1, last_metrics, best_path, last_path)
+    return TrainResult(
+        run_dir, cfg.epochs, best_top1, last_metrics, best_path, last_path, selection_label
+    )
 
 
 def _append_metrics(path: Path, record: dict[str, Any]) -> None:
@@ -757,4 +911,13 @@ def _trim_metrics(path: Path, start_epoch: int) -> None:
         tmp.write_text("".join(ln + "\n" for ln in keep), "utf-8")
 
 
-__all__ = ["MODELS", "StopTraining", "TrainConfig", "TrainResult", "train"]
+__all__ = [
+    "MODELS",
+    "StopTraining",
+    "TrainConfig",
+    "TrainResult",
+    "carve_selection",
+    "fit_schedule",
+    "resolve_selection_split",
+    "train",
+]
