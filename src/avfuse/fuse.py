@@ -779,6 +779,9 @@ def _video_log_probs(
     return lp, rep, al
 
 
+_MIN_TESTED = 50
+
+
 def video_above_chance(
     lv: np.ndarray, labels: np.ndarray, n_classes: int, alpha: float = 1e-3
 ) -> dict[str, Any]:
@@ -816,7 +819,9 @@ def video_above_chance(
     # P(X >= k) for X ~ Binomial(n, p0); bdtrc(j, n, p) is P(X > j) (scipy.special, which
     # is loaded anyway, where scipy.stats would cost 20 MB of imports).
     pval = float(bdtrc(k - 1, n, p0)) if (p0 < 1 and k > 0) else 1.0
-    testable = p0 < 1 and float(bdtrc(n - 1, n, p0)) < alpha
+    # Too few videos to tell a weak model from a misaligned file: only refuse from _MIN_TESTED
+    # labelled videos on (below that a warning is logged), where chance-level hits are rare.
+    testable = n >= _MIN_TESTED and p0 < 1 and float(bdtrc(n - 1, n, p0)) < alpha
     return {
         "n": n,
         "top1": k / n,
