@@ -709,8 +709,12 @@ def test_ctrl_c_exits_130_and_a_rerun_resumes(tmp_path: Path, workers: str) -> N
         import time
         import avfuse.extract as e
         _orig = e.decode_audio
+        _calls = [0]
         def slow(*a, **k):
-            time.sleep(0.4)
+            # Each process decodes its first video quickly and then stalls, so
+            # the interrupt always lands with videos left, whatever the pool.
+            _calls[0] += 1
+            time.sleep(0.4 if _calls[0] == 1 else 8.0)
             return _orig(*a, **k)
         e.decode_audio = slow
         """,
