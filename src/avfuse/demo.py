@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from avfuse.config import Config
 from avfuse.io import atomic_write, read_json, write_json
 from avfuse.parallel import batched, make_executor, map_batches
 
@@ -983,7 +984,7 @@ def train_video_baseline(
 
 
 @dataclass(frozen=True)
-class DemoConfig:
+class DemoConfig(Config):
     """Settings of ``avfuse demo`` (dataset size, demo-sized training) on top of a run config."""
 
     work: Path = field(

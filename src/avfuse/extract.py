@@ -41,7 +41,7 @@ import pandas as pd
 import soxr
 
 from avfuse import __version__
-from avfuse.config import load_config, num_workers_field, save_config, scheduler_field
+from avfuse.config import Config, load_config, num_workers_field, save_config, scheduler_field
 from avfuse.io import RecordLog, atomic_write, error_reason, remove_stale_temporaries, write_table
 from avfuse.manifest import load_manifest
 from avfuse.parallel import batched, executor_width, make_executor, map_batches
@@ -79,7 +79,7 @@ _MAX_CONSECUTIVE_ERRORS = 32
 
 
 @dataclass(frozen=True)
-class ExtractConfig:
+class ExtractConfig(Config):
     """Settings of ``avfuse extract``."""
 
     work: Path = field(

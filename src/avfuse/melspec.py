@@ -30,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 import scipy.fft
 
-from avfuse.config import config_hash, to_dict
+from avfuse.config import Config, config_hash, to_dict
 
 # numpy >= 2 ships pocketfft's C++ code too, and its float64 rfft runs ~10 % faster here than
 # scipy's for 512-point rows; both are single-threaded as called.
@@ -45,7 +45,7 @@ CHUNK_FRAMES = 128
 
 
 @dataclass(frozen=True)
-class FrontendConfig:
+class FrontendConfig(Config):
     """Parameters of the log-mel front end; the default is the VGGish / AudioSet preset."""
 
     sample_rate: int = field(default=16000, metadata={"help": "input sample rate (Hz)"})

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from avfuse.config import dumps, from_dict, to_dict
+from avfuse.config import Config, dumps, from_dict, to_dict
 from avfuse.evaluate import EvaluateConfig
 from avfuse.extract import ExtractConfig
 from avfuse.features import FeaturesConfig
@@ -110,7 +110,7 @@ class FuseSection(FuseConfig):
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(Config):
     """Every stage of avfuse from one file: ``avfuse run ROOT -o WORK --config run.toml``."""
 
     root: Path | None = field(
@@ -411,7 +411,12 @@ class RunResult:
                     + f"  {gtxt}"
                 )
         if self.report:
-            lines.append(f"  report: {self.report} (fusion details: {self.fusion_report})")
+            fusion = (
+                f"fusion details: {self.fusion_report}"
+                if self.fusion_report
+                else "fusion: not configured (set fuse.video_scores)"
+            )
+            lines.append(f"  report: {self.report} ({fusion})")
         return "\n".join(lines)
 
 
