@@ -318,14 +318,18 @@ def test_stage_functions_leave_no_process_group(
 
 
 def test_run_summary_without_fusion_names_no_none() -> None:
-    from avfuse.pipeline import RunResult
+    from avfuse.pipeline import RunResult, StageOutcome
 
     empty: dict[str, Any] = {"status_counts": {}, "accuracy": {}, "gain": {}}
-    res = RunResult(Path("w"), [], report=Path("w/report.md"), fusion_report=None, **empty)
-    text = res.summary()
+    report = Path("w/report.md")
+    skipped = [StageOutcome("fuse", "not configured")]
+    text = RunResult(Path("w"), skipped, report=report, fusion_report=None, **empty).summary()
     assert "None" not in text
-    assert "fusion: not configured (set fuse.video_scores)" in text
-    res = RunResult(
-        Path("w"), [], report=Path("w/report.md"), fusion_report=Path("w/fusion/report.md"), **empty
-    )
-    assert "fusion details: w/fusion/report.md" in res.summary()
+    assert "report: w/report.md; fusion: not configured (set fuse.video_scores)" in text
+    # Configured but not run this time (e.g. stop_after): nothing said about fusion.
+    stopped = [StageOutcome("fuse", "not run")]
+    text = RunResult(Path("w"), stopped, report=report, fusion_report=None, **empty).summary()
+    assert "None" not in text and "fusion" not in text
+    fused = Path("w/fusion/report.md")
+    text = RunResult(Path("w"), [], report=report, fusion_report=fused, **empty).summary()
+    assert "report: w/report.md (fusion details: w/fusion/report.md)" in text

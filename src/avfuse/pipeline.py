@@ -411,12 +411,12 @@ class RunResult:
                     + f"  {gtxt}"
                 )
         if self.report:
-            fusion = (
-                f"fusion details: {self.fusion_report}"
-                if self.fusion_report
-                else "fusion: not configured (set fuse.video_scores)"
-            )
-            lines.append(f"  report: {self.report} ({fusion})")
+            fusion = ""
+            if self.fusion_report:
+                fusion = f" (fusion details: {self.fusion_report})"
+            elif any(s.name == "fuse" and s.status == "not configured" for s in self.stages):
+                fusion = "; fusion: not configured (set fuse.video_scores)"
+            lines.append(f"  report: {self.report}{fusion}")
         return "\n".join(lines)
 
 
