@@ -39,7 +39,13 @@ def _decode_video(path: Path) -> np.ndarray:
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> demo.DatasetInfo:
     root = tmp_path_factory.mktemp("demo") / "data"
     return demo.generate_dataset(
-        root, seed=3, classes=4, per_split=SPLITS, num_workers=0, progress=False
+        root,
+        seed=3,
+        classes=4,
+        per_split=SPLITS,
+        muted_fraction=0.1,
+        num_workers=0,
+        progress=False,
     )
 
 
@@ -95,7 +101,13 @@ def test_same_seed_same_files_and_audio(tmp_path: Path) -> None:
 
 def test_second_call_reuses_and_other_settings_refuse(dataset: demo.DatasetInfo) -> None:
     again = demo.generate_dataset(
-        dataset.root, seed=3, classes=4, per_split=SPLITS, num_workers=0, progress=False
+        dataset.root,
+        seed=3,
+        classes=4,
+        per_split=SPLITS,
+        muted_fraction=0.1,
+        num_workers=0,
+        progress=False,
     )
     assert again.generated == 0
     # The settings it reports are the ones recorded next to the files (the demo's video-model
@@ -130,7 +142,7 @@ def test_defects_are_real(dataset: demo.DatasetInfo) -> None:
                 pass
     for s in by_defect["short"]:
         x, rate, _ = _decode_audio(dataset.root / s.rel)
-        assert x.shape[1] / rate < 1.0
+        assert 0.25 <= x.shape[1] / rate < 1.0
     for s in by_defect[""]:
         x, rate, _ = _decode_audio(dataset.root / s.rel)
         assert 2.9 <= x.shape[1] / rate <= 4.2
@@ -197,7 +209,7 @@ def test_sound_signatures_differ_and_sound_alike_pairs_match() -> None:
     spec = np.abs(np.fft.rfft(w))
     peak = np.fft.rfftfreq(n, 1 / sr)[np.argmax(spec)]
     assert 1000 <= peak <= 2800
-    t = demo._synth("brass_low", np.random.default_rng(0), n, sr)  # without background
+    t = demo.synth._synth("brass_low", np.random.default_rng(0), n, sr)  # without background
     ts = np.abs(np.fft.rfft(t)) ** 2
     f = np.fft.rfftfreq(n, 1 / sr)
     assert ts[f < 1000].sum() > 0.8 * ts.sum()
@@ -206,7 +218,7 @@ def test_sound_signatures_differ_and_sound_alike_pairs_match() -> None:
 def test_look_alike_pairs_share_their_picture() -> None:
     def mean_frame(label_pos: int, k: int) -> np.ndarray:
         visual = demo.CATALOGUE[label_pos][1]
-        return demo._render(visual, np.random.default_rng([k, 5]), 10, 10, 32).mean(axis=0)
+        return demo.render(visual, np.random.default_rng([k, 5]), 10, 10, 32).mean(axis=0)
 
     trumpet = np.mean([mean_frame(0, k) for k in range(4)], axis=0)
     trombone = np.mean([mean_frame(1, k) for k in range(4)], axis=0)
@@ -270,3 +282,67 @@ def test_video_features_shape_and_motion(tmp_path: Path) -> None:
     hist = f[grid * 4 :].reshape(3, demo.HIST_BINS)
     np.testing.assert_allclose(hist.sum(axis=1), 1.0, atol=1e-5)
     assert f[grid * 3 : grid * 4].max() > 0  # the instrument sways: some motion
+
+
+def _dbfs(x: np.ndarray) -> float:
+    rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
+    return 20 * np.log10(rms) if rms > 0 else -np.inf
+
+
+def test_short_clips_and_muted_tracks(dataset: demo.DatasetInfo) -> None:
+    by_defect: dict[str, list[demo.VideoSpec]] = {}
+    for s in dataset.specs:
+        by_defect.setdefault(s.defect, []).append(s)
+    # Every split has short clips and both kinds of muted track, each kind in one class of 4.
+    for kind in ("short", "silent", "hiss"):
+        assert {s.split for s in by_defect[kind]} == set(SPLITS), kind
+        assert len({s.label for s in by_defect[kind]}) == 1, kind
+    for s in by_defect["short"]:
+        assert 0.3 <= s.duration <= 0.9 and s.acodec is not None
+        with av.open(str(dataset.root / s.rel)) as c:
+            assert len(c.streams.audio) == 1
+    for s in by_defect["silent"] + by_defect["hiss"]:
+        x, rate, _ = _decode_audio(dataset.root / s.rel)
+        assert 2.9 <= x.shape[1] / rate <= 4.2  # full-length clips: only the sound is missing
+        if s.defect == "silent":  # digital silence decodes to exact zeros
+            assert not np.any(x)
+        else:  # hiss at -90 dBFS RMS (stereo sides 0-3 dB lower), no louder peaks
+            assert -95.0 <= _dbfs(x) <= -87.0, s.rel
+            assert 0 < np.abs(x).max() < 10 ** (-60 / 20)
+    # The ordinary clips are far louder than the hiss.
+    loud = [_dbfs(_decode_audio(dataset.root / s.rel)[0]) for s in by_defect[""][:4]]
+    assert min(loud) > -45.0
+    # demo_dataset.json records every file's defect, as the files are.
+    info = read_json(dataset.root / demo.DATASET_INFO)
+    recorded = {f["video"]: f["defect"] for f in info["files"]}
+    assert recorded == {s.rel: s.defect for s in dataset.specs}
+    assert all((dataset.root / rel).is_file() for rel in recorded)
+    assert info["settings"]["muted_fraction"] == 0.1
+    assert "silent 2, hiss 2" in dataset.summary()
+
+
+def test_demo_plan_counts() -> None:
+    """The demo's default dataset: 5 % short clips and 3 % muted tracks per split."""
+    cfg = demo.DemoConfig()
+    specs = demo.plan_dataset(
+        seed=cfg.seed,
+        classes=cfg.classes,
+        per_split={"train": 30, "val": 10, "heldout": 10},
+        short_fraction=cfg.short_fraction,
+        muted_fraction=cfg.muted_fraction,
+    )
+    count: dict[tuple[str, str], int] = {}
+    for s in specs:
+        count[(s.split, s.defect)] = count.get((s.split, s.defect), 0) + 1
+    # 360 train videos: 18 short, 11 muted (6 silent, 5 hiss); 120 val or heldout: 6 and 4.
+    assert (count[("train", "short")], count[("val", "short")], count[("heldout", "short")]) == (
+        18,
+        6,
+        6,
+    )
+    assert [count[("train", k)] for k in ("silent", "hiss")] == [6, 5]
+    assert [count[(sp, k)] for sp in ("val", "heldout") for k in ("silent", "hiss")] == [2] * 4
+    # Each kind in a few classes: 3 of the 12.
+    assert len({s.label for s in specs if s.defect == "short"}) == 3
+    assert len({s.label for s in specs if s.defect in ("silent", "hiss")}) == 3
+    assert all(0.3 <= s.duration <= 0.9 for s in specs if s.defect == "short")

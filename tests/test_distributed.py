@@ -22,7 +22,7 @@ SCRIPT = """
 import json, sys
 from pathlib import Path
 from avfuse import distributed as D
-from avfuse.train import TrainConfig, train
+from avfuse.train import StopTraining, TrainConfig, train
 
 work = Path(sys.argv[1])
 common = dict(model="resnet", width=0.125, batch_size=4, windows_per_video=3, num_workers=0,
@@ -31,13 +31,20 @@ common = dict(model="resnet", width=0.125, batch_size=4, windows_per_video=3, nu
 seen = []
 def log_step(step):
     seen.append(step)
-r1 = train(TrainConfig(work, epochs=1, **common), on_step=log_step)
+    if step == 5 and not resumed:  # killed in epoch 2, after epoch 1's checkpoint
+        raise StopTraining
+resumed = False
+try:
+    train(TrainConfig(work, epochs=2, **common), on_step=log_step)
+except StopTraining:
+    pass
+left = D._initialized()  # the stage tore its process group down, even after an exception
+resumed = True
 r2 = train(TrainConfig(work, epochs=2, resume=True, **common), on_step=log_step)
 e = D.env()
 (work / f"rank{e.rank}.json").write_text(json.dumps(
-    {"rank": e.rank, "world": e.world_size, "steps": seen, "r1": r1 is not None,
-     "r2": r2 is not None}))
-D.destroy()
+    {"rank": e.rank, "world": e.world_size, "steps": seen, "r2": r2 is not None,
+     "group_left": [left, D._initialized()]}))
 """
 
 
@@ -105,9 +112,10 @@ def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
 
     ranks = [json.loads((work / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["world"] for r in ranks] == [2, 2]
-    assert [r["r1"] for r in ranks] == [True, False]  # results (and files) from rank 0 only
-    for r in ranks:  # both ranks ran epoch 1, then resumed into epoch 2
-        assert r["steps"] == list(range(1, 9))
+    assert [r["r2"] for r in ranks] == [True, False]  # results (and files) from rank 0 only
+    for r in ranks:  # both ranks ran epoch 1 and a step of epoch 2, then resumed at epoch 2
+        assert r["steps"] == [1, 2, 3, 4, 5, 5, 6, 7, 8]
+        assert r["group_left"] == [False, False]
 
     ck = load_checkpoint(work / "runs" / "ddp" / "last.pt")
     assert ck["world_size"] == 2 and ck["effective_batch_size"] == 8

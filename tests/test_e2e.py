@@ -44,7 +44,13 @@ def test_manifest_statuses(result: demo.DemoResult) -> None:
     man = load_manifest(result.run.work).set_index("video_id")
     specs = result.dataset.specs
     assert set(man.index) == {_vid(s) for s in specs}
-    expect_extract = {"": "ok", "short": "ok", "no_audio": "no_audio"}
+    expect_extract = {
+        "": "ok",
+        "short": "ok",
+        "no_audio": "no_audio",
+        "silent": "silent",
+        "hiss": "silent",
+    }
     for s in specs:
         row = man.loc[_vid(s)]
         if s.defect in ("garbage", "truncated"):

@@ -17,12 +17,19 @@ the documentation come from one place. Metadata keys understood here:
 ``cli``         ``False`` hides the field from the CLI (still settable with ``--set``)
 ``omit_default`` ``True`` leaves the field out of ``to_dict`` (so of files and hashes) while it
                 holds its default: a field added later keeps the hashes of earlier configs
+``min``/``max`` inclusive bounds of a number field, checked with the ``Literal`` values
+
+Config classes derive from :class:`Config`, which checks every field when an instance is made
+(directly, by ``dataclasses.replace`` or by :func:`from_dict`): a ``Literal`` field must hold one
+of its values, a bounded number must lie within its bounds. A wrong value is an error naming the
+field and what it may be, never a setting that is silently ignored.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import tomllib
@@ -52,6 +59,93 @@ def scheduler_field() -> Any:
         default=None,
         metadata={"help": "Dask scheduler address (tcp://host:8786) to run on a cluster"},
     )
+
+
+class Config:
+    """Base of the config dataclasses: every field is checked when an instance is made.
+
+    A subclass's own ``__post_init__`` runs after the check, so its cross-field rules see values
+    that are each valid.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is None or getattr(own, "_after_check", False):
+            return
+
+        def __post_init__(self: Any) -> None:
+            check_fields(self)
+            own(self)
+
+        __post_init__._after_check = True  # type: ignore[attr-defined]
+        cls.__post_init__ = __post_init__  # type: ignore[method-assign]
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+def _literal_values(tp: Any) -> tuple[tuple[Any, ...], bool]:
+    """The values a ``Literal`` (or ``Literal | None``, ``tuple[Literal, ...]``) field allows.
+
+    Returns ``(values, per_item)``; ``values`` is empty for a field of another type.
+    """
+    tp, _ = _unwrap_optional(tp)
+    origin = get_origin(tp)
+    if origin is Literal:
+        return get_args(tp), False
+    if origin is tuple:
+        args = [a for a in get_args(tp) if a is not Ellipsis]
+        if len(args) == 1:
+            inner, _ = _unwrap_optional(args[0])
+            if get_origin(inner) is Literal:
+                return get_args(inner), True
+    return (), False
+
+
+@functools.cache
+def _field_checks(cls: type) -> tuple[tuple[str, tuple[Any, ...], bool, Any, Any], ...]:
+    # Resolved once per class: type hints are the costly part.
+    hints = _field_types(cls)
+    checks = []
+    for f in dataclasses.fields(cls):
+        allowed, per_item = _literal_values(hints.get(f.name))
+        lo, hi = f.metadata.get("min"), f.metadata.get("max")
+        if allowed or lo is not None or hi is not None:
+            checks.append((f.name, allowed, per_item, lo, hi))
+    return tuple(checks)
+
+
+def _choices(allowed: tuple[Any, ...]) -> str:
+    return ", ".join(repr(a) for a in allowed)
+
+
+def check_fields(cfg: Any) -> None:
+    """Raise ``ValueError`` naming the field if a value is outside its ``Literal`` or bounds."""
+    name = type(cfg).__name__
+    for field_name, allowed, per_item, lo, hi in _field_checks(type(cfg)):  # type: ignore[arg-type]
+        value = getattr(cfg, field_name)
+        if value is None:
+            continue
+        if allowed:
+            items = value if per_item and isinstance(value, tuple | list) else (value,)
+            bad = [v for v in items if v not in allowed]
+            if bad:
+                raise ValueError(
+                    f"{name}.{field_name}: {bad[0]!r} is not one of {_choices(allowed)}"
+                )
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            bounds = " and ".join(
+                t
+                for t in (
+                    f">= {lo}" if lo is not None else "",
+                    f"<= {hi}" if hi is not None else "",
+                )
+                if t
+            )
+            raise ValueError(f"{name}.{field_name}: {value!r} is out of range; must be {bounds}")
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -113,7 +207,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         return from_dict(tp, value, where=where)  # type: ignore[arg-type]
     if origin is Literal:
         if value not in get_args(tp):
-            raise ValueError(f"{where}: {value!r} is not one of {get_args(tp)}")
+            raise ValueError(f"{where}: {value!r} is not one of {_choices(get_args(tp))}")
         return value
     if origin is tuple:
         args = get_args(tp)

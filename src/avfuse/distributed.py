@@ -12,8 +12,10 @@ degrades to the single-process case, so callers never branch on "distributed or 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -75,6 +77,22 @@ def init(device_type: str) -> DistEnv:
 def destroy() -> None:
     if _initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device_type: str) -> Iterator[DistEnv]:
+    """Join the process group for the ``with`` body (under torchrun) and leave it afterwards.
+
+    The group is torn down however the body ends (an exception included), so a torchrun job
+    exits cleanly. A group the caller had already joined is the caller's and stays.
+    """
+    joined_here = not _initialized()
+    e = init(device_type)
+    try:
+        yield e
+    finally:
+        if joined_here:
+            destroy()
 
 
 def is_main() -> bool:

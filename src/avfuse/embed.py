@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from avfuse import distributed as D
-from avfuse.config import save_config, to_dict
+from avfuse.config import Config, save_config, to_dict
 from avfuse.data import EvalWindows, NormStats, WindowDataset, store_window
 from avfuse.io import read_json, read_table
 from avfuse.manifest import load_classes, load_manifest
@@ -47,7 +47,7 @@ log = D.get_logger(__name__)
 
 
 @dataclass(frozen=True)
-class EmbedConfig:
+class EmbedConfig(Config):
     """Which pretrained network embeds which videos, and where the embeddings go."""
 
     work: Path = field(

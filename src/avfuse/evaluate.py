@@ -24,14 +24,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from avfuse.config import save_config
+from avfuse.config import Config, save_config
 from avfuse.io import atomic_write, error_reason, write_json
 from avfuse.manifest import load_classes, load_manifest
 from avfuse.scores import SCORED_STATUSES, ScoreFile
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(Config):
     """Which score file to evaluate against which split."""
 
     work: Path = field(metadata={"help": "work folder", "positional": True})

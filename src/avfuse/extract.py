@@ -43,7 +43,7 @@ import pyarrow.compute as pc
 import soxr
 
 from avfuse import __version__
-from avfuse.config import load_config, num_workers_field, save_config, scheduler_field
+from avfuse.config import Config, load_config, num_workers_field, save_config, scheduler_field
 from avfuse.io import (
     RecordLog,
     atomic_write,
@@ -97,7 +97,7 @@ SILENCE_RMS_DBFS = -70.0
 
 
 @dataclass(frozen=True)
-class ExtractConfig:
+class ExtractConfig(Config):
     """Settings of ``avfuse extract``."""
 
     work: Path = field(

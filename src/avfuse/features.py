@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 
 from avfuse import __version__
-from avfuse.config import load_config, num_workers_field, save_config, scheduler_field
+from avfuse.config import Config, load_config, num_workers_field, save_config, scheduler_field
 from avfuse.extract import (
     SILENCE_PEAK_DBFS,
     SILENCE_RMS_DBFS,
@@ -95,7 +95,7 @@ _ASSUMED_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
-class FeaturesConfig:
+class FeaturesConfig(Config):
     """Settings of ``avfuse features``."""
 
     work: Path = field(

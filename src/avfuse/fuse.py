@@ -36,7 +36,7 @@ import pandas as pd
 from scipy import optimize
 from scipy.special import bdtrc, log_softmax, logsumexp
 
-from avfuse.config import save_config, to_dict
+from avfuse.config import Config, save_config, to_dict
 from avfuse.io import atomic_dir, write_json
 from avfuse.manifest import load_classes, load_manifest
 from avfuse.scores import ScoreFile
@@ -68,7 +68,7 @@ _CHUNK = 512
 
 
 @dataclass(frozen=True)
-class FuseConfig:
+class FuseConfig(Config):
     """How to fuse audio scores with a video model's scores and report the result."""
 
     work: Path = field(metadata={"help": "work folder (manifest, classes.txt)", "positional": True})
@@ -117,7 +117,7 @@ class FuseConfig:
             "evaluated videos (result labelled optimistic)"
         },
     )
-    folds: int = field(default=5, metadata={"help": "folds for weight_selection=cv"})
+    folds: int = field(default=5, metadata={"help": "folds for weight_selection=cv", "min": 2})
     grid: int = field(default=21, metadata={"help": "audio weights tried, evenly in [0, 1]"})
     heldout_audio: Path | None = field(
         default=None, metadata={"help": "audio score file of held-out videos"}
@@ -136,15 +136,21 @@ class FuseConfig:
     stack_l2: float = field(
         default=1.0, metadata={"help": "L2 strength on the stacker's per-class terms"}
     )
-    bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples for the CIs"})
+    bootstrap: int = field(
+        default=2000, metadata={"help": "bootstrap resamples for the CIs", "min": 0}
+    )
     seed: int = field(default=0, metadata={"help": "seed for folds and bootstrap"})
     tolerance: float = field(
         default=0.005,
-        metadata={"help": "fraction of videos that may be missing/extra/duplicated per side"},
+        metadata={
+            "help": "fraction of videos that may be missing/extra/duplicated per side",
+            "min": 0,
+            "max": 1,
+        },
     )
     class_tolerance: int = field(
         default=0,
-        metadata={"help": "class names that may be missing/unknown on the video side"},
+        metadata={"help": "class names that may be missing/unknown on the video side", "min": 0},
     )
     label_tolerance: float = field(
         default=0.005,

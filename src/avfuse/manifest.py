@@ -36,7 +36,7 @@ from pathlib import Path
 import pandas as pd
 
 from avfuse import __version__
-from avfuse.config import save_config
+from avfuse.config import Config, save_config
 from avfuse.io import atomic_write, error_reason, read_table, table_metadata, write_table
 from avfuse.labels import kinetics_clip_name, match_class_names, nfc, read_label_map
 
@@ -74,7 +74,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ScanConfig:
+class ScanConfig(Config):
     """How to find the videos of a dataset."""
 
     root: Path = field(

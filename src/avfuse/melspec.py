@@ -37,7 +37,7 @@ import numpy as np
 import scipy.fft
 import scipy.sparse
 
-from avfuse.config import config_hash, to_dict
+from avfuse.config import Config, config_hash, to_dict
 
 # Frames per chunk: the chunk's FFT buffers (~0.5 MB) stay in L2 cache and memory stays bounded
 # however long the recording is.
@@ -45,7 +45,7 @@ CHUNK_FRAMES = 256
 
 
 @dataclass(frozen=True)
-class FrontendConfig:
+class FrontendConfig(Config):
     """Parameters of the log-mel front end; the default is the VGGish / AudioSet preset."""
 
     sample_rate: int = field(default=16000, metadata={"help": "input sample rate (Hz)"})

@@ -45,7 +45,7 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from avfuse.config import dumps, from_dict, to_dict
+from avfuse.config import Config, dumps, from_dict, to_dict
 from avfuse.evaluate import EvaluateConfig
 from avfuse.extract import ExtractConfig
 from avfuse.features import FeaturesConfig
@@ -123,7 +123,7 @@ class FuseSection(FuseConfig):
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(Config):
     """Every stage of avfuse from one file: ``avfuse run ROOT -o WORK --config run.toml``."""
 
     root: Path | None = field(
@@ -437,7 +437,12 @@ class RunResult:
                     + f"  {gtxt}"
                 )
         if self.report:
-            lines.append(f"  report: {self.report} (fusion details: {self.fusion_report})")
+            fusion = ""
+            if self.fusion_report:
+                fusion = f" (fusion details: {self.fusion_report})"
+            elif any(s.name == "fuse" and s.status == "not configured" for s in self.stages):
+                fusion = "; fusion: not configured (set fuse.video_scores)"
+            lines.append(f"  report: {self.report}{fusion}")
         return "\n".join(lines)
 
 

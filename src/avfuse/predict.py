@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from avfuse import distributed as D
-from avfuse.config import save_config
+from avfuse.config import Config, save_config
 from avfuse.data import (
     SHORT_CLIPS,
     WINDOW,
@@ -53,7 +53,7 @@ log = D.get_logger(__name__)
 
 
 @dataclass(frozen=True)
-class PredictConfig:
+class PredictConfig(Config):
     """Which checkpoint scores which split, and how windows are combined."""
 
     work: Path = field(metadata={"help": "work folder", "positional": True})
@@ -80,7 +80,7 @@ class PredictConfig:
             "(models with global pooling: cnn14, cnn10, panns, resnet)"
         },
     )
-    batch_size: int = field(default=256, metadata={"help": "windows per forward pass"})
+    batch_size: int = field(default=256, metadata={"help": "windows per forward pass", "min": 1})
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
     output: Path | None = field(
         default=None, metadata={"help": "score file (default WORK/scores/audio_SPLIT.npz)"}
@@ -337,6 +337,11 @@ def predict(cfg: PredictConfig) -> PredictResult | None:
     Raises :class:`avfuse.store.FrontendMismatchError` if the store's front end differs from
     the checkpoint's. Returns ``None`` on ranks other than 0.
     """
+    with D.process_group(D.resolve_device(cfg.device).type):
+        return _predict(cfg)
+
+
+def _predict(cfg: PredictConfig) -> PredictResult | None:
     work = Path(cfg.work)
     device = D.resolve_device(cfg.device)
     e = D.init(device.type)

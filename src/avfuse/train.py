@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from avfuse import distributed as D
-from avfuse.config import save_config, to_dict
+from avfuse.config import Config, save_config, to_dict
 from avfuse.data import (
     WINDOW,
     NormStats,
@@ -97,7 +97,7 @@ CARVE = "carve"
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Config):
     """Model, recipe and run settings of ``avfuse train``."""
 
     work: Path = field(
@@ -141,8 +141,8 @@ class TrainConfig:
     head: Literal["linear", "mlp"] = field(
         default="linear", metadata={"help": "head over embeddings (with --from-embeddings)"}
     )
-    epochs: int = field(default=30, metadata={"help": "training epochs"})
-    batch_size: int = field(default=64, metadata={"help": "windows per step and process"})
+    epochs: int = field(default=30, metadata={"help": "training epochs", "min": 1})
+    batch_size: int = field(default=64, metadata={"help": "windows per step and process", "min": 1})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate at base_batch_size"})
     base_batch_size: int = field(
         default=64, metadata={"help": "effective batch size the lr is given for"}
@@ -201,11 +201,17 @@ class TrainConfig:
     )
     carve_fraction: float = field(
         default=0.1,
-        metadata={"help": "share of each class of train carved out for model selection"},
+        metadata={
+            "help": "share of each class of train carved out for model selection",
+            "min": 0.0,
+            "max": 0.9,
+        },
     )
-    eval_every: int = field(default=1, metadata={"help": "validate every N epochs; 0 = never"})
+    eval_every: int = field(
+        default=1, metadata={"help": "validate every N epochs; 0 = never", "min": 0}
+    )
     val_hop: int = field(
-        default=0, metadata={"help": "hop between validation windows; 0 = the window"}
+        default=0, metadata={"help": "hop between validation windows; 0 = the window", "min": 0}
     )
     checkpoint_every: int = field(
         default=500, metadata={"help": "also write last.pt every N steps; 0 = per epoch only"}
@@ -483,6 +489,16 @@ def train(
     ``set_epoch(epoch, skip)`` and yield ``(video_pos, start)`` over the training ids sorted by
     video_id). ``executor`` is unused (training parallelism is DataLoader workers and DDP).
     """
+    with D.process_group(D.resolve_device(cfg.device).type):
+        return _train(cfg, executor, on_step, sampler)
+
+
+def _train(
+    cfg: TrainConfig,
+    executor: Any,
+    on_step: Callable[[int], None] | None,
+    sampler: TrainWindowSampler | None,
+) -> TrainResult | None:
     del executor
     work = Path(cfg.work)
     device = D.resolve_device(cfg.device)
@@ -571,6 +587,7 @@ def train(
                 f"{spec}; use the run's settings or a new --name"
             )
         model.load_state_dict(ckpt["model"])
+        _check_resume_settings(ckpt.get("config") or {}, cfg, last_path)
     mem = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device, memory_format=mem)  # type: ignore[call-overload]
     net: nn.Module = model
@@ -878,8 +895,11 @@ def train(
                 sps,
                 " *" if improved else "",
             )
-        # best.pt tracks val top-1; without validation it is simply the latest weights.
-        paths = [last_path] + ([best_path] if improved or not validate else [])
+        # best.pt holds the best validated epoch; only a run that never validates keeps its
+        # final weights there (an unvalidated epoch must not replace a validated best).
+        never_validates = not val_ids or cfg.eval_every == 0
+        final = never_validates and epoch + 1 == cfg.epochs
+        paths = [last_path] + ([best_path] if improved or final else [])
         checkpoint(epoch + 1, 0, paths, last_metrics)
     if writer is not None:
         writer.close()
@@ -889,6 +909,39 @@ def train(
     return TrainResult(
         run_dir, cfg.epochs, best_top1, last_metrics, best_path, last_path, selection_label
     )
+
+
+# Settings that fix the sampler's position and the learning-rate schedule (or are restored from
+# the optimizer state): a resumed run with other values would silently be another run.
+RESUME_FIXED = (
+    "epochs",
+    "batch_size",
+    "windows_per_video",
+    "balanced",
+    "seed",
+    "train_split",
+    "warmup_epochs",
+    "lr",
+    "base_batch_size",
+    "lr_scaling",
+    "weight_decay",
+)
+
+
+def _check_resume_settings(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
+    """Refuse to resume ``path`` (whose config is ``saved``) with other schedule settings."""
+    now = to_dict(cfg)
+    changed = [
+        f"{k}: {saved[k]!r} -> {now[k]!r}"
+        for k in RESUME_FIXED
+        if k in saved and saved[k] != now[k]
+    ]
+    if changed:
+        raise ValueError(
+            f"--resume: {path} was trained with other settings ({'; '.join(changed)}); they fix "
+            "the sampler position and the schedule, so resume with the run's values or start "
+            "a new --name"
+        )
 
 
 def _append_metrics(path: Path, record: dict[str, Any]) -> None:
