@@ -19,12 +19,14 @@ from avfuse.predict import PredictConfig, load_checkpoint, model_from_checkpoint
 from avfuse.scores import ScoreFile
 
 SCRIPT = """
-import json, sys
+import atexit, json, sys
 from pathlib import Path
 from avfuse import distributed as D
 from avfuse.train import StopTraining, TrainConfig, train
 
 work = Path(sys.argv[1])
+# Registered before the group is joined, so it runs after the teardown registered by joining.
+atexit.register(lambda: (work / f"exit{D.env().rank}.json").write_text(json.dumps(D._initialized())))
 common = dict(model="resnet", width=0.125, batch_size=4, windows_per_video=3, num_workers=0,
               amp="off", device="cpu", progress=False, checkpoint_every=0, eval_every=1,
               name="ddp", min_steps=0, val_split="val")
@@ -38,7 +40,7 @@ try:
     train(TrainConfig(work, epochs=2, **common), on_step=log_step)
 except StopTraining:
     pass
-left = D._initialized()  # the stage tore its process group down, even after an exception
+left = D._initialized()  # the group outlives a stage that raised, for the next stage
 resumed = True
 r2 = train(TrainConfig(work, epochs=2, resume=True, **common), on_step=log_step)
 e = D.env()
@@ -115,7 +117,9 @@ def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
     assert [r["r2"] for r in ranks] == [True, False]  # results (and files) from rank 0 only
     for r in ranks:  # both ranks ran epoch 1 and a step of epoch 2, then resumed at epoch 2
         assert r["steps"] == [1, 2, 3, 4, 5, 5, 6, 7, 8]
-        assert r["group_left"] == [False, False]
+        assert r["group_left"] == [True, True]
+    # ... and is left when the process exits.
+    assert [json.loads((work / f"exit{r}.json").read_text()) for r in range(2)] == [False, False]
 
     ck = load_checkpoint(work / "runs" / "ddp" / "last.pt")
     assert ck["world_size"] == 2 and ck["effective_batch_size"] == 8

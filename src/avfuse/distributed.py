@@ -12,6 +12,7 @@ degrades to the single-process case, so callers never branch on "distributed or 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -71,6 +72,7 @@ def init(device_type: str) -> DistEnv:
     if device_type == "cuda":
         torch.cuda.set_device(e.local_rank)
     dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    atexit.register(destroy)
     return env()
 
 
@@ -81,18 +83,14 @@ def destroy() -> None:
 
 @contextlib.contextmanager
 def process_group(device_type: str) -> Iterator[DistEnv]:
-    """Join the process group for the ``with`` body (under torchrun) and leave it afterwards.
+    """Be in the process group for the ``with`` body (under torchrun); returns this rank's env.
 
-    The group is torn down however the body ends (an exception included), so a torchrun job
-    exits cleanly. A group the caller had already joined is the caller's and stays.
+    The group is joined once per process and left when the process exits (:func:`init`
+    registers :func:`destroy` with ``atexit``), not at the end of each stage: re-joining a
+    group under torchrun after leaving it reuses the launcher's rendezvous keys and blocks
+    forever, and a script that runs train and then predict must be able to do so.
     """
-    joined_here = not _initialized()
-    e = init(device_type)
-    try:
-        yield e
-    finally:
-        if joined_here:
-            destroy()
+    yield init(device_type)
 
 
 def is_main() -> bool:
