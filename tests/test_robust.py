@@ -739,6 +739,6 @@ def test_ctrl_c_exits_130_and_a_rerun_resumes(tmp_path: Path, workers: str) -> N
     out = subprocess.CompletedProcess(args, proc.returncode, "", err)
     assert "rerun resumes" in _one_line_error(out, 130)
     done = len(pd.concat([read_table(p) for p in parts.glob("part-*.parquet")]))
-    assert 0 < done < 6
+    assert 0 < done < 6  # the workers stopped too, not only the driver
     again = _cli(["extract", str(work), "--num-workers", "0", "--no-progress"], tmp_path)
     assert again.returncode == 0 and f"{done} already done" in again.stdout

@@ -85,7 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg: Any = from_arguments(cls, ns, base)
         cfg = apply_overrides(cfg, ns.set)
     except (TypeError, ValueError, OSError) as exc:
-        parser.error(str(exc))
+        # A value the config refuses names the field and what it may be: that one line is
+        # the whole message, as for errors the stage raises.
+        print(f"avfuse {ns.command}: error: {one_line(exc)}", file=sys.stderr)
+        return 2
     log = logging.getLogger("avfuse")
     try:
         check_command(ns.command, cfg)

@@ -132,9 +132,15 @@ def make_executor(
         try:
             yield pool
         except BaseException:
-            # A full disk or Ctrl-C stops the run now: queued batches are dropped rather than
-            # run to completion by the pool's shutdown.
+            # A full disk or Ctrl-C stops the run now: queued batches are dropped, and batches
+            # the workers already hold are stopped too (workers ignore SIGINT, so they would
+            # run them to the end). Outputs are committed by rename, so a stopped batch leaves
+            # only temporaries, which the rerun removes.
+            workers = list((getattr(pool, "_processes", None) or {}).values())  # shutdown clears it
             pool.shutdown(wait=False, cancel_futures=True)
+            for proc in workers:
+                with contextlib.suppress(Exception):
+                    proc.terminate()
             raise
 
 
