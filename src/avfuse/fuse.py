@@ -509,7 +509,6 @@ def fuse(cfg: FuseConfig, executor: Executor | None = None) -> FuseResult:
     rank_a[wa] = masked_true_rank(v.la, both, y[wa], np.exp)  # v.la[both] is v.la[lab][wa]
     chosen: dict[str, Any] = {}
     heldout_curve = None
-    fold_of = np.full(len(v.ids), -1, dtype=np.int64)
     if cfg.weight_selection == "optimistic":
         p = fit_params(
             v,
@@ -522,72 +521,9 @@ def fuse(cfg: FuseConfig, executor: Executor | None = None) -> FuseResult:
         fused = apply_params(p, v)
         chosen = p.describe()
     elif cfg.weight_selection == "heldout":
-        assert cfg.heldout_audio is not None
-        h_audio = _load_audio(Path(cfg.heldout_audio))
-        h_video = read_video_scores(
-            cfg.heldout_video, cfg.video_format, cfg.heldout_video_ids, cfg.video_label_map
-        )
-        ho = _build_views(
-            manifest, None, classes, h_audio, Path(cfg.heldout_audio), h_video, cfg, "held-out"
-        ).views
-        overlap = set(ho.ids.tolist()) & set(v.ids.tolist())
-        if overlap:
-            raise VideoScoreError(
-                f"{cfg.heldout_audio}: {len(overlap)} held-out videos are also evaluated "
-                f"(e.g. {sorted(overlap)[:3]}); held-out data must be disjoint"
-            )
-        hb = (ho.labels >= 0) & ho.has_audio
-        # Uncalibrated, the curves that choose the weight are the ones plotted: compute them once.
-        ho_curves = (
-            None
-            if cfg.calibrate
-            else weight_curves(ho.lv[hb], ho.la[hb], ho.labels[hb], weights, cfg.method)
-        )
-        p = fit_params(ho, cfg.method, weights, cfg.calibrate, cfg.stack_l2, ho_curves)
-        fused = apply_params(p, v)
-        chosen = {**p.describe(), "heldout_videos": int(hb.sum())}
-        if ho_curves is None:
-            ho_curves = weight_curves(
-                temper(ho.lv[hb], p.t_video),
-                temper(ho.la[hb], p.t_audio),
-                ho.labels[hb],
-                weights,
-                cfg.method,
-            )
-        heldout_curve = 100 * ho_curves[0].mean(axis=1)
+        fused, chosen, heldout_curve = _fuse_heldout(cfg, manifest, classes, v, weights)
     else:
-        if cfg.method != "stack" and not cfg.calibrate and lab.all():
-            # Weights come from the precomputed curves and every video is in one test fold:
-            # a fold's video log-probabilities are read once, by its own fusion, so its fused
-            # scores can take their place (one (N, C) array less at Kinetics scale).
-            fused = v.lv
-        else:
-            fused = np.empty_like(v.lv)
-            for lo in range(0, len(fused), ROW_BLOCK):
-                np.exp(v.lv[lo : lo + ROW_BLOCK], out=fused[lo : lo + ROW_BLOCK])
-        k = max(2, int(cfg.folds))
-        fold_of[lab] = stratified_folds(v.labels[lab], k, cfg.seed)
-        fold_params = []
-        for f in range(k):
-            train = lab & (fold_of != f)
-            test = fold_of == f
-            if cfg.method != "stack" and not cfg.calibrate:
-                # The precomputed curves restricted to the training folds: same choice as a
-                # refit, without recomputing the fused scores.
-                g = pick_weight(curve_c, curve_nll, fold_of[both] != f)
-                p = Params(cfg.method, weight=float(weights[g]))
-            else:
-                p = fit_params(v.subset(train), cfg.method, weights, cfg.calibrate, cfg.stack_l2)
-            apply_rows(p, v, np.flatnonzero(test), fused)
-            fold_params.append(p.describe())
-        if (~lab).any():  # unlabelled videos: fit on every labelled video (not evaluated)
-            p = fit_params(v.subset(lab), cfg.method, weights, cfg.calibrate, cfg.stack_l2)
-            fused[~lab] = apply_params(p, v.subset(~lab))
-        chosen = {"folds": fold_params}
-        if cfg.method != "stack":
-            ws = [fp["weight"] for fp in fold_params]
-            chosen["weight_median"] = float(np.median(ws))
-
+        fused, chosen = _fuse_cv(cfg, v, weights, (curve_c, curve_nll), lab, both)
     optimistic = cfg.weight_selection == "optimistic"
     rank_f = masked_true_rank(fused, lab, y)
     metrics = {
@@ -660,3 +596,93 @@ def fuse(cfg: FuseConfig, executor: Executor | None = None) -> FuseResult:
         save_config(cfg, tmp / "config.toml")
         md, page = write_fusion_report(tmp, figures)
     return FuseResult(out, out / fused_name, out / md.name, out / page.name, figures, optimistic)
+
+
+def _fuse_cv(
+    cfg: FuseConfig,
+    v: Views,
+    weights: np.ndarray,
+    curves: tuple[np.ndarray, np.ndarray],
+    lab: np.ndarray,
+    both: np.ndarray,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Fused ``(N, C)`` probabilities by k-fold CV, and the chosen parameters per fold.
+
+    ``curves``: :func:`weight_curves` of the rows ``both`` (labelled, with audio); ``lab``
+    and ``both`` are ``(N,)`` masks. May overwrite ``v.lv`` with the fused scores.
+    """
+    curve_c, curve_nll = curves
+    fold_of = np.full(len(v.ids), -1, dtype=np.int64)
+    if cfg.method != "stack" and not cfg.calibrate and lab.all():
+        # Weights come from the precomputed curves and every video is in one test fold:
+        # a fold's video log-probabilities are read once, by its own fusion, so its fused
+        # scores can take their place (one (N, C) array less at Kinetics scale).
+        fused = v.lv
+    else:
+        fused = np.empty_like(v.lv)
+        for lo in range(0, len(fused), ROW_BLOCK):
+            np.exp(v.lv[lo : lo + ROW_BLOCK], out=fused[lo : lo + ROW_BLOCK])
+    k = max(2, int(cfg.folds))
+    fold_of[lab] = stratified_folds(v.labels[lab], k, cfg.seed)
+    fold_params = []
+    for f in range(k):
+        train = lab & (fold_of != f)
+        test = fold_of == f
+        if cfg.method != "stack" and not cfg.calibrate:
+            # The precomputed curves restricted to the training folds: same choice as a
+            # refit, without recomputing the fused scores.
+            g = pick_weight(curve_c, curve_nll, fold_of[both] != f)
+            p = Params(cfg.method, weight=float(weights[g]))
+        else:
+            p = fit_params(v.subset(train), cfg.method, weights, cfg.calibrate, cfg.stack_l2)
+        apply_rows(p, v, np.flatnonzero(test), fused)
+        fold_params.append(p.describe())
+    if (~lab).any():  # unlabelled videos: fit on every labelled video (not evaluated)
+        p = fit_params(v.subset(lab), cfg.method, weights, cfg.calibrate, cfg.stack_l2)
+        fused[~lab] = apply_params(p, v.subset(~lab))
+    chosen: dict[str, Any] = {"folds": fold_params}
+    if cfg.method != "stack":
+        ws = [fp["weight"] for fp in fold_params]
+        chosen["weight_median"] = float(np.median(ws))
+
+    return fused, chosen
+
+
+def _fuse_heldout(
+    cfg: FuseConfig, manifest: pd.DataFrame, classes: list[str], v: Views, weights: np.ndarray
+) -> tuple[np.ndarray, dict[str, Any], np.ndarray]:
+    """Fused ``(N, C)`` probabilities with parameters fitted on the held-out videos, the
+    chosen parameters, and the held-out top-1 curve ``(G,)`` in percent."""
+    assert cfg.heldout_audio is not None
+    h_audio = _load_audio(Path(cfg.heldout_audio))
+    h_video = read_video_scores(
+        cfg.heldout_video, cfg.video_format, cfg.heldout_video_ids, cfg.video_label_map
+    )
+    ho = _build_views(
+        manifest, None, classes, h_audio, Path(cfg.heldout_audio), h_video, cfg, "held-out"
+    ).views
+    overlap = set(ho.ids.tolist()) & set(v.ids.tolist())
+    if overlap:
+        raise VideoScoreError(
+            f"{cfg.heldout_audio}: {len(overlap)} held-out videos are also evaluated "
+            f"(e.g. {sorted(overlap)[:3]}); held-out data must be disjoint"
+        )
+    hb = (ho.labels >= 0) & ho.has_audio
+    # Uncalibrated, the curves that choose the weight are the ones plotted: compute them once.
+    ho_curves = (
+        None
+        if cfg.calibrate
+        else weight_curves(ho.lv[hb], ho.la[hb], ho.labels[hb], weights, cfg.method)
+    )
+    p = fit_params(ho, cfg.method, weights, cfg.calibrate, cfg.stack_l2, ho_curves)
+    fused = apply_params(p, v)
+    chosen = {**p.describe(), "heldout_videos": int(hb.sum())}
+    if ho_curves is None:
+        ho_curves = weight_curves(
+            temper(ho.lv[hb], p.t_video),
+            temper(ho.la[hb], p.t_audio),
+            ho.labels[hb],
+            weights,
+            cfg.method,
+        )
+    return fused, chosen, 100 * ho_curves[0].mean(axis=1)
