@@ -340,41 +340,9 @@ def _build_views(
             v_al.columns,
             cfg.label_tolerance,
         ).report()
-    chance = video_above_chance(lv, labels, len(classes))
-    if chance["testable"] and not chance["above_chance"] and not cfg.allow_low_video_accuracy:
-        raise VideoScoreError(
-            f"{video.source}: video top-1 on the {what} videos is {chance['top1']:.1%} "
-            f"({chance['n']} videos), no better than chance ({chance['chance']:.1%}, "
-            f"one-sided binomial p = {chance['p_value']:.2g}): the score rows or columns do not "
-            "line up with the videos. Check that the annotation list (--annotations / "
-            "--video-ids) is in the order the scores were written (an mmaction2 dump follows "
-            "its test list line by line) and that --video-label-map gives the model's class "
-            "order; pass --allow-low-video-accuracy to fuse anyway"
-        )
-    if not chance["testable"]:
-        log.warning(
-            "%s: too few labelled videos (%d) to tell the video scores from chance",
-            video.source,
-            chance["n"],
-        )
-    c = len(classes)
+    chance = _check_chance(lv, labels, len(classes), video.source, cfg, what)
     hit = rows_a >= 0
-    has_audio = np.zeros(len(ids), dtype=bool)
-    has_audio[hit] = audio.has_scores[rows_a[hit]]
-    if pa is audio.scores and np.array_equal(rows_a, np.arange(len(audio.ids))):
-        # Our own audio file, rows already in manifest order: converted in place (the
-        # ScoreFile is consumed), saving a full-size array at Kinetics scale.
-        la = pa
-        la[~has_audio] = np.nan
-    else:
-        la = np.full((len(ids), c), np.nan, dtype=np.float32)
-    n_win = np.zeros(len(ids), dtype=np.int32)
-    if has_audio.any():
-        dest = np.flatnonzero(has_audio)
-        for lo in range(0, len(dest), ROW_BLOCK):
-            d = dest[lo : lo + ROW_BLOCK]
-            la[d], _ = to_log_probs(pa[rows_a[d]], "probs")
-        n_win[has_audio] = audio.n_windows[rows_a[has_audio]]
+    la, has_audio, n_win = _audio_log_probs(audio, pa, rows_a, len(classes))
     audio_status = pd.Series(
         np.where(hit, audio.status[np.maximum(rows_a, 0)], "no_row"), dtype=str
     ).value_counts()
@@ -686,3 +654,54 @@ def _fuse_heldout(
             cfg.method,
         )
     return fused, chosen, 100 * ho_curves[0].mean(axis=1)
+
+
+def _check_chance(
+    lv: np.ndarray, labels: np.ndarray, n_classes: int, source: str, cfg: FuseConfig, what: str
+) -> dict[str, Any]:
+    """:func:`video_above_chance` of ``lv`` (N, C); refuses chance-level video scores."""
+    chance = video_above_chance(lv, labels, n_classes)
+    if chance["testable"] and not chance["above_chance"] and not cfg.allow_low_video_accuracy:
+        raise VideoScoreError(
+            f"{source}: video top-1 on the {what} videos is {chance['top1']:.1%} "
+            f"({chance['n']} videos), no better than chance ({chance['chance']:.1%}, "
+            f"one-sided binomial p = {chance['p_value']:.2g}): the score rows or columns do not "
+            "line up with the videos. Check that the annotation list (--annotations / "
+            "--video-ids) is in the order the scores were written (an mmaction2 dump follows "
+            "its test list line by line) and that --video-label-map gives the model's class "
+            "order; pass --allow-low-video-accuracy to fuse anyway"
+        )
+    if not chance["testable"]:
+        log.warning(
+            "%s: too few labelled videos (%d) to tell the video scores from chance",
+            source,
+            chance["n"],
+        )
+    return chance
+
+
+def _audio_log_probs(
+    audio: ScoreFile, pa: np.ndarray, rows_a: np.ndarray, c: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Audio log-probabilities ``(N, C)`` float32 (NaN rows without audio), ``has_audio``
+    ``(N,)`` and ``n_windows`` ``(N,)`` for the N fused videos; ``rows_a`` (N,) are their
+    rows in ``audio`` (-1 = none), ``pa`` its scores in class-list order."""
+    n = len(rows_a)
+    hit = rows_a >= 0
+    has_audio = np.zeros(n, dtype=bool)
+    has_audio[hit] = audio.has_scores[rows_a[hit]]
+    if pa is audio.scores and np.array_equal(rows_a, np.arange(len(audio.ids))):
+        # Our own audio file, rows already in manifest order: converted in place (the
+        # ScoreFile is consumed), saving a full-size array at Kinetics scale.
+        la = pa
+        la[~has_audio] = np.nan
+    else:
+        la = np.full((n, c), np.nan, dtype=np.float32)
+    n_win = np.zeros(n, dtype=np.int32)
+    if has_audio.any():
+        dest = np.flatnonzero(has_audio)
+        for lo in range(0, len(dest), ROW_BLOCK):
+            d = dest[lo : lo + ROW_BLOCK]
+            la[d], _ = to_log_probs(pa[rows_a[d]], "probs")
+        n_win[has_audio] = audio.n_windows[rows_a[has_audio]]
+    return la, has_audio, n_win
