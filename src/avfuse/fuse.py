@@ -539,31 +539,7 @@ def fuse(cfg: FuseConfig, executor: Executor | None = None) -> FuseResult:
         },
     }
 
-    sf = ScoreFile(
-        v.ids,
-        classes,
-        fused,
-        v.n_windows,
-        np.full(len(v.ids), "ok"),
-        {
-            "stage": "fuse",
-            "method": cfg.method,
-            "weight_selection": cfg.weight_selection,
-            "optimistic": optimistic,
-            "chosen": chosen,
-            "audio_scores": str(audio_path),
-            "video_scores": [str(p) for p in cfg.video_scores],
-            "note": "n_windows = 0 marks videos without audio (their scores are video-only)",
-        },
-    )
-    # All outputs appear together: written into a fresh folder that then replaces ``out``, so
-    # a kill never leaves a new fusion.json beside an old report.
-    with atomic_dir(out) as tmp:
-        fused_name = sf.save(tmp / f"fused_{split}.npz").name
-        write_json(tmp / "fusion.json", {"config": to_dict(cfg), **figures})
-        save_config(cfg, tmp / "config.toml")
-        md, page = write_fusion_report(tmp, figures)
-    return FuseResult(out, out / fused_name, out / md.name, out / page.name, figures, optimistic)
+    return _write_outputs(cfg, out, split, classes, v, fused, chosen, figures, audio_path)
 
 
 def _fuse_cv(
@@ -705,3 +681,43 @@ def _audio_log_probs(
             la[d], _ = to_log_probs(pa[rows_a[d]], "probs")
         n_win[has_audio] = audio.n_windows[rows_a[has_audio]]
     return la, has_audio, n_win
+
+
+def _write_outputs(
+    cfg: FuseConfig,
+    out: Path,
+    split: str,
+    classes: list[str],
+    v: Views,
+    fused: np.ndarray,
+    chosen: dict[str, Any],
+    figures: dict[str, Any],
+    audio_path: Path,
+) -> FuseResult:
+    """Write the fused ``(N, C)`` scores, ``fusion.json``, the config and the report."""
+    optimistic = cfg.weight_selection == "optimistic"
+    sf = ScoreFile(
+        v.ids,
+        classes,
+        fused,
+        v.n_windows,
+        np.full(len(v.ids), "ok"),
+        {
+            "stage": "fuse",
+            "method": cfg.method,
+            "weight_selection": cfg.weight_selection,
+            "optimistic": optimistic,
+            "chosen": chosen,
+            "audio_scores": str(audio_path),
+            "video_scores": [str(p) for p in cfg.video_scores],
+            "note": "n_windows = 0 marks videos without audio (their scores are video-only)",
+        },
+    )
+    # All outputs appear together: written into a fresh folder that then replaces ``out``, so
+    # a kill never leaves a new fusion.json beside an old report.
+    with atomic_dir(out) as tmp:
+        fused_name = sf.save(tmp / f"fused_{split}.npz").name
+        write_json(tmp / "fusion.json", {"config": to_dict(cfg), **figures})
+        save_config(cfg, tmp / "config.toml")
+        md, page = write_fusion_report(tmp, figures)
+    return FuseResult(out, out / fused_name, out / md.name, out / page.name, figures, optimistic)
