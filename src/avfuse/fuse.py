@@ -444,12 +444,7 @@ def fuse(cfg: FuseConfig, executor: Executor | None = None) -> FuseResult:
     out = Path(cfg.output) if cfg.output else work / "fusion"
     classes = load_classes(work)
     manifest = load_manifest(work, stages=False)
-    if not cfg.video_scores:
-        raise VideoScoreError("no video score file given (--video-scores)")
-    if cfg.video_ids and cfg.annotations:
-        raise VideoScoreError("give --video-ids or --annotations, not both")
-    if cfg.weight_selection == "heldout" and not (cfg.heldout_audio and cfg.heldout_video):
-        raise VideoScoreError("weight_selection=heldout needs --heldout-audio and --heldout-video")
+    _refuse_bad_inputs(cfg)
     audio_path = Path(cfg.audio_scores or work / "scores" / "audio_val.npz")
     audio = _load_audio(audio_path)
     split = cfg.split or _infer_split(audio.ids)
@@ -494,17 +489,7 @@ def fuse(cfg: FuseConfig, executor: Executor | None = None) -> FuseResult:
         fused, chosen = _fuse_cv(cfg, v, weights, (curve_c, curve_nll), lab, both)
     optimistic = cfg.weight_selection == "optimistic"
     rank_f = masked_true_rank(fused, lab, y)
-    metrics = {
-        "all": gain_metrics(
-            {"video": rank_v, "audio": rank_a, "fused": rank_f}, y, cfg.bootstrap, cfg.seed
-        ),
-        "with_audio": gain_metrics(
-            {"video": rank_v[wa], "audio": rank_a[wa], "fused": rank_f[wa]},
-            y[wa],
-            cfg.bootstrap,
-            cfg.seed,
-        ),
-    }
+    metrics = _scope_metrics({"video": rank_v, "audio": rank_a, "fused": rank_f}, y, wa, cfg)
     correct_v = rank_v == 0
     per_v = per_class_accuracy(correct_v, y, len(classes))
     per_f = per_class_accuracy(rank_f == 0, y, len(classes))
@@ -721,3 +706,25 @@ def _write_outputs(
         save_config(cfg, tmp / "config.toml")
         md, page = write_fusion_report(tmp, figures)
     return FuseResult(out, out / fused_name, out / md.name, out / page.name, figures, optimistic)
+
+
+def _refuse_bad_inputs(cfg: FuseConfig) -> None:
+    """Refuse option combinations that cannot be fused, before reading anything."""
+    if not cfg.video_scores:
+        raise VideoScoreError("no video score file given (--video-scores)")
+    if cfg.video_ids and cfg.annotations:
+        raise VideoScoreError("give --video-ids or --annotations, not both")
+    if cfg.weight_selection == "heldout" and not (cfg.heldout_audio and cfg.heldout_video):
+        raise VideoScoreError("weight_selection=heldout needs --heldout-audio and --heldout-video")
+
+
+def _scope_metrics(
+    ranks: dict[str, np.ndarray], y: np.ndarray, wa: np.ndarray, cfg: FuseConfig
+) -> dict[str, Any]:
+    """:func:`gain_metrics` on all labelled videos and on those with audio (``wa``, (N,))."""
+    return {
+        "all": gain_metrics(ranks, y, cfg.bootstrap, cfg.seed),
+        "with_audio": gain_metrics(
+            {k: r[wa] for k, r in ranks.items()}, y[wa], cfg.bootstrap, cfg.seed
+        ),
+    }
