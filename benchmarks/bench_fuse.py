@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from avfuse.fuse import FuseConfig, fuse, paired_bootstrap_ci
+from avfuse.fuse import FuseConfig, fuse
+from avfuse.fusion import paired_bootstrap_ci
 from avfuse.io import write_table
 from avfuse.manifest import write_class_list
 from avfuse.scores import ScoreFile

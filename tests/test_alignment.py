@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 from avfuse.evaluate import metrics
-from avfuse.fuse import accuracy, fuse, infer_kind, true_rank, video_above_chance
+from avfuse.fuse import fuse
+from avfuse.fusion import accuracy, infer_kind, true_rank, video_above_chance
 from avfuse.io import write_table
 from avfuse.manifest import write_class_list
 from avfuse.scores import ScoreFile

@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from avfuse.fuse import (
-    FuseConfig,
+from avfuse.fuse import FuseConfig, fuse
+from avfuse.fusion import (
     Params,
     Stacker,
     Views,
@@ -20,7 +20,6 @@ from avfuse.fuse import (
     apply_params,
     detect_kind,
     fit_temperature,
-    fuse,
     fuse_log_probs,
     paired_bootstrap_ci,
     pick_weight,

@@ -434,3 +434,188 @@ code {{ background: #f3f3f3; padding: 0 3px; }}
 {body}
 </body></html>
 """
+
+
+# --------------------------------------------------------------------------- fusion report
+
+
+def describe_choice(chosen: dict[str, Any]) -> str:
+    """One line for the chosen weights / temperatures / stacker."""
+
+    def one(p: dict[str, Any]) -> str:
+        if "weight" in p:
+            txt = f"w={p['weight']:.2f}"
+        else:
+            txt = f"α={p.get('alpha', math.nan):.2f} β={p.get('beta', math.nan):.2f}"
+        if p.get("t_video", 1.0) != 1.0 or p.get("t_audio", 1.0) != 1.0:
+            txt += f" (T video {p['t_video']:.2f}, audio {p['t_audio']:.2f})"
+        return txt
+
+    if "folds" in chosen:
+        return "per fold: " + "; ".join(one(p) for p in chosen["folds"])
+    return one(chosen)
+
+
+_ID_COUNTS = ("matched", "missing", "extra", "duplicates")  # IdMatch.counts() keys
+
+
+def write_fusion_report(folder: Path, figures: dict[str, Any]) -> tuple[Path, Path]:
+    """Markdown + HTML report with three plots from ``fusion.json``-style ``figures``."""
+    folder = Path(folder)
+    opt = figures["optimistic"]
+    tag = " (OPTIMISTIC)" if opt else ""
+    r = Report(f"Audio + video late fusion, split {figures['split']}{tag}")
+    if opt:
+        r.note(
+            "the fusion weight was tuned on the very videos it is evaluated on "
+            "(weight_selection=optimistic); these figures overstate what fusion gives on new "
+            "videos. Use cross-validation or held-out data for a figure to publish."
+        )
+    counts = figures["counts"]
+    sel = {
+        "cv": f"{len(figures['chosen'].get('folds', []))}-fold cross-validation on the evaluated "
+        "split: every video is fused with a weight chosen on the other folds",
+        "heldout": "held-out videos (disjoint from the evaluated ones)",
+        "optimistic": "the evaluated videos themselves (optimistic)",
+    }[figures["weight_selection"]]
+    r.paragraph(
+        f"Method `{figures['method']}`; weights chosen on {sel}. "
+        f"{counts['videos_fused']} videos fused, {counts['with_audio']} with audio; the "
+        f"{counts['without_audio']} without audio keep their video-only scores and count in "
+        "every **all videos** figure."
+    )
+    r.paragraph(f"Chosen: {describe_choice(figures['chosen'])}.")
+    _fusion_metric_tables(r, figures["metrics"], opt)
+    _fusion_accuracy_plots(r, folder, figures)
+    _fusion_class_gain(r, folder, figures["per_class"])
+    _fusion_alignment(r, counts)
+    r.paragraph("Full figures: `fusion.json`.")
+    return r.write(folder)
+
+
+def _fusion_metric_tables(r: Report, metrics: dict[str, Any], opt: bool) -> None:
+    """One table per scope (all videos, videos with audio) with the fused gains."""
+    for scope, title in (("all", "All videos"), ("with_audio", "Videos with audio")):
+        m = metrics[scope]
+        rows = []
+        for model in ("video", "audio", "fused"):
+            rows.append(
+                {
+                    "model": model + (" (optimistic)" if opt and model == "fused" else ""),
+                    "top-1 %": 100 * m[model]["top1"],
+                    "top-5 %": 100 * m[model]["top5"],
+                    "mean class %": 100 * m[model]["mean_class"],
+                    "videos": m[model]["n"],
+                }
+            )
+        gains = []
+        for k in (1, 5):
+            g, lo, hi = m[f"gain_top{k}"]
+            gains.append(
+                f"top-{k} gain {100 * g:+.2f} points (95% CI {100 * lo:+.2f} to {100 * hi:+.2f})"
+            )
+        r.heading(title)
+        r.table(pd.DataFrame(rows))
+        r.paragraph(
+            "Fused minus video-only: " + "; ".join(gains) + ". Paired bootstrap over videos."
+        )
+        if scope == "all" and m["audio"]["n"]:
+            r.paragraph("Audio-only on all videos counts a video without audio as a miss.")
+
+
+def _fusion_accuracy_plots(r: Report, folder: Path, figures: dict[str, Any]) -> None:
+    """The accuracy bars and the accuracy-against-weight curves."""
+    m = figures["metrics"]["all"]
+    vals = {
+        f"top-{k}": {model: 100 * m[model][f"top{k}"] for model in ("video", "audio", "fused")}
+        for k in (1, 5)
+    }
+    ci = {f"top-{k}": tuple(100 * x for x in m[f"gain_top{k}"]) for k in (1, 5)}
+    bars = plot_accuracy_bars(vals, folder / "accuracy.png", ci)  # type: ignore[arg-type]
+    r.heading("Accuracy")
+    r.image(bars, "video-only, audio-only and fused accuracy, all videos; gain with 95% CI")
+
+    cv = figures["curve"]
+    curves = {
+        "all videos": np.asarray(cv["top1_all"]),
+        "videos with audio": np.asarray(cv["top1_with_audio"]),
+    }
+    if cv.get("heldout_top1"):
+        curves["held-out videos (chose the weight)"] = np.asarray(cv["heldout_top1"])
+    ch = figures["chosen"]
+    marks = [f["weight"] for f in ch.get("folds", []) if "weight" in f] or (
+        [ch["weight"]] if "weight" in ch else []
+    )
+    png = plot_weight_curve(
+        np.asarray(cv["weights"]),
+        curves,
+        folder / "weight_curve.png",
+        marks,
+        title=f"top-1 against the audio weight ({cv['method']})",
+    )
+    r.heading("Accuracy against the audio weight")
+    r.paragraph(
+        "Curves over the evaluated videos, for diagnosis only: reading the best weight off "
+        "them would be tuning on the test videos. Dotted lines: the weight(s) actually used"
+        + (" (one per fold)." if ch.get("folds") else ".")
+        + (
+            " The stacker has no single weight; the curve shows the product of experts."
+            if figures["method"] == "stack"
+            else ""
+        )
+    )
+    r.image(png, "top-1 accuracy against the audio weight")
+
+
+def _fusion_class_gain(r: Report, folder: Path, pc: dict[str, Any]) -> None:
+    """Per-class top-1 change (plot + the 10 best and 10 worst classes), if any class has videos."""
+    n = np.asarray(pc["n"])
+    present = n > 0
+    cls = [c for c, k in zip(pc["classes"], present, strict=True) if k]
+    vt = np.asarray([x for x, k in zip(pc["video_top1"], present, strict=True) if k], float)
+    ft = np.asarray([x for x, k in zip(pc["fused_top1"], present, strict=True) if k], float)
+    gain = 100 * (ft - vt)
+    if not len(cls):
+        return
+    png = plot_class_gain(cls, gain, folder / "class_gain.png", counts=[int(k) for k in n[present]])
+    r.heading("Classes that gain and lose most from audio")
+    r.image(png, "per-class top-1 change, fused minus video-only (points)")
+    order = np.argsort(-gain, kind="stable")
+    pick = list(order[:10]) + [i for i in order[::-1][:10] if i not in order[:10]]
+    r.table(
+        pd.DataFrame(
+            {
+                "class": [cls[i] for i in pick],
+                "videos": [int(n[present][i]) for i in pick],
+                "video top-1 %": [100 * vt[i] for i in pick],
+                "fused top-1 %": [100 * ft[i] for i in pick],
+                "gain": [gain[i] for i in pick],
+            }
+        )
+    )
+
+
+def _fusion_alignment(r: Report, counts: dict[str, Any]) -> None:
+    """How the rows and class columns of both score files were matched."""
+    r.heading("Alignment")
+    r.table(
+        pd.DataFrame(
+            [
+                {"side": side, **{k: counts[side]["ids"][k] for k in _ID_COUNTS}}
+                for side in ("video", "audio")
+            ]
+        )
+    )
+    v = counts["video"]
+    r.paragraph(
+        f"Video scores read as `{v['kind']}` from `{v['source']}`; class columns "
+        + (
+            "matched by name"
+            if v["classes"]["by_name"]
+            else "**assumed** to be in class-list order (the file does not name them; "
+            "give --video-label-map to be sure)"
+        )
+        + f" ({v['classes']['missing']} missing, {v['classes']['extra']} unknown). "
+        f"{counts['not_on_disk_without_video_scores']} videos of the split are not on disk and "
+        "have no video scores; they are left out."
+    )

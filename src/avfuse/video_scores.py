@@ -516,24 +516,11 @@ def _load_csv(path: Path) -> VideoScores:
     cls_col = _find(cols, _CLASS_COLUMNS)
     score_col = _find(cols, _SCORE_COLUMNS)
 
-    def numbers(values: pd.DataFrame, what: str) -> np.ndarray:
-        arr = values.apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
-        # NaN / inf spelled out are numbers (check_finite reports them); anything else is not.
-        spelled = values.apply(lambda c: c.str.strip().str.lower().isin(_NONFINITE)).to_numpy()
-        bad = np.isnan(arr) & ~spelled
-        if bad.any():
-            r, c = (int(x) for x in np.argwhere(bad)[0])
-            raise VideoScoreError(
-                f"{path}: {int(bad.sum())} non-numeric {what} (e.g. {values.iat[r, c]!r} in "
-                f"column {values.columns[c]!r}, data row {r + 1})"
-            )
-        return arr
-
     if cls_col is not None and score_col is not None and len(cols) <= 4:
         # Long format: one (id, class, score) row per pair.
         ids = df[id_col].astype(str).str.strip()
         cl = df[cls_col].astype(str).str.strip()
-        sc = numbers(df[[score_col]], "scores")[:, 0]
+        sc = _csv_numbers(df[[score_col]], path, "scores")[:, 0]
         pairs = pd.DataFrame({"id": ids, "cls": cl, "s": sc})
         dup = pairs.duplicated(["id", "cls"])
         if dup.any():
@@ -625,19 +612,29 @@ def _wide_numbers(
     return arr
 
 
-def _raise_bad_cell(path: Path, sep: str, class_cols: list[str], exc: Exception) -> None:
-    """Find the first non-numeric cell (slow path, only on a bad file) and name it."""
-    df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, index_col=False)
-    values = df[[c for c in df.columns if str(c) in class_cols]]
+def _csv_numbers(values: pd.DataFrame, path: Path, what: str) -> np.ndarray:
+    """Text cells ``(N, K)`` as float64 numbers; a cell that is not one is an error naming it."""
     arr = values.apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
+    # NaN / inf spelled out are numbers (check_finite reports them); anything else is not.
     spelled = values.apply(lambda c: c.str.strip().str.lower().isin(_NONFINITE)).to_numpy()
     bad = np.isnan(arr) & ~spelled
     if bad.any():
         r, c = (int(x) for x in np.argwhere(bad)[0])
         raise VideoScoreError(
-            f"{path}: {int(bad.sum())} non-numeric scores (e.g. {values.iat[r, c]!r} in "
+            f"{path}: {int(bad.sum())} non-numeric {what} (e.g. {values.iat[r, c]!r} in "
             f"column {values.columns[c]!r}, data row {r + 1})"
-        ) from exc
+        )
+    return arr
+
+
+def _raise_bad_cell(path: Path, sep: str, class_cols: list[str], exc: Exception) -> None:
+    """Find the first non-numeric cell (slow path, only on a bad file) and name it."""
+    df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, index_col=False)
+    values = df[[c for c in df.columns if str(c) in class_cols]]
+    try:
+        _csv_numbers(values, path, "scores")
+    except VideoScoreError as bad:
+        raise bad from exc
     raise VideoScoreError(f"{path}: malformed CSV ({exc})") from exc
 
 
