@@ -411,3 +411,22 @@ def test_align_classes_one_rule_for_case_and_underscores() -> None:
     assert al.columns.tolist() == [2, 1, 0] and not al.missing and not al.extra
     with pytest.raises(VideoScoreError, match="duplicated class names"):
         align_classes(["a", "a", "b"], ["a", "b", "c"], n_columns=3, source="s")
+
+
+def test_csv_rows_of_padded_short_clips_are_kept(tmp_path: Path) -> None:
+    # A scores CSV written by avfuse itself: short clips are scored with status ``padded``;
+    # only rows whose status carries no score are left out.
+    statuses = ["ok", "padded", "no_audio", "silent", "padded"]
+    lines = ["video_id,status," + ",".join(CLASSES)]
+    for i, st in enumerate(statuses):
+        cells = ["" if st in ("no_audio", "silent") else str(0.1 * (i + j)) for j in range(5)]
+        lines.append(f"v{i},{st}," + ",".join(cells))
+    (tmp_path / "a.csv").write_text("\n".join(lines) + "\n")
+    vs = read_one(tmp_path / "a.csv")
+    assert vs.ids == ["v0", "v1", "v4"]
+    np.testing.assert_allclose(vs.scores[1], [0.1 * (1 + j) for j in range(5)])
+    # A blank cell in a row whose status says it has scores is refused, naming the row.
+    lines[2] = lines[2].replace(str(0.1 * 3), "", 1)
+    (tmp_path / "b.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(VideoScoreError, match="data row 2"):
+        read_one(tmp_path / "b.csv")

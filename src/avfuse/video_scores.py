@@ -43,6 +43,7 @@ import pandas as pd
 
 from avfuse.labels import class_key, kinetics_clip_name, match_class_names, nfc, read_label_map
 from avfuse.safe_pickle import CorruptPickleError, UnsafePickleError, load_pickle
+from avfuse.scores import SCORED_STATUSES
 
 Format = Literal["auto", "npz", "npy", "csv", "pkl"]
 
@@ -548,7 +549,8 @@ def _load_csv(path: Path) -> VideoScores:
     n_rows = len(df)
     if "status" in [c.lower() for c in cols]:
         st = df[_find(cols, ("status",)) or "status"].astype(str)
-        keep = (st == "ok").to_numpy()
+        # The statuses that carry scores (``padded`` short clips too), as in our .npz files.
+        keep = st.str.strip().isin(SCORED_STATUSES).to_numpy()
         df = df[keep]
     gt_col = _find(cols, ("gt_label", "gt", "target", "label_index"))
     return VideoScores(
@@ -581,7 +583,9 @@ def _wide_numbers(
     conv = pacsv.ConvertOptions(
         column_types={c: pa.float64() for c in class_cols},
         include_columns=class_cols,
-        null_values=[],
+        # Rows a status column leaves out (no score: avfuse writes their cells empty) may be
+        # blank; a blank cell in a row that is read is refused below.
+        null_values=[] if keep is None else [""],
         strings_can_be_null=False,
         quoted_strings_can_be_null=False,
     )
@@ -602,7 +606,18 @@ def _wide_numbers(
             sel = slice(None) if keep is None else keep[row : row + m]
             k = m if keep is None else int(sel.sum())  # type: ignore[union-attr]
             for j, name in enumerate(class_cols):
-                arr[out : out + k, j] = batch.column(name).to_numpy()[sel]
+                col = batch.column(name)
+                if col.null_count:
+                    blank = col.is_null().to_numpy(zero_copy_only=False)[sel]
+                    if blank.any():
+                        first = (
+                            int(np.flatnonzero(sel)[np.argmax(blank)]) if keep is not None else 0
+                        )
+                        raise VideoScoreError(
+                            f"{path}: an empty score in column {name!r}, data row "
+                            f"{row + first + 1}, whose status says it has scores"
+                        )
+                arr[out : out + k, j] = col.to_numpy(zero_copy_only=False)[sel]
             row += m
             out += k
     except (pa.ArrowInvalid, pa.ArrowKeyError, KeyError) as exc:
