@@ -610,9 +610,8 @@ def _wide_numbers(
                 if col.null_count:
                     blank = col.is_null().to_numpy(zero_copy_only=False)[sel]
                     if blank.any():
-                        first = (
-                            int(np.flatnonzero(sel)[np.argmax(blank)]) if keep is not None else 0
-                        )
+                        kept = np.arange(m)[sel]  # batch rows that are read
+                        first = int(kept[np.argmax(blank)])
                         raise VideoScoreError(
                             f"{path}: an empty score in column {name!r}, data row "
                             f"{row + first + 1}, whose status says it has scores"
