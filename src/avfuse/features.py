@@ -45,8 +45,7 @@ import numpy as np
 import pandas as pd
 
 from avfuse import __version__
-from avfuse.config import Config, load_config, num_workers_field, save_config, scheduler_field
-from avfuse.extract import (
+from avfuse.audio import (
     SILENCE_PEAK_DBFS,
     SILENCE_RMS_DBFS,
     USABLE,
@@ -55,6 +54,7 @@ from avfuse.extract import (
     load_audio,
     silence_reason,
 )
+from avfuse.config import Config, load_config, num_workers_field, save_config, scheduler_field
 from avfuse.io import (
     RecordLog,
     error_reason,
