@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from avfuse.extract import COLUMNS as EXTRACT_COLUMNS
 from avfuse.audio import load_audio, write_audio
+from avfuse.extract import COLUMNS as EXTRACT_COLUMNS
 from avfuse.features import FeaturesConfig, compute_features
 from avfuse.io import read_table, write_table
 from avfuse.manifest import ScanConfig, load_classes, scan
