@@ -11,7 +11,7 @@ magnitude, log(mel + 0.01)) for the same 10 s clips, one thread for every librar
 Figures are x-realtime per core (seconds of audio per second of compute), best of ``--repeats``
 interleaved rounds, with the ratio to librosa. Compute is this process's CPU time: on a shared
 machine wall time would count the neighbours' load too. With ``--videos N`` it also times end to end, on N
-generated 10 s AAC mp4s: bare decode+resample (``avfuse.extract.decode_audio``) against
+generated 10 s AAC mp4s: bare decode+resample (``avfuse.audio.decode_audio``) against
 decode+resample+``log_mel`` (the ``features --from-video`` worker's work per file).
 
 Usage: ``python benchmarks/bench_melspec.py [--clips 40] [--repeats 5] [--videos 20]``.
@@ -131,7 +131,7 @@ def bench_frontend(n_clips: int, repeats: int) -> None:
 
 
 def bench_end_to_end(n_videos: int, repeats: int) -> None:
-    from avfuse.extract import decode_audio
+    from avfuse.audio import decode_audio
     from tests.media import AudioTrack, write_media
 
     rng = np.random.default_rng(1)

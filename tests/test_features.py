@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from avfuse.audio import load_audio, write_audio
 from avfuse.extract import COLUMNS as EXTRACT_COLUMNS
-from avfuse.extract import load_audio, write_audio
 from avfuse.features import FeaturesConfig, compute_features
 from avfuse.io import read_table, write_table
 from avfuse.manifest import ScanConfig, load_classes, scan
@@ -306,7 +306,7 @@ def test_resume_after_kill_9(tmp_path: Path) -> None:
 
 
 def test_from_video_in_one_pass(tmp_path: Path) -> None:
-    from avfuse.extract import decode_audio
+    from avfuse.audio import decode_audio
     from tests.media import make_dataset, write_media
 
     root, work = tmp_path / "data", tmp_path / "work"

@@ -13,7 +13,7 @@ Statuses: ``ok``; ``padded`` (at least one frame but fewer than ``example_frames
 0.975 s with the VGGish preset: the real frames are stored, and training and prediction pad
 them to one example when they cut windows, per their ``short_clips`` policy, so a policy change
 needs no recomputation); ``too_short`` (not even one frame); ``silent`` (digital silence or a
-level below the silence thresholds, see :func:`avfuse.extract.silence_reason`; nothing stored);
+level below the silence thresholds, see :func:`avfuse.audio.silence_reason`; nothing stored);
 ``not_extracted`` (the extract status was not ok/partial, or with ``--from-video`` the video has
 no usable audio; the reason is copied); ``error`` (reading the audio failed; retried by a rerun).
 
@@ -45,8 +45,7 @@ import numpy as np
 import pandas as pd
 
 from avfuse import __version__
-from avfuse.config import Config, load_config, num_workers_field, save_config, scheduler_field
-from avfuse.extract import (
+from avfuse.audio import (
     SILENCE_PEAK_DBFS,
     SILENCE_RMS_DBFS,
     USABLE,
@@ -55,6 +54,7 @@ from avfuse.extract import (
     load_audio,
     silence_reason,
 )
+from avfuse.config import Config, load_config, num_workers_field, save_config, scheduler_field
 from avfuse.io import (
     RecordLog,
     error_reason,

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from avfuse import distributed as D
+from avfuse.audio import USABLE
 from avfuse.config import Config, save_config
 from avfuse.data import (
     SHORT_CLIPS,
@@ -40,7 +41,6 @@ from avfuse.data import (
     WholeClips,
     WindowDataset,
 )
-from avfuse.extract import USABLE
 from avfuse.manifest import load_classes, load_manifest
 from avfuse.models import VGGish, build_model
 from avfuse.safe_pickle import load_torch
