@@ -35,8 +35,8 @@ from avfuse.data import (
     compute_norm_stats,
     make_synthetic_work,
 )
-from avfuse.evaluate import metrics
 from avfuse.manifest import load_manifest
+from avfuse.metrics import metrics
 from avfuse.models import build_model
 from avfuse.store import FeatureStore
 from avfuse.train import TrainConfig, train

@@ -17,8 +17,9 @@ from avfuse.extract import ExtractConfig, extract
 from avfuse.features import FeaturesConfig, compute_features
 from avfuse.io import read_table
 from avfuse.manifest import ScanConfig, load_manifest, scan
-from avfuse.predict import PredictConfig, load_checkpoint, predict, video_status
+from avfuse.predict import PredictConfig, predict
 from avfuse.scores import ScoreFile
+from avfuse.scoring import load_checkpoint, video_status
 from avfuse.store import FeatureStore
 from avfuse.train import TrainConfig, carve_selection, fit_schedule, train
 from tests.media import tone, write_level_video

@@ -15,8 +15,9 @@ import torch
 
 from avfuse import distributed as D
 from avfuse.data import make_synthetic_work
-from avfuse.predict import PredictConfig, load_checkpoint, model_from_checkpoint, predict
+from avfuse.predict import PredictConfig, predict
 from avfuse.scores import ScoreFile
+from avfuse.scoring import load_checkpoint, model_from_checkpoint
 
 SCRIPT = """
 import atexit, json, sys

@@ -9,9 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from avfuse.evaluate import EvaluateConfig, average_precision, evaluate, metrics
+from avfuse.evaluate import EvaluateConfig, evaluate
 from avfuse.io import write_table
 from avfuse.manifest import write_class_list
+from avfuse.metrics import average_precision, metrics
 from avfuse.scores import ScoreFile
 
 

@@ -20,8 +20,9 @@ from avfuse.embed import EmbedConfig, embed
 from avfuse.evaluate import EvaluateConfig, evaluate
 from avfuse.io import read_json, write_json
 from avfuse.models import Cnn10, Cnn14, VGGish, build_model, fuse_for_inference, load_init
-from avfuse.predict import PredictConfig, load_checkpoint, model_from_checkpoint, predict
+from avfuse.predict import PredictConfig, predict
 from avfuse.scores import ScoreFile
+from avfuse.scoring import load_checkpoint, model_from_checkpoint
 from avfuse.store import FeatureStore
 from avfuse.train import TrainConfig, param_groups, resolve_normalize, train
 

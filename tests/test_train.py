@@ -20,7 +20,8 @@ from avfuse.evaluate import EvaluateConfig, evaluate
 from avfuse.io import read_json, write_json
 from avfuse.manifest import load_classes
 from avfuse.models import VGGish
-from avfuse.predict import PredictConfig, load_checkpoint, model_from_checkpoint, predict
+from avfuse.predict import PredictConfig, predict
+from avfuse.scoring import load_checkpoint, model_from_checkpoint
 from avfuse.store import FeatureStore, FrontendMismatchError
 from avfuse.train import TrainConfig, lr_factor, spec_augment, train
 

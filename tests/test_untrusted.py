@@ -34,13 +34,13 @@ from avfuse.manifest import (
     write_class_list,
 )
 from avfuse.models import build_model, load_init
-from avfuse.predict import load_checkpoint
 from avfuse.safe_pickle import (
     CorruptCheckpointError,
     UnsafePickleError,
     load_pickle,
     load_torch,
 )
+from avfuse.scoring import load_checkpoint
 from avfuse.video_scores import VideoScoreError, read_one
 from tests.media import write_tone_video
 

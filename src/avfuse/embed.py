@@ -32,7 +32,7 @@ from avfuse.data import EvalWindows, NormStats, WindowDataset, store_window
 from avfuse.io import read_json, read_table
 from avfuse.manifest import load_classes, load_manifest
 from avfuse.models import build_model, embed_dim, fuse_for_inference, load_init
-from avfuse.predict import valid_embedding_name, video_status
+from avfuse.scoring import valid_embedding_name, video_status
 from avfuse.store import (
     INDEX,
     META,

@@ -17,37 +17,29 @@ between ranks (each video exactly once) and rank 0 writes the file.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
-import torch
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from avfuse import distributed as D
-from avfuse.audio import USABLE
 from avfuse.config import Config, save_config
-from avfuse.data import (
-    SHORT_CLIPS,
-    WINDOW,
-    EvalWindows,
-    NormStats,
-    ShortClips,
-    WholeClips,
-    WindowDataset,
-)
 from avfuse.manifest import load_classes, load_manifest
-from avfuse.models import VGGish, build_model
-from avfuse.safe_pickle import load_torch
+from avfuse.models import VGGish
 from avfuse.scores import ScoreFile
-from avfuse.store import FeatureStore
-
-Aggregation = Literal["mean_softmax", "mean_logits", "max"]
+from avfuse.scoring import (
+    SCORED,
+    Aggregation,
+    checkpoint_short_clips,
+    checkpoint_store,
+    checkpoint_window,
+    load_checkpoint,
+    model_from_checkpoint,
+    resolve_checkpoint,
+    score_videos_distributed,
+    video_status,
+)
 
 log = D.get_logger(__name__)
 
@@ -117,218 +109,6 @@ class PredictResult:
 
 
 # --------------------------------------------------------------------------- checkpoints
-
-
-def resolve_checkpoint(work: Path, run: str, checkpoint: str) -> Path:
-    if checkpoint in ("best", "last"):
-        path = Path(work) / "runs" / run / f"{checkpoint}.pt"
-    else:
-        path = Path(checkpoint)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} not found (train first, or pass --checkpoint)")
-    return path
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a training checkpoint (tensors, numbers, strings only: ``weights_only`` loading).
-
-    Raises :class:`avfuse.safe_pickle.CorruptCheckpointError` for a truncated or damaged file.
-    """
-    ckpt = load_torch(path)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "avfuse-checkpoint/1":
-        raise ValueError(f"{path} is not an avfuse training checkpoint")
-    return ckpt  # type: ignore[no-any-return]
-
-
-def checkpoint_window(ckpt: dict[str, Any]) -> int:
-    """Frames per window the checkpoint's model was trained on (96 in older checkpoints)."""
-    return int(ckpt.get("window", WINDOW))
-
-
-_EMBEDDING_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-
-
-def valid_embedding_name(name: str) -> bool:
-    """A name of ``WORK/embeddings/NAME``: one plain path component (no separators, no ``..``)."""
-    return bool(_EMBEDDING_NAME.fullmatch(name)) and ".." not in name
-
-
-def checkpoint_store(work: Path, ckpt: dict[str, Any]) -> FeatureStore:
-    """The store the checkpoint's model reads: ``WORK/features`` or, for a head trained on
-    embeddings, ``WORK/embeddings/NAME`` (the name is checked: it never leaves WORK)."""
-    name = ckpt.get("embeddings")
-    if not name:
-        return FeatureStore(work / "features")
-    if not isinstance(name, str) or not valid_embedding_name(name):
-        raise ValueError(f"checkpoint names an invalid embedding store {name!r}")
-    return FeatureStore(work / "embeddings" / name)
-
-
-def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[nn.Module, NormStats, list[str]]:
-    """(model with the checkpoint's weights, normalisation statistics, class list)."""
-    spec = ckpt["model_spec"]
-    model = build_model(
-        spec["name"],
-        len(ckpt["classes"]),
-        spec["width"],
-        spec["dropout"],
-        n_mels=int(spec.get("n_mels", 64)),
-        frames=int(spec.get("frames", WINDOW)),
-    )
-    model.load_state_dict(ckpt["model"])
-    return model, NormStats.from_state(ckpt["norm"]), list(ckpt["classes"])
-
-
-# --------------------------------------------------------------------------- scoring
-
-
-@torch.no_grad()
-def score_videos(
-    model: nn.Module,
-    store: FeatureStore,
-    ids: Sequence[str],
-    norm: NormStats,
-    *,
-    hop: int = WINDOW,
-    window: int = WINDOW,
-    batch_size: int = 256,
-    device: torch.device | str = "cpu",
-    amp_dtype: torch.dtype | None = None,
-    aggregation: Aggregation = "mean_softmax",
-    num_workers: int = 0,
-    channels_last: bool = False,
-    progress: bool = True,
-    short_clips: ShortClips = "repeat",
-    min_frames: int = 1,
-) -> dict[str, tuple[np.ndarray, int]]:
-    """Score ``ids`` (all present in ``store``) window by window: windows of ``window`` frames
-    (the model's), starting every ``hop`` frames.
-
-    A video shorter than one window is scored from one window padded per ``short_clips``;
-    with ``window < 0`` each whole clip is one window, padded to at least ``min_frames``.
-
-    Returns ``{video_id: (probabilities (C,), n_windows)}`` aggregated per ``aggregation``.
-    Windows of a video are combined by video position, whatever order batches come in.
-    """
-    device = torch.device(device)
-    ids = list(ids)
-    if not ids:
-        return {}
-    base = WindowDataset(
-        store, ids, np.full(len(ids), -1), norm, window=max(window, 1), short_clips=short_clips
-    )
-    whole = window < 0
-    if whole and isinstance(model, VGGish):
-        raise ValueError("VGGish takes fixed-size windows: whole-clip scoring needs global pooling")
-    ds: Dataset[Any] = (
-        WholeClips(base, min_frames=min_frames) if whole else EvalWindows(base, hop=hop)
-    )
-    loader = DataLoader(
-        ds,
-        batch_size=1 if whole else batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        generator=torch.Generator(),  # leaves the global RNG (training's dropout stream) alone
-    )
-    was_training = model.training
-    model.eval()
-    n = len(ids)
-    acc: torch.Tensor | None = None
-    count = torch.zeros(n, dtype=torch.float64)
-    bar = tqdm(loader, desc="predict", unit="batch", leave=False, disable=not progress)
-    for x, _, pos in bar:
-        x = x.to(device, non_blocking=True).unsqueeze(1)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(
-            device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-        ):
-            logits = model(x)
-        logits = logits.float().cpu().double()
-        if acc is None:
-            fill = float("-inf") if aggregation == "max" else 0.0
-            acc = torch.full((n, logits.shape[1]), fill, dtype=torch.float64)
-        if aggregation == "mean_softmax":
-            acc.index_add_(0, pos, torch.softmax(logits, dim=1))
-        elif aggregation == "mean_logits":
-            acc.index_add_(0, pos, logits)
-        elif aggregation == "max":
-            probs = torch.softmax(logits, dim=1)
-            idx = pos[:, None].expand_as(probs)
-            acc.scatter_reduce_(0, idx, probs, "amax", include_self=True)
-        else:
-            raise ValueError(f"unknown aggregation {aggregation!r}")
-        count.index_add_(0, pos, torch.ones(len(pos), dtype=torch.float64))
-    model.train(was_training)
-    assert acc is not None
-    if aggregation == "mean_softmax":
-        out = acc / count[:, None]
-    elif aggregation == "mean_logits":
-        out = torch.softmax(acc / count[:, None], dim=1)
-    else:
-        out = acc
-    arr = out.numpy().astype(np.float32)
-    return {vid: (arr[i], int(count[i])) for i, vid in enumerate(ids)}
-
-
-def score_videos_distributed(
-    model: nn.Module, store: FeatureStore, ids: Sequence[str], norm: NormStats, **kw: Any
-) -> dict[str, tuple[np.ndarray, int]]:
-    """:func:`score_videos` with the videos split between ranks; every rank gets all results.
-
-    Videos (not windows) are sharded, ``ids[rank::world]``, so no padding duplicates a video and
-    each video's windows are aggregated on one rank.
-    """
-    e = D.env()
-    mine = list(ids)[e.rank :: e.world_size]
-    part = score_videos(
-        model, store, mine, norm, progress=kw.pop("progress", True) and e.is_main, **kw
-    )
-    merged: dict[str, tuple[np.ndarray, int]] = {}
-    for p in D.all_gather_object(part):
-        merged.update(p)
-    return merged
-
-
-# Score-file statuses of rows that carry scores.
-SCORED = ("ok", "padded")
-
-
-def video_status(
-    manifest_rows: Any,
-    store: FeatureStore,
-    window: int = WINDOW,
-    short_clips: str = "repeat",
-) -> dict[str, str]:
-    """``{video_id: status}`` for manifest rows: ``ok``, ``padded`` (shorter than one window,
-    scored from a padded window) or why the video cannot be scored (``silent``, ``no_audio``,
-    ``too_short`` with ``short_clips="drop"``, ...)."""
-    out: dict[str, str] = {}
-    for rec in manifest_rows.itertuples(index=False):
-        vid = str(rec.video_id)
-        # The stage columns exist once extraction / feature computation have run.
-        ext = getattr(rec, "status", None)
-        feat = getattr(rec, "feature_status", None)
-        if isinstance(ext, str) and ext not in USABLE:
-            out[vid] = ext
-        elif isinstance(feat, str) and feat not in SCORED:
-            out[vid] = feat
-        elif vid not in store:
-            out[vid] = "not_in_store"
-        elif store.frames(vid) < 1:
-            out[vid] = "too_short"
-        elif store.frames(vid) < window:
-            out[vid] = "too_short" if short_clips == "drop" else "padded"
-        else:
-            out[vid] = "ok"
-    return out
-
-
-def checkpoint_short_clips(ckpt: dict[str, Any]) -> ShortClips:
-    """The short-clip policy a checkpoint was trained with (``repeat`` for older checkpoints)."""
-    value = (ckpt.get("config") or {}).get("short_clips", "repeat")
-    return value if value in SHORT_CLIPS else "repeat"  # type: ignore[return-value]
 
 
 def predict(cfg: PredictConfig) -> PredictResult | None:

@@ -66,9 +66,9 @@ from avfuse.data import (
     compute_norm_stats,
     store_window,
 )
-from avfuse.evaluate import metrics as score_metrics
 from avfuse.io import atomic_write
 from avfuse.manifest import load_classes, load_manifest
+from avfuse.metrics import metrics as score_metrics
 from avfuse.models import (
     MODELS,
     PRETRAINED_INPUT,
@@ -77,12 +77,7 @@ from avfuse.models import (
     is_head,
     load_init,
 )
-from avfuse.predict import (
-    checkpoint_store,
-    load_checkpoint,
-    score_videos_distributed,
-    video_status,
-)
+from avfuse.scoring import checkpoint_store, load_checkpoint, score_videos_distributed, video_status
 from avfuse.store import FeatureStore
 
 log = D.get_logger(__name__)

@@ -1,0 +1,75 @@
+"""The import rule: stages talk through WORK files and share code through library modules.
+
+Parsed from the source (every ``import``, function-local ones included), so a new import that
+breaks the layering fails here, not in a later refactoring.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "avfuse"
+
+# The stages: each is one CLI subcommand over one public function. ``manifest`` is the spine
+# every stage reads (its loaders), so it is the one stage others may import.
+STAGES = {"manifest", "extract", "features", "train", "predict", "evaluate", "embed", "fuse"}
+SPINE = {"manifest"}
+ORCHESTRATORS = {"pipeline", "demo", "cli", "__main__"}
+
+
+def _module(path: Path) -> str:
+    rel = path.relative_to(SRC).with_suffix("")
+    return rel.parts[0]  # a package (demo) counts as one module
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("avfuse.")}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            if node.level == 0 and node.module == "avfuse":
+                found |= {a.name for a in node.names}
+            elif node.level == 0 and node.module.startswith("avfuse."):
+                found.add(node.module.split(".")[1])
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for path in SRC.rglob("*.py"):
+        mod = _module(path)
+        graph.setdefault(mod, set()).update(_imports(path) - {mod})
+    return graph
+
+
+def test_every_module_is_placed() -> None:
+    mods = set(_graph())
+    assert STAGES <= mods and {"pipeline", "demo", "cli"} <= mods
+    library = mods - STAGES - ORCHESTRATORS
+    # The floor the stages share: if one of these disappears the lists above are stale.
+    assert {"audio", "scoring", "metrics", "fusion", "workdir", "io", "config", "labels"} <= library
+
+
+def test_no_stage_imports_another_stage() -> None:
+    bad = {
+        f"{mod} imports {other}"
+        for mod, deps in _graph().items()
+        if mod in STAGES
+        for other in deps
+        if other in STAGES - SPINE or other in ORCHESTRATORS
+    }
+    assert not bad, sorted(bad)
+
+
+def test_library_modules_import_no_stage_or_orchestrator() -> None:
+    bad = {
+        f"{mod} imports {other}"
+        for mod, deps in _graph().items()
+        if mod not in STAGES | ORCHESTRATORS
+        for other in deps
+        if other in (STAGES - SPINE) | ORCHESTRATORS
+    }
+    assert not bad, sorted(bad)
