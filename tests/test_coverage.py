@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from avfuse.baseline import fit_baseline
+from avfuse.checkpoint import load_checkpoint
 from avfuse.data import WindowDataset, make_synthetic_work, pad_window
 from avfuse.evaluate import EvaluateConfig, evaluate
 from avfuse.extract import ExtractConfig, extract
@@ -19,7 +20,7 @@ from avfuse.io import read_table
 from avfuse.manifest import ScanConfig, load_manifest, scan
 from avfuse.predict import PredictConfig, predict
 from avfuse.scores import ScoreFile
-from avfuse.scoring import load_checkpoint, video_status
+from avfuse.scoring import video_status
 from avfuse.store import FeatureStore
 from avfuse.train import TrainConfig, carve_selection, fit_schedule, train
 from tests.media import tone, write_level_video

@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from avfuse import distributed as D
+from avfuse.checkpoint import load_checkpoint
 from avfuse.data import make_synthetic_work
 from avfuse.predict import PredictConfig, predict
 from avfuse.scores import ScoreFile
-from avfuse.scoring import load_checkpoint, model_from_checkpoint
+from avfuse.scoring import model_from_checkpoint
 
 SCRIPT = """
 import atexit, json, sys

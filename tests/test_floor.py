@@ -183,7 +183,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _epoch(path: Path) -> int:
-    from avfuse.scoring import load_checkpoint
+    from avfuse.checkpoint import load_checkpoint
 
     return int(load_checkpoint(path)["epoch"])
 
@@ -214,7 +214,7 @@ def test_best_checkpoint_only_from_validated_epochs(work: Path) -> None:
 
 
 def test_best_checkpoint_without_validation_is_the_final_one(work: Path) -> None:
-    from avfuse.scoring import load_checkpoint
+    from avfuse.checkpoint import load_checkpoint
     from avfuse.train import TrainConfig, train
 
     cfg = TrainConfig(work, name="noval", epochs=2, val_split="", **TINY)  # type: ignore[arg-type]

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from avfuse.checkpoint import load_checkpoint
 from avfuse.data import NormStats, make_synthetic_work
 from avfuse.embed import EmbedConfig, embed
 from avfuse.evaluate import EvaluateConfig, evaluate
@@ -22,7 +23,7 @@ from avfuse.io import read_json, write_json
 from avfuse.models import Cnn10, Cnn14, VGGish, build_model, fuse_for_inference, load_init
 from avfuse.predict import PredictConfig, predict
 from avfuse.scores import ScoreFile
-from avfuse.scoring import load_checkpoint, model_from_checkpoint
+from avfuse.scoring import model_from_checkpoint
 from avfuse.store import FeatureStore
 from avfuse.train import TrainConfig, param_groups, resolve_normalize, train
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from avfuse.checkpoint import load_checkpoint
 from avfuse.config import load_config, to_dict
 from avfuse.data import compute_norm_stats, make_synthetic_work
 from avfuse.evaluate import EvaluateConfig, evaluate
@@ -21,7 +22,7 @@ from avfuse.io import read_json, write_json
 from avfuse.manifest import load_classes
 from avfuse.models import VGGish
 from avfuse.predict import PredictConfig, predict
-from avfuse.scoring import load_checkpoint, model_from_checkpoint
+from avfuse.scoring import model_from_checkpoint
 from avfuse.store import FeatureStore, FrontendMismatchError
 from avfuse.train import TrainConfig, lr_factor, spec_augment, train
 

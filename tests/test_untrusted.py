@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.utils.cpp_extension
 
+from avfuse.checkpoint import load_checkpoint
 from avfuse.config import apply_overrides
 from avfuse.extract import ExtractConfig, extract
 from avfuse.io import PathEscapeError, safe_join, write_table
@@ -40,7 +41,6 @@ from avfuse.safe_pickle import (
     load_pickle,
     load_torch,
 )
-from avfuse.scoring import load_checkpoint
 from avfuse.video_scores import VideoScoreError, read_one
 from tests.media import write_tone_video
 

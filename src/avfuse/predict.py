@@ -24,6 +24,7 @@ from typing import Literal
 import numpy as np
 
 from avfuse import distributed as D
+from avfuse.checkpoint import load_checkpoint
 from avfuse.config import Config, save_config
 from avfuse.manifest import load_classes, load_manifest
 from avfuse.models import VGGish
@@ -34,7 +35,6 @@ from avfuse.scoring import (
     checkpoint_short_clips,
     checkpoint_store,
     checkpoint_window,
-    load_checkpoint,
     model_from_checkpoint,
     resolve_checkpoint,
     score_videos_distributed,

@@ -32,7 +32,6 @@ from avfuse.data import (
     WindowDataset,
 )
 from avfuse.models import VGGish, build_model
-from avfuse.safe_pickle import load_torch
 from avfuse.store import FeatureStore
 
 Aggregation = Literal["mean_softmax", "mean_logits", "max"]
@@ -48,17 +47,6 @@ def resolve_checkpoint(work: Path, run: str, checkpoint: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} not found (train first, or pass --checkpoint)")
     return path
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a training checkpoint (tensors, numbers, strings only: ``weights_only`` loading).
-
-    Raises :class:`avfuse.safe_pickle.CorruptCheckpointError` for a truncated or damaged file.
-    """
-    ckpt = load_torch(path)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "avfuse-checkpoint/1":
-        raise ValueError(f"{path} is not an avfuse training checkpoint")
-    return ckpt  # type: ignore[no-any-return]
 
 
 def checkpoint_window(ckpt: dict[str, Any]) -> int:

@@ -56,6 +56,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from avfuse import distributed as D
+from avfuse.checkpoint import FORMAT as CHECKPOINT_FORMAT
+from avfuse.checkpoint import load_checkpoint
 from avfuse.config import Config, save_config, to_dict
 from avfuse.data import (
     WINDOW,
@@ -77,7 +79,7 @@ from avfuse.models import (
     is_head,
     load_init,
 )
-from avfuse.scoring import checkpoint_store, load_checkpoint, score_videos_distributed, video_status
+from avfuse.scoring import checkpoint_store, score_videos_distributed, video_status
 from avfuse.store import FeatureStore
 
 log = D.get_logger(__name__)
@@ -706,7 +708,7 @@ def _train(
         if not e.is_main:
             return
         state = {
-            "format": "avfuse-checkpoint/1",
+            "format": CHECKPOINT_FORMAT,
             "model": model.state_dict(),
             "model_spec": spec,
             "optimizer": optimizer.state_dict(),
