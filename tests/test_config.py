@@ -193,4 +193,5 @@ def test_cli_reports_a_bad_config_file_key_in_one_line(
     bad.write_text("work = 'w'\nbogus_key = 1\n", "utf-8")
     assert cli.main(["extract", "--config", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["avfuse extract: error: unknown key(s) for ExtractConfig: bogus_key"]
+    assert len(err) == 1
+    assert err[0].startswith("avfuse extract: error: unknown key(s) for ExtractConfig: bogus_key")
