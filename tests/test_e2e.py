@@ -142,3 +142,20 @@ def test_second_demo_redoes_nothing(result: demo.DemoResult) -> None:
     assert {s.status for s in again.run.stages} == {"skipped"}
     changed = [p for p, t in before.items() if p.stat().st_mtime_ns != t]
     assert changed == []
+
+
+def test_the_layout_owner_names_what_a_run_wrote(result: demo.DemoResult) -> None:
+    from avfuse.workdir import WorkDir
+
+    w = WorkDir(result.run.work)
+    on_disk = {p.name for p in w.root.iterdir()}
+    # The demo's own inputs (its dataset and stand-in video model) and the work lock aside,
+    # every entry is one the layout owner knows, and each one it lists for these stages exists.
+    demo_own = {"dataset", "video_model", ".avfuse.lock"}
+    assert on_disk - demo_own <= {p.name for p in w.written}
+    for p in (w.manifest, w.classes, w.scan_config, w.extract_table, w.extract_config):
+        assert p.is_file(), p
+    for p in (w.store_meta, w.features_config, w.features_table, w.pipeline_state):
+        assert p.is_file(), p
+    assert w.scores("val").is_file() and w.metrics("val").is_file()
+    assert w.report_md.is_file() and w.run_settings.is_file() and w.dataset_files.is_file()

@@ -63,6 +63,7 @@ from avfuse.lock import work_lock
 from avfuse.manifest import ScanConfig
 from avfuse.predict import PredictConfig
 from avfuse.train import TrainConfig
+from avfuse.workdir import WorkDir
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ def _stage(cls: type[Any], section: Any, name: str, **fill: Any) -> Any:
 
 
 def _audio_scores(work: Path, split: str) -> Path:
-    return work / "scores" / f"audio_{split}.npz"
+    return WorkDir(work).scores(split)
 
 
 def _metrics_path(ec: EvaluateConfig) -> Path:
@@ -361,17 +362,17 @@ def stage_keys(sc: StageConfigs) -> dict[str, dict[str, str]]:
 
 
 def _outputs(name: str, sc: StageConfigs) -> list[Path]:
-    work = Path(sc.scan.work)
+    w = WorkDir(sc.scan.work)
     if name == "scan":
-        return [work / "manifest.parquet", work / "classes.txt"]
+        return [w.manifest, w.classes]
     if name == "extract":
-        return [work / "extract.parquet"]
+        return [w.extract_table]
     if name == "features":
-        return [work / "features.parquet", work / "features" / "store.json"]
+        return [w.features_table, w.store_meta]
     if name == "train":
-        return [work / "runs" / sc.train.name / "best.pt"]
+        return [w.checkpoint(sc.train.name)]
     if name == "predict":
-        return [Path(p.output or _audio_scores(work, p.split)) for p in sc.predict.values()]
+        return [Path(p.output or _audio_scores(w.root, p.split)) for p in sc.predict.values()]
     if name == "evaluate":
         return [_metrics_path(e) for e in sc.evaluate.values()]
     if name == "fuse":
@@ -379,7 +380,7 @@ def _outputs(name: str, sc: StageConfigs) -> list[Path]:
             return []
         out = _fusion_dir(sc.fuse)
         return [out / "fusion.json", out / "report.md"]
-    return [work / "report.md", work / "report.html"]
+    return [w.report_md, w.report_html]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,8 +481,6 @@ def _save_state(work: Path, stages: dict[str, Any], dataset: str | None = None) 
 
 # ---------------------------------------------------------------------------------------------
 # The dataset fingerprint: noticing added, deleted and replaced videos
-
-FILES = "dataset_files.parquet"
 
 
 def dataset_listing(root: str | Path, extra: Any = ()) -> pd.DataFrame:
@@ -590,15 +589,16 @@ def _invalidate_replaced(sc: StageConfigs, old: pd.DataFrame, new: pd.DataFrame)
 
 # Per stage: (config class, file the stage saves its config to); the outputs come from _outputs.
 def _saved_configs(name: str, sc: StageConfigs) -> list[tuple[type[Any], Path, Any]]:
-    work = Path(sc.scan.work)
+    w = WorkDir(sc.scan.work)
+    work = w.root
     if name == "scan":
-        return [(ScanConfig, work / "scan.toml", sc.scan)]
+        return [(ScanConfig, w.scan_config, sc.scan)]
     if name == "extract":
-        return [(ExtractConfig, work / "extract.toml", sc.extract)]
+        return [(ExtractConfig, w.extract_config, sc.extract)]
     if name == "features":
-        return [(FeaturesConfig, work / "features" / "config.toml", sc.features)]
+        return [(FeaturesConfig, w.features_config, sc.features)]
     if name == "train":
-        return [(TrainConfig, work / "runs" / sc.train.name / "config.toml", sc.train)]
+        return [(TrainConfig, w.run_config(sc.train.name), sc.train)]
     if name == "predict":
         return [
             (PredictConfig, _sidecar(Path(p.output or _audio_scores(work, p.split)), ".predict"), p)
@@ -728,7 +728,7 @@ def _run_locked(
         _save_state(work, state)  # a readable record again, even if every stage is skipped
     listing = dataset_listing(sc.scan.root, (*(sc.scan.annotations or ()), sc.scan.classes))
     fingerprint = listing_hash(listing)
-    files = work / FILES
+    files = WorkDir(work).dataset_files
     recorded = doc.get("dataset")
     if recorded is None and files.exists():  # pipeline.json lost: the listing remembers
         with contextlib.suppress(Exception):

@@ -1,7 +1,8 @@
 """The work-folder layout: every path below ``WORK`` is spelled here and nowhere else.
 
 Stages talk through these files, so a stage never needs another stage's module to find what
-it reads; ``pipeline`` and ``demo`` list a stage's outputs through :meth:`WorkDir.outputs`.
+it reads; ``pipeline`` recognises finished stages and ``demo`` cleans a work folder through
+these paths (:attr:`WorkDir.written` lists every top-level entry a run writes).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class WorkDir:
 
     @property
     def extract_config(self) -> Path:
-        return self.root / "extract" / "config.toml"
+        return self.root / "extract.toml"
 
     @property
     def extract_failures(self) -> Path:
@@ -72,6 +73,14 @@ class WorkDir:
     def features_parts(self) -> Path:
         return self.store / "parts"
 
+    @property
+    def store_meta(self) -> Path:
+        return self.store / "store.json"
+
+    @property
+    def features_config(self) -> Path:
+        return self.store / "config.toml"
+
     # embeddings
     def embeddings(self, name: str) -> Path:
         return self.root / "embeddings" / name
@@ -86,6 +95,9 @@ class WorkDir:
 
     def checkpoint(self, run: str, which: str = "best") -> Path:
         return self.run(run) / f"{which}.pt"
+
+    def run_config(self, run: str) -> Path:
+        return self.run(run) / "config.toml"
 
     # predict / evaluate
     @property
@@ -112,6 +124,15 @@ class WorkDir:
         return self.root / "pipeline.json"
 
     @property
+    def run_settings(self) -> Path:
+        return self.root / "run.toml"
+
+    @property
+    def dataset_files(self) -> Path:
+        """The dataset's fingerprint (paths, sizes, mtimes) a run compares to notice changes."""
+        return self.root / "dataset_files.parquet"
+
+    @property
     def report_md(self) -> Path:
         return self.root / "report.md"
 
@@ -126,3 +147,30 @@ class WorkDir:
     @property
     def lock(self) -> Path:
         return self.root / ".avfuse.lock"
+
+    @property
+    def written(self) -> tuple[Path, ...]:
+        """Every top-level entry the stages and ``avfuse run`` write (``--force`` clears them)."""
+        return (
+            self.manifest,
+            self.classes,
+            self.scan_config,
+            self.scan_warnings,
+            self.extract_table,
+            self.extract_config,
+            self.extract_failures,
+            self.extract_parts.parent,
+            self.audio_dir,
+            self.features_table,
+            self.store,
+            self.root / "embeddings",
+            self.runs,
+            self.scores_dir,
+            self.fusion,
+            self.figures,
+            self.report_md,
+            self.report_html,
+            self.pipeline_state,
+            self.run_settings,
+            self.dataset_files,
+        )

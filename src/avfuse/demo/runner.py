@@ -12,6 +12,7 @@ from avfuse.config import Config
 from avfuse.demo.baseline import VideoBaselineResult, train_video_baseline
 from avfuse.demo.dataset import CATALOGUE, DATASET_INFO, DatasetInfo, generate_dataset
 from avfuse.io import read_json, write_json
+from avfuse.workdir import WorkDir
 
 
 @dataclass(frozen=True)
@@ -150,34 +151,13 @@ def demo_run_config(cfg: DemoConfig, video_dir: Path) -> Any:
     return run_cfg
 
 
-# What `avfuse run` and the demo write into a work folder (removed by ``--force``).
-_WORK_OUTPUTS = (
-    "manifest.parquet",
-    "classes.txt",
-    "scan.toml",
-    "extract.parquet",
-    "extract.toml",
-    "extract_failures.csv",
-    "extract",
-    "audio",
-    "features.parquet",
-    "features",
-    "runs",
-    "scores",
-    "fusion",
-    "figures",
-    "report.md",
-    "report.html",
-    "pipeline.json",
-    "run.toml",
-    "video_model",
-)
+# What the demo writes besides a run's outputs (the dataset is kept: it is reused by seed).
+_DEMO_OUTPUTS = ("video_model",)
 
 
 def _clean_work(work: Path) -> None:
     """Remove the demo's outputs from ``work`` (only names the pipeline writes)."""
-    for name in _WORK_OUTPUTS:
-        p = work / name
+    for p in (*WorkDir(work).written, *(work / n for n in _DEMO_OUTPUTS)):
         if p.is_dir():
             shutil.rmtree(p)
         elif p.exists():
