@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,17 +30,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from avfuse import distributed as D
-from avfuse.data import (
-    TrainWindowSampler,
-    WindowDataset,
-    compute_norm_stats,
-    make_synthetic_work,
-)
+from avfuse.data import TrainWindowSampler, WindowDataset, compute_norm_stats
 from avfuse.manifest import load_manifest
 from avfuse.metrics import metrics
 from avfuse.models import build_model
 from avfuse.store import FeatureStore
 from avfuse.train import TrainConfig, train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.synthetic, from a checkout
+from tests.synthetic import make_synthetic_work
 
 
 def loader_rate(store: FeatureStore, ids: list[str], workers: int, batches: int) -> float:

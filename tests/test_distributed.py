@@ -15,10 +15,10 @@ import torch
 
 from avfuse import distributed as D
 from avfuse.checkpoint import load_checkpoint
-from avfuse.data import make_synthetic_work
 from avfuse.predict import PredictConfig, predict
 from avfuse.scores import ScoreFile
 from avfuse.scoring import model_from_checkpoint
+from tests.synthetic import make_synthetic_work
 
 SCRIPT = """
 import atexit, json, sys

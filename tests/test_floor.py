@@ -174,7 +174,7 @@ TINY = dict(
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from avfuse.data import make_synthetic_work
+    from tests.synthetic import make_synthetic_work
 
     w = tmp_path_factory.mktemp("floor")
     # 12 train videos x 2 windows = 24 windows -> 3 steps of 8 per epoch

@@ -11,13 +11,14 @@ import torch
 from torch import nn
 
 from avfuse.checkpoint import load_checkpoint
-from avfuse.data import NormStats, make_synthetic_work
+from avfuse.data import NormStats
 from avfuse.io import read_json, read_table, write_json, write_table
 from avfuse.predict import PredictConfig, predict
 from avfuse.scores import ScoreFile
 from avfuse.scoring import model_from_checkpoint, score_videos
 from avfuse.store import FeatureStore, FrontendMismatchError, ShardWriter, commit_index
 from avfuse.train import TrainConfig, train
+from tests.synthetic import make_synthetic_work
 from tests.test_train import TINY
 
 

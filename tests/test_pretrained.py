@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from avfuse.checkpoint import load_checkpoint
-from avfuse.data import NormStats, make_synthetic_work
+from avfuse.data import NormStats
 from avfuse.embed import EmbedConfig, embed
 from avfuse.evaluate import EvaluateConfig, evaluate
 from avfuse.io import read_json, write_json
@@ -26,6 +26,7 @@ from avfuse.scores import ScoreFile
 from avfuse.scoring import model_from_checkpoint
 from avfuse.store import FeatureStore
 from avfuse.train import TrainConfig, param_groups, resolve_normalize, train
+from tests.synthetic import make_synthetic_work
 
 panns = pytest.importorskip("panns_inference.models")
 torchvggish = pytest.importorskip("torchvggish.torchvggish")

@@ -177,7 +177,7 @@ def test_status_counts_match_a_full_join(tmp_path) -> None:
 
 @pytest.fixture
 def store_work(tmp_path):
-    from avfuse.data import make_synthetic_work
+    from tests.synthetic import make_synthetic_work
 
     work = tmp_path / "w"
     man = make_synthetic_work(work, n_classes=4, videos_per_class=40, frames_range=(60, 300))

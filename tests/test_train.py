@@ -16,7 +16,7 @@ import torch
 
 from avfuse.checkpoint import load_checkpoint
 from avfuse.config import load_config, to_dict
-from avfuse.data import compute_norm_stats, make_synthetic_work
+from avfuse.data import compute_norm_stats
 from avfuse.evaluate import EvaluateConfig, evaluate
 from avfuse.io import read_json, write_json
 from avfuse.manifest import load_classes
@@ -25,6 +25,7 @@ from avfuse.predict import PredictConfig, predict
 from avfuse.scoring import model_from_checkpoint
 from avfuse.store import FeatureStore, FrontendMismatchError
 from avfuse.train import TrainConfig, lr_factor, spec_augment, train
+from tests.synthetic import make_synthetic_work
 
 TINY = dict(
     model="panns",
