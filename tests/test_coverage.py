@@ -12,7 +12,7 @@ import pytest
 
 from avfuse.baseline import fit_baseline
 from avfuse.checkpoint import load_checkpoint
-from avfuse.data import WindowDataset, make_synthetic_work, pad_window
+from avfuse.data import WindowDataset, pad_window
 from avfuse.evaluate import EvaluateConfig, evaluate
 from avfuse.extract import ExtractConfig, extract
 from avfuse.features import FeaturesConfig, compute_features
@@ -24,6 +24,7 @@ from avfuse.scoring import video_status
 from avfuse.store import FeatureStore
 from avfuse.train import TrainConfig, carve_selection, fit_schedule, train
 from tests.media import tone, write_level_video
+from tests.synthetic import make_synthetic_work
 
 SR = 16000
 FREQ = {"low": 500.0, "high": 3000.0}

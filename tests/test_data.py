@@ -14,9 +14,9 @@ from avfuse.data import (
     WindowDataset,
     compute_norm_stats,
     eval_windows,
-    make_synthetic_work,
 )
 from avfuse.store import FeatureStore, ShardWriter, commit_index, write_meta
+from tests.synthetic import make_synthetic_work
 
 
 @pytest.fixture(scope="module")
