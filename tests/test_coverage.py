@@ -25,6 +25,7 @@ from avfuse.store import FeatureStore
 from avfuse.train import TrainConfig, carve_selection, fit_schedule, train
 from tests.media import tone, write_level_video
 from tests.synthetic import make_synthetic_work
+from tests.test_train import TINY as TRAIN_TINY
 
 SR = 16000
 FREQ = {"low": 500.0, "high": 3000.0}
@@ -32,17 +33,10 @@ TRAIN_S = (0.2, 0.5, 0.8, 1.5, 3.0)
 VAL_S = (0.3, 0.9, 2.0)
 HISS = 10 ** (-90 / 20)  # RMS of the -90 dBFS hiss
 QUIET = 10 ** (-45 / 20)  # peak of a quiet but real recording
-TINY = dict(
-    model="panns",
-    width=0.125,
-    epochs=2,
-    batch_size=8,
-    num_workers=0,
-    amp="off",
-    device="cpu",
-    progress=False,
-    min_steps=0,
-)
+# The shared tiny settings (tests.test_train), at the default windows per video.
+TINY = {
+    k: v for k, v in TRAIN_TINY.items() if k not in ("deterministic", "windows_per_video")
+} | dict(epochs=2)
 
 
 def _frames(seconds: float) -> int:

@@ -17,6 +17,7 @@ import torch
 
 import avfuse
 from avfuse.config import Config, _literal_values, apply_overrides, check_fields, from_dict
+from tests.test_train import TINY as TRAIN_TINY
 
 # ------------------------------------------------------------------------- config checks
 
@@ -157,18 +158,9 @@ def test_generic_check_handles_optional_tuples_bounds_and_own_post_init() -> Non
 # ------------------------------------------------------------------------- training
 
 
-TINY = dict(
-    model="resnet",
-    width=0.125,
-    batch_size=8,
-    windows_per_video=2,
-    num_workers=0,
-    amp="off",
-    device="cpu",
-    progress=False,
-    min_steps=0,
-    checkpoint_every=0,
-    specaugment=False,
+# The shared tiny settings (tests.test_train), with the schedule these tests count steps of.
+TINY = {k: v for k, v in TRAIN_TINY.items() if k != "deterministic"} | dict(
+    model="resnet", windows_per_video=2, checkpoint_every=0, specaugment=False
 )
 
 

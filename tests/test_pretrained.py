@@ -27,22 +27,15 @@ from avfuse.scoring import model_from_checkpoint
 from avfuse.store import FeatureStore
 from avfuse.train import TrainConfig, param_groups, resolve_normalize, train
 from tests.synthetic import make_synthetic_work
+from tests.test_train import TINY as TRAIN_TINY
 
 panns = pytest.importorskip("panns_inference.models")
 torchvggish = pytest.importorskip("torchvggish.torchvggish")
 
-TINY: dict[str, Any] = dict(
-    width=0.125,
-    batch_size=8,
-    windows_per_video=2,
-    num_workers=0,
-    amp="off",
-    device="cpu",
-    progress=False,
-    deterministic=True,
-    channels_last=False,
-    epochs=1,
-)
+# The shared tiny settings (tests.test_train) without a model and with the old schedule.
+TINY: dict[str, Any] = {
+    k: v for k, v in TRAIN_TINY.items() if k not in ("model", "min_steps")
+} | dict(windows_per_video=2, channels_last=False, epochs=1)
 
 
 def _randomise(model: nn.Module, seed: int) -> nn.Module:

@@ -140,10 +140,6 @@ def check_command(command: str, cfg: Any) -> None:
                     f"device={device} requested but no CUDA device is available "
                     "(use --device cpu or auto)"
                 )
-    for section in (cfg, getattr(cfg, "fuse", None)):
-        tol = getattr(section, "tolerance", None)
-        if isinstance(tol, int | float) and not 0 <= tol <= 1:
-            raise ValueError(f"tolerance must be a fraction in [0, 1], got {tol}")
 
 
 def _work_lock(cfg: Any) -> contextlib.AbstractContextManager[Any]:

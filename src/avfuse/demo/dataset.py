@@ -339,22 +339,10 @@ def generate_dataset(
     files left by a killed run are finished, not rewritten.
     """
     root = Path(root)
-    specs = plan_dataset(
-        seed,
-        classes,
-        per_split,
-        seconds,
-        size,
-        fps,
-        no_audio_fraction,
-        short_fraction,
-        unreadable,
-        muted_fraction,
-    )
-    settings = {
+    plan: dict[str, Any] = {
         "seed": seed,
         "classes": classes,
-        "per_split": per_split or dict(_PER_SPLIT),
+        "per_split": per_split,
         "seconds": seconds,
         "size": size,
         "fps": fps,
@@ -362,6 +350,12 @@ def generate_dataset(
         "short_fraction": short_fraction,
         "unreadable": unreadable,
         "muted_fraction": muted_fraction,
+    }
+    specs = plan_dataset(**plan)
+    # What demo_dataset.json records: the plan (its default split sizes spelled out).
+    settings = {
+        **plan,
+        "per_split": per_split or dict(_PER_SPLIT),
         "generator": 8,  # bump when the generator's output changes
     }
     info_path = root / DATASET_INFO
