@@ -115,6 +115,10 @@ def test_bounded_numbers_are_refused_by_name() -> None:
         ),
         (lambda: dataclasses.replace(RunConfig().fuse, tolerance=1.5), "tolerance: 1.5"),
         (lambda: dataclasses.replace(RunConfig().fuse, folds=1), "folds: 1"),
+        (
+            lambda: dataclasses.replace(RunConfig().fuse, label_tolerance=-1.0),
+            "FuseSection.label_tolerance: -1.0",
+        ),
         (lambda: apply_overrides(RunConfig(), ["train.epochs=-3"]), "TrainSection.epochs: -3"),
     ]
     for make, text in cases:

@@ -166,7 +166,9 @@ class FuseConfig(Config):
         default=0.005,
         metadata={
             "help": "fraction of videos whose label in the video scores' list / dump may "
-            "disagree with the manifest"
+            "disagree with the manifest",
+            "min": 0,
+            "max": 1,
         },
     )
     allow_low_video_accuracy: bool = field(
