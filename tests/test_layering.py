@@ -82,3 +82,25 @@ def test_library_modules_import_no_stage_or_orchestrator() -> None:
         if other in (STAGES - SPINE) | ORCHESTRATORS
     }
     assert not bad, sorted(bad)
+
+
+def test_orchestrators_and_torch_free_stages_do_not_import_torch() -> None:
+    """``avfuse run`` builds every stage's config on each run, most of which train nothing.
+
+    torch alone is ~220 MB and 2 s of start-up: the modules that only build configs, read
+    score files (a score dump of numpy arrays included) or do bookkeeping must not pull it in.
+    """
+    import subprocess
+    import sys
+
+    modules = ["avfuse.pipeline", "avfuse.cli", "avfuse.demo", "avfuse.fuse", "avfuse.evaluate"]
+    modules += ["avfuse.extract", "avfuse.features", "avfuse.manifest", "avfuse.model_config"]
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in modules)
+        + "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]", out

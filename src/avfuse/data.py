@@ -15,12 +15,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from avfuse.model_config import SHORT_CLIPS, ShortClips
 from avfuse.store import FeatureStore
 
 WINDOW = 96  # frames of a VGGish example; a store's own front end says what its examples are
@@ -29,13 +29,6 @@ WINDOW = 96  # frames of a VGGish example; a store's own front end says what its
 def store_window(store: FeatureStore) -> int:
     """Frames per model example of ``store``'s front end (``example_frames``; 96 if unstated)."""
     return int(store.frontend.get("example_frames", WINDOW))
-
-
-# What a clip shorter than one window becomes when its window is cut (the store keeps only its
-# real frames): ``repeat`` loops the clip, ``zeros`` appends digital silence (the front end's
-# log floor, log(log_offset)), ``drop`` leaves the clip out of training and scoring.
-ShortClips = Literal["repeat", "zeros", "drop"]
-SHORT_CLIPS: tuple[str, ...] = ("repeat", "zeros", "drop")
 
 
 def silence_level(store: FeatureStore) -> float:

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,10 +27,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from avfuse import distributed as D
-from avfuse.config import Config, save_config, to_dict
+from avfuse.config import save_config, to_dict
 from avfuse.data import EvalWindows, NormStats, WindowDataset, store_window
 from avfuse.io import read_json, read_table
 from avfuse.manifest import load_classes, load_manifest
+from avfuse.model_config import EmbedConfig
 from avfuse.models import build_model, embed_dim, fuse_for_inference, load_init
 from avfuse.scoring import valid_embedding_name, video_status
 from avfuse.store import (
@@ -44,43 +45,6 @@ from avfuse.store import (
 )
 
 log = D.get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class EmbedConfig(Config):
-    """Which pretrained network embeds which videos, and where the embeddings go."""
-
-    work: Path = field(
-        metadata={"help": "work folder (manifest + feature store)", "positional": True}
-    )
-    model: Literal["cnn14", "cnn10", "vggish"] = field(
-        default="cnn14", metadata={"help": "pretrained network"}
-    )
-    init: Path | None = field(
-        default=None, metadata={"help": "pretrained checkpoint (required; loaded strictly)"}
-    )
-    name: str = field(default="", metadata={"help": "output WORK/embeddings/NAME (default: model)"})
-    width: float = field(default=1.0, metadata={"help": "channel-width multiplier (1.0 = release)"})
-    window: int = field(
-        default=0, metadata={"help": "frames per window; 0 = the front end's example length"}
-    )
-    hop: int = field(default=0, metadata={"help": "frames between windows; 0 = the window"})
-    per_window: bool = field(
-        default=True, metadata={"help": "one row per window (else one row per video: the mean)"}
-    )
-    splits: tuple[str, ...] = field(
-        default=(), metadata={"help": "splits to embed (comma-separated; default all)"}
-    )
-    batch_size: int = field(default=64, metadata={"help": "windows per forward pass"})
-    chunk_videos: int = field(
-        default=256, metadata={"help": "videos per committed chunk (the resume granularity)"}
-    )
-    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "device"})
-    amp: Literal["auto", "off", "bf16", "fp16"] = field(
-        default="auto", metadata={"help": "mixed precision (auto: bf16 where native)"}
-    )
-    channels_last: bool = field(default=True, metadata={"help": "channels-last memory format"})
-    progress: bool = field(default=True, metadata={"help": "progress bar"})
 
 
 @dataclass

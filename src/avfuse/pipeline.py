@@ -61,8 +61,7 @@ from avfuse.io import (
 )
 from avfuse.lock import work_lock
 from avfuse.manifest import ScanConfig
-from avfuse.predict import PredictConfig
-from avfuse.train import TrainConfig
+from avfuse.model_config import PredictConfig, TrainConfig
 from avfuse.workdir import WorkDir
 
 log = logging.getLogger(__name__)

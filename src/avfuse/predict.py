@@ -17,21 +17,20 @@ between ranks (each video exactly once) and rank 0 writes the file.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
 from avfuse import distributed as D
 from avfuse.checkpoint import load_checkpoint
-from avfuse.config import Config, save_config
+from avfuse.config import save_config
 from avfuse.manifest import load_classes, load_manifest
+from avfuse.model_config import PredictConfig
 from avfuse.models import VGGish
 from avfuse.scores import ScoreFile
 from avfuse.scoring import (
     SCORED,
-    Aggregation,
     checkpoint_short_clips,
     checkpoint_store,
     checkpoint_window,
@@ -42,52 +41,6 @@ from avfuse.scoring import (
 )
 
 log = D.get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class PredictConfig(Config):
-    """Which checkpoint scores which split, and how windows are combined."""
-
-    work: Path = field(metadata={"help": "work folder", "positional": True})
-    run: str = field(
-        default="audio",
-        # --run-name: under torchrun, --run is an ambiguous prefix of torchrun's --run-path.
-        metadata={"help": "run name under WORK/runs", "flags": ("--run-name",)},
-    )
-    checkpoint: str = field(
-        default="best", metadata={"help": "best, last, or a path to a .pt checkpoint"}
-    )
-    split: str = field(default="val", metadata={"help": "split of the manifest to score"})
-    aggregation: Aggregation = field(
-        default="mean_softmax", metadata={"help": "how window scores become a video score"}
-    )
-    hop: int = field(
-        default=0,
-        metadata={"help": "frames between window starts (0 = the model's window: no overlap)"},
-    )
-    window: int = field(
-        default=0,
-        metadata={
-            "help": "frames per window; 0 = the checkpoint's, -1 = the whole clip as one window "
-            "(models with global pooling: cnn14, cnn10, panns, resnet)"
-        },
-    )
-    batch_size: int = field(default=256, metadata={"help": "windows per forward pass", "min": 1})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
-    output: Path | None = field(
-        default=None, metadata={"help": "score file (default WORK/scores/audio_SPLIT.npz)"}
-    )
-    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "device"})
-    amp: Literal["auto", "off", "bf16", "fp16"] = field(
-        default="auto", metadata={"help": "mixed precision (auto: bf16 where native)"}
-    )
-    short_clips: Literal["auto", "repeat", "zeros", "drop"] = field(
-        default="auto",
-        metadata={
-            "help": "clips shorter than one window: repeat (loop), zeros (pad with silence), "
-            "drop (leave unscored); auto: the checkpoint's training policy"
-        },
-    )
 
 
 @dataclass

@@ -35,7 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+
+# torch is imported where a tensor or a checkpoint is met: reading a score dump of plain numpy
+# arrays (avfuse fuse) must not pay torch's start-up time and ~220 MB.
 
 __all__ = [
     "CorruptCheckpointError",
@@ -70,6 +72,8 @@ def _storage_from_bytes(data: Any) -> Any:
     """Stand-in for ``torch.storage._load_from_bytes``, which unpickles with no allowlist."""
     if not isinstance(data, bytes | bytearray):
         raise UnsafePickleError("a tensor storage must be given as bytes")
+    import torch
+
     try:
         out = torch.load(io.BytesIO(bytes(data)), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -79,6 +83,12 @@ def _storage_from_bytes(data: Any) -> Any:
     if not isinstance(out, torch.storage.TypedStorage | torch.UntypedStorage):
         raise UnsafePickleError(f"a tensor storage decoded to {type(out).__name__}")
     return out
+
+
+def _rebuild_tensor(*args: Any) -> Any:
+    import torch
+
+    return torch._utils._rebuild_tensor_v2(*args)  # type: ignore[no-untyped-call]
 
 
 def _np_core(name: str) -> Any:
@@ -102,7 +112,7 @@ _PICKLE_GLOBALS: dict[tuple[str, str], Any] = {
     ("numpy.core.numeric", "_frombuffer"): _NP_FROMBUFFER,
     ("_codecs", "encode"): _latin1_encode,
     ("collections", "OrderedDict"): collections.OrderedDict,  # a tensor's (empty) hook table
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
 }
 
@@ -228,6 +238,8 @@ def load_torch(path: str | Path, *, allow_numpy_rng: bool = True) -> Any:
     Raises :class:`UnsafePickleError` naming a refused global and
     :class:`CorruptCheckpointError` for a truncated or damaged file; both name ``path``.
     """
+    import torch
+
     path = Path(path)
     extra = _numpy_rng_globals() if allow_numpy_rng else []
     try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,18 +23,15 @@ from tqdm import tqdm
 from avfuse import distributed as D
 from avfuse.audio import USABLE
 from avfuse.data import (
-    SHORT_CLIPS,
     WINDOW,
     EvalWindows,
     NormStats,
-    ShortClips,
     WholeClips,
     WindowDataset,
 )
+from avfuse.model_config import SHORT_CLIPS, Aggregation, ShortClips
 from avfuse.models import VGGish, build_model
 from avfuse.store import FeatureStore
-
-Aggregation = Literal["mean_softmax", "mean_logits", "max"]
 
 log = D.get_logger(__name__)
 

@@ -1,0 +1,239 @@
+"""Settings of the model stages (train, predict, embed), importable without torch.
+
+The orchestrators (``avfuse run``, the CLI, the demo) build, compare and save these configs
+for every run, most of which train nothing: keeping them apart from the modules that import
+torch keeps ``avfuse run`` with nothing to do at a fraction of torch's ~220 MB and 2 s start.
+The stages re-export them (``avfuse.train.TrainConfig`` is this module's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from avfuse.config import Config
+
+# What a clip shorter than one window becomes when its window is cut (the store keeps only its
+# real frames): ``repeat`` loops the clip, ``zeros`` appends digital silence (the front end's
+# log floor, log(log_offset)), ``drop`` leaves the clip out of training and scoring.
+ShortClips = Literal["repeat", "zeros", "drop"]
+SHORT_CLIPS: tuple[str, ...] = ("repeat", "zeros", "drop")
+
+Aggregation = Literal["mean_softmax", "mean_logits", "max"]
+ModelName = Literal["vggish", "resnet", "panns", "cnn14", "cnn10"]
+# Steps a run takes at least: with a few hundred clips an epoch is a handful of steps, and 18
+# steps left a generated two-class set (14 clips a class, half under 1 s) at chance, while 300
+# steps reached 11 of 12 val videos (benchmarks/bench_short_clips.py).
+MIN_STEPS = 300
+HELDOUT = "heldout"
+CARVE = "carve"
+
+
+@dataclass(frozen=True)
+class TrainConfig(Config):
+    """Model, recipe and run settings of ``avfuse train``."""
+
+    work: Path = field(
+        metadata={"help": "work folder (manifest + feature store)", "positional": True}
+    )
+    name: str = field(default="audio", metadata={"help": "run name: outputs in WORK/runs/NAME"})
+    model: ModelName = field(default="resnet", metadata={"help": "architecture"})
+    width: float = field(
+        default=1.0, metadata={"help": "channel-width multiplier (1.0 = published size)"}
+    )
+    dropout: float = field(default=0.3, metadata={"help": "dropout before the classifier"})
+    init: Path | None = field(
+        default=None,
+        metadata={"help": "checkpoint to initialise from (AudioSet VGGish / PANNs weights)"},
+    )
+    init_partial: bool = field(
+        default=False,
+        metadata={"help": "let --init load only the backbone tensors that match (listed)"},
+    )
+    normalize: Literal["auto", "band", "none"] = field(
+        default="auto",
+        metadata={
+            "help": "per-band standardisation of inputs; auto: none for --init on vggish/cnn14/"
+            "cnn10 (inputs as in AudioSet training), band otherwise"
+        },
+    )
+    window: int = field(
+        default=0,
+        metadata={"help": "frames per training window; 0 = the front end's example length"},
+    )
+    freeze_backbone: bool = field(
+        default=False, metadata={"help": "train the classifier head only (linear probe)"}
+    )
+    backbone_lr_mult: float = field(
+        default=1.0, metadata={"help": "backbone learning rate = lr x this (head: lr)"}
+    )
+    from_embeddings: str = field(
+        default="",
+        metadata={"help": "train a head on WORK/embeddings/NAME (from `avfuse embed`)"},
+    )
+    head: Literal["linear", "mlp"] = field(
+        default="linear", metadata={"help": "head over embeddings (with --from-embeddings)"}
+    )
+    epochs: int = field(default=30, metadata={"help": "training epochs", "min": 1})
+    batch_size: int = field(default=64, metadata={"help": "windows per step and process", "min": 1})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate at base_batch_size"})
+    base_batch_size: int = field(
+        default=64, metadata={"help": "effective batch size the lr is given for"}
+    )
+    lr_scaling: Literal["linear", "sqrt", "none"] = field(
+        default="linear",
+        metadata={"help": "scale lr by (effective batch / base_batch_size) this way"},
+    )
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
+    warmup_epochs: float = field(default=1.0, metadata={"help": "linear warm-up length"})
+    label_smoothing: float = field(default=0.1, metadata={"help": "0 = off"})
+    specaugment: bool = field(default=True, metadata={"help": "SpecAugment time/freq masks"})
+    time_mask: int = field(default=16, metadata={"help": "max frames per time mask"})
+    freq_mask: int = field(default=8, metadata={"help": "max bands per frequency mask"})
+    num_masks: int = field(default=2, metadata={"help": "masks of each kind per window"})
+    mixup_alpha: float = field(default=0.0, metadata={"help": "mixup Beta(alpha, alpha); 0 = off"})
+    grad_clip: float = field(default=5.0, metadata={"help": "max gradient norm; 0 = off"})
+    windows_per_video: int = field(
+        default=4, metadata={"help": "random windows drawn per video per epoch"}
+    )
+    balanced: bool = field(default=False, metadata={"help": "class-balanced video sampling"})
+    min_steps: int = field(
+        default=MIN_STEPS,
+        metadata={
+            "help": "at least this many optimizer steps over the run: small datasets draw more "
+            "windows per video per epoch (0 = epochs x windows_per_video only)"
+        },
+    )
+    short_clips: ShortClips = field(
+        default="repeat",
+        metadata={
+            "help": "clips shorter than one window: repeat (loop the clip), zeros (pad with "
+            "silence) or drop (do not train on them); predict follows the checkpoint's choice"
+        },
+    )
+    num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes"})
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "device"})
+    amp: Literal["auto", "off", "bf16", "fp16"] = field(
+        default="auto",
+        metadata={"help": "mixed precision; auto: bf16 on GPUs/CPUs that support it"},
+    )
+    channels_last: bool = field(default=True, metadata={"help": "channels-last memory format"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    deterministic: bool = field(
+        default=False, metadata={"help": "deterministic algorithms (bit-exact resume; slower)"}
+    )
+    resume: bool = field(default=False, metadata={"help": "continue WORK/runs/NAME/last.pt"})
+    train_split: str = field(default="train", metadata={"help": "split to train on"})
+    val_split: str = field(
+        default="auto",
+        metadata={
+            "help": "split that chooses best.pt: a split name, 'carve' (a seeded, class-"
+            "stratified part of train, not trained on), 'auto' (heldout if the manifest has "
+            "it, else carve) or '' (none: best.pt = last)"
+        },
+    )
+    carve_fraction: float = field(
+        default=0.1,
+        metadata={
+            "help": "share of each class of train carved out for model selection",
+            "min": 0.0,
+            "max": 0.9,
+        },
+    )
+    eval_every: int = field(
+        default=1, metadata={"help": "validate every N epochs; 0 = never", "min": 0}
+    )
+    val_hop: int = field(
+        default=0, metadata={"help": "hop between validation windows; 0 = the window", "min": 0}
+    )
+    checkpoint_every: int = field(
+        default=500, metadata={"help": "also write last.pt every N steps; 0 = per epoch only"}
+    )
+    norm_videos: int = field(
+        default=5000, metadata={"help": "training videos sampled for band statistics; 0 = all"}
+    )
+    progress: bool = field(default=True, metadata={"help": "progress bars"})
+
+
+@dataclass(frozen=True)
+class PredictConfig(Config):
+    """Which checkpoint scores which split, and how windows are combined."""
+
+    work: Path = field(metadata={"help": "work folder", "positional": True})
+    run: str = field(
+        default="audio",
+        # --run-name: under torchrun, --run is an ambiguous prefix of torchrun's --run-path.
+        metadata={"help": "run name under WORK/runs", "flags": ("--run-name",)},
+    )
+    checkpoint: str = field(
+        default="best", metadata={"help": "best, last, or a path to a .pt checkpoint"}
+    )
+    split: str = field(default="val", metadata={"help": "split of the manifest to score"})
+    aggregation: Aggregation = field(
+        default="mean_softmax", metadata={"help": "how window scores become a video score"}
+    )
+    hop: int = field(
+        default=0,
+        metadata={"help": "frames between window starts (0 = the model's window: no overlap)"},
+    )
+    window: int = field(
+        default=0,
+        metadata={
+            "help": "frames per window; 0 = the checkpoint's, -1 = the whole clip as one window "
+            "(models with global pooling: cnn14, cnn10, panns, resnet)"
+        },
+    )
+    batch_size: int = field(default=256, metadata={"help": "windows per forward pass", "min": 1})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+    output: Path | None = field(
+        default=None, metadata={"help": "score file (default WORK/scores/audio_SPLIT.npz)"}
+    )
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "device"})
+    amp: Literal["auto", "off", "bf16", "fp16"] = field(
+        default="auto", metadata={"help": "mixed precision (auto: bf16 where native)"}
+    )
+    short_clips: Literal["auto", "repeat", "zeros", "drop"] = field(
+        default="auto",
+        metadata={
+            "help": "clips shorter than one window: repeat (loop), zeros (pad with silence), "
+            "drop (leave unscored); auto: the checkpoint's training policy"
+        },
+    )
+
+
+@dataclass(frozen=True)
+class EmbedConfig(Config):
+    """Which pretrained network embeds which videos, and where the embeddings go."""
+
+    work: Path = field(
+        metadata={"help": "work folder (manifest + feature store)", "positional": True}
+    )
+    model: Literal["cnn14", "cnn10", "vggish"] = field(
+        default="cnn14", metadata={"help": "pretrained network"}
+    )
+    init: Path | None = field(
+        default=None, metadata={"help": "pretrained checkpoint (required; loaded strictly)"}
+    )
+    name: str = field(default="", metadata={"help": "output WORK/embeddings/NAME (default: model)"})
+    width: float = field(default=1.0, metadata={"help": "channel-width multiplier (1.0 = release)"})
+    window: int = field(
+        default=0, metadata={"help": "frames per window; 0 = the front end's example length"}
+    )
+    hop: int = field(default=0, metadata={"help": "frames between windows; 0 = the window"})
+    per_window: bool = field(
+        default=True, metadata={"help": "one row per window (else one row per video: the mean)"}
+    )
+    splits: tuple[str, ...] = field(
+        default=(), metadata={"help": "splits to embed (comma-separated; default all)"}
+    )
+    batch_size: int = field(default=64, metadata={"help": "windows per forward pass"})
+    chunk_videos: int = field(
+        default=256, metadata={"help": "videos per committed chunk (the resume granularity)"}
+    )
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "device"})
+    amp: Literal["auto", "off", "bf16", "fp16"] = field(
+        default="auto", metadata={"help": "mixed precision (auto: bf16 where native)"}
+    )
+    channels_last: bool = field(default=True, metadata={"help": "channels-last memory format"})
+    progress: bool = field(default=True, metadata={"help": "progress bar"})
