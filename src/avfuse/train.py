@@ -356,75 +356,61 @@ def train(
         return _train(cfg, executor, on_step, sampler)
 
 
-def _train(
-    cfg: TrainConfig,
-    executor: Any,
-    on_step: Callable[[int], None] | None,
-    sampler: TrainWindowSampler | None,
-) -> TrainResult | None:
-    del executor
-    work = Path(cfg.work)
-    device = D.resolve_device(cfg.device)
-    e = D.init(device.type)
-    amp_dtype = D.resolve_amp(cfg.amp, device)
-    # The saved config records what actually ran, not "auto".
-    cfg = dataclasses.replace(cfg, device=device.type, amp=D.amp_name(amp_dtype))  # type: ignore[arg-type]
-    run_dir = work / "runs" / cfg.name
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
-    seed_everything(cfg.seed + e.rank, cfg.deterministic)
-    aug_rng = np.random.default_rng([cfg.seed, e.rank, 1])
+@dataclass
+class _Selection:
+    """The training videos and the ones that choose ``best.pt`` (maybe none)."""
 
-    if cfg.from_embeddings:
-        # A head over one embedding per window: 1-"frame" windows of D "bands".
-        store = checkpoint_store(work, {"embeddings": cfg.from_embeddings})
-        cfg = dataclasses.replace(cfg, specaugment=False, window=1)
-    else:
-        store = FeatureStore(work / "features")
-    window = cfg.window or store_window(store)
-    val_hop = cfg.val_hop or window
-    classes = load_classes(work)
-    if store.classes != classes:
-        raise ValueError(f"feature store {store.root} has a different class list than {work}")
-    man = load_manifest(work)
+    train_ids: list[str]
+    train_labels: np.ndarray
+    val_ids: list[str]
+    val_labels: np.ndarray
+    name: str  # for the log: what chooses best.pt
+    label: str  # for metrics and curves: the selection split's name ("" = none)
+
+
+def _select(
+    cfg: TrainConfig, man: Any, store: FeatureStore, window: int
+) -> tuple[TrainConfig, _Selection]:
+    """The usable training videos and the selection split; ``cfg.val_split`` resolved."""
     train_ids, train_labels = _usable_ids(man, cfg.train_split, store, window, cfg.short_clips)
     if not train_ids:
         raise ValueError(f"no usable videos in split {cfg.train_split!r}")
     selection = resolve_selection_split(cfg.val_split, man["split"].unique())
     cfg = dataclasses.replace(cfg, val_split=selection)
     if selection == CARVE:
-        held, selection_name = carve_selection(
-            train_ids, train_labels, cfg.carve_fraction, cfg.seed
-        )
+        held, name = carve_selection(train_ids, train_labels, cfg.carve_fraction, cfg.seed)
         val_ids = [v for v, h in zip(train_ids, held) if h]
-        val_labels = train_labels[held]
-        train_ids = [v for v, h in zip(train_ids, held) if not h]
-        train_labels = train_labels[~held]
-        selection_label = f"{cfg.train_split} carve-out" if val_ids else ""
         if not val_ids:
-            selection_name = "none: no class has two training videos to carve from"
+            name = "none: no class has two training videos to carve from"
+        sel = _Selection(
+            [v for v, h in zip(train_ids, held) if not h],
+            train_labels[~held],
+            val_ids,
+            train_labels[held],
+            name,
+            f"{cfg.train_split} carve-out" if val_ids else "",
+        )
     elif selection:
         if selection == cfg.train_split:
             raise ValueError(f"val_split={selection!r} is the training split")
         val_ids, val_labels = _usable_ids(man, selection, store, window, cfg.short_clips)
-        selection_name = f"split {selection!r} ({len(val_ids)} videos)"
-        selection_label = selection
+        name = f"split {selection!r} ({len(val_ids)} videos)"
+        sel = _Selection(train_ids, train_labels, val_ids, val_labels, name, selection)
     else:
-        val_ids, val_labels = [], np.zeros(0, np.int64)
-        selection_name, selection_label = "none (best.pt = last epoch)", ""
+        empty = np.zeros(0, np.int64)
+        sel = _Selection(train_ids, train_labels, [], empty, "none (best.pt = last epoch)", "")
+    return cfg, sel
 
-    ckpt: dict[str, Any] | None = None
-    if cfg.resume and last_path.exists():
-        ckpt = load_checkpoint(last_path)
-        store.check_frontend(ckpt["frontend_hash"], what=f"checkpoint {last_path}")
-        norm = NormStats.from_state(ckpt["norm"])
-    else:
-        if cfg.resume:
-            log.warning("--resume: %s not found, starting a new run", last_path)
-        if resolve_normalize(cfg) == "none":
-            norm = NormStats.identity(store.n_mels)
-        else:
-            norm = compute_norm_stats(store, train_ids, cfg.norm_videos, cfg.seed)
 
+def _build(
+    cfg: TrainConfig,
+    store: FeatureStore,
+    n_classes: int,
+    window: int,
+    ckpt: dict[str, Any] | None,
+    last_path: Path,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The model and its spec: new, ``--init`` weights, or the resumed checkpoint's."""
     model_name = cfg.head if cfg.from_embeddings else cfg.model
     spec = {
         "name": model_name,
@@ -434,7 +420,7 @@ def _train(
         "frames": window,
     }
     model = build_model(
-        model_name, len(classes), cfg.width, cfg.dropout, n_mels=store.n_mels, frames=window
+        model_name, n_classes, cfg.width, cfg.dropout, n_mels=store.n_mels, frames=window
     )
     if cfg.init and ckpt is None:
         ignored = load_init(model, cfg.init, partial=cfg.init_partial)
@@ -451,31 +437,28 @@ def _train(
             )
         model.load_state_dict(ckpt["model"])
         _check_resume_settings(ckpt.get("config") or {}, cfg, last_path)
-    mem = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model.to(device, memory_format=mem)  # type: ignore[call-overload]
-    net: nn.Module = model
-    if e.distributed:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+    return model, spec
 
-    dataset = WindowDataset(
-        store, train_ids, train_labels, norm, window=window, short_clips=cfg.short_clips
-    )
-    raw_inputs = bool(np.all(norm.mean == 0) and np.all(norm.std == 1))
+
+def _make_sampler(
+    cfg: TrainConfig,
+    dataset: WindowDataset,
+    sel: _Selection,
+    store: FeatureStore,
+    window: int,
+    e: D.DistEnv,
+    sampler: TrainWindowSampler | None,
+) -> tuple[TrainWindowSampler, int, int, int]:
+    """(sampler, batch size, windows per video, steps per epoch) fitted to the data size."""
+    n_train = len(sel.train_ids)
     wpv, batch_size = fit_schedule(
-        cfg.windows_per_video,
-        len(train_ids),
-        cfg.batch_size,
-        cfg.epochs,
-        cfg.min_steps,
-        e.world_size,
+        cfg.windows_per_video, n_train, cfg.batch_size, cfg.epochs, cfg.min_steps, e.world_size
     )
     if wpv != cfg.windows_per_video and e.is_main:
         log.info(
             "%d training videos: %d windows per video per epoch instead of %d, for at least "
             "%d steps (min_steps)",
-            len(train_ids),
+            n_train,
             wpv,
             cfg.windows_per_video,
             cfg.min_steps,
@@ -485,12 +468,12 @@ def _train(
             "batch size clamped from %d to %d: an epoch has only %d windows per process",
             cfg.batch_size,
             batch_size,
-            len(train_ids) // e.world_size * wpv,
+            n_train // e.world_size * wpv,
         )
     if sampler is None:
         sampler = TrainWindowSampler(
             dataset.frames,
-            train_labels,
+            sel.train_labels,
             windows_per_video=wpv,
             window=window,
             balanced=cfg.balanced,
@@ -498,7 +481,7 @@ def _train(
             rank=e.rank,
             world_size=e.world_size,
             # Reads a store larger than memory from the page cache (see the sampler).
-            blocks=store.blocks(train_ids),
+            blocks=store.blocks(sel.train_ids),
         )
     sampler.set_epoch(0)
     batch_size = max(1, min(batch_size, len(sampler)))
@@ -506,104 +489,67 @@ def _train(
     if steps_per_epoch == 0:
         raise ValueError(
             f"{len(sampler)} windows per epoch and process: nothing to train on "
-            f"({len(train_ids)} videos in {cfg.train_split!r} for {e.world_size} process(es))"
+            f"({n_train} videos in {cfg.train_split!r} for {e.world_size} process(es))"
         )
-    total_steps = steps_per_epoch * cfg.epochs
-    eff_batch, lr = effective_lr(dataclasses.replace(cfg, batch_size=batch_size), e.world_size)
-    optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay, lr, cfg.backbone_lr_mult), lr=lr
-    )
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup)
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    return sampler, batch_size, wpv, steps_per_epoch
 
-    start_epoch, skip_steps, global_step, best_top1 = 0, 0, 0, -1.0
-    last_metrics: dict[str, Any] = {}
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, skip_steps = int(ckpt["epoch"]), int(ckpt["step_in_epoch"])
-        global_step, best_top1 = int(ckpt["global_step"]), float(ckpt["best_top1"])
-        last_metrics = dict(ckpt.get("metrics") or {})
-        rngs = ckpt["rng"]
-        if len(rngs) == e.world_size:
-            _set_rng_state(rngs[e.rank], aug_rng)
+
+def _train(
+    cfg: TrainConfig,
+    executor: Any,
+    on_step: Callable[[int], None] | None,
+    sampler: TrainWindowSampler | None,
+) -> TrainResult | None:
+    del executor
+    work = Path(cfg.work)
+    device = D.resolve_device(cfg.device)
+    e = D.init(device.type)
+    amp_dtype = D.resolve_amp(cfg.amp, device)
+    # The saved config records what actually ran, not "auto".
+    cfg = dataclasses.replace(cfg, device=device.type, amp=D.amp_name(amp_dtype))  # type: ignore[arg-type]
+    run_dir = work / "runs" / cfg.name
+    last_path = run_dir / "last.pt"
+    seed_everything(cfg.seed + e.rank, cfg.deterministic)
+    aug_rng = np.random.default_rng([cfg.seed, e.rank, 1])
+
+    if cfg.from_embeddings:
+        # A head over one embedding per window: 1-"frame" windows of D "bands".
+        store = checkpoint_store(work, {"embeddings": cfg.from_embeddings})
+        cfg = dataclasses.replace(cfg, specaugment=False, window=1)
+    else:
+        store = FeatureStore(work / "features")
+    window = cfg.window or store_window(store)
+    classes = load_classes(work)
+    if store.classes != classes:
+        raise ValueError(f"feature store {store.root} has a different class list than {work}")
+    cfg, sel = _select(cfg, load_manifest(work), store, window)
+
+    ckpt: dict[str, Any] | None = None
+    if cfg.resume and last_path.exists():
+        ckpt = load_checkpoint(last_path)
+        store.check_frontend(ckpt["frontend_hash"], what=f"checkpoint {last_path}")
+        norm = NormStats.from_state(ckpt["norm"])
+    else:
+        if cfg.resume:
+            log.warning("--resume: %s not found, starting a new run", last_path)
+        if resolve_normalize(cfg) == "none":
+            norm = NormStats.identity(store.n_mels)
         else:
-            log.warning(
-                "resuming with %d processes instead of %d: RNG streams reseeded",
-                e.world_size,
-                len(rngs),
-            )
-        if skip_steps >= steps_per_epoch:
-            start_epoch, skip_steps = start_epoch + 1, 0
-        log.info("resuming %s at epoch %d step %d", last_path, start_epoch + 1, skip_steps)
-
-    writer = None
-    if e.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.toml")
-        if ckpt is None and (run_dir / "tb").exists():
-            shutil.rmtree(run_dir / "tb")  # a fresh run must not mix curves with an old one
-        _trim_metrics(run_dir / "metrics.jsonl", start_epoch)
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(run_dir / "tb"), purge_step=global_step or None)
-        log.info("model selection (best.pt) on %s", selection_name)
-        log.info(
-            "%s: %d train / %d selection videos, %d classes, %d steps/epoch, effective batch "
-            "%d, lr %.3g, device %s, amp %s, %d process(es)",
-            model_name,
-            len(train_ids),
-            len(val_ids),
-            len(classes),
-            steps_per_epoch,
-            eff_batch,
-            lr,
-            device,
-            D.amp_name(amp_dtype),
-            e.world_size,
-        )
-
-    def checkpoint(
-        epoch: int, step_in_epoch: int, path_list: list[Path], last: dict[str, Any]
-    ) -> None:
-        rngs = D.all_gather_object(_rng_state(aug_rng))
-        if not e.is_main:
-            return
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "model": model.state_dict(),
-            "model_spec": spec,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "rng": rngs,
-            "epoch": epoch,
-            "step_in_epoch": step_in_epoch,
-            "global_step": global_step,
-            "best_top1": best_top1,
-            "config": to_dict(cfg),
-            "classes": list(classes),
-            "norm": norm.to_state(),
-            "frontend_hash": store.frontend_hash,
-            "frontend": store.frontend,
-            "window": window,
-            "embeddings": cfg.from_embeddings,
-            "world_size": e.world_size,
-            "effective_batch_size": eff_batch,
-            "batch_size_used": batch_size,
-            "windows_per_video_used": wpv,
-            "selection_split": selection_label,
-            "selection_videos": list(val_ids),
-            "metrics": dict(last),
-        }
-        for p in path_list:
-            D.save_on_main(state, p)
-
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+            norm = compute_norm_stats(store, sel.train_ids, cfg.norm_videos, cfg.seed)
+    model, spec = _build(cfg, store, len(classes), window, ckpt, last_path)
+    mem = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model.to(device, memory_format=mem)  # type: ignore[call-overload]
+    dataset = WindowDataset(
+        store, sel.train_ids, sel.train_labels, norm, window=window, short_clips=cfg.short_clips
+    )
+    sampler, batch_size, wpv, steps_per_epoch = _make_sampler(
+        cfg, dataset, sel, store, window, e, sampler
+    )
+    run = _Run(cfg, e, device, amp_dtype, model, spec, store, classes, norm, window, sel)
+    run.prepare(aug_rng, run_dir, batch_size, wpv, steps_per_epoch)
+    if ckpt is not None:
+        run.restore(ckpt)
+    run.open_logs(ckpt is None)
     # One loader for the whole run: the sampler is iterated in this process, so persistent
     # workers only ever see (video_pos, start) pairs and need no per-epoch restart.
     loader = DataLoader(
@@ -619,17 +565,226 @@ def _train(
         # resumed run's dropout stream would shift.
         generator=torch.Generator().manual_seed(cfg.seed),
     )
-    for epoch in range(start_epoch, cfg.epochs):
-        skip = skip_steps if epoch == start_epoch else 0
+    for epoch in range(run.start_epoch, cfg.epochs):
+        skip = run.skip_steps if epoch == run.start_epoch else 0
         sampler.set_epoch(epoch, skip * batch_size)
-        net.train()
+        run.epoch(epoch, skip, loader, on_step)
+    if run.writer is not None:
+        run.writer.close()
+    D.barrier()
+    if not e.is_main:
+        return None
+    return TrainResult(
+        run_dir,
+        cfg.epochs,
+        run.best_top1,
+        run.last_metrics,
+        run_dir / "best.pt",
+        last_path,
+        sel.label,
+    )
+
+
+class _Run:
+    """The state of one training run between optimizer steps: what a checkpoint holds."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        e: D.DistEnv,
+        device: torch.device,
+        amp_dtype: torch.dtype | None,
+        model: nn.Module,
+        spec: dict[str, Any],
+        store: FeatureStore,
+        classes: list[str],
+        norm: NormStats,
+        window: int,
+        sel: _Selection,
+    ) -> None:
+        self.cfg, self.e, self.device, self.amp_dtype = cfg, e, device, amp_dtype
+        self.model, self.spec, self.store, self.classes = model, spec, store, classes
+        self.norm, self.window, self.sel = norm, window, sel
+
+    def prepare(
+        self,
+        aug_rng: np.random.Generator,
+        run_dir: Path,
+        batch_size: int,
+        wpv: int,
+        steps_per_epoch: int,
+    ) -> None:
+        """The optimizer, schedule and loss for ``steps_per_epoch`` steps of ``batch_size``."""
+        cfg, e, model, device = self.cfg, self.e, self.model, self.device
+        self.aug_rng, self.run_dir, self.batch_size, self.wpv = aug_rng, run_dir, batch_size, wpv
+        self.steps_per_epoch = steps_per_epoch
+        self.last_path, self.best_path = run_dir / "last.pt", run_dir / "best.pt"
+        self.net: nn.Module = model
+        if e.distributed:
+            self.net = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        # Unstandardised log-mel (pretrained inputs): SpecAugment masks with the band mean.
+        self.raw_inputs = bool(np.all(self.norm.mean == 0) and np.all(self.norm.std == 1))
+        total_steps = steps_per_epoch * cfg.epochs
+        self.eff_batch, self.lr = effective_lr(
+            dataclasses.replace(cfg, batch_size=batch_size), e.world_size
+        )
+        self.optimizer = torch.optim.AdamW(
+            param_groups(model, cfg.weight_decay, self.lr, cfg.backbone_lr_mult), lr=self.lr
+        )
+        warmup = round(cfg.warmup_epochs * steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, total_steps, warmup)
+        )
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.start_epoch, self.skip_steps, self.global_step, self.best_top1 = 0, 0, 0, -1.0
+        self.last_metrics: dict[str, Any] = {}
+        self.writer: Any = None
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        """Continue from ``ckpt``: optimizer, schedule, RNG streams and position."""
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.start_epoch, self.skip_steps = int(ckpt["epoch"]), int(ckpt["step_in_epoch"])
+        self.global_step, self.best_top1 = int(ckpt["global_step"]), float(ckpt["best_top1"])
+        self.last_metrics = dict(ckpt.get("metrics") or {})
+        rngs = ckpt["rng"]
+        if len(rngs) == self.e.world_size:
+            _set_rng_state(rngs[self.e.rank], self.aug_rng)
+        else:
+            log.warning(
+                "resuming with %d processes instead of %d: RNG streams reseeded",
+                self.e.world_size,
+                len(rngs),
+            )
+        if self.skip_steps >= self.steps_per_epoch:
+            self.start_epoch, self.skip_steps = self.start_epoch + 1, 0
+        log.info(
+            "resuming %s at epoch %d step %d",
+            self.last_path,
+            self.start_epoch + 1,
+            self.skip_steps,
+        )
+
+    def open_logs(self, fresh: bool) -> None:
+        """On rank 0: the run folder, its config, the curves (trimmed to the resumed epoch)."""
+        if not self.e.is_main:
+            return
+        cfg, run_dir = self.cfg, self.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.toml")
+        if fresh and (run_dir / "tb").exists():
+            shutil.rmtree(run_dir / "tb")  # a fresh run must not mix curves with an old one
+        _trim_metrics(run_dir / "metrics.jsonl", self.start_epoch)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=self.global_step or None)
+        log.info("model selection (best.pt) on %s", self.sel.name)
+        log.info(
+            "%s: %d train / %d selection videos, %d classes, %d steps/epoch, effective batch "
+            "%d, lr %.3g, device %s, amp %s, %d process(es)",
+            self.spec["name"],
+            len(self.sel.train_ids),
+            len(self.sel.val_ids),
+            len(self.classes),
+            self.steps_per_epoch,
+            self.eff_batch,
+            self.lr,
+            self.device,
+            D.amp_name(self.amp_dtype),
+            self.e.world_size,
+        )
+
+    def checkpoint(self, epoch: int, step_in_epoch: int, paths: list[Path]) -> None:
+        """Write the run's state to ``paths`` (rank 0; every rank gives its RNG states)."""
+        rngs = D.all_gather_object(_rng_state(self.aug_rng))
+        if not self.e.is_main:
+            return
+        cfg, sel = self.cfg, self.sel
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.model.state_dict(),
+            "model_spec": self.spec,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rngs,
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "global_step": self.global_step,
+            "best_top1": self.best_top1,
+            "config": to_dict(cfg),
+            "classes": list(self.classes),
+            "norm": self.norm.to_state(),
+            "frontend_hash": self.store.frontend_hash,
+            "frontend": self.store.frontend,
+            "window": self.window,
+            "embeddings": cfg.from_embeddings,
+            "world_size": self.e.world_size,
+            "effective_batch_size": self.eff_batch,
+            "batch_size_used": self.batch_size,
+            "windows_per_video_used": self.wpv,
+            "selection_split": sel.label,
+            "selection_videos": list(sel.val_ids),
+            "metrics": dict(self.last_metrics),
+        }
+        for p in paths:
+            D.save_on_main(state, p)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        """One optimizer step on a batch; returns (loss, correct)."""
+        cfg, rng = self.cfg, self.aug_rng
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        if cfg.specaugment and self.raw_inputs:
+            # Unstandardised log-mel: masks take each band's window mean, as zero does
+            # after standardisation (PANNs mask after bn0), not an out-of-range 0.
+            m = x.mean(dim=1, keepdim=True)
+            x = spec_augment(x - m, rng, cfg.time_mask, cfg.freq_mask, cfg.num_masks) + m
+        elif cfg.specaugment:
+            x = spec_augment(x, rng, cfg.time_mask, cfg.freq_mask, cfg.num_masks)
+        x = x.unsqueeze(1)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        lam, perm = 1.0, None
+        if cfg.mixup_alpha > 0:
+            lam = float(rng.beta(cfg.mixup_alpha, cfg.mixup_alpha))
+            perm = torch.from_numpy(rng.permutation(len(y))).to(self.device)
+            x = lam * x + (1.0 - lam) * x[perm]
+        amp = self.amp_dtype
+        with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = self.net(x)
+        logits = logits.float()
+        loss = self.criterion(logits, y)
+        if perm is not None:
+            loss = lam * loss + (1.0 - lam) * self.criterion(logits, y[perm])
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.global_step += 1
+        return float(loss.detach()), float((logits.detach().argmax(1) == y).sum())
+
+    def epoch(
+        self, epoch: int, skip: int, loader: DataLoader, on_step: Callable[[int], None] | None
+    ) -> None:
+        """Train one epoch (from step ``skip``), validate if due, log and checkpoint."""
+        cfg, e = self.cfg, self.e
+        self.net.train()
         if cfg.freeze_backbone:
-            backbone_eval(model)
+            backbone_eval(self.model)
         sums = [0.0, 0.0, 0.0]  # loss * n, correct, n
         t0 = time.perf_counter()
         bar = tqdm(
             loader,
-            total=steps_per_epoch - skip,
+            total=self.steps_per_epoch - skip,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             unit="step",
             disable=not (cfg.progress and e.is_main),
@@ -637,141 +792,107 @@ def _train(
         )
         step_in_epoch = skip
         for x, y, _ in bar:
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-            if cfg.specaugment and raw_inputs:
-                # Unstandardised log-mel: masks take each band's window mean, as zero does
-                # after standardisation (PANNs mask after bn0), not an out-of-range 0.
-                m = x.mean(dim=1, keepdim=True)
-                x = spec_augment(x - m, aug_rng, cfg.time_mask, cfg.freq_mask, cfg.num_masks) + m
-            elif cfg.specaugment:
-                x = spec_augment(x, aug_rng, cfg.time_mask, cfg.freq_mask, cfg.num_masks)
-            x = x.unsqueeze(1)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            lam, perm = 1.0, None
-            if cfg.mixup_alpha > 0:
-                lam = float(aug_rng.beta(cfg.mixup_alpha, cfg.mixup_alpha))
-                perm = torch.from_numpy(aug_rng.permutation(len(y))).to(device)
-                x = lam * x + (1.0 - lam) * x[perm]
-            with torch.autocast(
-                device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-            ):
-                logits = net(x)
-            logits = logits.float()
-            loss = criterion(logits, y)
-            if perm is not None:
-                loss = lam * loss + (1.0 - lam) * criterion(logits, y[perm])
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            global_step += 1
+            lv, correct = self.step(x, y)
             step_in_epoch += 1
             n = len(y)
-            lv = float(loss.detach())
             sums[0] += lv * n
-            sums[1] += float((logits.detach().argmax(1) == y).sum())
+            sums[1] += correct
             sums[2] += n
-            dt = time.perf_counter() - t0
             if e.is_main:
+                dt = time.perf_counter() - t0
                 bar.set_postfix(
                     loss=f"{lv:.3f}", sps=f"{sums[2] * e.world_size / max(dt, 1e-9):.0f}"
                 )
-                if writer is not None and global_step % 10 == 0:
-                    writer.add_scalar("train/loss_step", lv, global_step)
-                    writer.add_scalar("train/lr", scheduler.get_last_lr()[0], global_step)
+                if self.writer is not None and self.global_step % 10 == 0:
+                    self.writer.add_scalar("train/loss_step", lv, self.global_step)
+                    lr = self.scheduler.get_last_lr()[0]
+                    self.writer.add_scalar("train/lr", lr, self.global_step)
             if (
                 cfg.checkpoint_every > 0
-                and global_step % cfg.checkpoint_every == 0
-                and step_in_epoch < steps_per_epoch
+                and self.global_step % cfg.checkpoint_every == 0
+                and step_in_epoch < self.steps_per_epoch
             ):
-                checkpoint(epoch, step_in_epoch, [last_path], last_metrics)
+                self.checkpoint(epoch, step_in_epoch, [self.last_path])
             if on_step is not None:
-                on_step(global_step)
+                on_step(self.global_step)
         bar.close()
         elapsed = time.perf_counter() - t0
         loss_sum, correct, count = D.all_reduce_sum(sums)
-        sps = count / max(elapsed, 1e-9)
-        last_metrics = {
+        self.last_metrics = {
             "epoch": epoch + 1,
-            "step": global_step,
+            "step": self.global_step,
             "loss": loss_sum / max(count, 1),
             "train_acc": correct / max(count, 1),
-            "lr": scheduler.get_last_lr()[0],
-            "samples_per_s": sps,
+            "lr": self.scheduler.get_last_lr()[0],
+            "samples_per_s": count / max(elapsed, 1e-9),
             "val_top1": None,
             "val_top5": None,
-            "selection_split": selection_label,
+            "selection_split": self.sel.label,
         }
         validate = (
-            bool(val_ids)
+            bool(self.sel.val_ids)
             and cfg.eval_every > 0
             and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
         )
         if validate:
-            D.broadcast_buffers(model)
-            scored = score_videos_distributed(
-                model,
-                store,
-                val_ids,
-                norm,
-                hop=val_hop,
-                window=window,
-                batch_size=batch_size * 4,
-                device=device,
-                amp_dtype=amp_dtype,
-                channels_last=cfg.channels_last,
-                progress=cfg.progress,
-                short_clips=cfg.short_clips,
-            )
-            vm = score_metrics(np.stack([scored[v][0] for v in val_ids]), val_labels)
-            last_metrics.update(val_top1=vm["top1"], val_top5=vm["top5"], val_mAP=vm["mAP"])
-        improved = validate and last_metrics["val_top1"] > best_top1
+            self.last_metrics.update(self.validate())
+        improved = validate and self.last_metrics["val_top1"] > self.best_top1
         if improved:
-            best_top1 = float(last_metrics["val_top1"])
+            self.best_top1 = float(self.last_metrics["val_top1"])
         if e.is_main:
-            _append_metrics(run_dir / "metrics.jsonl", last_metrics)
-            if writer is not None:
-                for k, v in last_metrics.items():
-                    if isinstance(v, int | float) and k not in ("epoch", "step"):
-                        writer.add_scalar(f"epoch/{k}", v, epoch + 1)
-                writer.flush()
-            val = (
-                f" {selection_label} top-1 {last_metrics['val_top1']:.2%} "
-                f"top-5 {last_metrics['val_top5']:.2%}"
-                if validate
-                else ""
-            )
-            log.info(
-                "epoch %d/%d: loss %.4f train acc %.2f%%%s lr %.2e %.0f samples/s%s",
-                epoch + 1,
-                cfg.epochs,
-                last_metrics["loss"],
-                100 * last_metrics["train_acc"],
-                val,
-                last_metrics["lr"],
-                sps,
-                " *" if improved else "",
-            )
+            self.log_epoch(epoch, validate, improved)
         # best.pt holds the best validated epoch; only a run that never validates keeps its
         # final weights there (an unvalidated epoch must not replace a validated best).
-        never_validates = not val_ids or cfg.eval_every == 0
+        never_validates = not self.sel.val_ids or cfg.eval_every == 0
         final = never_validates and epoch + 1 == cfg.epochs
-        paths = [last_path] + ([best_path] if improved or final else [])
-        checkpoint(epoch + 1, 0, paths, last_metrics)
-    if writer is not None:
-        writer.close()
-    D.barrier()
-    if not e.is_main:
-        return None
-    return TrainResult(
-        run_dir, cfg.epochs, best_top1, last_metrics, best_path, last_path, selection_label
-    )
+        paths = [self.last_path] + ([self.best_path] if improved or final else [])
+        self.checkpoint(epoch + 1, 0, paths)
+
+    def validate(self) -> dict[str, float]:
+        """Video-level top-1/top-5/mAP on the selection split, scored as predict scores."""
+        cfg, sel = self.cfg, self.sel
+        D.broadcast_buffers(self.model)
+        scored = score_videos_distributed(
+            self.model,
+            self.store,
+            sel.val_ids,
+            self.norm,
+            hop=cfg.val_hop or self.window,
+            window=self.window,
+            batch_size=self.batch_size * 4,
+            device=self.device,
+            amp_dtype=self.amp_dtype,
+            channels_last=cfg.channels_last,
+            progress=cfg.progress,
+            short_clips=cfg.short_clips,
+        )
+        vm = score_metrics(np.stack([scored[v][0] for v in sel.val_ids]), sel.val_labels)
+        return {"val_top1": vm["top1"], "val_top5": vm["top5"], "val_mAP": vm["mAP"]}
+
+    def log_epoch(self, epoch: int, validate: bool, improved: bool) -> None:
+        m = self.last_metrics
+        _append_metrics(self.run_dir / "metrics.jsonl", m)
+        if self.writer is not None:
+            for k, v in m.items():
+                if isinstance(v, int | float) and k not in ("epoch", "step"):
+                    self.writer.add_scalar(f"epoch/{k}", v, epoch + 1)
+            self.writer.flush()
+        val = (
+            f" {self.sel.label} top-1 {m['val_top1']:.2%} top-5 {m['val_top5']:.2%}"
+            if validate
+            else ""
+        )
+        log.info(
+            "epoch %d/%d: loss %.4f train acc %.2f%%%s lr %.2e %.0f samples/s%s",
+            epoch + 1,
+            self.cfg.epochs,
+            m["loss"],
+            100 * m["train_acc"],
+            val,
+            m["lr"],
+            m["samples_per_s"],
+            " *" if improved else "",
+        )
 
 
 # Settings that fix the sampler's position and the learning-rate schedule (or are restored from
