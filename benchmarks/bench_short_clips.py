@@ -24,11 +24,12 @@ import pandas as pd
 
 from avfuse.evaluate import EvaluateConfig, evaluate
 from avfuse.io import write_table
-from avfuse.manifest import CLASSES, MANIFEST, write_class_list
+from avfuse.manifest import write_class_list
 from avfuse.melspec import FrontendConfig, log_mel
 from avfuse.predict import PredictConfig, predict
 from avfuse.store import ShardWriter, commit_index, write_meta
 from avfuse.train import TrainConfig, train
+from avfuse.workdir import WorkDir
 
 SR = 16000
 KINDS = ("noise_low", "chirp_up", "noise_high", "chirp_down", "noise_mid", "pulses")
@@ -96,9 +97,9 @@ def build(
         n_mels=fe.n_mels,
     )
     commit_index(work / "features", writer.close())
-    write_class_list(work / CLASSES, names)
+    write_class_list(WorkDir(work).classes, names)
     man = pd.DataFrame(rows).sort_values("video_id").reset_index(drop=True)
-    write_table(man, work / MANIFEST)
+    write_table(man, WorkDir(work).manifest)
     return man
 
 

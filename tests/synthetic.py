@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 
 from avfuse.io import write_table
-from avfuse.manifest import CLASSES, MANIFEST, write_class_list
+from avfuse.manifest import write_class_list
 from avfuse.store import ShardWriter, commit_index, write_meta
+from avfuse.workdir import WorkDir
 
 
 def make_synthetic_work(
@@ -85,7 +86,7 @@ def make_synthetic_work(
         n_mels=n_mels,
     )
     commit_index(work / "features", index_rows)
-    write_class_list(work / CLASSES, classes)
+    write_class_list(WorkDir(work).classes, classes)
     manifest = pd.DataFrame(rows).sort_values("video_id").reset_index(drop=True)
-    write_table(manifest, work / MANIFEST)
+    write_table(manifest, WorkDir(work).manifest)
     return manifest

@@ -43,6 +43,7 @@ from avfuse.store import (
     remove_unreferenced_shards,
     write_meta,
 )
+from avfuse.workdir import WorkDir
 
 log = D.get_logger(__name__)
 
@@ -139,7 +140,7 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
         raise ValueError(f"invalid embedding name {name!r} (letters, digits, _ . -)")
     device = D.resolve_device(cfg.device)
     amp_dtype = D.resolve_amp(cfg.amp, device)
-    store = FeatureStore(work / "features")
+    store = FeatureStore(WorkDir(work).store)
     classes = load_classes(work)
     window = cfg.window or store_window(store)
     hop = cfg.hop or window
@@ -164,7 +165,7 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
         "example_frames": 1,
     }
     fhash = hashlib.sha256(json.dumps(frontend, sort_keys=True).encode()).hexdigest()[:16]
-    root = work / "embeddings" / name
+    root = WorkDir(work).embeddings(name)
     rows = _open_output(root, frontend, fhash)
     write_meta(
         root, frontend=frontend, frontend_hash=fhash, classes=classes, dtype="float32", n_mels=dim

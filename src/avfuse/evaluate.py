@@ -29,6 +29,7 @@ from avfuse.io import atomic_write, error_reason, write_json
 from avfuse.manifest import load_classes, load_manifest
 from avfuse.metrics import metrics
 from avfuse.scores import SCORED_STATUSES, ScoreFile
+from avfuse.workdir import WorkDir
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,7 @@ def _baseline_metrics(
 
     out: dict[str, Any] = {"name": bl.NAME, "train_split": cfg.baseline_train_split}
     try:
-        store = FeatureStore(work / "features")
+        store = FeatureStore(WorkDir(work).store)
     except FileNotFoundError as exc:
         return {**out, "skipped": error_reason(exc)}
     tr = man[(man["split"] == cfg.baseline_train_split) & (man["label_index"] >= 0)]
@@ -199,7 +200,7 @@ def _baseline_metrics(
 
 
 def _default_scores(work: Path, split: str | None) -> Path:
-    return work / "scores" / f"audio_{split or 'val'}.npz"
+    return WorkDir(work).scores(split or "val")
 
 
 def _sidecar(scores_path: Path, suffix: str) -> Path:

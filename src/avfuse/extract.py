@@ -63,14 +63,9 @@ from avfuse.io import (
 )
 from avfuse.manifest import load_manifest
 from avfuse.parallel import batched, executor_width, make_executor, map_batches
+from avfuse.workdir import WorkDir
 
 log = logging.getLogger(__name__)
-
-AUDIO_DIR = "audio"
-TABLE = "extract.parquet"
-PARTS = "extract/parts"
-FAILURES = "extract_failures.csv"
-CONFIG = "extract.toml"
 
 STATUSES = ("ok", "partial", "silent", "no_audio", "empty_audio", "unreadable", "missing", "error")
 COLUMNS = (
@@ -262,7 +257,7 @@ class ExtractResult:
         rate = self.processed / self.elapsed_s if self.elapsed_s > 0 else 0.0
         audio_h = float(self.table["duration_s"].sum()) / 3600
         lines = [
-            f"extract: {len(self.table)} videos in {self.work / TABLE} "
+            f"extract: {len(self.table)} videos in {WorkDir(self.work).extract_table} "
             f"({self.processed} decoded now at {rate:.1f} files/s, {self.skipped} already done; "
             f"{audio_h:.2f} h of audio)",
             "  " + ", ".join(f"{s}: {counts[s]}" for s in order),
@@ -275,12 +270,8 @@ class ExtractResult:
         return "\n".join(lines)
 
 
-def _audio_rel(video_id: str, fmt: str) -> str:
-    return f"{AUDIO_DIR}/{video_id}.{fmt}"
-
-
 def _check_previous(work: Path, cfg: ExtractConfig) -> None:
-    prev_path = work / CONFIG
+    prev_path = WorkDir(work).extract_config
     if cfg.force or not prev_path.exists():
         return
     try:
@@ -332,16 +323,18 @@ def extract(cfg: ExtractConfig, executor: Executor | None = None) -> ExtractResu
         manifest = manifest[manifest["split"].isin(cfg.splits)]
     _check_previous(work, cfg)
 
-    rlog = RecordLog(work / PARTS)
+    rlog = RecordLog(WorkDir(work).extract_parts)
     prior = rlog.read()
     if cfg.force:
         _remove_outputs(work, prior, cfg.format)
         rlog.clear()
     # Temporaries of a killed run (audio being written, a part being logged) are garbage.
-    removed = remove_stale_temporaries(work / AUDIO_DIR) + remove_stale_temporaries(rlog.folder)
+    removed = remove_stale_temporaries(WorkDir(work).audio_dir) + remove_stale_temporaries(
+        rlog.folder
+    )
     if removed:
         log.info("removed %d temporary file(s) left by an interrupted run", removed)
-    save_config(cfg, work / CONFIG)
+    save_config(cfg, WorkDir(work).extract_config)
 
     done: set[str] = set()
     if not cfg.force and len(prior):
@@ -368,7 +361,7 @@ def extract(cfg: ExtractConfig, executor: Executor | None = None) -> ExtractResu
         {
             "video_id": vid,
             "path": path if isinstance(path, str) else "",
-            "audio_path": _audio_rel(vid, cfg.format),
+            "audio_path": WorkDir.audio_relpath(vid, cfg.format),
         }
         for vid, path in zip(
             manifest["video_id"].astype(str).tolist(), manifest["path"].tolist(), strict=True
@@ -399,7 +392,7 @@ def extract(cfg: ExtractConfig, executor: Executor | None = None) -> ExtractResu
                 pass
 
         # A worker killed mid-write (its batch was redone elsewhere) leaves its temporaries.
-        remove_stale_temporaries(work / AUDIO_DIR)
+        remove_stale_temporaries(WorkDir(work).audio_dir)
         remove_stale_temporaries(rlog.folder)
 
     # The table covers every video extracted so far (earlier runs on other splits included).
@@ -418,13 +411,13 @@ def extract(cfg: ExtractConfig, executor: Executor | None = None) -> ExtractResu
         )
     write_table(
         full,
-        work / TABLE,
+        WorkDir(work).extract_table,
         {"avfuse_version": __version__, "sample_rate": str(cfg.sample_rate), "format": cfg.format},
     )
     failures = table[table["status"] != "ok"].merge(
         manifest[["video_id", "path"]], on="video_id", how="left"
     )[["video_id", "status", "reason", "path"]]
-    failures_path = work / FAILURES
+    failures_path = WorkDir(work).extract_failures
     with atomic_write(failures_path) as tmp:
         failures.to_csv(tmp, index=False)
     return ExtractResult(

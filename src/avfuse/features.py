@@ -79,13 +79,10 @@ from avfuse.store import (
     remove_unreferenced_shards,
     write_meta,
 )
+from avfuse.workdir import WorkDir
 
 log = logging.getLogger(__name__)
 
-STORE_DIR = "features"
-TABLE = "features.parquet"
-PARTS = "features/parts"
-CONFIG = "features/config.toml"
 STATUSES = ("ok", "padded", "too_short", "silent", "not_extracted", "error")
 # Statuses whose frames are in the store (a padded clip is stored unpadded).
 STORED = ("ok", "padded")
@@ -297,7 +294,7 @@ class FeaturesResult:
         for rec in bad.head(5).itertuples(index=False):
             lines.append(f"  {rec.video_id}: {rec.feature_status}: {rec.feature_reason}")
         if len(bad) > 5:
-            lines.append(f"  ... {len(bad) - 5} more in {self.work / TABLE}")
+            lines.append(f"  ... {len(bad) - 5} more in {WorkDir(self.work).features_table}")
         return "\n".join(lines)
 
 
@@ -312,7 +309,7 @@ def _check_previous(store: Path, cfg: FeaturesConfig) -> None:
                 f"{store} holds features of front end {have[0]} ({have[1]}), this run asks for "
                 f"{want[0]} ({want[1]}); pass --force to discard them, or use another work folder"
             )
-    cfg_path = store.parent / CONFIG
+    cfg_path = WorkDir(store.parent).features_config
     prev: FeaturesConfig | None = None
     if cfg_path.exists():  # an interrupted run's parts belong to its settings
         with contextlib.suppress(Exception):  # unreadable settings: nothing to compare with
@@ -353,7 +350,7 @@ def _plan_tasks(
             )
         return tasks, skipped
 
-    ext_path = work / "extract.parquet"
+    ext_path = WorkDir(work).extract_table
     if not ext_path.exists():
         raise FileNotFoundError(
             f"{ext_path} not found: run `avfuse extract {work}` first, or pass --from-video"
@@ -461,18 +458,18 @@ def compute_features(cfg: FeaturesConfig, executor: Executor | None = None) -> F
     """
     t0 = time.perf_counter()
     work = Path(cfg.work)
-    store = work / STORE_DIR
+    store = WorkDir(work).store
     manifest = load_manifest(work, stages=False)
     classes = load_classes(work)
     if cfg.force:
         _clear(store)
     else:
         _check_previous(store, cfg)
-    rlog = RecordLog(work / PARTS)
+    rlog = RecordLog(WorkDir(work).features_parts)
     removed = remove_stale_temporaries(store)
     if removed:
         log.info("removed %d temporary file(s) left by an interrupted run", removed)
-    save_config(cfg, work / CONFIG)
+    save_config(cfg, WorkDir(work).features_config)
 
     tasks, skipped = _plan_tasks(work, cfg, manifest)
     prior = rlog.read()
@@ -597,7 +594,7 @@ def _commit(
         raise RuntimeError(f"{len(lost)} video(s) have no feature record, e.g. {sorted(lost)[:3]}")
     write_table(
         table,
-        work / TABLE,
+        WorkDir(work).features_table,
         {"avfuse_version": __version__, "frontend_hash": fe.hash(), "dtype": cfg.dtype},
     )
     keep = set(index["shard"].astype(str))

@@ -71,6 +71,7 @@ from avfuse.video_scores import (
     normalize_id,
     read_video_scores,
 )
+from avfuse.workdir import WorkDir
 
 log = logging.getLogger(__name__)
 
@@ -443,11 +444,11 @@ def fuse(cfg: FuseConfig, executor: Executor | None = None) -> FuseResult:
     """
     del executor
     work = Path(cfg.work)
-    out = Path(cfg.output) if cfg.output else work / "fusion"
+    out = Path(cfg.output) if cfg.output else WorkDir(work).fusion
     classes = load_classes(work)
     manifest = load_manifest(work, stages=False)
     _refuse_bad_inputs(cfg)
-    audio_path = Path(cfg.audio_scores or work / "scores" / "audio_val.npz")
+    audio_path = Path(cfg.audio_scores or WorkDir(work).scores("val"))
     audio = _load_audio(audio_path)
     split = cfg.split or _infer_split(audio.ids)
     video = read_video_scores(

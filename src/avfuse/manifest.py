@@ -39,6 +39,7 @@ from avfuse import __version__
 from avfuse.config import Config, save_config
 from avfuse.io import atomic_write, error_reason, read_table, table_metadata, write_table
 from avfuse.labels import kinetics_clip_name, match_class_names, nfc, read_label_map
+from avfuse.workdir import WorkDir
 
 VIDEO_EXTENSIONS = (
     ".mp4",
@@ -58,9 +59,6 @@ VIDEO_EXTENSIONS = (
 # Audio-only datasets (ESC-50, UrbanSound8K, foley libraries) are scanned like videos.
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a")
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + AUDIO_EXTENSIONS
-MANIFEST = "manifest.parquet"
-SCAN_WARNINGS = "scan_warnings.csv"
-CLASSES = "classes.txt"
 NO_LABEL = -1
 # Kinetics-700 calls its validation split "validate"; other datasets spell the splits out.
 SPLIT_ALIASES = {
@@ -145,7 +143,7 @@ def write_class_list(path: str | Path, classes: list[str]) -> None:
 
 
 def load_classes(work: str | Path) -> list[str]:
-    return read_class_list(Path(work) / CLASSES)
+    return read_class_list(WorkDir(work).classes)
 
 
 class UnsafeNameError(ValueError):
@@ -536,7 +534,7 @@ def scan(cfg: ScanConfig) -> pd.DataFrame:
 
     work = Path(cfg.work)
     work.mkdir(parents=True, exist_ok=True)
-    existing = work / CLASSES
+    existing = WorkDir(work).classes
     if existing.exists() and read_class_list(existing) != classes:
         raise ValueError(
             f"{existing} holds a different class list; use a new work folder "
@@ -545,11 +543,11 @@ def scan(cfg: ScanConfig) -> pd.DataFrame:
     write_class_list(existing, classes)
     write_table(
         df,
-        work / MANIFEST,
+        WorkDir(work).manifest,
         {"avfuse_version": __version__, "root": str(root), "num_classes": str(len(classes))},
     )
-    _write_warnings(work / SCAN_WARNINGS, found.warnings)
-    save_config(dataclasses.replace(cfg, root=root), work / "scan.toml")
+    _write_warnings(WorkDir(work).scan_warnings, found.warnings)
+    save_config(dataclasses.replace(cfg, root=root), WorkDir(work).scan_config)
     per_split = ", ".join(f"{k}: {v}" for k, v in df["split"].value_counts().sort_index().items())
     missing = int((df["scan_status"] == "missing").sum())
     log.info(
@@ -558,7 +556,7 @@ def scan(cfg: ScanConfig) -> pd.DataFrame:
         per_split,
         len(classes),
         f", {missing} listed but missing on disk" if missing else "",
-        work / MANIFEST,
+        WorkDir(work).manifest,
     )
     if found.warnings:
         kinds = Counter(w["kind"] for w in found.warnings)
@@ -566,7 +564,7 @@ def scan(cfg: ScanConfig) -> pd.DataFrame:
             "%d scan warning(s) (%s), listed in %s; first: %s (%s)",
             len(found.warnings),
             ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())),
-            work / SCAN_WARNINGS,
+            WorkDir(work).scan_warnings,
             found.warnings[0]["path"],
             found.warnings[0]["reason"],
         )
@@ -576,14 +574,13 @@ def scan(cfg: ScanConfig) -> pd.DataFrame:
 
 def load_manifest(work: str | Path, stages: bool = True) -> pd.DataFrame:
     """Read the manifest; with ``stages``, join every stage table found (keyed by video_id)."""
-    work = Path(work)
-    path = work / MANIFEST
+    wd = WorkDir(work)
+    path = wd.manifest
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run `avfuse scan ROOT -o {work}` first")
     df = read_table(path)
     if stages:
-        for name in ("extract", "features"):
-            p = work / f"{name}.parquet"
+        for p in (wd.extract_table, wd.features_table):
             if p.exists():
                 other = read_table(p)
                 cols = ["video_id"] + [c for c in other.columns if c not in df.columns]
@@ -592,4 +589,4 @@ def load_manifest(work: str | Path, stages: bool = True) -> pd.DataFrame:
 
 
 def manifest_root(work: str | Path) -> str:
-    return table_metadata(Path(work) / MANIFEST).get("root", "")
+    return table_metadata(WorkDir(work).manifest).get("root", "")

@@ -66,7 +66,6 @@ from avfuse.workdir import WorkDir
 
 log = logging.getLogger(__name__)
 
-STATE = "pipeline.json"
 STAGES = ("scan", "extract", "features", "train", "predict", "evaluate", "fuse", "report")
 StageName = Literal["scan", "extract", "features", "train", "predict", "evaluate", "fuse", "report"]
 _UNSET = Path(".")
@@ -198,7 +197,7 @@ def _metrics_path(ec: EvaluateConfig) -> Path:
 
 
 def _fusion_dir(fc: FuseConfig) -> Path:
-    return Path(fc.output or Path(fc.work) / "fusion")
+    return Path(fc.output or WorkDir(fc.work).fusion)
 
 
 @dataclass(frozen=True)
@@ -453,7 +452,7 @@ def _by_count(counts: dict[str, int]) -> str:
 
 def _read_state(work: Path) -> tuple[dict[str, Any], str]:
     """(``pipeline.json``'s content, why it was unusable: "" when fine or absent)."""
-    path = work / STATE
+    path = WorkDir(work).pipeline_state
     if not path.exists():
         return {}, ""
     try:
@@ -475,7 +474,7 @@ def _save_state(work: Path, stages: dict[str, Any], dataset: str | None = None) 
         dataset = _read_state(work)[0].get("dataset")
     if dataset is not None:
         doc["dataset"] = dataset
-    write_json(work / STATE, doc)
+    write_json(WorkDir(work).pipeline_state, doc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -546,8 +545,6 @@ def _invalidate_replaced(sc: StageConfigs, old: pd.DataFrame, new: pd.DataFrame)
     Both stages retry ``error`` records, so a plain rerun redoes exactly these videos; added
     videos are new to the logs and deleted ones leave the manifest. Returns how many.
     """
-    from avfuse.extract import PARTS as EXTRACT_PARTS
-    from avfuse.features import PARTS as FEATURE_PARTS
     from avfuse.io import RecordLog
     from avfuse.manifest import load_manifest
 
@@ -564,10 +561,10 @@ def _invalidate_replaced(sc: StageConfigs, old: pd.DataFrame, new: pd.DataFrame)
     if not ids:
         return 0
     why = "the video file changed since it was processed"
-    RecordLog(work / EXTRACT_PARTS).write(
+    RecordLog(WorkDir(work).extract_parts).write(
         {"video_id": v, "status": "error", "reason": why, "audio_path": ""} for v in ids
     )
-    RecordLog(work / FEATURE_PARTS).write(
+    RecordLog(WorkDir(work).features_parts).write(
         {
             "video_id": v,
             "feature_status": "error",
@@ -619,7 +616,7 @@ def _sidecar(scores: Path, kind: str) -> Path:
 
 def _training_finished(sc: StageConfigs) -> bool:
     """Whether ``metrics.jsonl`` of the run folder reached the configured last epoch."""
-    path = Path(sc.train.work) / "runs" / sc.train.name / "metrics.jsonl"
+    path = WorkDir(sc.train.work).run_metrics(sc.train.name)
     try:
         epochs = [json.loads(ln).get("epoch", 0) for ln in path.read_text("utf-8").splitlines()]
     except (OSError, ValueError, AttributeError):
@@ -704,7 +701,7 @@ def run(cfg: RunConfig, executor: Executor | None = None) -> RunResult:
 def _run_locked(
     cfg: RunConfig, sc: StageConfigs, work: Path, executor: Executor | None
 ) -> RunResult:
-    save_run_config(cfg, work / "run.toml")
+    save_run_config(cfg, WorkDir(work).run_settings)
     doc, problem = _read_state(work)
     state: dict[str, Any] = dict(doc.get("stages", {}))
     keys = stage_keys(sc)
@@ -712,7 +709,7 @@ def _run_locked(
         log.warning(
             "%s is unreadable (%s): ignoring it; stages whose outputs match this run's settings "
             "are reused",
-            work / STATE,
+            WorkDir(work).pipeline_state,
             problem,
         )
     # Stages without a record (pipeline.json lost or corrupt): outputs that match the settings
@@ -828,7 +825,7 @@ def _run_train(
     from avfuse.train import train
 
     # Resume only an interrupted run of this very config; anything else trains afresh.
-    last = Path(sc.train.work) / "runs" / sc.train.name / "last.pt"
+    last = WorkDir(sc.train.work).checkpoint(sc.train.name, "last")
     res = train(dataclasses.replace(sc.train, resume=resume and last.exists()))
     if res is None:
         return "(not rank 0)"
@@ -936,7 +933,7 @@ def write_run_report(sc: StageConfigs) -> tuple[Path, Path]:
     from avfuse.manifest import load_manifest
 
     work = Path(sc.scan.work)
-    figs = work / "figures"
+    figs = WorkDir(work).figures
     figs.mkdir(parents=True, exist_ok=True)
     r = rp.Report("avfuse run report")
     man = load_manifest(work)
@@ -954,7 +951,7 @@ def write_run_report(sc: StageConfigs) -> tuple[Path, Path]:
         r.paragraph("Videos whose sound track could not be used (first 10):")
         r.table(bad[["video_id", "status", "reason"]].head(10))
 
-    metrics = work / "runs" / sc.train.name / "metrics.jsonl"
+    metrics = WorkDir(work).run_metrics(sc.train.name)
     if metrics.exists():
         r.heading("Audio model training")
         chosen = _selection_split(metrics)
@@ -1043,15 +1040,12 @@ def status_counts(work: str | Path) -> dict[str, dict[str, int]]:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from avfuse.manifest import MANIFEST
-
-    work = Path(work)
-    if not (work / MANIFEST).exists():
+    wd = WorkDir(work)
+    if not wd.manifest.exists():
         return {}
-    ids = pq.read_table(work / MANIFEST, columns=["video_id"]).column("video_id")
+    ids = pq.read_table(wd.manifest, columns=["video_id"]).column("video_id")
     counts: dict[str, dict[str, int]] = {}
-    for table, col in (("extract.parquet", "status"), ("features.parquet", "feature_status")):
-        path = work / table
+    for path, col in ((wd.extract_table, "status"), (wd.features_table, "feature_status")):
         if not path.exists() or col not in pq.read_schema(path).names:
             continue
         t = pq.read_table(path, columns=["video_id", col])
@@ -1079,7 +1073,7 @@ def _result(work: Path, sc: StageConfigs, outcomes: list[StageOutcome]) -> RunRe
             key = f"{title} (n={n})"
             accuracy[key] = {k: float(m[k]["top1"]) for k in ("video", "audio", "fused")}
             gain[key] = [float(x) for x in m["gain_top1"]]
-    report = work / "report.md"
+    report = WorkDir(work).report_md
     fusion_report = None
     if sc.fuse is not None:
         fusion_report = _fusion_dir(sc.fuse) / "report.md"

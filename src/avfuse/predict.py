@@ -39,6 +39,7 @@ from avfuse.scoring import (
     score_videos_distributed,
     video_status,
 )
+from avfuse.workdir import WorkDir
 
 log = D.get_logger(__name__)
 
@@ -144,7 +145,7 @@ def _predict(cfg: PredictConfig) -> PredictResult | None:
         "amp": D.amp_name(amp_dtype),
     }
     sf = ScoreFile.from_rows(classes, table, meta)
-    out = Path(cfg.output) if cfg.output else work / "scores" / f"audio_{cfg.split}.npz"
+    out = Path(cfg.output) if cfg.output else WorkDir(work).scores(cfg.split)
     sf.save(out)
     csv_path = sf.to_csv(out.with_suffix(".csv"))
     save_config(cfg, out.with_name(out.name.removesuffix(".npz") + ".predict.toml"))

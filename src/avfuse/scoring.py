@@ -32,13 +32,14 @@ from avfuse.data import (
 from avfuse.model_config import SHORT_CLIPS, Aggregation, ShortClips
 from avfuse.models import VGGish, build_model
 from avfuse.store import FeatureStore
+from avfuse.workdir import WorkDir
 
 log = D.get_logger(__name__)
 
 
 def resolve_checkpoint(work: Path, run: str, checkpoint: str) -> Path:
     if checkpoint in ("best", "last"):
-        path = Path(work) / "runs" / run / f"{checkpoint}.pt"
+        path = WorkDir(work).checkpoint(run, checkpoint)
     else:
         path = Path(checkpoint)
     if not path.exists():
@@ -64,10 +65,10 @@ def checkpoint_store(work: Path, ckpt: dict[str, Any]) -> FeatureStore:
     embeddings, ``WORK/embeddings/NAME`` (the name is checked: it never leaves WORK)."""
     name = ckpt.get("embeddings")
     if not name:
-        return FeatureStore(work / "features")
+        return FeatureStore(WorkDir(work).store)
     if not isinstance(name, str) or not valid_embedding_name(name):
         raise ValueError(f"checkpoint names an invalid embedding store {name!r}")
-    return FeatureStore(work / "embeddings" / name)
+    return FeatureStore(WorkDir(work).embeddings(name))
 
 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[nn.Module, NormStats, list[str]]:

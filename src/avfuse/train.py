@@ -81,6 +81,7 @@ from avfuse.models import (
 )
 from avfuse.scoring import checkpoint_store, score_videos_distributed, video_status
 from avfuse.store import FeatureStore
+from avfuse.workdir import WorkDir
 
 log = D.get_logger(__name__)
 
@@ -507,8 +508,8 @@ def _train(
     amp_dtype = D.resolve_amp(cfg.amp, device)
     # The saved config records what actually ran, not "auto".
     cfg = dataclasses.replace(cfg, device=device.type, amp=D.amp_name(amp_dtype))  # type: ignore[arg-type]
-    run_dir = work / "runs" / cfg.name
-    last_path = run_dir / "last.pt"
+    run_dir = WorkDir(work).run(cfg.name)
+    last_path = WorkDir(work).checkpoint(cfg.name, "last")
     seed_everything(cfg.seed + e.rank, cfg.deterministic)
     aug_rng = np.random.default_rng([cfg.seed, e.rank, 1])
 
@@ -517,7 +518,7 @@ def _train(
         store = checkpoint_store(work, {"embeddings": cfg.from_embeddings})
         cfg = dataclasses.replace(cfg, specaugment=False, window=1)
     else:
-        store = FeatureStore(work / "features")
+        store = FeatureStore(WorkDir(work).store)
     window = cfg.window or store_window(store)
     classes = load_classes(work)
     if store.classes != classes:
@@ -579,7 +580,7 @@ def _train(
         cfg.epochs,
         run.best_top1,
         run.last_metrics,
-        run_dir / "best.pt",
+        WorkDir(work).checkpoint(cfg.name, "best"),
         last_path,
         sel.label,
     )
@@ -618,7 +619,9 @@ class _Run:
         cfg, e, model, device = self.cfg, self.e, self.model, self.device
         self.aug_rng, self.run_dir, self.batch_size, self.wpv = aug_rng, run_dir, batch_size, wpv
         self.steps_per_epoch = steps_per_epoch
-        self.last_path, self.best_path = run_dir / "last.pt", run_dir / "best.pt"
+        wd, name = WorkDir(cfg.work), cfg.name
+        self.last_path, self.best_path = wd.checkpoint(name, "last"), wd.checkpoint(name, "best")
+        self.metrics_path, self.tb_dir = wd.run_metrics(name), wd.run_tensorboard(name)
         self.net: nn.Module = model
         if e.distributed:
             self.net = nn.parallel.DistributedDataParallel(
@@ -675,13 +678,13 @@ class _Run:
             return
         cfg, run_dir = self.cfg, self.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.toml")
-        if fresh and (run_dir / "tb").exists():
-            shutil.rmtree(run_dir / "tb")  # a fresh run must not mix curves with an old one
-        _trim_metrics(run_dir / "metrics.jsonl", self.start_epoch)
+        save_config(cfg, WorkDir(cfg.work).run_config(cfg.name))
+        if fresh and self.tb_dir.exists():
+            shutil.rmtree(self.tb_dir)  # a fresh run must not mix curves with an old one
+        _trim_metrics(self.metrics_path, self.start_epoch)
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=self.global_step or None)
+        self.writer = SummaryWriter(str(self.tb_dir), purge_step=self.global_step or None)
         log.info("model selection (best.pt) on %s", self.sel.name)
         log.info(
             "%s: %d train / %d selection videos, %d classes, %d steps/epoch, effective batch "
@@ -871,7 +874,7 @@ class _Run:
 
     def log_epoch(self, epoch: int, validate: bool, improved: bool) -> None:
         m = self.last_metrics
-        _append_metrics(self.run_dir / "metrics.jsonl", m)
+        _append_metrics(self.metrics_path, m)
         if self.writer is not None:
             for k, v in m.items():
                 if isinstance(v, int | float) and k not in ("epoch", "step"):

@@ -44,6 +44,11 @@ class WorkDir:
     def audio_dir(self) -> Path:
         return self.root / "audio"
 
+    @staticmethod
+    def audio_relpath(video_id: str, fmt: str) -> str:
+        """A video's sound track relative to WORK, as ``extract.parquet`` records it."""
+        return f"audio/{video_id}.{fmt}"
+
     @property
     def extract_table(self) -> Path:
         return self.root / "extract.parquet"
@@ -95,6 +100,12 @@ class WorkDir:
 
     def checkpoint(self, run: str, which: str = "best") -> Path:
         return self.run(run) / f"{which}.pt"
+
+    def run_tensorboard(self, run: str) -> Path:
+        return self.run(run) / "tb"
+
+    def run_metrics(self, run: str) -> Path:
+        return self.run(run) / "metrics.jsonl"
 
     def run_config(self, run: str) -> Path:
         return self.run(run) / "config.toml"

@@ -179,7 +179,7 @@ def demo(cfg: DemoConfig) -> DemoResult:
         per_split["heldout"] = cfg.heldout_per_class
     if cfg.force:
         _clean_work(work)
-    elif (root / DATASET_INFO).exists() and (work / "manifest.parquet").exists():
+    elif (root / DATASET_INFO).exists() and WorkDir(work).manifest.exists():
         old = read_json(root / DATASET_INFO).get("settings", {})
         if old.get("classes") != cfg.classes or old.get("seed") != cfg.seed:
             raise ValueError(
