@@ -53,6 +53,8 @@ from tests.media import write_tone_video  # noqa: E402
 
 N_CLASSES = 600
 CLIPS = 4
+# ext4 allows 65,000 links to one inode: a larger tree links to more copies.
+LINKS_PER_FILE = 60_000
 
 # Runs one step in a child and reports that child's peak RSS (and its children's, e.g. pool
 # workers): RUSAGE_CHILDREN of this fresh parent covers exactly that one step.
@@ -138,7 +140,7 @@ def tagged(res: dict[str, object], tag: str) -> list[str]:
 def build_tree(root: Path, clips: Path, n: int) -> list[str]:
     """N hard links to the generated clips; returns the video ids (split/class/name)."""
     sources = []
-    for i in range(CLIPS):
+    for i in range(max(CLIPS, -(-n // LINKS_PER_FILE))):
         p = clips / f"clip{i}.mkv"
         write_tone_video(
             p, freq=300.0 + 100 * i, duration=1.0, codec="pcm_s16le", rate=16000, video=False
@@ -153,7 +155,7 @@ def build_tree(root: Path, clips: Path, n: int) -> list[str]:
         if folder not in made:
             folder.mkdir(parents=True, exist_ok=True)
             made.add(folder)
-        os.link(sources[i % CLIPS], folder / f"v{i:07d}.mkv")
+        os.link(sources[i % len(sources)], folder / f"v{i:07d}.mkv")
         ids.append(f"{split}/{cls}/v{i:07d}")
     return ids
 
@@ -165,7 +167,9 @@ def finish_extract(work: Path, ids: list[str], per_part: int = 32) -> None:
     rlog = RecordLog(work / "extract" / "parts")
     records = []
     made: set[Path] = set()
-    for vid in ids:
+    for k, vid in enumerate(ids):
+        if k and k % LINKS_PER_FILE == 0:
+            one = write_audio(work / f"one{k}.flac", np.zeros(16000, np.float32), 16000)
         rel = f"audio/{vid}.flac"
         folder = (audio / vid).parent
         if folder not in made:
