@@ -34,12 +34,12 @@ $(BENCH_STAMP): $(STAMP)
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
-	$(PY) benchmarks/bench_extract.py
-	$(PY) benchmarks/bench_melspec.py
-	$(PY) benchmarks/bench_store.py
-	$(PY) benchmarks/bench_train.py
-	$(PY) benchmarks/bench_fuse.py
-	$(PY) benchmarks/bench_scale.py --videos 20000
+	$(PY) -m benchmarks.bench_extract
+	$(PY) -m benchmarks.bench_melspec
+	$(PY) -m benchmarks.bench_store
+	$(PY) -m benchmarks.bench_train
+	$(PY) -m benchmarks.bench_fuse
+	$(PY) -m benchmarks.bench_scale --videos 20000
 
 clean:
 	rm -rf demo-work .pytest_cache .mypy_cache .ruff_cache

@@ -13,8 +13,8 @@ Random weights (the speed does not depend on them; nothing is downloaded). Print
 clips/s per core (torch intra-op threads) and the ratio to the reference, and what embedding
 Kinetics-600 (about 420k clips of 10 s) would take on this machine.
 
-    .venv/bin/python benchmarks/bench_embed.py                  # a few clips: ~1 min on 2 cores
-    .venv/bin/python benchmarks/bench_embed.py --clips 32 --batch 8 --threads 16
+    .venv/bin/python -m benchmarks.bench_embed                  # a few clips: ~1 min on 2 cores
+    .venv/bin/python -m benchmarks.bench_embed --clips 32 --batch 8 --threads 16
 """
 
 from __future__ import annotations

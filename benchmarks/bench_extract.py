@@ -11,7 +11,7 @@ folder, then times on the same files, side by side:
 * ``librosa.load``          ``librosa.load(path, sr=16000)`` (needs an audioread backend for mp4)
 * ``ffmpeg`` subprocess      one ``ffmpeg -i X -ac 1 -ar 16000 Y.flac`` per file, if installed
 
-Usage: ``python benchmarks/bench_extract.py [--files 100] [--seconds 10] [--size 320x240]``.
+Usage: ``python -m benchmarks.bench_extract [--files 100] [--seconds 10] [--size 320x240]``.
 glibc's allocator thresholds are raised for this process (as avfuse's workers do) so that no
 method pays for returning memory to the OS between files.
 """
@@ -22,7 +22,6 @@ import argparse
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -33,10 +32,7 @@ import av
 import numpy as np
 import soxr
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # for tests.media when run from a checkout
-
-from avfuse.extract import (  # noqa: E402
+from avfuse.extract import (
     ExtractConfig,
     _extract_batch,
     _tune_malloc,
@@ -44,9 +40,11 @@ from avfuse.extract import (  # noqa: E402
     extract,
     write_audio,
 )
-from avfuse.manifest import ScanConfig, scan  # noqa: E402
-from avfuse.parallel import make_executor  # noqa: E402
-from tests.media import AudioTrack, tone, write_media  # noqa: E402
+from avfuse.manifest import ScanConfig, scan
+from avfuse.parallel import make_executor
+from tests.media import AudioTrack, tone, write_media
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_corpus(root: Path, n: int, seconds: float, size: tuple[int, int], fps: int) -> list[Path]:

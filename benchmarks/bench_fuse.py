@@ -13,7 +13,7 @@ interpreter and libraries included) and its user and system CPU time are its own
 video scores are also read from a named ``.npz`` and from a wide CSV (``video_id`` plus one
 column per class), to compare the two readers end to end.
 
-    python benchmarks/bench_fuse.py [--videos 30000] [--classes 600] [--stack]
+    python -m benchmarks.bench_fuse [--videos 30000] [--classes 600] [--stack]
 """
 
 from __future__ import annotations

@@ -14,8 +14,10 @@ machine wall time would count the neighbours' load too. With ``--videos N`` it a
 generated 10 s AAC mp4s: bare decode+resample (``avfuse.audio.decode_audio``) against
 decode+resample+``log_mel`` (the ``features --from-video`` worker's work per file).
 
-Usage: ``python benchmarks/bench_melspec.py [--clips 40] [--repeats 5] [--videos 20]``.
+Usage: ``python -m benchmarks.bench_melspec [--clips 40] [--repeats 5] [--videos 20]``.
 """
+
+# ruff: noqa: E402  (the thread settings below must precede the numeric imports)
 
 from __future__ import annotations
 
@@ -25,21 +27,19 @@ import os
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
     os.environ[_var] = "1"
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import contextlib
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-import scipy.fft  # noqa: E402
+import numpy as np
+import scipy.fft
+
+from avfuse.melspec import FrontendConfig, log_mel, mel_matrix
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # for tests.media when run from a checkout
-
-from avfuse.melspec import FrontendConfig, log_mel, mel_matrix  # noqa: E402
 
 SR = 16000
 CFG = FrontendConfig()

@@ -21,7 +21,7 @@ started for that step alone) against the goal:
   nothing to do;
 * the bytes of a pickled :class:`avfuse.store.FeatureStore` (what each DataLoader worker gets).
 
-Usage: ``python benchmarks/bench_scale.py --videos 20000`` (420k: ``--videos 420000``, needs
+Usage: ``python -m benchmarks.bench_scale --videos 20000`` (420k: ``--videos 420000``, needs
 about 1 GB of disk and several minutes). ``--src DIR`` measures another checkout's ``src``.
 """
 
@@ -41,15 +41,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # for tests.media when run from a checkout
+from avfuse import __version__
+from avfuse.extract import _record, write_audio
+from avfuse.features import FeaturesConfig
+from avfuse.io import RecordLog, read_table, write_table
+from avfuse.store import ShardWriter, commit_index, write_meta
+from tests.media import write_tone_video
 
-from avfuse import __version__  # noqa: E402
-from avfuse.extract import _record, write_audio  # noqa: E402
-from avfuse.features import FeaturesConfig  # noqa: E402
-from avfuse.io import RecordLog, read_table, write_table  # noqa: E402
-from avfuse.store import ShardWriter, commit_index, write_meta  # noqa: E402
-from tests.media import write_tone_video  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 N_CLASSES = 600
 CLIPS = 4

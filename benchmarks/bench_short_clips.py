@@ -6,8 +6,8 @@ features into a feature store and trains the audio model with each ``short_clips
 policy, top-1 over all val videos (unscored = miss) and over the scored ones, next to the
 baseline (per-band mean and std + logistic regression) on the same videos.
 
-    .venv/bin/python benchmarks/bench_short_clips.py                       # policies, many short clips
-    .venv/bin/python benchmarks/bench_short_clips.py --classes 2 --train 14 --val 6 \
+    .venv/bin/python -m benchmarks.bench_short_clips                       # policies, many short clips
+    .venv/bin/python -m benchmarks.bench_short_clips --classes 2 --train 14 --val 6 \
         --short-share 0.5 --policies repeat                                  # the small set
 """
 

@@ -17,7 +17,7 @@ after one warm-up pass so the page cache holds everything, and prints windows/s 
 
 plus the disk footprint (allocated blocks) and file count of both layouts.
 
-Usage: ``python benchmarks/bench_store.py [--videos 2000] [--windows 50000] [--dir DIR]``.
+Usage: ``python -m benchmarks.bench_store [--videos 2000] [--windows 50000] [--dir DIR]``.
 """
 
 from __future__ import annotations
@@ -34,10 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from avfuse.store import FeatureStore, ShardWriter, commit_index, write_meta
 
-from avfuse.store import FeatureStore, ShardWriter, commit_index, write_meta  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 N_MELS, CLIP = 64, 96
 
@@ -156,15 +155,14 @@ def larger_than_memory(root: Path, limit_mb: int, n_videos: int, n_windows: int,
         ):
             _drop_cache(store)
             code = (
-                "import sys; sys.path.insert(0, sys.argv[1]); import bench_store as b; "
+                "from benchmarks import bench_store as b; "
                 f"b.training_reads({str(store)!r}, {order!r}, {bs}, {n_windows}, {getitems})"
             )
-            env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
             out = subprocess.run(
-                [sys.executable, "-c", code, str(Path(__file__).parent)],
+                [sys.executable, "-c", code],
                 capture_output=True,
                 text=True,
-                env=env,
+                cwd=ROOT,
                 # Join the group before Python starts, so every page it reads is charged there.
                 preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())),
                 check=True,

@@ -10,8 +10,8 @@ Prints, side by side:
    trained from scratch (``avfuse.train``) vs logistic regression on per-video log-mel
    statistics (mean and std per band), the baseline a practitioner would try first.
 
-    .venv/bin/python benchmarks/bench_train.py            # ~2 minutes on 2 CPU cores
-    .venv/bin/python benchmarks/bench_train.py --models resnet --steps 10 --epochs 12 --acc-width 0.5
+    .venv/bin/python -m benchmarks.bench_train            # ~2 minutes on 2 CPU cores
+    .venv/bin/python -m benchmarks.bench_train --models resnet --steps 10 --epochs 12 --acc-width 0.5
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,8 +35,6 @@ from avfuse.metrics import metrics
 from avfuse.models import build_model
 from avfuse.store import FeatureStore
 from avfuse.train import TrainConfig, train
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.synthetic, from a checkout
 from tests.synthetic import make_synthetic_work
 
 
