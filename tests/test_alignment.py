@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 
 from avfuse.fuse import fuse
-from avfuse.fusion import accuracy, infer_kind, true_rank, video_above_chance
+from avfuse.fusion import infer_kind, video_above_chance
 from avfuse.io import write_table
 from avfuse.manifest import write_class_list
-from avfuse.metrics import metrics
+from avfuse.metrics import accuracy, metrics, true_rank
 from avfuse.scores import ScoreFile
 from avfuse.video_scores import VideoScoreError, read_annotations
 from tests.test_fuse import cfg_for, make_work, softmax

@@ -157,3 +157,21 @@ def test_evaluate_ignores_scored_videos_outside_the_split(work: Path) -> None:
     assert r.metrics == ref.metrics and r.coverage == ref.coverage
     saved = json.loads((work / "scores" / "mixed.metrics.json").read_text())
     assert saved["ignored_ids_not_in_split"] == 2
+
+
+def test_metrics_and_fusions_block_wise_ranks_agree_on_ties_and_nan_rows() -> None:
+    """One top-k rule: ``metrics`` (train, evaluate) and the rank helpers fuse uses."""
+    from avfuse.metrics import accuracy, metrics, true_rank
+
+    rng = np.random.default_rng(3)
+    # Coarse scores: many exact ties, so the tie rule (lower index first) is exercised.
+    s = rng.integers(0, 4, size=(1500, 9)).astype(np.float64)
+    s[::97, 2] = np.nan
+    y = rng.integers(0, 9, size=1500)
+    order = np.argsort(-np.where(np.isnan(s), -np.inf, s), axis=1, kind="stable")
+    want = np.argmax(order == y[:, None], axis=1)
+    want[np.isnan(s).any(axis=1)] = 9
+    np.testing.assert_array_equal(true_rank(s, y), want)
+    m, a = metrics(s, y), accuracy(s, y)
+    assert m["top1"] == a["top1"] == np.mean(want < 1)
+    assert m["top5"] == a["top5"] == np.mean(want < 5)

@@ -16,7 +16,6 @@ from avfuse.fusion import (
     Params,
     Stacker,
     Views,
-    accuracy,
     apply_params,
     detect_kind,
     fit_temperature,
@@ -25,10 +24,10 @@ from avfuse.fusion import (
     pick_weight,
     stratified_folds,
     to_log_probs,
-    true_rank,
 )
 from avfuse.io import write_table
 from avfuse.manifest import write_class_list
+from avfuse.metrics import accuracy, true_rank
 from avfuse.scores import ScoreFile
 from avfuse.video_scores import VideoScoreError
 

@@ -33,7 +33,6 @@ import pandas as pd
 from avfuse.config import Config, save_config, to_dict
 from avfuse.fusion import (
     LOG_FLOOR,
-    ROW_BLOCK,
     Kind,
     Method,
     Params,
@@ -46,7 +45,6 @@ from avfuse.fusion import (
     infer_kind,
     log_softmax32,
     masked_true_rank,
-    per_class_accuracy,
     pick_weight,
     stratified_folds,
     temper,
@@ -56,6 +54,7 @@ from avfuse.fusion import (
 )
 from avfuse.io import atomic_dir, write_json
 from avfuse.manifest import load_classes, load_manifest
+from avfuse.metrics import ROW_BLOCK, per_class_accuracy
 from avfuse.report import describe_choice, write_fusion_report
 from avfuse.scores import ScoreFile
 from avfuse.video_scores import (

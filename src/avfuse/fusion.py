@@ -11,9 +11,9 @@ Methods, with audio weight ``w`` and per-video log-probabilities ``lv`` (video),
 ``stack``    multinomial logistic regression with logits
              ``z_c = (α + a_c) lv_c + (β + b_c) la_c + d_c``, L2 on the per-class terms.
 
-The accuracy helpers (:func:`true_rank`, :func:`accuracy`, :func:`rank_metrics`,
-:func:`mean_class_accuracy`, :func:`per_class_accuracy`) work on blocks of rows so that
-Kinetics-scale matrices need no full-size temporaries.
+Accuracy comes from :mod:`avfuse.metrics` (:func:`true_rank` and the functions over ranks),
+the one implementation train, evaluate and fuse share; every pass here goes in blocks of
+``ROW_BLOCK`` rows so that Kinetics-scale matrices need no full-size temporaries.
 """
 
 from __future__ import annotations
@@ -26,6 +26,12 @@ import numpy as np
 from scipy import optimize
 from scipy.special import bdtrc, log_softmax, logsumexp
 
+from avfuse.metrics import (
+    ROW_BLOCK,
+    rank_metrics,
+    true_rank,
+)
+
 Method = Literal["mean", "logprob", "stack"]
 Kind = Literal["auto", "logits", "probs"]
 
@@ -33,8 +39,6 @@ Kind = Literal["auto", "logits", "probs"]
 # Probabilities are floored here before taking logs: a model that gives a class exactly 0
 # must not veto it forever in the product of experts.
 LOG_FLOOR = math.log(1e-8)
-# Rows per block in passes over (N, C) matrices: bounded temporaries at any N.
-ROW_BLOCK = 512
 
 
 # --------------------------------------------------------------------------- numerics
@@ -195,71 +199,6 @@ def fit_temperature(logp: np.ndarray, labels: np.ndarray) -> float:
 
     res = optimize.minimize_scalar(nll, bounds=(-4.0, 4.0), method="bounded")
     return float(math.exp(res.x))
-
-
-def true_rank(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Rank of the true class in a stable descending sort of each row, ``(N, C) -> (N,)``.
-
-    Equal to the position of ``labels[i]`` in ``np.argsort(-scores[i], kind="stable")``:
-    ties go to the lower class index, like ``argmax``. A row with a NaN gets rank ``C``
-    (never correct).
-    """
-    s = np.asarray(scores)
-    labels = np.asarray(labels, dtype=np.int64)
-    rank = np.empty(len(labels), dtype=np.int64)
-    for lo in range(0, len(labels), ROW_BLOCK):
-        rank[lo : lo + ROW_BLOCK] = _true_rank_block(
-            s[lo : lo + ROW_BLOCK], labels[lo : lo + ROW_BLOCK]
-        )
-    return rank
-
-
-def _true_rank_block(s: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    t = s[np.arange(len(labels)), labels][:, None]
-    rank = (s > t).sum(axis=1)
-    # Exact ties are rare with real scores: resolve them only on the rows that have one.
-    tied = np.flatnonzero((s == t).sum(axis=1) > 1)
-    if len(tied):
-        cols = np.arange(s.shape[1])[None, :]
-        rank[tied] += ((s[tied] == t[tied]) & (cols < labels[tied, None])).sum(axis=1)
-    # NaN compares false with everything, so a NaN row would rank its true class first:
-    # it is a miss at every k instead.
-    rank[np.isnan(s).any(axis=1)] = s.shape[1]
-    return rank
-
-
-def accuracy(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Top-1, top-5 and mean class accuracy (fractions) of ``(N, C)`` scores; NaN when N = 0."""
-    labels = np.asarray(labels, dtype=np.int64)
-    ranks = true_rank(scores, labels) if len(labels) else np.zeros(0, dtype=np.int64)
-    return rank_metrics(ranks, labels)
-
-
-def rank_metrics(ranks: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """:func:`accuracy` from the true-class ranks ``(N,)``."""
-    if len(labels) == 0:
-        return {"top1": math.nan, "top5": math.nan, "mean_class": math.nan, "n": 0}
-    return {
-        "top1": float(np.mean(ranks < 1)),
-        "top5": float(np.mean(ranks < 5)),
-        "mean_class": mean_class_accuracy(ranks < 1, labels),
-        "n": len(labels),
-    }
-
-
-def mean_class_accuracy(correct: np.ndarray, labels: np.ndarray) -> float:
-    """Mean over the classes present in ``labels`` of their top-1 accuracy."""
-    cls, inv = np.unique(labels, return_inverse=True)
-    per = np.bincount(inv, weights=correct.astype(np.float64)) / np.bincount(inv)
-    return float(per.mean()) if len(cls) else math.nan
-
-
-def per_class_accuracy(correct: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """``(C,)`` top-1 accuracy per class (NaN for classes without videos)."""
-    n = np.bincount(labels, minlength=n_classes).astype(np.float64)
-    k = np.bincount(labels, weights=correct.astype(np.float64), minlength=n_classes)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(n > 0, k / np.maximum(n, 1), np.nan)
 
 
 def paired_bootstrap_ci(

@@ -1,15 +1,21 @@
 """Classification metrics over score matrices: one implementation for train, evaluate and fuse.
 
-``train`` validates and ``evaluate`` reports with :func:`metrics`; ``avfuse.fusion`` keeps
-block-wise versions of top-k accuracy for Kinetics-size matrices, with the same tie and NaN
-rules (ties to the lower index, a NaN row a miss at every k).
+``train`` validates and ``evaluate`` reports with :func:`metrics`; ``avfuse.fusion`` scores its
+weight grids with :func:`true_rank` and :func:`rank_metrics`, on which :func:`metrics` builds
+too. One tie and NaN rule everywhere: ties go to the lower class index, a NaN row is a miss at
+every k. The passes go in blocks of ``ROW_BLOCK`` rows, so Kinetics-size matrices need no
+full-size temporaries.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
+
+# Rows per block in passes over (N, C) matrices: bounded temporaries at any N.
+ROW_BLOCK = 512
 
 
 def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -29,6 +35,71 @@ def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
     n_ge_all = len(scores) - np.searchsorted(all_sorted, s, side="left")
     n_ge_pos = n_pos - np.searchsorted(pos_sorted, s, side="left")
     return float(np.mean(n_ge_pos / n_ge_all))
+
+
+def true_rank(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Rank of the true class in a stable descending sort of each row, ``(N, C) -> (N,)``.
+
+    Equal to the position of ``labels[i]`` in ``np.argsort(-scores[i], kind="stable")``:
+    ties go to the lower class index, like ``argmax``. A row with a NaN gets rank ``C``
+    (never correct).
+    """
+    s = np.asarray(scores)
+    labels = np.asarray(labels, dtype=np.int64)
+    rank = np.empty(len(labels), dtype=np.int64)
+    for lo in range(0, len(labels), ROW_BLOCK):
+        rank[lo : lo + ROW_BLOCK] = _true_rank_block(
+            s[lo : lo + ROW_BLOCK], labels[lo : lo + ROW_BLOCK]
+        )
+    return rank
+
+
+def _true_rank_block(s: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    t = s[np.arange(len(labels)), labels][:, None]
+    rank = (s > t).sum(axis=1)
+    # Exact ties are rare with real scores: resolve them only on the rows that have one.
+    tied = np.flatnonzero((s == t).sum(axis=1) > 1)
+    if len(tied):
+        cols = np.arange(s.shape[1])[None, :]
+        rank[tied] += ((s[tied] == t[tied]) & (cols < labels[tied, None])).sum(axis=1)
+    # NaN compares false with everything, so a NaN row would rank its true class first:
+    # it is a miss at every k instead.
+    rank[np.isnan(s).any(axis=1)] = s.shape[1]
+    return rank
+
+
+def accuracy(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Top-1, top-5 and mean class accuracy (fractions) of ``(N, C)`` scores; NaN when N = 0."""
+    labels = np.asarray(labels, dtype=np.int64)
+    ranks = true_rank(scores, labels) if len(labels) else np.zeros(0, dtype=np.int64)
+    return rank_metrics(ranks, labels)
+
+
+def rank_metrics(ranks: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """:func:`accuracy` from the true-class ranks ``(N,)``."""
+    if len(labels) == 0:
+        return {"top1": math.nan, "top5": math.nan, "mean_class": math.nan, "n": 0}
+    return {
+        "top1": float(np.mean(ranks < 1)),
+        "top5": float(np.mean(ranks < 5)),
+        "mean_class": mean_class_accuracy(ranks < 1, labels),
+        "n": len(labels),
+    }
+
+
+def mean_class_accuracy(correct: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over the classes present in ``labels`` of their top-1 accuracy."""
+    cls, inv = np.unique(labels, return_inverse=True)
+    per = np.bincount(inv, weights=correct.astype(np.float64)) / np.bincount(inv)
+    return float(per.mean()) if len(cls) else math.nan
+
+
+def per_class_accuracy(correct: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """``(C,)`` top-1 accuracy per class (NaN for classes without videos)."""
+    n = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    k = np.bincount(labels, weights=correct.astype(np.float64), minlength=n_classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, k / np.maximum(n, 1), np.nan)
 
 
 def metrics(scores: np.ndarray, labels: np.ndarray, top_confused: int = 0) -> dict[str, Any]:
@@ -66,13 +137,12 @@ def metrics(scores: np.ndarray, labels: np.ndarray, top_confused: int = 0) -> di
     nan_rows = np.isnan(scores).any(axis=1)
     if nan_rows.any():
         scores = np.where(nan_rows[:, None], -np.inf, scores)
-    # Stable sort of the negated scores: equal scores keep column order (lower index first).
-    order = np.argsort(-scores, axis=1, kind="stable")
-    order[nan_rows] = -1
-    pred = order[:, 0]
-    k = min(5, c)
-    top1 = float(np.mean(pred == labels))
-    top5 = float(np.mean((order[:, :k] == labels[:, None]).any(axis=1)))
+    ranks = true_rank(scores, labels)  # NaN rows were made -inf: rank them C (a miss) again
+    ranks[nan_rows] = c
+    # argmax takes the first maximum: the lower index wins a tie, as in true_rank.
+    pred = np.where(nan_rows, -1, scores.argmax(axis=1))
+    top1 = float(np.mean(ranks < 1))
+    top5 = float(np.mean(ranks < min(5, c)))
     counts = np.bincount(labels, minlength=c)
     correct = np.bincount(labels[pred == labels], minlength=c)
     with np.errstate(invalid="ignore", divide="ignore"):
