@@ -28,6 +28,7 @@ about 1 GB of disk and several minutes). ``--src DIR`` measures another checkout
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -247,11 +248,15 @@ def main() -> None:
     ap.add_argument("--videos", type=int, default=20000)
     ap.add_argument("--tmp", type=Path, default=None, help="folder for the trees (default: /tmp)")
     ap.add_argument("--src", type=Path, default=ROOT / "src", help="avfuse sources to measure")
+    ap.add_argument("--keep", type=Path, default=None, help="build in this folder and keep it")
     args = ap.parse_args()
     n, src = args.videos, args.src.resolve()
     rows: list[tuple[str, str, str, bool]] = []
 
-    with tempfile.TemporaryDirectory(prefix="avfuse-scale-", dir=args.tmp) as tmp_s:
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=False)
+    keep = contextlib.nullcontext(str(args.keep)) if args.keep else None
+    with keep or tempfile.TemporaryDirectory(prefix="avfuse-scale-", dir=args.tmp) as tmp_s:
         tmp = Path(tmp_s)
         root, work = tmp / "data", tmp / "work"
         t0 = time.perf_counter()
@@ -323,7 +328,8 @@ def main() -> None:
         rows.append(
             ("feature store pickled per worker", f"{size / 1024:.1f} KB", "a few KB", size < 8192)
         )
-        shutil.rmtree(root, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
 
     print(f"\n{n} videos, avfuse from {src}")
     print(f"{'what':50s} {'now':>32s}  {'goal':18s} met")

@@ -25,6 +25,7 @@ def make_synthetic_work(
     seed: int = 0,
     frontend_hash: str = "synthetic",
     structured: bool = True,
+    event_frames: int = 0,
 ) -> pd.DataFrame:
     """Write a small generated work folder: manifest, classes.txt and a feature store.
 
@@ -33,6 +34,8 @@ def make_synthetic_work(
     and slow pulses over the same bands. Sweeps in both directions (and pulses at both rates)
     give the same per-band mean and std over a video, so a classifier on those statistics
     cannot separate them, while a model that sees time-frequency structure can.
+    ``event_frames > 0`` confines the pattern to one segment of that many frames at a random
+    place in each video (the rest is noise), like a sound that is heard once in a clip.
     Returns the manifest (``video_id, split, label, label_index, path, ...``).
     """
     work = Path(work)
@@ -51,6 +54,7 @@ def make_synthetic_work(
             for j in range(videos_per_class):
                 t = int(rng.integers(frames_range[0], frames_range[1] + 1))
                 x = -4.0 + noise * rng.standard_normal((t, n_mels))
+                background = x.copy() if event_frames else None
                 tt = np.arange(t)
                 phase = rng.uniform(0, 1)
                 if pat in (0, 1):
@@ -63,6 +67,11 @@ def make_synthetic_work(
                     period = 8 if pat == 2 else 32
                     on = ((tt / period + phase) % 1.0) < 0.5
                     x[np.ix_(on, np.arange(lo, min(lo + band_w, n_mels)))] += 2.0
+                if background is not None:
+                    start = int(rng.integers(0, max(t - event_frames, 0) + 1))
+                    outside = np.ones(t, bool)
+                    outside[start : start + event_frames] = False
+                    x[outside] = background[outside]
                 vid = f"{split}/{name}/v{j:03d}"
                 writer.add(vid, x.astype(np.float32))
                 rows.append(

@@ -345,6 +345,32 @@ def test_extract_resumes_and_force_redoes(dataset) -> None:
     _check_outputs(work, expect)
 
 
+def test_a_rerun_with_nothing_to_do_leaves_the_table_and_a_rescan_rewrites_it(dataset) -> None:
+    """A finished rerun reads a few columns and writes nothing; a changed manifest recommits."""
+    work, expect = dataset
+    cfg = ExtractConfig(work=work, num_workers=0, progress=False)
+    first = extract(cfg)
+    table = work / "extract.parquet"
+    before = (table.stat().st_mtime_ns, table.stat().st_ino, table.read_bytes())
+    again = extract(cfg)
+    assert (table.stat().st_mtime_ns, table.stat().st_ino, table.read_bytes()) == before
+    assert (again.processed, again.skipped) == (0, len(expect))
+    assert again.counts == first.counts and again.audio_s == pytest.approx(first.audio_s)
+    # The full table is still there for whoever asks, for the selected videos only.
+    pd.testing.assert_frame_equal(again.table, first.table)
+    assert sorted(pd.read_csv(work / "extract_failures.csv")["video_id"]) == sorted(
+        v for v, (st, _) in expect.items() if st != "ok"
+    )
+    # One video leaves the dataset: the table follows the new manifest.
+    man = pd.read_parquet(work / "manifest.parquet")
+    gone = "train/abseiling/v0"
+    man[man["video_id"] != gone].to_parquet(work / "manifest.parquet", index=False)
+    third = extract(cfg)
+    assert table.stat().st_ino != before[1]
+    assert gone not in set(pd.read_parquet(table)["video_id"])
+    assert sum(third.counts.values()) == len(expect) - 1
+
+
 def test_extract_refuses_a_different_rate_without_force(dataset) -> None:
     work, expect = dataset
     extract(ExtractConfig(work=work, num_workers=0, progress=False, splits=("train",)))

@@ -83,6 +83,28 @@ def test_record_log_newest_record_wins(tmp_path) -> None:
     assert log.done_ids() == set()
 
 
+def test_record_log_reads_columns_across_parts_of_different_shapes(tmp_path) -> None:
+    """Many parts join in Arrow: a column missing or all-null in one part, newest wins."""
+    log = RecordLog(tmp_path / "parts")
+    log.write([{"video_id": f"v{i}", "status": "ok", "n": i} for i in range(5)])
+    log.write([{"video_id": "v1", "status": "error", "n": None, "reason": "boom"}])
+    log.write([{"video_id": "v7", "status": "ok"}])  # no "n", no "reason"
+    df = log.read(["status", "reason"]).set_index("video_id")
+    assert list(df.columns) == ["status", "reason"]
+    assert df["status"].to_dict() == {
+        "v0": "ok", "v2": "ok", "v3": "ok", "v4": "ok", "v1": "error", "v7": "ok"
+    }  # fmt: skip
+    assert df.loc["v1", "reason"] == "boom" and pd.isna(df.loc["v7", "reason"])
+    full = log.read().set_index("video_id")
+    assert full.loc["v3", "n"] == 3 and pd.isna(full.loc["v7", "n"])
+    compacted = log.compact()
+    assert len(log.parts()) == 1
+    pd.testing.assert_frame_equal(log.read(), compacted)
+    arrow = log.read_arrow(["status"])
+    assert arrow is not None and arrow.column_names == ["video_id", "status"]
+    assert RecordLog(tmp_path / "empty").read(["status"]).columns.tolist() == ["video_id", "status"]
+
+
 def test_error_reason_is_one_bounded_line_naming_the_type() -> None:
     from avfuse.io import error_reason
 

@@ -27,7 +27,6 @@ import functools
 import logging
 import os
 import time
-from collections import Counter
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from avfuse import __version__
 from avfuse.audio import (
@@ -57,8 +57,10 @@ from avfuse.io import (
     atomic_write,
     error_reason,
     raise_if_disk_full,
+    read_table,
     remove_stale_temporaries,
     safe_join,
+    table_metadata,
     write_table,
 )
 from avfuse.manifest import load_manifest
@@ -238,31 +240,38 @@ def _extract_batch(
 
 @dataclass
 class ExtractResult:
-    """What :func:`extract` did. ``table`` holds one row per video of the selected splits."""
+    """What :func:`extract` did, for the selected splits.
+
+    ``table`` (one row per selected video, every column of ``extract.parquet``) is read from
+    that file when first asked for: a rerun with nothing to do never loads it.
+    """
 
     work: Path
-    table: pd.DataFrame
     processed: int
     skipped: int
     elapsed_s: float
     failures_path: Path
+    counts: dict[str, int]
+    audio_s: float
+    ids: pd.Series | None = field(repr=False)  # the selected videos; None: every video
 
-    @property
-    def counts(self) -> dict[str, int]:
-        return dict(Counter(self.table["status"]))
+    @functools.cached_property
+    def table(self) -> pd.DataFrame:
+        t = read_table(WorkDir(self.work).extract_table)
+        return t if self.ids is None else t[_isin(t["video_id"], self.ids)].reset_index(drop=True)
 
     def summary(self) -> str:
         counts = self.counts
+        n = sum(counts.values())
         order = [s for s in STATUSES if s in counts] + sorted(set(counts) - set(STATUSES))
         rate = self.processed / self.elapsed_s if self.elapsed_s > 0 else 0.0
-        audio_h = float(self.table["duration_s"].sum()) / 3600
         lines = [
-            f"extract: {len(self.table)} videos in {WorkDir(self.work).extract_table} "
+            f"extract: {n} videos in {WorkDir(self.work).extract_table} "
             f"({self.processed} decoded now at {rate:.1f} files/s, {self.skipped} already done; "
-            f"{audio_h:.2f} h of audio)",
+            f"{self.audio_s / 3600:.2f} h of audio)",
             "  " + ", ".join(f"{s}: {counts[s]}" for s in order),
         ]
-        n_fail = len(self.table) - counts.get("ok", 0)
+        n_fail = n - counts.get("ok", 0)
         if n_fail:
             lines.append(f"  {n_fail} not ok, listed with reasons in {self.failures_path}")
         else:
@@ -295,10 +304,12 @@ def _remove_outputs(work: Path, prior: pd.DataFrame, fmt: str) -> None:
                 (work / str(rel)).unlink()
 
 
-def _isin(values: pd.Series, among: pd.Series) -> np.ndarray:
+def _isin(values: pd.Series, among: pd.Series | pa.Array) -> np.ndarray:
     """``values.isin(among)`` for string ids, as one Arrow hash look-up (pandas' ``isin`` on
     Arrow strings walks the values in Python: seconds at 400k videos)."""
-    found = pc.is_in(pa.array(values.astype(str)), value_set=pa.array(among.astype(str)))
+    if not isinstance(among, pa.Array):
+        among = pa.array(among.astype(str))
+    found = pc.is_in(pa.array(values.astype(str)), value_set=among)
     return np.asarray(found.to_numpy(zero_copy_only=False), dtype=bool)
 
 
@@ -313,7 +324,9 @@ def extract(cfg: ExtractConfig, executor: Executor | None = None) -> ExtractResu
     """
     t0 = time.perf_counter()
     work = Path(cfg.work)
-    manifest = everything = load_manifest(work, stages=False)
+    wd = WorkDir(work)
+    # Three columns: a rerun over 420k finished videos must stay a small process.
+    manifest = everything = load_manifest(work, stages=False, columns=_MANIFEST_COLUMNS)
     if cfg.splits:
         unknown = sorted(set(cfg.splits) - set(manifest["split"]))
         if unknown:
@@ -323,40 +336,22 @@ def extract(cfg: ExtractConfig, executor: Executor | None = None) -> ExtractResu
         manifest = manifest[manifest["split"].isin(cfg.splits)]
     _check_previous(work, cfg)
 
-    rlog = RecordLog(WorkDir(work).extract_parts)
-    prior = rlog.read()
+    rlog = RecordLog(wd.extract_parts)
     if cfg.force:
-        _remove_outputs(work, prior, cfg.format)
+        _remove_outputs(work, rlog.read(["audio_path"]), cfg.format)
         rlog.clear()
     # Temporaries of a killed run (audio being written, a part being logged) are garbage.
-    removed = remove_stale_temporaries(WorkDir(work).audio_dir) + remove_stale_temporaries(
-        rlog.folder
-    )
+    removed = remove_stale_temporaries(wd.audio_dir) + remove_stale_temporaries(rlog.folder)
     if removed:
         log.info("removed %d temporary file(s) left by an interrupted run", removed)
-    save_config(cfg, WorkDir(work).extract_config)
+    save_config(cfg, wd.extract_config)
 
-    done: set[str] = set()
-    if not cfg.force and len(prior):
-        # Plain strings and os.path: a Path object and an Arrow-string lookup per video cost
-        # more than the stat itself at 400k videos.
-        root = str(work)
-        for vid, status, rel, reason in zip(
-            prior["video_id"].astype(str).tolist(),
-            prior["status"].astype(str).tolist(),
-            prior["audio_path"].astype(str).tolist(),
-            prior["reason"].astype(str).tolist(),
-            strict=True,
-        ):
-            if status in USABLE:
-                if not os.path.isfile(os.path.join(root, rel)):
-                    continue  # output lost: redo
-            elif status in ("missing", "error"):
-                continue  # the file may have appeared since / the failure may be transient
-            elif status == "unreadable" and reason.startswith(_WRITE_FAILED):
-                continue  # logged by an older avfuse that called write failures unreadable
-            done.add(vid)
-
+    prior = None if cfg.force else rlog.read_arrow([*_DONE_COLUMNS, "duration_s"])
+    todo = manifest
+    if prior is not None:
+        todo = manifest[~_isin(manifest["video_id"], _done_ids(work, prior))]
+    # Paths only for the videos to decode: at 420k finished videos that column is ~50 MB.
+    todo = todo.merge(_manifest_paths(work, todo["video_id"]), on="video_id", how="left")
     tasks = [
         {
             "video_id": vid,
@@ -364,69 +359,171 @@ def extract(cfg: ExtractConfig, executor: Executor | None = None) -> ExtractResu
             "audio_path": WorkDir.audio_relpath(vid, cfg.format),
         }
         for vid, path in zip(
-            manifest["video_id"].astype(str).tolist(), manifest["path"].tolist(), strict=True
+            todo["video_id"].astype(str).tolist(), todo["path"].tolist(), strict=True
         )
-        if vid not in done
     ]
+    del todo
     skipped = len(manifest) - len(tasks)
+    # extract.parquet holds exactly the manifest's videos: only a split selection filters it.
+    selection = manifest["video_id"] if cfg.splits else None
     if tasks:
-        # Absolute paths: cluster workers do not share this process's working directory.
-        fn = functools.partial(
-            _extract_batch,
-            work=str(work.resolve()),
-            sample_rate=cfg.sample_rate,
-            log_dir=str(rlog.folder.resolve()),
-            silence=(cfg.silence_peak_dbfs, cfg.silence_rms_dbfs),
-        )
-        ctx = (
-            contextlib.nullcontext(executor)
-            if executor is not None
-            else make_executor(cfg.num_workers, cfg.scheduler)
-        )
-        with ctx as ex:
-            # Enough batches for every worker to get several, bounded by batch_size.
-            per = max(1, min(cfg.batch_size, -(-len(tasks) // (4 * executor_width(ex)))))
-            for _ in map_batches(
-                fn, batched(tasks, per), ex, desc="extract", unit="file", progress=cfg.progress
-            ):
-                pass
+        _run_tasks(tasks, work, cfg, rlog, executor)
+    elif not cfg.force and _committed(wd, cfg, rlog):
+        # Nothing decoded and extract.parquet already holds exactly this log and manifest:
+        # rewriting it would write the same bytes, at seconds and ~1 GB for 420k videos.
+        del prior
+        return _result(work, selection, 0, skipped, time.perf_counter() - t0)
+    del prior
+    _commit(work, cfg, rlog, everything, manifest)
+    return _result(work, selection, len(tasks), skipped, time.perf_counter() - t0)
 
-        # A worker killed mid-write (its batch was redone elsewhere) leaves its temporaries.
-        remove_stale_temporaries(WorkDir(work).audio_dir)
-        remove_stale_temporaries(rlog.folder)
 
-    # The table covers every video extracted so far (earlier runs on other splits included).
+_MANIFEST_COLUMNS = ("video_id", "split")
+_DONE_COLUMNS = ("status", "audio_path", "reason")
+
+
+def _manifest_paths(work: Path, ids: pd.Series) -> pd.DataFrame:
+    """``video_id, path`` of the manifest rows of ``ids``."""
+    if not len(ids):
+        return pd.DataFrame(
+            {"video_id": pd.Series([], dtype=str), "path": pd.Series([], dtype=str)}
+        )
+    man = load_manifest(work, stages=False, columns=("video_id", "path"))
+    return man[_isin(man["video_id"], ids)]
+
+
+def _done_ids(work: Path, prior: pa.Table) -> pa.Array:
+    """Videos an earlier run finished: logged with a final status and, if usable, the file.
+
+    Column-wise over Arrow arrays, with Python strings only for the paths it checks, a chunk
+    at a time: per-row lists of four columns cost ~250 MB at 420k videos.
+    """
+    status = prior.column("status").cast(pa.string())
+    reason = pc.fill_null(prior.column("reason").cast(pa.string()), "")
+    usable = pc.fill_null(pc.is_in(status, value_set=pa.array(sorted(USABLE))), False)
+    retry = pc.is_in(status, value_set=pa.array(["missing", "error"]))
+    # logged by an older avfuse that called write failures unreadable
+    old_write_failure = pc.and_(
+        pc.equal(status, "unreadable"), pc.starts_with(reason, _WRITE_FAILED)
+    )
+    done = ~np.asarray(pc.fill_null(pc.or_(retry, old_write_failure), False), dtype=bool)
+    rows = np.flatnonzero(np.asarray(usable, dtype=bool))
+    paths = pc.fill_null(prior.column("audio_path").cast(pa.string()), "")
+    root = str(work)
+    for lo in range(0, len(rows), _CHUNK):
+        chunk = rows[lo : lo + _CHUNK]
+        # Plain strings and os.path: a Path object per video costs more than the stat itself.
+        lost = [
+            not os.path.isfile(os.path.join(root, rel)) for rel in paths.take(chunk).to_pylist()
+        ]
+        done[chunk[np.asarray(lost, dtype=bool)]] = False  # output lost: redo
+    return prior.column("video_id").cast(pa.string()).combine_chunks().filter(pa.array(done))
+
+
+_CHUNK = 65536
+
+
+def _run_tasks(
+    tasks: list[dict[str, Any]],
+    work: Path,
+    cfg: ExtractConfig,
+    rlog: RecordLog,
+    executor: Executor | None,
+) -> None:
+    # Absolute paths: cluster workers do not share this process's working directory.
+    fn = functools.partial(
+        _extract_batch,
+        work=str(work.resolve()),
+        sample_rate=cfg.sample_rate,
+        log_dir=str(rlog.folder.resolve()),
+        silence=(cfg.silence_peak_dbfs, cfg.silence_rms_dbfs),
+    )
+    ctx = (
+        contextlib.nullcontext(executor)
+        if executor is not None
+        else make_executor(cfg.num_workers, cfg.scheduler)
+    )
+    with ctx as ex:
+        # Enough batches for every worker to get several, bounded by batch_size.
+        per = max(1, min(cfg.batch_size, -(-len(tasks) // (4 * executor_width(ex)))))
+        for _ in map_batches(
+            fn, batched(tasks, per), ex, desc="extract", unit="file", progress=cfg.progress
+        ):
+            pass
+    # A worker killed mid-write (its batch was redone elsewhere) leaves its temporaries.
+    remove_stale_temporaries(WorkDir(work).audio_dir)
+    remove_stale_temporaries(rlog.folder)
+
+
+def _inputs_key(wd: WorkDir, cfg: ExtractConfig, rlog: RecordLog) -> str:
+    """What extract.parquet was built from: the log's parts, the manifest file, the settings."""
+    m = wd.manifest.stat()
+    parts = ",".join(p.name for p in rlog.parts())
+    return f"{__version__}|{cfg.sample_rate}|{cfg.format}|{m.st_size}:{m.st_mtime_ns}|{parts}"
+
+
+def _committed(wd: WorkDir, cfg: ExtractConfig, rlog: RecordLog) -> bool:
+    path = wd.extract_table
+    if not path.exists() or len(rlog.parts()) > 1:
+        return False
+    return table_metadata(path).get("inputs") == _inputs_key(wd, cfg, rlog)
+
+
+def _commit(
+    work: Path,
+    cfg: ExtractConfig,
+    rlog: RecordLog,
+    everything: pd.DataFrame,
+    selected: pd.DataFrame,
+) -> None:
+    """Compact the log and write extract.parquet (every video extracted so far)."""
+    wd = WorkDir(work)
     # Compacting here makes the next run's read one file, however many batches ever ran.
-    full = prior if not (tasks or cfg.force) and len(rlog.parts()) <= 1 else rlog.compact()
+    full = rlog.compact()
     if len(full):
         full = full[_isin(full["video_id"], everything["video_id"])]
     full = pd.DataFrame(full, columns=list(COLUMNS)).sort_values("video_id")
     full = full.reset_index(drop=True)
-    selected_ids = manifest["video_id"].astype(str)
-    table = full[_isin(full["video_id"], selected_ids)].reset_index(drop=True)
-    missing_ids = set(selected_ids.tolist()) - set(table["video_id"].tolist())
+    selected_ids = selected["video_id"].astype(str)
+    have = set(full["video_id"][_isin(full["video_id"], selected_ids)].tolist())
+    missing_ids = set(selected_ids.tolist()) - have
     if missing_ids:  # cannot happen unless a worker's log part was lost; say so, never drop
         raise RuntimeError(
             f"{len(missing_ids)} video(s) have no extract record, e.g. {sorted(missing_ids)[:3]}"
         )
-    write_table(
-        full,
-        WorkDir(work).extract_table,
-        {"avfuse_version": __version__, "sample_rate": str(cfg.sample_rate), "format": cfg.format},
-    )
-    failures = table[table["status"] != "ok"].merge(
-        manifest[["video_id", "path"]], on="video_id", how="left"
-    )[["video_id", "status", "reason", "path"]]
-    failures_path = WorkDir(work).extract_failures
-    with atomic_write(failures_path) as tmp:
-        failures.to_csv(tmp, index=False)
+    meta = {"avfuse_version": __version__, "sample_rate": str(cfg.sample_rate)}
+    meta |= {"format": cfg.format, "inputs": _inputs_key(wd, cfg, rlog)}
+    write_table(full, wd.extract_table, meta)
+
+
+def _result(
+    work: Path, selected: pd.Series | None, processed: int, skipped: int, elapsed: float
+) -> ExtractResult:
+    """The result for the ``selected`` videos (``None``: all), from extract.parquet; writes
+    the failures CSV."""
+    wd = WorkDir(work)
+    cols = ["video_id", "status", "reason", "duration_s"]
+    t = pq.read_table(wd.extract_table, columns=cols).replace_schema_metadata(None)
+    if selected is not None:
+        t = t.filter(pc.is_in(t.column("video_id"), value_set=pa.array(selected)))
+    # Counted column-wise: only the failures become a DataFrame.
+    counts = {
+        str(d["values"]): int(d["counts"])
+        for d in pc.value_counts(t.column("status").cast(pa.string())).to_pylist()
+    }
+    bad = t.filter(pc.fill_null(pc.not_equal(t.column("status"), "ok"), True)).to_pandas()
+    failures = bad.merge(_manifest_paths(work, bad["video_id"]), on="video_id", how="left")
+    with atomic_write(wd.extract_failures) as tmp:
+        failures[["video_id", "status", "reason", "path"]].to_csv(tmp, index=False)
     return ExtractResult(
         work=work,
-        table=table,
-        processed=len(tasks),
+        processed=processed,
         skipped=skipped,
-        elapsed_s=time.perf_counter() - t0,
-        failures_path=failures_path,
+        elapsed_s=elapsed,
+        failures_path=wd.extract_failures,
+        counts=counts,
+        audio_s=float(pc.sum(t.column("duration_s")).as_py() or 0.0),
+        ids=selected,
     )
 
 

@@ -30,6 +30,7 @@ import posixpath
 import stat
 import unicodedata
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -572,13 +573,18 @@ def scan(cfg: ScanConfig) -> pd.DataFrame:
     return df
 
 
-def load_manifest(work: str | Path, stages: bool = True) -> pd.DataFrame:
-    """Read the manifest; with ``stages``, join every stage table found (keyed by video_id)."""
+def load_manifest(
+    work: str | Path, stages: bool = True, columns: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """Read the manifest; with ``stages``, join every stage table found (keyed by video_id).
+
+    ``columns`` reads only those manifest columns (Kinetics-size bookkeeping reads a few).
+    """
     wd = WorkDir(work)
     path = wd.manifest
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run `avfuse scan ROOT -o {work}` first")
-    df = read_table(path)
+    df = read_table(path, columns)
     if stages:
         for p in (wd.extract_table, wd.features_table):
             if p.exists():

@@ -370,12 +370,15 @@ def _spectrum(frames: np.ndarray, plan: _Plan, cfg: FrontendConfig, buf: np.ndar
     spec = scipy.fft.rfft(buf, axis=-1, workers=1)[:, plan.lo : plan.hi]
     if wide:
         spec = spec.astype(np.complex64)
-    power = np.square(spec.real)
-    power += np.square(spec.imag)
-    power_t = np.ascontiguousarray(power.T)
+    # Written transposed in one pass each: no temporary of the spectrum's layout to copy.
+    spec_t = spec.T
+    out = np.empty(spec_t.shape, dtype=np.float32)
     if cfg.spectrum == "magnitude":
-        np.sqrt(power_t, out=power_t)
-    return power_t, sq
+        np.abs(spec_t, out=out)  # hypot: no squaring, so no float32 overflow or underflow
+    else:
+        np.square(spec_t.real, out=out)
+        out += np.square(spec_t.imag)
+    return out, sq
 
 
 def _unsure_frames(sq: np.ndarray, scale: np.ndarray, plan: _Plan, spectrum: str) -> np.ndarray:
