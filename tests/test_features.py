@@ -149,6 +149,43 @@ def test_rerun_skips_everything_and_keeps_the_store(work: Path) -> None:
     pd.testing.assert_frame_equal(read_table(work / "features/index.parquet"), tables[1])
 
 
+def test_a_finished_rerun_writes_nothing_and_changed_inputs_recommit(work: Path) -> None:
+    """Nothing to do: the committed table and index stay as they are (not rewritten), with the
+    same figures; a changed extract table or a lost shard recommit."""
+    cfg = FeaturesConfig(work=work, num_workers=0, progress=False)
+    first = compute_features(cfg)
+    table, index = work / "features.parquet", work / "features" / "index.parquet"
+
+    def stamp() -> tuple[int, int]:
+        return table.stat().st_ino, index.stat().st_ino
+
+    before = stamp()
+    again = compute_features(cfg)
+    assert stamp() == before
+    assert (again.computed, again.skipped) == (0, 7)
+    assert again.counts == first.counts == {"ok": 6, "padded": 1, "not_extracted": 1}
+    assert again.stored_frames == first.stored_frames and again.num_shards == first.num_shards
+    assert again.summary().splitlines()[0] == first.summary().splitlines()[0]
+    assert "train/swim/e: not_extracted" in again.summary()
+    pd.testing.assert_frame_equal(again.table, first.table)
+
+    # extract's table changes (a video lost its sound): the commit follows it.
+    ext = read_table(work / "extract.parquet")
+    ext.loc[ext["video_id"] == "train/run/a", "status"] = "no_audio"
+    write_table(ext, work / "extract.parquet")
+    third = compute_features(cfg)
+    assert stamp() != before and third.counts["not_extracted"] == 2
+
+    # A shard file lost: its videos are recomputed, not reported as done.
+    shard = next((work / "features" / "shards").iterdir())
+    shard.unlink()
+    fourth = compute_features(cfg)
+    assert fourth.computed > 0 and FeatureStore(work / "features").ids == sorted(
+        v for v, st in read_table(table).set_index("video_id")["feature_status"].items()
+        if st in ("ok", "padded")
+    )  # fmt: skip
+
+
 def test_float32_store_is_exact(work: Path) -> None:
     cfg = FeaturesConfig(work=work, num_workers=0, dtype="float32", progress=False)
     compute_features(cfg)

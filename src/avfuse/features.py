@@ -43,6 +43,9 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from avfuse import __version__
 from avfuse.audio import (
@@ -62,6 +65,7 @@ from avfuse.io import (
     read_json,
     read_table,
     remove_stale_temporaries,
+    table_metadata,
     write_table,
 )
 from avfuse.manifest import load_classes, load_manifest
@@ -263,38 +267,52 @@ def _feature_batch(
 
 @dataclass
 class FeaturesResult:
-    """What :func:`compute_features` did; ``table`` has one row per manifest video."""
+    """What :func:`compute_features` did; ``table`` has one row per manifest video.
+
+    ``table`` is read from ``features.parquet`` when first asked for if the run did not build
+    it (a rerun with nothing to do never loads it).
+    """
 
     work: Path
     store: Path
-    table: pd.DataFrame
     computed: int
     skipped: int
     elapsed_s: float
     num_shards: int
     store_bytes: int
+    counts: dict[str, int]
+    stored_frames: int
+    _table: pd.DataFrame | None = field(default=None, repr=False)
 
-    @property
-    def counts(self) -> dict[str, int]:
-        return dict(Counter(self.table["feature_status"]))
+    @functools.cached_property
+    def table(self) -> pd.DataFrame:
+        if self._table is not None:
+            return self._table
+        return read_table(WorkDir(self.work).features_table)
 
     def summary(self) -> str:
         counts = self.counts
+        n = sum(counts.values())
         order = [s for s in STATUSES if s in counts] + sorted(set(counts) - set(STATUSES))
-        ok = self.table[self.table["feature_status"].isin(STORED)]
-        frames = int(ok["num_frames"].sum())
+        n_stored = sum(counts.get(s, 0) for s in STORED)
         rate = self.computed / self.elapsed_s if self.elapsed_s > 0 else 0.0
         lines = [
-            f"features: {len(ok)} of {len(self.table)} videos in {self.store} "
-            f"({frames} frames, {self.num_shards} shard(s), {self.store_bytes / 2**20:.1f} MB)",
+            f"features: {n_stored} of {n} videos in {self.store} "
+            f"({self.stored_frames} frames, {self.num_shards} shard(s), "
+            f"{self.store_bytes / 2**20:.1f} MB)",
             f"  computed {self.computed} now ({rate:.1f} videos/s), {self.skipped} already done",
             "  " + ", ".join(f"{s}: {counts[s]}" for s in order),
         ]
-        bad = self.table[~self.table["feature_status"].isin(STORED)]
-        for rec in bad.head(5).itertuples(index=False):
-            lines.append(f"  {rec.video_id}: {rec.feature_status}: {rec.feature_reason}")
-        if len(bad) > 5:
-            lines.append(f"  ... {len(bad) - 5} more in {WorkDir(self.work).features_table}")
+        if n_stored < n:
+            cols = ["video_id", "feature_status", "feature_reason"]
+            t = pq.read_table(WorkDir(self.work).features_table, columns=cols)
+            bad = t.filter(
+                pc.invert(pc.is_in(t.column("feature_status"), value_set=pa.array(STORED)))
+            )
+            for vid, st, why in zip(*(bad.column(c).slice(0, 5).to_pylist() for c in cols)):
+                lines.append(f"  {vid}: {st}: {why}")
+            if len(bad) > 5:
+                lines.append(f"  ... {len(bad) - 5} more in {WorkDir(self.work).features_table}")
         return "\n".join(lines)
 
 
@@ -459,7 +477,6 @@ def compute_features(cfg: FeaturesConfig, executor: Executor | None = None) -> F
     t0 = time.perf_counter()
     work = Path(cfg.work)
     store = WorkDir(work).store
-    manifest = load_manifest(work, stages=False)
     classes = load_classes(work)
     if cfg.force:
         _clear(store)
@@ -470,7 +487,11 @@ def compute_features(cfg: FeaturesConfig, executor: Executor | None = None) -> F
     if removed:
         log.info("removed %d temporary file(s) left by an interrupted run", removed)
     save_config(cfg, WorkDir(work).features_config)
+    if not cfg.force and _nothing_to_do(work, cfg, rlog):
+        # features.parquet and the index already hold exactly this log over these inputs.
+        return _fast_result(work, cfg, time.perf_counter() - t0)
 
+    manifest = load_manifest(work, stages=False)
     tasks, skipped = _plan_tasks(work, cfg, manifest)
     prior = rlog.read()
     done: set[str] = set()
@@ -524,19 +545,86 @@ def compute_features(cfg: FeaturesConfig, executor: Executor | None = None) -> F
     if new:
         logged = pd.concat([f for f in (prior, pd.DataFrame(new)) if len(f)], ignore_index=True)
         logged = logged.drop_duplicates("video_id", keep="last").reset_index(drop=True)
-    table, shards = _commit(work, store, cfg, manifest, classes, logged, skipped)
-    # After the commit, so a kill here leaves a committed store and a log that still resumes.
+    # Before the commit, so the committed table names the log's one part: a kill between the
+    # two leaves a compacted log, which the next run commits (its inputs key differs).
     if len(rlog.parts()) > 1:
         rlog.compact()
+    table, shards = _commit(
+        work, store, cfg, manifest, classes, logged, skipped, _inputs_key(work, cfg, rlog)
+    )
+    stored = table["feature_status"].isin(STORED)
     return FeaturesResult(
         work=work,
         store=store,
-        table=table,
         computed=len(todo),
         skipped=len(tasks) - len(todo),
         elapsed_s=time.perf_counter() - t0,
         num_shards=len(shards),
         store_bytes=_dir_bytes(store / SHARDS),
+        counts=dict(Counter(table["feature_status"].astype(str).tolist())),
+        stored_frames=int(table.loc[stored, "num_frames"].sum()),
+        _table=table,
+    )
+
+
+def _inputs_key(work: Path, cfg: FeaturesConfig, rlog: RecordLog) -> str:
+    """What features.parquet was built from: manifest, extract table, the log, the settings."""
+    wd = WorkDir(work)
+    stats = []
+    for p in (wd.manifest, wd.extract_table):
+        st = p.stat() if p.exists() else None
+        stats.append(f"{st.st_size}:{st.st_mtime_ns}" if st else "-")
+    parts = ",".join(p.name for p in rlog.parts())
+    return "|".join([__version__, cfg.frontend.hash(), cfg.dtype, *stats, parts])
+
+
+def _nothing_to_do(work: Path, cfg: FeaturesConfig, rlog: RecordLog) -> bool:
+    """Whether the committed store is this log over unchanged inputs, every shard intact and
+    every video with usable audio done. Column-wise: cheap at 420k videos."""
+    wd = WorkDir(work)
+    if cfg.from_video or not wd.features_table.exists() or len(rlog.parts()) != 1:
+        return False
+    if table_metadata(wd.features_table).get("inputs") != _inputs_key(work, cfg, rlog):
+        return False
+    prior = rlog.read(["feature_status", "shard", "offset", "num_frames"])
+    shard_dir = wd.store / SHARDS
+    present = {p.name for p in shard_dir.iterdir()} if shard_dir.exists() else set()
+    if _damaged_shards(wd.store, prior, cfg):
+        return False
+    status = prior["feature_status"].astype(str)
+    lost = status.isin(STORED) & ~prior["shard"].astype(str).isin(present)
+    retry = (status == "error") | lost
+    retry |= (status == "too_short") & (prior["num_frames"].fillna(0) > 0)
+    if retry.any():
+        return False
+    ext = pq.read_table(wd.extract_table, columns=["video_id", "status", "audio_path"])
+    usable = pc.and_(
+        pc.is_in(ext.column("status"), value_set=pa.array(sorted(USABLE))),
+        pc.greater(pc.utf8_length(pc.fill_null(ext.column("audio_path"), "")), 0),
+    )
+    needed = ext.column("video_id").filter(pc.fill_null(usable, False))
+    logged = pa.array(prior["video_id"].astype(str))
+    return bool(pc.all(pc.is_in(needed, value_set=logged)).as_py() in (True, None))
+
+
+def _fast_result(work: Path, cfg: FeaturesConfig, elapsed: float) -> FeaturesResult:
+    wd = WorkDir(work)
+    t = pq.read_table(wd.features_table, columns=["feature_status", "num_frames"])
+    status = t.column("feature_status").cast(pa.string())
+    counts = {str(d["values"]): int(d["counts"]) for d in pc.value_counts(status).to_pylist()}
+    stored = pc.is_in(status, value_set=pa.array(STORED))
+    frames = pc.sum(t.column("num_frames").filter(stored)).as_py() or 0
+    shards = pq.read_table(wd.store / INDEX, columns=["shard"]).column("shard")
+    return FeaturesResult(
+        work=work,
+        store=wd.store,
+        computed=0,
+        skipped=sum(counts.get(s, 0) for s in STORED),
+        elapsed_s=elapsed,
+        num_shards=int(pc.count_distinct(shards).as_py()),
+        store_bytes=_dir_bytes(wd.store / SHARDS),
+        counts=counts,
+        stored_frames=int(frames),
     )
 
 
@@ -548,6 +636,7 @@ def _commit(
     classes: list[str],
     logged: pd.DataFrame,
     skipped: list[dict[str, Any]],
+    inputs: str,
 ) -> tuple[pd.DataFrame, set[str]]:
     ids = set(manifest["video_id"].astype(str))
     skip_ids = {r["video_id"] for r in skipped}
@@ -592,11 +681,9 @@ def _commit(
     lost = ids - set(table["video_id"])
     if lost:  # cannot happen unless a log part was lost; say so, never drop videos silently
         raise RuntimeError(f"{len(lost)} video(s) have no feature record, e.g. {sorted(lost)[:3]}")
-    write_table(
-        table,
-        WorkDir(work).features_table,
-        {"avfuse_version": __version__, "frontend_hash": fe.hash(), "dtype": cfg.dtype},
-    )
+    meta = {"avfuse_version": __version__, "frontend_hash": fe.hash(), "dtype": cfg.dtype}
+    meta["inputs"] = inputs
+    write_table(table, WorkDir(work).features_table, meta)
     keep = set(index["shard"].astype(str))
     removed = remove_unreferenced_shards(store, keep)
     if removed:
