@@ -253,3 +253,36 @@ def test_run_level_scheduler_reaches_extract_and_features_unless_overridden(
     # Where to run does not change results: the stage keys ignore it.
     plain = stage_keys(stage_configs(RunConfig(root=tmp_path, work=tmp_path / "w")))
     assert stage_keys(sc) == plain
+
+
+def test_dataset_listing_is_every_file_sorted_and_survives_undecodable_names(tmp_path) -> None:
+    """The fingerprint walk against os.walk, and its hash against the per-row definition."""
+    import hashlib
+    import os
+
+    from avfuse.pipeline import dataset_listing, listing_hash
+
+    root = tmp_path / "data"
+    for rel, size in (("train/b/x.mp4", 3), ("train/a/é.mp4", 5), ("val/a/y.mkv", 0)):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"z" * size)
+    # A name that is not UTF-8 (a Latin-1 file system): listed escaped instead of crashing.
+    bad = os.path.join(os.fsencode(root / "val" / "a"), b"caf\xe9.mp4")
+    with open(bad, "wb") as fh:
+        fh.write(b"1234")
+    got = dataset_listing(root)
+    want = []
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            st = os.stat(p)
+            rel = os.path.relpath(p, root).replace(os.sep, "/")
+            rel = os.fsencode(rel).decode("utf-8", "backslashreplace")
+            want.append((rel, st.st_size, st.st_mtime_ns))
+    want.sort()
+    assert list(got.itertuples(index=False, name=None)) == want
+    assert "val/a/caf\\xe9.mp4" in set(got["path"])
+    h = hashlib.sha256()
+    for path, size, mtime in want:
+        h.update(f"{path}\0{size}\0{mtime}\n".encode("utf-8", "surrogateescape"))
+    assert listing_hash(got) == h.hexdigest()[:16]
