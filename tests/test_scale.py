@@ -172,6 +172,30 @@ def test_status_counts_match_a_full_join(tmp_path) -> None:
     assert expected["feature_status"]["not run"] == 20 and expected["status"]["not run"] == 5
 
 
+@pytest.mark.parametrize("order", ["manifest order", "shuffled", "one replaced"])
+def test_status_counts_streamed_in_manifest_order_match_a_full_join(tmp_path, order) -> None:
+    """The block-wise path (a stage table in the manifest's order, over two blocks) and the
+    look-up it falls back to give the full join's counts."""
+    from avfuse.io import write_table
+    from avfuse.manifest import load_manifest
+    from avfuse.pipeline import status_counts
+
+    n = 70_000  # more than one 65,536-row block
+    ids = [f"v{i:06d}" for i in range(n)]
+    write_table(pd.DataFrame({"video_id": ids, "split": "train"}), tmp_path / "manifest.parquet")
+    rng = np.random.default_rng(1)
+    status = rng.choice(np.array(["ok", "no_audio", None], dtype=object), n)
+    ext = pd.DataFrame({"video_id": ids, "status": status})
+    if order == "shuffled":
+        ext = ext.sample(frac=1.0, random_state=0)
+    elif order == "one replaced":
+        ext.loc[n - 1, "video_id"] = "not-in-the-manifest"
+    write_table(ext, tmp_path / "extract.parquet")
+    man = load_manifest(tmp_path)
+    want = {str(k): int(v) for k, v in man["status"].fillna("not run").value_counts().items()}
+    assert status_counts(tmp_path)["status"] == want
+
+
 # --------------------------------------------------------------------------- stores and samplers
 
 

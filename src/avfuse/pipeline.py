@@ -813,6 +813,7 @@ def _run_locked(
             continue
         _save_state(work, state)
 
+    del listing  # ~70 MB at 420k files: not held while the summary reads the stage tables
     return _result(work, sc, outcomes)
 
 
@@ -1075,24 +1076,53 @@ def status_counts(work: str | Path) -> dict[str, dict[str, int]]:
     wd = WorkDir(work)
     if not wd.manifest.exists():
         return {}
-    ids = pq.read_table(wd.manifest, columns=["video_id"]).column("video_id")
     counts: dict[str, dict[str, int]] = {}
     for path, col in ((wd.extract_table, "status"), (wd.features_table, "feature_status")):
         if not path.exists() or col not in pq.read_schema(path).names:
             continue
-        t = pq.read_table(path, columns=["video_id", col])
-        # Stage tables hold the manifest's videos in its (sorted) order: then no look-up.
-        if not t.column("video_id").equals(ids):
+        vc = _counts_in_manifest_order(wd.manifest, path, col)
+        if vc is None:  # another order or other videos: one look-up per record
+            ids = pq.read_table(wd.manifest, columns=["video_id"]).column("video_id")
+            t = pq.read_table(path, columns=["video_id", col])
             t = t.filter(pc.is_in(t.column("video_id"), value_set=ids))
-        status = pc.fill_null(t.column(col).cast("string"), "not run")
-        vc: dict[str, int] = {}
-        for item in pc.value_counts(status).to_pylist():
-            vc[str(item["values"])] = vc.get(str(item["values"]), 0) + int(item["counts"])
-        unrecorded = len(ids) - len(t)
-        if unrecorded:
-            vc["not run"] = vc.get("not run", 0) + unrecorded
+            vc = _value_counts(t.column(col))
+            unrecorded = len(ids) - len(t)
+            if unrecorded:
+                vc["not run"] = vc.get("not run", 0) + unrecorded
+            del ids, t
         counts[col] = vc
     return counts
+
+
+def _value_counts(column: Any, into: dict[str, int] | None = None) -> dict[str, int]:
+    import pyarrow.compute as pc
+
+    vc = {} if into is None else into
+    status = pc.fill_null(column.cast("string"), "not run")
+    for item in pc.value_counts(status).to_pylist():
+        vc[str(item["values"])] = vc.get(str(item["values"]), 0) + int(item["counts"])
+    return vc
+
+
+def _counts_in_manifest_order(manifest: Path, table: Path, col: str) -> dict[str, int] | None:
+    """Counts of ``col`` if ``table`` holds exactly the manifest's videos in its order (as the
+    stages write it), streamed in blocks beside the manifest; ``None`` otherwise."""
+    import pyarrow.parquet as pq
+
+    man, tab = pq.ParquetFile(manifest), pq.ParquetFile(table)
+    if man.metadata.num_rows != tab.metadata.num_rows:
+        return None
+    vc: dict[str, int] = {}
+    blocks = zip(
+        man.iter_batches(batch_size=65536, columns=["video_id"]),
+        tab.iter_batches(batch_size=65536, columns=["video_id", col]),
+        strict=False,  # the row counts are equal: unequal blocks fail the comparison below
+    )
+    for a, b in blocks:
+        if not a.column(0).equals(b.column(0)):
+            return None
+        _value_counts(b.column(1), vc)
+    return vc
 
 
 def _result(work: Path, sc: StageConfigs, outcomes: list[StageOutcome]) -> RunResult:
