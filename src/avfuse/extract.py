@@ -346,10 +346,9 @@ def extract(cfg: ExtractConfig, executor: Executor | None = None) -> ExtractResu
         log.info("removed %d temporary file(s) left by an interrupted run", removed)
     save_config(cfg, wd.extract_config)
 
-    prior = None if cfg.force else rlog.read_arrow([*_DONE_COLUMNS, "duration_s"])
     todo = manifest
-    if prior is not None:
-        todo = manifest[~_isin(manifest["video_id"], _done_ids(work, prior))]
+    if not cfg.force:
+        todo = manifest[~_isin(manifest["video_id"], _done_ids(work, rlog))]
     # Paths only for the videos to decode: at 420k finished videos that column is ~50 MB.
     todo = todo.merge(_manifest_paths(work, todo["video_id"]), on="video_id", how="left")
     tasks = [
@@ -371,9 +370,7 @@ def extract(cfg: ExtractConfig, executor: Executor | None = None) -> ExtractResu
     elif not cfg.force and _committed(wd, cfg, rlog):
         # Nothing decoded and extract.parquet already holds exactly this log and manifest:
         # rewriting it would write the same bytes, at seconds and ~1 GB for 420k videos.
-        del prior
         return _result(work, selection, 0, skipped, time.perf_counter() - t0)
-    del prior
     _commit(work, cfg, rlog, everything, manifest)
     return _result(work, selection, len(tasks), skipped, time.perf_counter() - t0)
 
@@ -392,12 +389,27 @@ def _manifest_paths(work: Path, ids: pd.Series) -> pd.DataFrame:
     return man[_isin(man["video_id"], ids)]
 
 
-def _done_ids(work: Path, prior: pa.Table) -> pa.Array:
+def _done_ids(work: Path, rlog: RecordLog) -> pa.Array:
     """Videos an earlier run finished: logged with a final status and, if usable, the file.
 
-    Column-wise over Arrow arrays, with Python strings only for the paths it checks, a chunk
-    at a time: per-row lists of four columns cost ~250 MB at 420k videos.
+    Column-wise over Arrow arrays, with Python strings only for the paths it checks, a block
+    at a time: per-row lists of four columns cost ~250 MB at 420k videos. A log of one part
+    (compacted: the usual state) is streamed in blocks of its file.
     """
+    cols = ["video_id", *_DONE_COLUMNS]
+    parts = rlog.parts()
+    if len(parts) == 1 and set(cols) <= set(pq.read_schema(parts[0]).names):
+        batches = pq.ParquetFile(parts[0]).iter_batches(batch_size=_CHUNK, columns=cols)
+        blocks: Any = (pa.Table.from_batches([b]) for b in batches)
+    else:
+        whole = rlog.read_arrow(_DONE_COLUMNS)
+        blocks = [] if whole is None else [whole]
+    done = [_done_in(work, block) for block in blocks]
+    return pa.concat_arrays(done) if done else pa.array([], pa.string())
+
+
+def _done_in(work: Path, prior: pa.Table) -> pa.Array:
+    """:func:`_done_ids` of one block of records."""
     status = prior.column("status").cast(pa.string())
     reason = pc.fill_null(prior.column("reason").cast(pa.string()), "")
     usable = pc.fill_null(pc.is_in(status, value_set=pa.array(sorted(USABLE))), False)
