@@ -56,6 +56,7 @@ from avfuse.io import (
     RecordLog,
     atomic_write,
     error_reason,
+    isin_ids,
     raise_if_disk_full,
     read_table,
     remove_stale_temporaries,
@@ -258,7 +259,9 @@ class ExtractResult:
     @functools.cached_property
     def table(self) -> pd.DataFrame:
         t = read_table(WorkDir(self.work).extract_table)
-        return t if self.ids is None else t[_isin(t["video_id"], self.ids)].reset_index(drop=True)
+        return (
+            t if self.ids is None else t[isin_ids(t["video_id"], self.ids)].reset_index(drop=True)
+        )
 
     def summary(self) -> str:
         counts = self.counts
@@ -304,15 +307,6 @@ def _remove_outputs(work: Path, prior: pd.DataFrame, fmt: str) -> None:
                 (work / str(rel)).unlink()
 
 
-def _isin(values: pd.Series, among: pd.Series | pa.Array) -> np.ndarray:
-    """``values.isin(among)`` for string ids, as one Arrow hash look-up (pandas' ``isin`` on
-    Arrow strings walks the values in Python: seconds at 400k videos)."""
-    if not isinstance(among, pa.Array):
-        among = pa.array(among.astype(str))
-    found = pc.is_in(pa.array(values.astype(str)), value_set=among)
-    return np.asarray(found.to_numpy(zero_copy_only=False), dtype=bool)
-
-
 def extract(cfg: ExtractConfig, executor: Executor | None = None) -> ExtractResult:
     """Decode every video of the manifest to ``WORK/audio/{video_id}.{format}``.
 
@@ -348,7 +342,7 @@ def extract(cfg: ExtractConfig, executor: Executor | None = None) -> ExtractResu
 
     todo = manifest
     if not cfg.force:
-        todo = manifest[~_isin(manifest["video_id"], _done_ids(work, rlog))]
+        todo = manifest[~isin_ids(manifest["video_id"], _done_ids(work, rlog))]
     # Paths only for the videos to decode: at 420k finished videos that column is ~50 MB.
     todo = todo.merge(_manifest_paths(work, todo["video_id"]), on="video_id", how="left")
     tasks = [
@@ -386,7 +380,7 @@ def _manifest_paths(work: Path, ids: pd.Series) -> pd.DataFrame:
             {"video_id": pd.Series([], dtype=str), "path": pd.Series([], dtype=str)}
         )
     man = load_manifest(work, stages=False, columns=("video_id", "path"))
-    return man[_isin(man["video_id"], ids)]
+    return man[isin_ids(man["video_id"], ids)]
 
 
 def _done_ids(work: Path, rlog: RecordLog) -> pa.Array:
@@ -493,11 +487,11 @@ def _commit(
     # Compacting here makes the next run's read one file, however many batches ever ran.
     full = rlog.compact()
     if len(full):
-        full = full[_isin(full["video_id"], everything["video_id"])]
+        full = full[isin_ids(full["video_id"], everything["video_id"])]
     full = pd.DataFrame(full, columns=list(COLUMNS)).sort_values("video_id")
     full = full.reset_index(drop=True)
     selected_ids = selected["video_id"].astype(str)
-    have = set(full["video_id"][_isin(full["video_id"], selected_ids)].tolist())
+    have = set(full["video_id"][isin_ids(full["video_id"], selected_ids)].tolist())
     missing_ids = set(selected_ids.tolist()) - have
     if missing_ids:  # cannot happen unless a worker's log part was lost; say so, never drop
         raise RuntimeError(

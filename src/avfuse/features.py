@@ -61,6 +61,7 @@ from avfuse.config import Config, load_config, num_workers_field, save_config, s
 from avfuse.io import (
     RecordLog,
     error_reason,
+    isin_ids,
     raise_if_disk_full,
     read_json,
     read_table,
@@ -350,23 +351,28 @@ def _clear(store: Path) -> None:
 
 
 def _plan_tasks(
-    work: Path, cfg: FeaturesConfig, manifest: pd.DataFrame
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(tasks to compute, records of videos with no audio to compute from)."""
+    work: Path, cfg: FeaturesConfig, manifest: pd.DataFrame, done: pd.Series
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+    """(tasks to compute, records of videos with no audio to compute from, how many videos
+    with audio are ``done`` already). Task dicts are built for the videos to compute only: a
+    dict per video costs ~350 MB at 420k."""
     tasks: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     fe = cfg.frontend
     assumed = int(_ASSUMED_SECONDS * fe.sample_rate)
     if cfg.from_video:
-        for r in manifest.itertuples(index=False):
-            path = r.path if isinstance(r.path, str) else ""
-            if not path:
-                skipped.append(_skip(str(r.video_id), "missing: no file for this row"))
-                continue
-            tasks.append(
-                {"video_id": str(r.video_id), "kind": "video", "path": path, "samples": assumed}
-            )
-        return tasks, skipped
+        has_file = manifest["path"].map(lambda p: isinstance(p, str) and bool(p)).to_numpy(bool)
+        for vid in manifest["video_id"][~has_file].astype(str).tolist():
+            skipped.append(_skip(vid, "missing: no file for this row"))
+        with_file = manifest[has_file]
+        is_done = isin_ids(with_file["video_id"], done)
+        for vid, path in zip(
+            with_file["video_id"][~is_done].astype(str).tolist(),
+            with_file["path"][~is_done].tolist(),
+            strict=True,
+        ):
+            tasks.append({"video_id": vid, "kind": "video", "path": path, "samples": assumed})
+        return tasks, skipped, int(is_done.sum())
 
     ext_path = WorkDir(work).extract_table
     if not ext_path.exists():
@@ -379,16 +385,22 @@ def _plan_tasks(
             ext[col] = None
     ext = ext.drop_duplicates("video_id", keep="last")
     # One merge, not a look-up per video: the manifest may hold ~400k rows.
+    cols = ["video_id", "audio_path", "status", "reason", "sample_rate", "num_samples"]
     joined = (
         manifest[["video_id"]]
         .astype({"video_id": str})
-        .merge(ext, on="video_id", how="left", indicator=True)
+        .merge(ext[cols], on="video_id", how="left", indicator=True)
     )
-    # Column lists, not to_dict("records"): a dict per row costs seconds at 400k videos.
-    cols = ["video_id", "audio_path", "_merge", "status", "reason", "sample_rate", "num_samples"]
-    root = str(work)
-    for vid, audio, merged, status, reason, rate, n in zip(
-        *(joined[c].tolist() for c in cols), strict=True
+    del ext
+    audio = joined["audio_path"]
+    usable = (
+        (joined["_merge"] == "both").to_numpy(bool)
+        & joined["status"].astype(str).isin(USABLE).to_numpy(bool)
+        & audio.map(lambda a: isinstance(a, str) and bool(a)).to_numpy(bool)
+    )
+    for vid, merged, status, reason in zip(
+        *(joined[c][~usable].tolist() for c in ("video_id", "_merge", "status", "reason")),
+        strict=True,
     ):
         vid = str(vid)
         if merged != "both":
@@ -396,25 +408,28 @@ def _plan_tasks(
             continue
         status = str(status)
         reason = reason if isinstance(reason, str) else ""
-        if status not in USABLE or not isinstance(audio, str) or not audio:
-            skipped.append(
-                _skip(
-                    vid, f"{status}: {reason}".rstrip(": "), "silent" if status == "silent" else ""
-                )
-            )
-            continue
+        why = f"{status}: {reason}".rstrip(": ")
+        skipped.append(_skip(vid, why, "silent" if status == "silent" else ""))
+    is_done = isin_ids(joined["video_id"], done) & usable
+    todo = joined[usable & ~is_done]
+    root = str(work)
+    # Column lists, not to_dict("records"): a dict per row costs seconds at 400k videos.
+    for vid, audio_rel, status, reason, rate, n in zip(
+        *(todo[c].tolist() for c in cols), strict=True
+    ):
+        reason = reason if isinstance(reason, str) else ""
         ratio = fe.sample_rate / float(rate) if pd.notna(rate) and rate > 0 else 1.0
         tasks.append(
             {
-                "video_id": vid,
+                "video_id": str(vid),
                 "kind": "audio",
-                "path": os.path.join(root, audio),
-                "upstream": status,
+                "path": os.path.join(root, audio_rel),
+                "upstream": str(status),
                 "reason": reason,
                 "samples": int(float(n) * ratio) if pd.notna(n) else assumed,
             }
         )
-    return tasks, skipped
+    return tasks, skipped, int(is_done.sum())
 
 
 def _skip(video_id: str, reason: str, status: str = "") -> dict[str, Any]:
@@ -446,6 +461,21 @@ def _pack(tasks: list[dict[str, Any]], cfg: FeaturesConfig, width: int) -> list[
     if cur:
         batches.append(cur)
     return batches
+
+
+def _done_ids(store: Path, prior: pd.DataFrame, cfg: FeaturesConfig) -> pd.Series:
+    """Videos of the log that need no recomputing: an error is retried, a stored video whose
+    shard is gone or damaged is redone, and so is a ``too_short`` clip an older version left
+    out (this one stores it)."""
+    if not len(prior):
+        return pd.Series([], dtype=str)
+    shard_dir = store / SHARDS
+    present = {p.name for p in shard_dir.iterdir()} if shard_dir.exists() else set()
+    present -= set(_damaged_shards(store, prior, cfg))
+    status = prior["feature_status"].astype(str)
+    lost = status.isin(STORED) & ~prior["shard"].astype(str).isin(present)
+    short = (status == "too_short") & (pd.to_numeric(prior["num_frames"]).fillna(0) > 0)
+    return prior["video_id"].astype(str)[~((status == "error") | lost | short)]
 
 
 def _damaged_shards(store: Path, prior: pd.DataFrame, cfg: FeaturesConfig) -> dict[str, str]:
@@ -491,31 +521,13 @@ def compute_features(cfg: FeaturesConfig, executor: Executor | None = None) -> F
         # features.parquet and the index already hold exactly this log over these inputs.
         return _fast_result(work, cfg, time.perf_counter() - t0)
 
-    manifest = load_manifest(work, stages=False)
-    tasks, skipped = _plan_tasks(work, cfg, manifest)
+    manifest = load_manifest(
+        work, stages=False, columns=("video_id", "path") if cfg.from_video else ("video_id",)
+    )
     prior = rlog.read()
-    done: set[str] = set()
-    if len(prior):
-        shard_dir = store / SHARDS
-        present = {p.name for p in shard_dir.iterdir()} if shard_dir.exists() else set()
-        present -= set(_damaged_shards(store, prior, cfg))
-        # Plain lists: itertuples over Arrow strings costs seconds at 400k videos.
-        for vid, status, shard, frames in zip(
-            prior["video_id"].astype(str).tolist(),
-            prior["feature_status"].astype(str).tolist(),
-            prior["shard"].astype(str).tolist(),
-            prior["num_frames"].tolist(),
-            strict=True,
-        ):
-            if status == "error":
-                continue  # maybe transient: try again
-            if status in STORED and shard not in present:
-                continue  # shard lost: recompute
-            if status == "too_short" and pd.notna(frames) and int(frames) > 0:
-                continue  # a short clip of a version that stored nothing: store it now
-            done.add(vid)
-    todo = [t for t in tasks if t["video_id"] not in done]
-
+    done = _done_ids(store, prior, cfg)
+    todo, skipped, n_done = _plan_tasks(work, cfg, manifest, done)
+    del done
     new: list[dict[str, Any]] = []
     if todo:
         fn = functools.partial(
@@ -557,7 +569,7 @@ def compute_features(cfg: FeaturesConfig, executor: Executor | None = None) -> F
         work=work,
         store=store,
         computed=len(todo),
-        skipped=len(tasks) - len(todo),
+        skipped=n_done,
         elapsed_s=time.perf_counter() - t0,
         num_shards=len(shards),
         store_bytes=_dir_bytes(store / SHARDS),
@@ -660,23 +672,24 @@ def _commit(
     skipped: list[dict[str, Any]],
     inputs: str,
 ) -> tuple[pd.DataFrame, set[str]]:
-    ids = set(manifest["video_id"].astype(str))
-    skip_ids = {r["video_id"] for r in skipped}
+    ids = manifest["video_id"].astype(str)
+    skip_ids = pd.Series([r["video_id"] for r in skipped], dtype=str)
     if len(logged):
         # Upstream decides for videos that now have no audio; the log for the rest.
-        logged = logged[logged["video_id"].isin(ids - skip_ids)]
+        vid = logged["video_id"]
+        logged = logged[isin_ids(vid, ids) & ~isin_ids(vid, skip_ids)]
     ok = logged[logged["feature_status"].isin(STORED)] if len(logged) else logged
-    index_rows: list[dict[str, Any]] = [
+    # Columns, not a dict per row: ~400 MB at 420k videos.
+    index_rows = pd.DataFrame(
         {
-            "video_id": str(r.video_id),
-            "shard": str(r.shard),
-            "offset": r.offset,
-            "frames": r.num_frames,
+            "video_id": ok["video_id"].astype(str) if len(ok) else pd.Series([], dtype=str),
+            "shard": ok["shard"].astype(str) if len(ok) else pd.Series([], dtype=str),
+            "offset": ok["offset"] if len(ok) else pd.Series([], dtype="int64"),
+            "frames": ok["num_frames"] if len(ok) else pd.Series([], dtype="int64"),
         }
-        for r in ok.itertuples(index=False)
-    ]
+    )
     shard_dir = store / SHARDS
-    missing = {str(r["shard"]) for r in index_rows} - (
+    missing = set(index_rows["shard"].unique().tolist()) - (
         {p.name for p in shard_dir.iterdir()} if shard_dir.exists() else set()
     )
     if missing:  # a logged shard vanished while this run went on: never commit a dangling index
@@ -700,9 +713,11 @@ def _commit(
     table["num_frames"] = table["num_frames"].fillna(0).astype("int64")
     table["feature_reason"] = table["feature_reason"].fillna("").astype(str)
     table = table.sort_values("video_id").reset_index(drop=True)
-    lost = ids - set(table["video_id"])
-    if lost:  # cannot happen unless a log part was lost; say so, never drop videos silently
-        raise RuntimeError(f"{len(lost)} video(s) have no feature record, e.g. {sorted(lost)[:3]}")
+    lost = ids[~isin_ids(ids, table["video_id"])]
+    if len(lost):  # cannot happen unless a log part was lost; say so, never drop videos silently
+        raise RuntimeError(
+            f"{len(lost)} video(s) have no feature record, e.g. {sorted(lost.tolist())[:3]}"
+        )
     meta = {"avfuse_version": __version__, "frontend_hash": fe.hash(), "dtype": cfg.dtype}
     meta["inputs"] = inputs
     write_table(table, WorkDir(work).features_table, meta)

@@ -183,9 +183,13 @@ def write_meta(
     )
 
 
-def commit_index(root: str | Path, rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
-    """Atomically replace the committed index with ``rows`` (sorted by video_id)."""
-    df = pd.DataFrame(list(rows), columns=["video_id", "shard", "offset", "frames"])
+def commit_index(
+    root: str | Path, rows: Iterable[Mapping[str, Any]] | pd.DataFrame
+) -> pd.DataFrame:
+    """Atomically replace the committed index with ``rows`` (records or a DataFrame of
+    ``video_id, shard, offset, frames``), sorted by video_id."""
+    cols = ["video_id", "shard", "offset", "frames"]
+    df = rows[cols] if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows), columns=cols)
     df = df.drop_duplicates("video_id", keep="last").sort_values("video_id").reset_index(drop=True)
     df["offset"] = df["offset"].astype("int64")
     df["frames"] = df["frames"].astype("int64")
