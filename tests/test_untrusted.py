@@ -25,7 +25,6 @@ from avfuse.config import apply_overrides
 from avfuse.extract import ExtractConfig, extract
 from avfuse.io import PathEscapeError, safe_join, write_table
 from avfuse.manifest import (
-    SCAN_WARNINGS,
     AnnotationError,
     ScanConfig,
     UnknownClassError,
@@ -42,6 +41,7 @@ from avfuse.safe_pickle import (
     load_torch,
 )
 from avfuse.video_scores import VideoScoreError, read_one
+from avfuse.workdir import WorkDir
 from tests.media import write_tone_video
 
 # --------------------------------------------------------------------------- hostile pickles
@@ -356,7 +356,7 @@ def test_unsafe_file_names_are_listed_not_lost(tmp_path: Path) -> None:
     _touch(root, "train/a/good.mp4", "train/a/bad\tname.mp4", "train/a/back\\slash.mp4")
     df = scan(ScanConfig(root=root, work=tmp_path / "w"))
     assert list(df["video_id"]) == ["train/a/good"]
-    warned = pd.read_csv(tmp_path / "w" / SCAN_WARNINGS)
+    warned = pd.read_csv(WorkDir(tmp_path / "w").scan_warnings)
     assert sorted(Path(p).name for p in warned.loc[warned["kind"] == "unsafe_name", "path"]) == [
         "back\\slash.mp4",
         "bad\tname.mp4",
@@ -413,7 +413,7 @@ def test_extract_never_writes_outside_work(tmp_path: Path) -> None:
 
 
 def _warnings(work: Path) -> dict[str, str]:
-    with open(work / SCAN_WARNINGS, newline="", encoding="utf-8") as fh:
+    with open(WorkDir(work).scan_warnings, newline="", encoding="utf-8") as fh:
         return {Path(r["path"]).name: r["kind"] for r in csv.DictReader(fh)}
 
 
