@@ -342,6 +342,10 @@ def extract(cfg: ExtractConfig, executor: Executor | None = None) -> ExtractResu
 
     todo = manifest
     if not cfg.force:
+        if len(rlog.parts()) > 1:
+            # A killed run's (or an older version's) many parts: read them once, here, into
+            # the one part that the check below streams and the commit reads.
+            rlog.compact_arrow()
         todo = manifest[~isin_ids(manifest["video_id"], _done_ids(work, rlog))]
     # Paths only for the videos to decode: at 420k finished videos that column is ~50 MB.
     todo = todo.merge(_manifest_paths(work, todo["video_id"]), on="video_id", how="left")
