@@ -319,7 +319,8 @@ def extract(cfg: ExtractConfig, executor: Executor | None = None) -> ExtractResu
     t0 = time.perf_counter()
     work = Path(cfg.work)
     wd = WorkDir(work)
-    # Three columns: a rerun over 420k finished videos must stay a small process.
+    # Two columns (paths are read for the videos to decode only): a rerun over 420k finished
+    # videos must stay a small process.
     manifest = everything = load_manifest(work, stages=False, columns=_MANIFEST_COLUMNS)
     if cfg.splits:
         unknown = sorted(set(cfg.splits) - set(manifest["split"]))
