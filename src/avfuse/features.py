@@ -379,13 +379,14 @@ def _plan_tasks(
         raise FileNotFoundError(
             f"{ext_path} not found: run `avfuse extract {work}` first, or pass --from-video"
         )
-    ext = read_table(ext_path)
-    for col in ("reason", "sample_rate", "num_samples", "audio_path"):
+    cols = ["video_id", "audio_path", "status", "reason", "sample_rate", "num_samples"]
+    have = set(pq.read_schema(ext_path).names)
+    ext = read_table(ext_path, [c for c in cols if c in have])  # 6 of its 15 columns
+    for col in cols:
         if col not in ext.columns:
             ext[col] = None
     ext = ext.drop_duplicates("video_id", keep="last")
     # One merge, not a look-up per video: the manifest may hold ~400k rows.
-    cols = ["video_id", "audio_path", "status", "reason", "sample_rate", "num_samples"]
     joined = (
         manifest[["video_id"]]
         .astype({"video_id": str})
