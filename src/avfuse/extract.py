@@ -65,7 +65,7 @@ from avfuse.io import (
     write_table,
 )
 from avfuse.manifest import load_manifest
-from avfuse.parallel import batched, executor_width, make_executor, map_batches
+from avfuse.parallel import batched, executor_context, executor_width, map_batches
 from avfuse.workdir import WorkDir
 
 log = logging.getLogger(__name__)
@@ -449,12 +449,7 @@ def _run_tasks(
         log_dir=str(rlog.folder.resolve()),
         silence=(cfg.silence_peak_dbfs, cfg.silence_rms_dbfs),
     )
-    ctx = (
-        contextlib.nullcontext(executor)
-        if executor is not None
-        else make_executor(cfg.num_workers, cfg.scheduler)
-    )
-    with ctx as ex:
+    with executor_context(executor, cfg.num_workers, cfg.scheduler) as ex:
         # Enough batches for every worker to get several, bounded by batch_size.
         per = max(1, min(cfg.batch_size, -(-len(tasks) // (4 * executor_width(ex)))))
         for _ in map_batches(

@@ -71,7 +71,7 @@ from avfuse.io import (
 )
 from avfuse.manifest import load_classes, load_manifest
 from avfuse.melspec import FrontendConfig, log_mel
-from avfuse.parallel import executor_width, make_executor, map_batches
+from avfuse.parallel import executor_context, executor_width, map_batches
 from avfuse.store import (
     INDEX,
     META,
@@ -539,12 +539,7 @@ def compute_features(cfg: FeaturesConfig, executor: Executor | None = None) -> F
             shard_mb=cfg.shard_mb,
             silence=(cfg.silence_peak_dbfs, cfg.silence_rms_dbfs),
         )
-        ctx = (
-            contextlib.nullcontext(executor)
-            if executor is not None
-            else make_executor(cfg.num_workers, cfg.scheduler)
-        )
-        with ctx as ex:
+        with executor_context(executor, cfg.num_workers, cfg.scheduler) as ex:
             batches = _pack(todo, cfg, executor_width(ex))
             for records in map_batches(
                 fn, batches, ex, desc="features", unit="video", progress=cfg.progress

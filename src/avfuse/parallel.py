@@ -144,6 +144,15 @@ def make_executor(
             raise
 
 
+def executor_context(
+    executor: Executor | None, num_workers: int | None = None, scheduler: str | None = None
+) -> contextlib.AbstractContextManager[Executor]:
+    """The caller's executor as is (not closed), or a fresh :func:`make_executor` pool."""
+    if executor is not None:
+        return contextlib.nullcontext(executor)
+    return make_executor(num_workers, scheduler)
+
+
 def executor_width(executor: Executor) -> int:
     """How many tasks to keep in flight so no worker idles."""
     width = getattr(executor, "_max_workers", None)

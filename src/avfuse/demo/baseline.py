@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from avfuse.demo.dataset import executor_context
 from avfuse.io import atomic_write, write_json
-from avfuse.parallel import batched, map_batches
+from avfuse.parallel import batched, executor_context, map_batches
 
 FEATURE_SIZE = 48  # frames are resized to this square before features are taken
 GRID = 4  # regions per side for colour and motion statistics

@@ -6,7 +6,6 @@ deterministically from a seed and records every file and its defect in ``demo_da
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ import numpy as np
 
 from avfuse.demo.synth import render, synthesize_audio
 from avfuse.io import atomic_write, read_json, write_json
-from avfuse.parallel import batched, make_executor, map_batches
+from avfuse.parallel import batched, executor_context, map_batches
 
 SPLIT_CODES = {"train": 0, "val": 1, "heldout": 2}
 # RMS level of the hiss on a muted track: the noise floor of a muted or badly gated upload.
@@ -281,13 +280,6 @@ def write_video(spec: VideoSpec, root: Path) -> Path:
             data = tmp.read_bytes()
             tmp.write_bytes(data[: len(data) * 2 // 5])
     return path
-
-
-def executor_context(
-    executor: Executor | None, num_workers: int | None
-) -> contextlib.AbstractContextManager[Executor]:
-    """The caller's executor as is, or a fresh one of ``num_workers`` closed afterwards."""
-    return contextlib.nullcontext(executor) if executor is not None else make_executor(num_workers)
 
 
 def _write_batch(batch: list[tuple[VideoSpec, str]]) -> list[str]:
