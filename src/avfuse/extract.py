@@ -53,15 +53,17 @@ from avfuse.audio import (
 )
 from avfuse.config import Config, load_config, num_workers_field, save_config, scheduler_field
 from avfuse.io import (
+    INPUTS,
     RecordLog,
     atomic_write,
+    committed_from,
     error_reason,
+    inputs_key,
     isin_ids,
     raise_if_disk_full,
     read_table,
     remove_stale_temporaries,
     safe_join,
-    table_metadata,
     write_table,
 )
 from avfuse.manifest import load_manifest
@@ -397,8 +399,9 @@ def _done_ids(work: Path, rlog: RecordLog) -> pa.Array:
     """
     cols = ["video_id", *_DONE_COLUMNS]
     parts = rlog.parts()
-    if len(parts) == 1 and set(cols) <= set(pq.read_schema(parts[0]).names):
-        batches = pq.ParquetFile(parts[0]).iter_batches(batch_size=_CHUNK, columns=cols)
+    part = pq.ParquetFile(parts[0]) if len(parts) == 1 else None
+    if part is not None and set(cols) <= set(part.schema_arrow.names):
+        batches = part.iter_batches(batch_size=_CHUNK, columns=cols)
         blocks: Any = (pa.Table.from_batches([b]) for b in batches)
     else:
         whole = rlog.read_arrow(_DONE_COLUMNS)
@@ -462,17 +465,13 @@ def _run_tasks(
 
 
 def _inputs_key(wd: WorkDir, cfg: ExtractConfig, rlog: RecordLog) -> str:
-    """What extract.parquet was built from: the log's parts, the manifest file, the settings."""
-    m = wd.manifest.stat()
-    parts = ",".join(p.name for p in rlog.parts())
-    return f"{__version__}|{cfg.sample_rate}|{cfg.format}|{m.st_size}:{m.st_mtime_ns}|{parts}"
+    """What extract.parquet is built from: the settings, the manifest file, the log's parts."""
+    return inputs_key(rlog, [wd.manifest], [__version__, cfg.sample_rate, cfg.format])
 
 
 def _committed(wd: WorkDir, cfg: ExtractConfig, rlog: RecordLog) -> bool:
-    path = wd.extract_table
-    if not path.exists() or len(rlog.parts()) > 1:
-        return False
-    return table_metadata(path).get("inputs") == _inputs_key(wd, cfg, rlog)
+    key = _inputs_key(wd, cfg, rlog)
+    return len(rlog.parts()) <= 1 and committed_from(wd.extract_table, key)
 
 
 def _commit(
@@ -506,7 +505,7 @@ def _commit(
             f"{len(missing)} video(s) have no extract record, e.g. {sorted(missing.to_pylist())[:3]}"
         )
     meta = {"avfuse_version": __version__, "sample_rate": str(cfg.sample_rate)}
-    meta |= {"format": cfg.format, "inputs": _inputs_key(wd, cfg, rlog)}
+    meta |= {"format": cfg.format, INPUTS: _inputs_key(wd, cfg, rlog)}
     write_table(full, wd.extract_table, meta)
 
 

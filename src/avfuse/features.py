@@ -59,14 +59,16 @@ from avfuse.audio import (
 )
 from avfuse.config import Config, load_config, num_workers_field, save_config, scheduler_field
 from avfuse.io import (
+    INPUTS,
     RecordLog,
+    committed_from,
     error_reason,
+    inputs_key,
     isin_ids,
     raise_if_disk_full,
     read_json,
     read_table,
     remove_stale_temporaries,
-    table_metadata,
     write_table,
 )
 from avfuse.manifest import load_classes, load_manifest
@@ -576,28 +578,26 @@ def compute_features(cfg: FeaturesConfig, executor: Executor | None = None) -> F
 
 
 def _inputs_key(work: Path, cfg: FeaturesConfig, rlog: RecordLog) -> str:
-    """What features.parquet was built from: manifest, extract table, the log, the settings."""
+    """What features.parquet is built from: the settings, the manifest and extract table
+    files, the log's parts."""
     wd = WorkDir(work)
-    stats = []
-    for p in (wd.manifest, wd.extract_table):
-        st = p.stat() if p.exists() else None
-        stats.append(f"{st.st_size}:{st.st_mtime_ns}" if st else "-")
-    parts = ",".join(p.name for p in rlog.parts())
-    return "|".join([__version__, cfg.frontend.hash(), cfg.dtype, *stats, parts])
+    settings = [__version__, cfg.frontend.hash(), cfg.dtype]
+    return inputs_key(rlog, [wd.manifest, wd.extract_table], settings)
 
 
 def _nothing_to_do(work: Path, cfg: FeaturesConfig, rlog: RecordLog) -> bool:
     """Whether the committed store is this log over unchanged inputs, every shard intact and
     every video with usable audio done. Column-wise: cheap at 420k videos."""
     wd = WorkDir(work)
-    if cfg.from_video or not wd.features_table.exists() or len(rlog.parts()) != 1:
+    parts = rlog.parts()
+    if cfg.from_video or len(parts) != 1:
         return False
-    if table_metadata(wd.features_table).get("inputs") != _inputs_key(work, cfg, rlog):
+    if not committed_from(wd.features_table, _inputs_key(work, cfg, rlog)):
         return False
     # Streamed in blocks of the log's one part (checked above): the whole log as a table
     # costs ~120 MB at 420k videos, a block ~2 MB.
     cols = ["feature_status", "shard", "offset", "num_frames"]
-    part = pq.ParquetFile(rlog.parts()[0])
+    part = pq.ParquetFile(parts[0])
     if not set(cols) <= set(part.schema_arrow.names):
         return False
     shard_dir = wd.store / SHARDS
@@ -715,7 +715,7 @@ def _commit(
             f"{len(lost)} video(s) have no feature record, e.g. {sorted(lost.tolist())[:3]}"
         )
     meta = {"avfuse_version": __version__, "frontend_hash": fe.hash(), "dtype": cfg.dtype}
-    meta["inputs"] = inputs
+    meta[INPUTS] = inputs
     write_table(table, WorkDir(work).features_table, meta)
     keep = set(index["shard"].astype(str))
     removed = remove_unreferenced_shards(store, keep)

@@ -185,7 +185,7 @@ def read_table(path: str | Path, columns: Sequence[str] | None = None) -> pd.Dat
     return pq.read_table(path, columns=list(columns) if columns else None).to_pandas()
 
 
-def _read_arrow(path: Path, columns: list[str] | None = None) -> pa.Table:
+def _read_part(path: Path, columns: list[str] | None = None) -> pa.Table:
     # Without the pandas metadata, so parts written from different frames join on names alone.
     if columns is None:
         return pq.read_table(path).replace_schema_metadata(None)
@@ -278,7 +278,7 @@ class RecordLog:
         # cost ~9 ms a part, minutes for the 13k parts of a Kinetics-size run. Reading is I/O
         # and footer parsing, which pyarrow does without the GIL, so a few threads overlap it.
         cols = None if columns is None else [self.key, *(c for c in columns if c != self.key)]
-        read = functools.partial(_read_arrow, columns=cols)
+        read = functools.partial(_read_part, columns=cols)
         # permissive: a column that is all null in one part (no errors in that batch) joins
         # the typed column of the others. Parts are joined a group at a time into one chunk:
         # 13k tables of 32 rows held at once cost twice the memory of their records.
@@ -342,6 +342,30 @@ class RecordLog:
         df = self.read().sort_values(self.key).reset_index(drop=True)
         write_table(df, path, metadata)
         return df
+
+
+# Schema-metadata key of a stage table: what it was committed from (see inputs_key).
+INPUTS = "inputs"
+
+
+def inputs_key(log: RecordLog, files: Sequence[Path], settings: Sequence[object]) -> str:
+    """What a stage table is committed from: ``settings``, the size and mtime of the upstream
+    ``files`` ("-" for a missing one) and the names of ``log``'s parts. A table whose
+    :data:`INPUTS` metadata equals the current key holds exactly what a commit would write."""
+    stats = []
+    for f in files:
+        try:
+            st = Path(f).stat()
+            stats.append(f"{st.st_size}:{st.st_mtime_ns}")
+        except FileNotFoundError:
+            stats.append("-")
+    parts = ",".join(p.name for p in log.parts())
+    return "|".join([*map(str, settings), *stats, parts])
+
+
+def committed_from(table: str | Path, key: str) -> bool:
+    """Whether ``table`` exists and was committed from the inputs ``key`` names."""
+    return Path(table).exists() and table_metadata(table).get(INPUTS) == key
 
 
 class PathEscapeError(ValueError):

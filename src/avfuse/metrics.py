@@ -132,13 +132,12 @@ def metrics(scores: np.ndarray, labels: np.ndarray, top_confused: int = 0) -> di
             },
             "confused": [],
         }
-    # A NaN row would sort its first column first and could count as correct: it is a miss
-    # at every k instead (pred = -1 matches no label; its scores rank below every other).
+    # A NaN row is a miss at every k (true_rank ranks it C; pred = -1 matches no label), and
+    # for AP its scores rank below every other.
+    ranks = true_rank(scores, labels)
     nan_rows = np.isnan(scores).any(axis=1)
     if nan_rows.any():
         scores = np.where(nan_rows[:, None], -np.inf, scores)
-    ranks = true_rank(scores, labels)  # NaN rows were made -inf: rank them C (a miss) again
-    ranks[nan_rows] = c
     # argmax takes the first maximum: the lower index wins a tie, as in true_rank.
     pred = np.where(nan_rows, -1, scores.argmax(axis=1))
     top1 = float(np.mean(ranks < 1))
