@@ -63,24 +63,20 @@ def test_json_and_table_round_trip(tmp_path) -> None:
 
 def test_record_log_newest_record_wins(tmp_path) -> None:
     log = RecordLog(tmp_path / "parts")
-    assert log.done_ids() == set() and log.parts() == []
+    assert len(log.read()) == 0 and log.parts() == []
     assert log.write([]) is None
     log.write([{"video_id": "a", "status": "unreadable"}, {"video_id": "b", "status": "ok"}])
     log.write([{"video_id": "a", "status": "ok"}, {"video_id": "c", "status": "no_audio"}])
     assert len(log.parts()) == 2
     df = log.read().set_index("video_id")
     assert df["status"].to_dict() == {"a": "ok", "b": "ok", "c": "no_audio"}
-    assert log.done_ids() == {"a", "b", "c"}
 
     # A part being written when the process died is not read.
     (tmp_path / "parts" / f".part-9{TMP_MARK}1-x.parquet").write_bytes(b"garbage")
-    table = log.consolidate(tmp_path / "out.parquet", {"stage": "test"})
-    assert list(table["video_id"]) == ["a", "b", "c"]
-    assert list(read_table(tmp_path / "out.parquet")["status"]) == ["ok", "ok", "no_audio"]
-    assert table_metadata(tmp_path / "out.parquet") == {"stage": "test"}
+    assert sorted(log.read()["video_id"]) == ["a", "b", "c"]
 
     log.clear()
-    assert log.done_ids() == set()
+    assert len(log.read()) == 0 and log.parts() == []
 
 
 def test_record_log_reads_columns_across_parts_of_different_shapes(tmp_path) -> None:

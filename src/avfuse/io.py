@@ -6,9 +6,9 @@ the complete new one, never a truncated one.
 
 Stage results are kept in a :class:`RecordLog`: a folder of small Parquet "part" files, each
 written atomically by whichever worker finished a batch. A rerun reads the parts to learn which
-videos are done; :meth:`RecordLog.consolidate` writes the single table the next stage reads.
-When a stage commits, :meth:`RecordLog.compact` folds the parts into one, so a rerun reads one
-file instead of one per batch ever run.
+videos are done; the stage writes from it the single table the next stage reads. When a stage
+commits, :meth:`RecordLog.compact` folds the parts into one, so a rerun reads one file instead
+of one per batch ever run.
 """
 
 from __future__ import annotations
@@ -301,9 +301,6 @@ class RecordLog:
             table = table.filter(pa.array(newest_last))
         return table
 
-    def done_ids(self) -> set[str]:
-        return set(self.read()[self.key].astype(str))
-
     def clear(self) -> None:
         for p in self.parts():
             p.unlink()
@@ -335,13 +332,6 @@ class RecordLog:
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
         return table
-
-    def consolidate(
-        self, path: str | Path, metadata: Mapping[str, str] | None = None
-    ) -> pd.DataFrame:
-        df = self.read().sort_values(self.key).reset_index(drop=True)
-        write_table(df, path, metadata)
-        return df
 
 
 # Schema-metadata key of a stage table: what it was committed from (see inputs_key).

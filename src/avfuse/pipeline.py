@@ -469,10 +469,6 @@ def _read_state(work: Path) -> tuple[dict[str, Any], str]:
     return data, ""
 
 
-def _load_state(work: Path) -> dict[str, Any]:
-    return dict(_read_state(work)[0].get("stages", {}))
-
-
 def _save_state(work: Path, stages: dict[str, Any], dataset: str | None = None) -> None:
     doc: dict[str, Any] = {"stages": stages}
     if dataset is None:  # keep the recorded fingerprint

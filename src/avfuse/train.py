@@ -335,10 +335,6 @@ def fit_schedule(
     return wpv, batch
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model  # type: ignore[return-value]
-
-
 def train(
     cfg: TrainConfig,
     executor: Any = None,
