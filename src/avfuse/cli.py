@@ -61,6 +61,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override any key, nested ones too (e.g. --set train.epochs=5)",
         )
+        # A usage error names this subcommand's usage, not the top-level one (see main).
+        p.set_defaults(subparser=p)
         if name == command:
             cls, _fn = _load(name)
             add_arguments(p, cls)
@@ -74,7 +76,11 @@ def _command_of(argv: Sequence[str]) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(_command_of(argv))
-    ns = parser.parse_args(argv)
+    ns, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse hands options a subcommand does not know back to the top-level parser,
+        # whose usage line says nothing about the subcommand's options.
+        ns.subparser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=logging.DEBUG if ns.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

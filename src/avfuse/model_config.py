@@ -200,6 +200,7 @@ class PredictConfig(Config):
             "drop (leave unscored); auto: the checkpoint's training policy"
         },
     )
+    progress: bool = field(default=True, metadata={"help": "progress bar"})
 
 
 @dataclass(frozen=True)

@@ -157,6 +157,10 @@ class RunConfig(Config):
             "their own section sets one"
         },
     )
+    progress: bool = field(
+        default=True,
+        metadata={"help": "progress bars; false (--no-progress) turns off every stage's"},
+    )
     scan: ScanSection = field(default_factory=ScanSection, metadata={"help": "avfuse scan"})
     extract: ExtractSection = field(
         default_factory=ExtractSection, metadata={"help": "avfuse extract"}
@@ -230,8 +234,20 @@ def _extract_rate(cfg: RunConfig) -> int:
     return rate
 
 
+def _without_progress(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with the progress bars of every section that draws them turned off."""
+    off: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(section) and hasattr(section, "progress"):
+            off[f.name] = dataclasses.replace(section, progress=False)  # type: ignore[type-var]
+    return dataclasses.replace(cfg, **off)
+
+
 def stage_configs(cfg: RunConfig) -> StageConfigs:
     """Resolve ``cfg`` into the config each stage function is called with."""
+    if not cfg.progress:
+        cfg = _without_progress(cfg)
     if cfg.root is None:
         raise ValueError("no dataset root: `avfuse run ROOT -o WORK` (or root = ... in the file)")
     work = Path(cfg.work)

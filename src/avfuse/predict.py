@@ -119,6 +119,7 @@ def _predict(cfg: PredictConfig) -> PredictResult | None:
         num_workers=cfg.num_workers,
         short_clips=short_clips,
         min_frames=checkpoint_window(ckpt),
+        progress=cfg.progress,
     )
     if not e.is_main:
         D.barrier()

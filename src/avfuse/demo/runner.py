@@ -124,7 +124,6 @@ def demo_run_config(cfg: DemoConfig, video_dir: Path) -> Any:
         num_workers=0,
         batch_size=32,
         base_batch_size=32,
-        progress=cfg.progress,
         # The best checkpoint is picked on held-out videos too: val stays untouched until
         # the report, so its audio-only figure is not optimistic.
         **by_heldout,
@@ -141,8 +140,9 @@ def demo_run_config(cfg: DemoConfig, video_dir: Path) -> Any:
         root=Path(cfg.root) if cfg.root else work / "dataset",
         work=work,
         train=train,
-        extract=dataclasses.replace(base.extract, progress=cfg.progress, **workers),
-        features=dataclasses.replace(base.features, progress=cfg.progress, **workers),
+        extract=dataclasses.replace(base.extract, **workers),
+        features=dataclasses.replace(base.features, **workers),
+        progress=cfg.progress,
         fuse=fuse,
         **force,
     )
