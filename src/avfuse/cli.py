@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = logging.getLogger("avfuse")
     try:
         check_command(ns.command, cfg)
-        with _work_lock(cfg):
+        with _work_lock(ns.command, cfg):
             result = fn(cfg)
     except KeyboardInterrupt:
         log.debug("interrupted", exc_info=True)
@@ -136,6 +136,10 @@ def check_command(command: str, cfg: Any) -> None:
     work = getattr(cfg, "work", None)
     if work is not None and Path(work).exists() and not Path(work).is_dir():
         raise NotADirectoryError(f"work folder {work} is a file, not a folder")
+    if work is not None and command not in CREATE_WORK and not Path(work).is_dir():
+        raise FileNotFoundError(
+            f"work folder {work} does not exist: run `avfuse scan ROOT -o {work}` first"
+        )
     for section in (cfg, *(getattr(cfg, name, None) for name in ("train", "predict"))):
         device = getattr(section, "device", None)
         if isinstance(device, str) and device.startswith("cuda"):
@@ -148,11 +152,16 @@ def check_command(command: str, cfg: Any) -> None:
                 )
 
 
-def _work_lock(cfg: Any) -> contextlib.AbstractContextManager[Any]:
+# The commands that may create their work folder; every other one refuses a missing folder
+# (a mistyped path must not leave a new folder behind).
+CREATE_WORK = ("scan", "run", "demo")
+
+
+def _work_lock(command: str, cfg: Any) -> contextlib.AbstractContextManager[Any]:
     work = getattr(cfg, "work", None)
     if work is None:
         return contextlib.nullcontext()
-    return work_lock(work)
+    return work_lock(work, create=command in CREATE_WORK)
 
 
 if __name__ == "__main__":

@@ -89,25 +89,87 @@ def raise_if_disk_full(exc: BaseException, folder: str | Path) -> None:
         raise DiskFullError(folder, error_reason(exc)) from exc
 
 
+# Marks a work folder: every stage that writes one holds this lock file (avfuse.lock).
+LOCK_NAME = ".avfuse.lock"
+
+
+class PathEscapeError(ValueError):
+    """An output path that would leave the work folder (a ``..`` in a name from the data, or a
+    symbolic link inside the work folder that points out of it)."""
+
+
+def _shown_path(path: str | Path) -> str:
+    return os.fsencode(os.fspath(path)).decode("utf-8", "backslashreplace")
+
+
+def work_root_of(path: str | Path) -> Path | None:
+    """The work folder ``path`` lies in: its nearest ancestor (by name, links not followed)
+    holding :data:`LOCK_NAME`; ``None`` for a path outside any work folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while True:
+        if os.path.lexists(os.path.join(folder, LOCK_NAME)):
+            return Path(folder)
+        up = os.path.dirname(folder)
+        if up == folder:
+            return None
+        folder = up
+
+
+def check_inside_work(path: str | Path) -> None:
+    """Refuse to write ``path`` when a symbolic link below its work folder leads out of it.
+
+    The work folder itself may be a link (it is resolved first); a folder inside it that
+    links elsewhere would make a write land outside, where it may replace someone's file.
+    Paths outside any work folder (an ``--output`` the user named) are not checked.
+    """
+    root = work_root_of(path)
+    if root is None:
+        return
+    real_root = os.path.realpath(root)
+    real_parent = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    if os.path.commonpath([real_root, real_parent]) != real_root:
+        raise PathEscapeError(
+            f"a symbolic link leads out of the work folder {_shown_path(root)}: refusing to "
+            f"write {_shown_path(path)} (it would land in {_shown_path(real_parent)}); "
+            "remove the link"
+        )
+
+
+def create_new_file(path: str | Path, mode: int = 0o666) -> None:
+    """Create ``path`` as a new empty regular file; never opens an existing file or a link
+    (``O_EXCL | O_NOFOLLOW``), so a name planted in advance cannot redirect the write."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    os.close(os.open(path, flags | getattr(os, "O_CLOEXEC", 0), mode))
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it onto ``path``.
 
-    On an exception the temporary file is removed and ``path`` is left untouched; a full disk
-    is raised as :class:`DiskFullError` naming the folder.
+    The temporary file exists, new and empty, when the block starts: writers open it by name
+    and truncate their own file. The rename replaces whatever ``path`` was, a symbolic link
+    included, without following it: no file outside the work folder is ever written through a
+    link (:func:`check_inside_work` refuses folders that link out). On an exception the
+    temporary file is removed and ``path`` is left untouched; a full disk is raised as
+    :class:`DiskFullError` naming the folder.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}{path.suffix}")
+    created = False
     try:
+        check_inside_work(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        create_new_file(tmp)
+        created = True
         yield tmp
         os.replace(tmp, path)
     except OSError as exc:
         raise_if_disk_full(exc, path.parent)
         raise
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        if created:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
 
 
 _OLD_MARK = ".old-"
@@ -137,6 +199,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"output folder {path} is a file, not a folder")
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    check_inside_work(tmp)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _recover_dir(path)
@@ -358,16 +421,12 @@ def committed_from(table: str | Path, key: str) -> bool:
     return Path(table).exists() and table_metadata(table).get(INPUTS) == key
 
 
-class PathEscapeError(ValueError):
-    """An output path built from names in the data that would leave the work folder."""
-
-
 def safe_join(work: str | Path, *parts: str | Path) -> Path:
     """``work / parts...``, refused unless it stays inside ``work``.
 
     Ids and labels come from the data; ``../`` in one, an absolute part or a NUL must never
-    decide where a file is written. The check is on the normalised path, not on symlinks, so a
-    folder of WORK that the user linked to another disk keeps working.
+    decide where a file is written. This check is on the normalised path; links inside WORK
+    that lead out of it are refused where the file is written (:func:`atomic_write`).
     """
     base = os.path.abspath(work)
     text = [os.fspath(p) for p in parts]

@@ -739,7 +739,7 @@ def run(cfg: RunConfig, executor: Executor | None = None) -> RunResult:
         raise ValueError(f"force: unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")
     sc = stage_configs(cfg)
     work = Path(cfg.work)
-    with work_lock(work):
+    with work_lock(work, create=True):
         return _run_locked(cfg, sc, work, executor)
 
 
