@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from avfuse import __version__
-from avfuse.config import add_arguments, apply_overrides, from_arguments, from_dict, read_mapping
+from avfuse.config import add_arguments, apply_overrides, from_arguments, read_mapping
 from avfuse.lock import work_lock
 
 # subcommand -> (module, config class, function, one-line help)
@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     cls, fn = _load(ns.command)
     try:
-        base = from_dict(cls, read_mapping(ns.config)) if ns.config else None
+        base = read_mapping(ns.config) if ns.config else None
         cfg: Any = from_arguments(cls, ns, base)
         cfg = apply_overrides(cfg, ns.set)
     except (TypeError, ValueError, OSError) as exc:

@@ -18,11 +18,17 @@ the documentation come from one place. Metadata keys understood here:
 ``omit_default`` ``True`` leaves the field out of ``to_dict`` (so of files and hashes) while it
                 holds its default: a field added later keeps the hashes of earlier configs
 ``min``/``max`` inclusive bounds of a number field, checked with the ``Literal`` values
+``above``       exclusive lower bound (a width multiplier must be > 0, and 0 is not a size)
 
 Config classes derive from :class:`Config`, which checks every field when an instance is made
 (directly, by ``dataclasses.replace`` or by :func:`from_dict`): a ``Literal`` field must hold one
-of its values, a bounded number must lie within its bounds. A wrong value is an error naming the
-field and what it may be, never a setting that is silently ignored.
+of its values, a bounded number must lie within its bounds, and no number may be NaN or
+infinite (``nan`` passes every ``<``/``>`` check). ``true`` is not the integer 1. A wrong value
+is an error naming the field and what it may be, never a setting that is silently ignored.
+
+Config files are read by :func:`read_mapping`, which bounds what a small file can make it
+allocate: the file size, the nesting depth, and YAML aliases (refused: a few hundred bytes of
+nested aliases expand to gigabytes).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import tomllib
 import types
 import typing
@@ -39,6 +46,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import tomli_w
+import yaml
 
 from avfuse.io import atomic_write
 
@@ -103,16 +111,21 @@ def _literal_values(tp: Any) -> tuple[tuple[Any, ...], bool]:
     return (), False
 
 
+_Check = tuple[str, tuple[Any, ...], bool, Any, Any, Any, bool]
+
+
 @functools.cache
-def _field_checks(cls: type) -> tuple[tuple[str, tuple[Any, ...], bool, Any, Any], ...]:
+def _field_checks(cls: type) -> tuple[_Check, ...]:
     # Resolved once per class: type hints are the costly part.
     hints = _field_types(cls)
     checks = []
     for f in dataclasses.fields(cls):
         allowed, per_item = _literal_values(hints.get(f.name))
-        lo, hi = f.metadata.get("min"), f.metadata.get("max")
-        if allowed or lo is not None or hi is not None:
-            checks.append((f.name, allowed, per_item, lo, hi))
+        lo, hi, above = f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("above")
+        base, _ = _unwrap_optional(hints.get(f.name))
+        numeric = base in (int, float)
+        if allowed or numeric or lo is not None or hi is not None or above is not None:
+            checks.append((f.name, allowed, per_item, lo, hi, above, numeric))
     return tuple(checks)
 
 
@@ -123,10 +136,15 @@ def _choices(allowed: tuple[Any, ...]) -> str:
 def check_fields(cfg: Any) -> None:
     """Raise ``ValueError`` naming the field if a value is outside its ``Literal`` or bounds."""
     name = type(cfg).__name__
-    for field_name, allowed, per_item, lo, hi in _field_checks(type(cfg)):  # type: ignore[arg-type]
+    checks = _field_checks(type(cfg))  # type: ignore[arg-type]
+    for field_name, allowed, per_item, lo, hi, above, numeric in checks:
         value = getattr(cfg, field_name)
         if value is None:
             continue
+        if numeric and isinstance(value, bool):
+            raise ValueError(f"{name}.{field_name}: {value!r} is a boolean, not a number")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name}.{field_name}: {value!r} is not a finite number")
         if allowed:
             items = value if per_item and isinstance(value, tuple | list) else (value,)
             bad = [v for v in items if v not in allowed]
@@ -136,11 +154,16 @@ def check_fields(cfg: Any) -> None:
                 )
         if isinstance(value, bool) or not isinstance(value, int | float):
             continue
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
+        if (
+            (lo is not None and value < lo)
+            or (hi is not None and value > hi)
+            or (above is not None and value <= above)
+        ):
             bounds = " and ".join(
                 t
                 for t in (
                     f">= {lo}" if lo is not None else "",
+                    f"> {above}" if above is not None else "",
                     f"<= {hi}" if hi is not None else "",
                 )
                 if t
@@ -231,11 +254,25 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ValueError(f"{where}: {value!r} is not a boolean")
         return bool(value)
     if tp is int:
+        # bool is an int subclass: ``epochs = true`` would silently train one epoch.
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ValueError(f"{where}: {value!r} is not an integer")
         if isinstance(value, float) and not value.is_integer():
             raise ValueError(f"{where}: {value!r} is not an integer")
-        return int(value)
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"{where}: {value!r} is not an integer") from None
     if tp is float:
-        return float(value)
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ValueError(f"{where}: {value!r} is not a number")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"{where}: {value!r} is not a number") from None
+        if not math.isfinite(number):
+            raise ValueError(f"{where}: {value!r} is not a finite number")
+        return number
     if tp is str:
         return str(value)
     return value
@@ -286,20 +323,102 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     return path
 
 
-def read_mapping(path: str | Path) -> dict[str, Any]:
-    """Read a TOML, YAML or JSON file into a dict (by extension)."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
+# Config files are a few KB; a limit keeps a hostile one from being read into memory whole.
+MAX_CONFIG_BYTES = 4 << 20
+# Deeper than any config table: deeper input is refused before it can exhaust the C stack.
+MAX_DEPTH = 32
 
-        data = yaml.safe_load(text) or {}
-    elif path.suffix == ".json":
-        data = json.loads(text)
-    else:
-        data = tomllib.loads(text)
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML safe loader without aliases and with a nesting limit.
+
+    An alias re-uses a node: nine levels of nine aliases each expand 350 bytes into 3.7 GB of
+    Python objects. A config never needs them, so they are refused where they appear. (The
+    pure-Python loader: its composer can be extended, the C one's cannot.)
+    """
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, "YAML aliases (*name) are not supported", event.start_mark
+            )
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"nested deeper than {MAX_DEPTH} levels",
+                    self.peek_event().start_mark,
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _yaml_error(path: Path, exc: Exception) -> ValueError:
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or str(exc)
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f" (line {mark.line + 1})" if mark is not None else ""
+    return ValueError(f"{path}: not a usable YAML config: {' '.join(str(problem).split())}{where}")
+
+
+def depth_of(data: Any, limit: int = MAX_DEPTH) -> int:
+    """Nesting depth of dicts/lists in ``data``, counted without recursion; stops past ``limit``."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        obj, d = stack.pop()
+        if not isinstance(obj, dict | list | tuple):
+            continue
+        deepest = max(deepest, d)
+        if deepest > limit:
+            return deepest
+        stack.extend((v, d + 1) for v in (obj.values() if isinstance(obj, dict) else obj))
+    return deepest
+
+
+def read_mapping(path: str | Path) -> dict[str, Any]:
+    """Read a TOML, YAML or JSON file into a dict (by extension).
+
+    Raises ``ValueError`` naming the file for a file over :data:`MAX_CONFIG_BYTES`, one that
+    does not parse (YAML tags such as ``!!python/object`` included), YAML aliases, or nesting
+    deeper than :data:`MAX_DEPTH`.
+    """
+    path = Path(path)
+    with open(path, "rb") as fh:
+        raw = fh.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path}: a config file over {MAX_CONFIG_BYTES >> 20} MiB is refused")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            try:
+                data = yaml.load(text, Loader=_NoAliasLoader) or {}
+            except yaml.YAMLError as exc:
+                raise _yaml_error(path, exc) from None
+        elif path.suffix == ".json":
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        else:
+            try:
+                data = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as exc:
+                raise ValueError(f"{path}: not valid TOML ({exc})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: nested deeper than {MAX_DEPTH} levels") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
+    if depth_of(data) > MAX_DEPTH:
+        raise ValueError(f"{path}: nested deeper than {MAX_DEPTH} levels")
     return data
 
 
@@ -328,9 +447,16 @@ def _set_nested(data: dict[str, Any], dotted: str, value: Any) -> None:
 def _parse_value(text: str) -> Any:
     # TOML literal syntax where it parses (numbers, booleans, arrays, quoted strings), else a string.
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+    except RecursionError:
+        value = None
+    if value is None or depth_of(value) > MAX_DEPTH:
+        raise ValueError(
+            f"override value {text[:40]!r}... is nested deeper than {MAX_DEPTH} levels"
+        )
+    return value
 
 
 def apply_overrides(cfg: T, overrides: typing.Iterable[str]) -> T:
@@ -407,9 +533,19 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             )
 
 
-def from_arguments(cls: type[T], ns: argparse.Namespace, base: T | None = None) -> T:
-    """Build ``cls`` from parsed arguments on top of ``base`` (or the defaults)."""
-    data: dict[str, Any] = to_dict(base) if base is not None else {}
+def from_arguments(
+    cls: type[T], ns: argparse.Namespace, base: T | dict[str, Any] | None = None
+) -> T:
+    """Build ``cls`` from parsed arguments on top of ``base`` (or the defaults).
+
+    ``base`` may be a plain mapping read from a ``--config`` file: the file need not repeat
+    what the command line gives (the positional WORK above all); a key missing from both is
+    reported by :func:`from_dict`.
+    """
+    if isinstance(base, dict):
+        data: dict[str, Any] = dict(base)
+    else:
+        data = to_dict(base) if base is not None else {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         value = getattr(ns, f.name, None)
         if value is not None:

@@ -27,6 +27,12 @@ ModelName = Literal["vggish", "resnet", "panns", "cnn14", "cnn10"]
 # steps reached 11 of 12 val videos (benchmarks/bench_short_clips.py).
 MIN_STEPS = 300
 HELDOUT = "heldout"
+# Longest window any setting or checkpoint may ask for: 65536 frames are 11 minutes at the 10 ms
+# hop, longer than any clip of a video data set; a window of 10^9 would allocate gigabytes per
+# batch before a single frame is read.
+MAX_WINDOW = 1 << 16
+# Widest channel multiplier: 16x the published networks is already far beyond their size.
+MAX_WIDTH = 16.0
 CARVE = "carve"
 
 
@@ -40,9 +46,16 @@ class TrainConfig(Config):
     name: str = field(default="audio", metadata={"help": "run name: outputs in WORK/runs/NAME"})
     model: ModelName = field(default="resnet", metadata={"help": "architecture"})
     width: float = field(
-        default=1.0, metadata={"help": "channel-width multiplier (1.0 = published size)"}
+        default=1.0,
+        metadata={
+            "help": "channel-width multiplier (1.0 = published size)",
+            "above": 0.0,
+            "max": MAX_WIDTH,
+        },
     )
-    dropout: float = field(default=0.3, metadata={"help": "dropout before the classifier"})
+    dropout: float = field(
+        default=0.3, metadata={"help": "dropout before the classifier", "min": 0.0, "max": 0.99}
+    )
     init: Path | None = field(
         default=None,
         metadata={"help": "checkpoint to initialise from (AudioSet VGGish / PANNs weights)"},
@@ -60,7 +73,11 @@ class TrainConfig(Config):
     )
     window: int = field(
         default=0,
-        metadata={"help": "frames per training window; 0 = the front end's example length"},
+        metadata={
+            "help": "frames per training window; 0 = the front end's example length",
+            "min": 0,
+            "max": MAX_WINDOW,
+        },
     )
     freeze_backbone: bool = field(
         default=False, metadata={"help": "train the classifier head only (linear probe)"}
@@ -175,13 +192,19 @@ class PredictConfig(Config):
     )
     hop: int = field(
         default=0,
-        metadata={"help": "frames between window starts (0 = the model's window: no overlap)"},
+        metadata={
+            "help": "frames between window starts (0 = the model's window: no overlap)",
+            "min": 0,
+            "max": MAX_WINDOW,
+        },
     )
     window: int = field(
         default=0,
         metadata={
             "help": "frames per window; 0 = the checkpoint's, -1 = the whole clip as one window "
-            "(models with global pooling: cnn14, cnn10, panns, resnet)"
+            "(models with global pooling: cnn14, cnn10, panns, resnet)",
+            "min": -1,
+            "max": MAX_WINDOW,
         },
     )
     batch_size: int = field(default=256, metadata={"help": "windows per forward pass", "min": 1})
@@ -217,11 +240,26 @@ class EmbedConfig(Config):
         default=None, metadata={"help": "pretrained checkpoint (required; loaded strictly)"}
     )
     name: str = field(default="", metadata={"help": "output WORK/embeddings/NAME (default: model)"})
-    width: float = field(default=1.0, metadata={"help": "channel-width multiplier (1.0 = release)"})
-    window: int = field(
-        default=0, metadata={"help": "frames per window; 0 = the front end's example length"}
+    width: float = field(
+        default=1.0,
+        metadata={
+            "help": "channel-width multiplier (1.0 = release)",
+            "above": 0.0,
+            "max": MAX_WIDTH,
+        },
     )
-    hop: int = field(default=0, metadata={"help": "frames between windows; 0 = the window"})
+    window: int = field(
+        default=0,
+        metadata={
+            "help": "frames per window; 0 = the front end's example length",
+            "min": 0,
+            "max": MAX_WINDOW,
+        },
+    )
+    hop: int = field(
+        default=0,
+        metadata={"help": "frames between windows; 0 = the window", "min": 0, "max": MAX_WINDOW},
+    )
     per_window: bool = field(
         default=True, metadata={"help": "one row per window (else one row per video: the mean)"}
     )
