@@ -4,13 +4,23 @@ infinite or a boolean in disguise. Each refusal is one line naming the file."""
 
 from __future__ import annotations
 
+import io
+import pickle
+import zipfile
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+import torch
 
 from avfuse import cli
+from avfuse.checkpoint import FORMAT, load_checkpoint
 from avfuse.config import read_mapping
 from avfuse.model_config import TrainConfig
+from avfuse.models import build_model, load_init
+from avfuse.safe_pickle import CorruptCheckpointError, OversizeError, load_pickle, load_torch
+from avfuse.video_scores import VideoScoreError, read_one
 
 
 def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
@@ -21,12 +31,8 @@ def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
 
 # --------------------------------------------------------------------------- config files
 
-_YAML_BOMB = (
-    'a: &a ["x","x","x","x","x","x","x","x","x"]\n'
-    + "".join(
-        f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n"
-        for p, n in zip("abcdefgh", "bcdefghi", strict=True)
-    )
+_YAML_BOMB = 'a: &a ["x","x","x","x","x","x","x","x","x"]\n' + "".join(
+    f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi", strict=True)
 )
 
 
@@ -124,3 +130,165 @@ def test_config_file_need_not_repeat_work_given_on_the_command_line(
     assert "missing required" not in line and "feature store" in line
     assert cli.main(["train", "--config", str(path)]) == 2
     assert "missing required key(s) for TrainConfig: work" in _one_error_line(capsys)
+
+
+# --------------------------------------------------------------------------- pickles
+
+
+class _Call:
+    def __init__(self, fn: Any, *args: Any) -> None:
+        self.fn, self.args = fn, args
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (self.fn, self.args)
+
+
+def _legacy_blob(numel_bytes: bytes) -> bytes:
+    """A tensor storage as a plain pickle carries it (legacy torch.save) declaring the element
+    count given (pickle opcode bytes) for a 3-element float storage."""
+    buf = io.BytesIO()
+    torch.save(torch.zeros(3).untyped_storage(), buf, _use_new_zipfile_serialization=False)
+    raw = buf.getvalue()
+    real = b"cpuq\x03K\x0c"  # untyped storage: 12 bytes
+    assert raw.count(real) == 1
+    return raw.replace(real, b"cpuq\x03" + numel_bytes)
+
+
+def test_pickled_array_constructor_cannot_allocate_beyond_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "bomb.pkl"
+    recon = np._core.multiarray._reconstruct  # type: ignore[attr-defined]
+    path.write_bytes(pickle.dumps([_Call(recon, np.ndarray, (1 << 40,), b"b")]))
+    with pytest.raises(OversizeError, match="declared with no data") as info:
+        load_pickle(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_pickled_legacy_storage_declaring_more_than_it_holds_is_refused(tmp_path: Path) -> None:
+    # 2^38 bytes declared by LONG1 (5 bytes), 12 bytes held.
+    blob = _legacy_blob(b"\x8a\x05\x00\x00\x00\x00\x40")
+    path = tmp_path / "bomb.pkl"
+    path.write_bytes(pickle.dumps([_Call(torch.storage._load_from_bytes, blob)]))
+    with pytest.raises(OversizeError, match="declares 274877906944 bytes") as info:
+        load_pickle(path)
+    assert str(path) in str(info.value)
+    # the same record, honest, still loads
+    path.write_bytes(pickle.dumps([torch.arange(3.0)]))
+    assert torch.equal(load_pickle(path)[0], torch.arange(3.0))
+
+
+def test_shared_references_cannot_expand_beyond_the_file(tmp_path: Path) -> None:
+    row = [0.5] * 1000
+    block = [row] * 1000  # a thousand references to one list: a few KB pickled
+    path = tmp_path / "laughs.pkl"
+    path.write_bytes(pickle.dumps([block] * 1000, protocol=4))
+    assert path.stat().st_size < 20_000
+    with pytest.raises(OversizeError, match="shared references"):
+        load_pickle(path)
+    with pytest.raises(VideoScoreError, match="shared references"):
+        read_one(path, ids_file=tmp_path / "ids.txt")
+
+
+def test_deeply_nested_pickle_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "deep.pkl"
+    n = 100_000
+    path.write_bytes(b"\x80\x02" + b"(" * n + b"l" * n + b".")
+    with pytest.raises(OversizeError, match="nested deeper than") as info:
+        load_pickle(path)
+    assert str(path) in str(info.value)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoint(**change: Any) -> dict[str, Any]:
+    ckpt = {
+        "format": FORMAT,
+        "model": {"fc.weight": torch.ones(2, 3)},
+        "model_spec": {"name": "resnet", "width": 1.0, "dropout": 0.3, "n_mels": 4, "frames": 8},
+        "config": {"epochs": 1},
+        "classes": ["a", "b"],
+        "norm": {"mean": torch.zeros(4), "std": torch.ones(4)},
+        "frontend_hash": "abc",
+        "window": 8,
+        "epoch": 1,
+    }
+    return ckpt | change
+
+
+def test_checkpoint_zip_with_compressed_records_is_refused_before_loading(tmp_path: Path) -> None:
+    good = tmp_path / "good.pt"
+    torch.save(_checkpoint(), good)
+    # Re-pack: the weights record grows to 64 MB of zeros, deflated to ~64 KB.
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("data/0"):
+                data = data + bytes(64 << 20)
+            dst.writestr(info.filename, data)
+    assert bomb.stat().st_size < 1 << 20
+    with pytest.raises(OversizeError, match="declare") as info:
+        load_checkpoint(bomb)
+    assert str(bomb) in str(info.value)
+    assert load_checkpoint(good)["classes"] == ["a", "b"]
+
+
+def test_legacy_checkpoint_declaring_huge_storage_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "legacy.pt"
+    torch.save({"w": torch.zeros(3)}, path, _use_new_zipfile_serialization=False)
+    raw = path.read_bytes()
+    real = b"cpuq\x06K\x03N"
+    assert raw.count(real) == 1
+    path.write_bytes(raw.replace(real, b"cpuq\x06\x8a\x05\x00\x00\x00\x00\x40N"))
+    with pytest.raises(OversizeError, match="bytes in a"):
+        load_torch(path)
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"window": 10**9}, "window (1000000000; must be 1 to 65536)"),
+        ({"window": True}, "window (True"),
+        ({"model_spec": {"name": "resnet", "width": 1e6, "dropout": 0.1}}, "model_spec.width"),
+        ({"model_spec": {"name": "resnet", "width": 0.0, "dropout": 0.1}}, "model_spec.width"),
+        (
+            {"model_spec": {"name": "resnet", "width": 1, "dropout": 0, "n_mels": 10**9}},
+            "model_spec.n_mels",
+        ),
+        ({"norm": {"mean": torch.zeros(4), "std": torch.tensor([1.0, 0.0, 1, 1])}}, "norm.std"),
+        ({"norm": {"mean": torch.zeros(4), "std": -torch.ones(4)}}, "norm.std"),
+    ],
+)
+def test_absurd_checkpoint_values_are_refused(
+    tmp_path: Path, change: dict[str, Any], says: str
+) -> None:
+    path = tmp_path / "c.pt"
+    torch.save(_checkpoint(**change), path)
+    with pytest.raises(ValueError) as info:
+        load_checkpoint(path)
+    assert says in str(info.value) and str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("where", ["model", "norm"])
+def test_non_finite_checkpoint_tensors_are_refused(tmp_path: Path, bad: float, where: str) -> None:
+    w = torch.ones(2, 3)
+    std = torch.ones(4)
+    (w if where == "model" else std)[1, ...] = bad
+    path = tmp_path / "c.pt"
+    torch.save(_checkpoint(model={"fc.weight": w}, norm={"mean": torch.zeros(4), "std": std}), path)
+    with pytest.raises(CorruptCheckpointError, match="NaN or infinite") as info:
+        load_checkpoint(path)
+    assert ("fc.weight" if where == "model" else "norm.std") in str(info.value)
+
+
+def test_init_with_a_nan_weight_is_refused_naming_the_file(tmp_path: Path) -> None:
+    model = build_model("resnet", 3, 0.25)
+    state = model.state_dict()
+    name = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
+    state[name][0] = float("nan")
+    path = tmp_path / "init.pt"
+    torch.save(state, path)
+    with pytest.raises(CorruptCheckpointError, match=f"tensor {name} holds NaN") as info:
+        load_init(build_model("resnet", 3, 0.25), path)
+    assert str(path) in str(info.value)

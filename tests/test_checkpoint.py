@@ -37,7 +37,7 @@ def test_a_complete_checkpoint_loads(tmp_path: Path) -> None:
         ({"classes": None}, "classes (a NoneType)"),
         ({"classes": ["a", 3]}, "classes (not all names)"),
         ({"model": [1, 2]}, "model (a list)"),
-        ({"window": 0}, "window (0)"),
+        ({"window": 0}, "window (0;"),
         ({"epoch": True}, "epoch (a bool)"),
     ],
 )

@@ -19,6 +19,15 @@ exact ``(module, name)`` pairs only, looked up in a table and never imported by 
 A refused global raises :class:`UnsafePickleError` naming it; a truncated or corrupt file
 raises :class:`CorruptPickleError` (pickles) or :class:`CorruptCheckpointError` (checkpoints).
 All three are ``ValueError`` subclasses with one line naming the file.
+
+Neither loader lets a small file allocate much more than its own size. Every byte of a real
+array or tensor is in the file (torch writes its zip entries uncompressed), so what the file
+declares is checked against its size before anything is allocated: a zip entry's
+uncompressed size, a legacy tensor storage's element count, the shape an array constructor is
+asked for. After loading, a pickle's containers are walked without recursion, bounding their
+nesting depth and the items reachable through shared references (a few KB of pickle can hold
+lists that share lists, 10^10 elements once flattened). A checkpoint's floating tensors must be
+finite: one NaN weight turns every score into NaN.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import errno
 import io
 import pickle
 import re
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,7 +52,10 @@ import numpy as np
 __all__ = [
     "CorruptCheckpointError",
     "CorruptPickleError",
+    "OversizeError",
     "UnsafePickleError",
+    "check_declared_sizes",
+    "first_nonfinite",
     "load_pickle",
     "load_torch",
 ]
@@ -60,6 +73,19 @@ class CorruptCheckpointError(ValueError):
     """The checkpoint is truncated or damaged."""
 
 
+class OversizeError(CorruptPickleError, CorruptCheckpointError):
+    """The file declares more data than it holds (a memory bomb); nothing was allocated."""
+
+
+# Nesting any real score dump or checkpoint stays far below (mmaction2 dumps: 3 levels).
+MAX_DEPTH = 32
+# Items reachable from a pickle's top object, counted through shared references, beyond its
+# own size in bytes: a real dump costs at least a byte per item.
+_ITEM_SLACK = 1 << 20
+# Bytes an array constructor may allocate that the stream need not hold itself.
+_ALLOC_SLACK = 1 << 20
+
+
 def _latin1_encode(obj: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes:
     # Protocol-2 pickles spell ``bytes`` as _codecs.encode(text, "latin1"); other codecs
     # (zlib, base64, rot13 ...) are never needed for that, so they are not offered.
@@ -72,6 +98,11 @@ def _storage_from_bytes(data: Any) -> Any:
     """Stand-in for ``torch.storage._load_from_bytes``, which unpickles with no allowlist."""
     if not isinstance(data, bytes | bytearray):
         raise UnsafePickleError("a tensor storage must be given as bytes")
+    declared = legacy_storage_bytes(io.BytesIO(bytes(data)))
+    if declared > len(data):
+        raise OversizeError(
+            f"a tensor storage declares {declared} bytes in a {len(data)}-byte record"
+        )
     import torch
 
     try:
@@ -96,7 +127,31 @@ def _np_core(name: str) -> Any:
     return getattr(np._core.multiarray, name)  # type: ignore[attr-defined]
 
 
-_NP_RECONSTRUCT = _np_core("_reconstruct")
+def _declared_bytes(shape: Any, dtype: Any) -> int:
+    """Bytes an array of ``shape`` and ``dtype`` takes, in Python ints (no overflow)."""
+    dims = shape if isinstance(shape, tuple | list) else (shape,)
+    n = 1
+    for d in dims:
+        if not isinstance(d, int) or isinstance(d, bool) or d < 0:
+            raise CorruptPickleError(f"an array shape of {shape!r}")
+        n *= d
+    try:
+        itemsize = np.dtype(dtype).itemsize
+    except TypeError:
+        itemsize = 8
+    return n * max(itemsize, 1)
+
+
+def _bounded_reconstruct(subtype: Any, shape: Any, dtype: Any) -> Any:
+    # numpy's own pickles always ask for shape (0,) and fill the array from the stream;
+    # ndarray.__new__ with any other shape allocates it here, with nothing in the file.
+    size = _declared_bytes(shape, dtype)
+    if size > _ALLOC_SLACK:
+        raise OversizeError(f"an array of {size} bytes declared with no data behind it")
+    return _np_core("_reconstruct")(subtype, shape, dtype)
+
+
+_NP_RECONSTRUCT = _bounded_reconstruct
 _NP_SCALAR = _np_core("scalar")
 _NP_FROMBUFFER = np._core.numeric._frombuffer  # type: ignore[attr-defined]
 
@@ -115,6 +170,76 @@ _PICKLE_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
 }
+
+
+# Element sizes of torch's legacy storage classes (what a legacy record's count is counted in).
+_STORAGE_ITEMSIZE = {
+    "DoubleStorage": 8,
+    "FloatStorage": 4,
+    "HalfStorage": 2,
+    "BFloat16Storage": 2,
+    "LongStorage": 8,
+    "IntStorage": 4,
+    "ShortStorage": 2,
+    "CharStorage": 1,
+    "ByteStorage": 1,
+    "BoolStorage": 1,
+    "ComplexDoubleStorage": 16,
+    "ComplexFloatStorage": 8,
+    "UntypedStorage": 1,
+}
+
+
+class _Inert:
+    """Stands for every global while a legacy record is scanned: calls and builds do nothing."""
+
+    itemsize = 8
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+class _StorageScanner(pickle.Unpickler):
+    """Reads one pickle of a legacy ``torch.save`` record, running nothing it names, and adds
+    up the bytes its storages declare (torch allocates them before reading their data)."""
+
+    def __init__(self, fh: Any) -> None:
+        super().__init__(fh)
+        self.nbytes = 0
+
+    def find_class(self, module: str, name: str) -> Any:
+        itemsize = _STORAGE_ITEMSIZE.get(name, 8)
+        return type(name, (_Inert,), {"itemsize": itemsize})
+
+    def persistent_load(self, pid: Any) -> Any:
+        # ("storage", storage class, key, location, element count[, view metadata])
+        if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage":
+            count = pid[4]
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                raise CorruptPickleError(f"a tensor storage of {count!r} elements")
+            self.nbytes += count * getattr(pid[1], "itemsize", 8)
+        return None
+
+
+def legacy_storage_bytes(fh: Any) -> int:
+    """Bytes the storages of a legacy (non-zip) ``torch.save`` stream declare; 0 if the stream
+    does not read as one (torch's own loader then reports it)."""
+    start = fh.tell()
+    try:
+        for _ in range(3):  # magic number, protocol version, system info
+            _StorageScanner(fh).load()
+        scan = _StorageScanner(fh)
+        scan.load()
+        return scan.nbytes
+    except (CorruptPickleError, OversizeError):
+        raise
+    except Exception:
+        return 0
+    finally:
+        fh.seek(start)
 
 
 class _AllowlistUnpickler(pickle.Unpickler):
@@ -144,15 +269,50 @@ def load_pickle(path: str | Path) -> Any:
     path = Path(path)
     with open(path, "rb") as fh:
         try:
-            return _AllowlistUnpickler(fh).load()
+            obj = _AllowlistUnpickler(fh).load()
+            _check_reach(obj, size=path.stat().st_size)
+            return obj
         except UnsafePickleError as exc:
             raise UnsafePickleError(f"{path}: {exc}") from None
+        except OversizeError as exc:
+            raise OversizeError(f"{path}: {exc}") from None
+        except CorruptPickleError as exc:
+            raise CorruptPickleError(f"{path}: not a readable pickle ({exc})") from None
+        except RecursionError:
+            raise CorruptPickleError(f"{path}: nested deeper than {MAX_DEPTH} levels") from None
+        except MemoryError:
+            raise OversizeError(f"{path}: asks for more memory than there is") from None
         except EOFError:
             raise CorruptPickleError(f"{path}: truncated or empty pickle") from None
         except Exception as exc:  # whatever a damaged stream makes the constructors raise
             raise CorruptPickleError(
                 f"{path}: not a readable pickle ({_first_line(exc)})"
             ) from None
+
+
+def _check_reach(obj: Any, size: int) -> None:
+    """Refuse nesting deeper than :data:`MAX_DEPTH` and more reachable items (shared ones
+    counted each time they are reached, as a reader flattening them would) than the file's
+    ``size`` in bytes can hold, walking without recursion and stopping at the limit."""
+    limit = size + _ITEM_SLACK
+    seen = 0
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        if depth > MAX_DEPTH:
+            raise OversizeError(f"nested deeper than {MAX_DEPTH} levels")
+        seen += len(children)
+        if seen > limit:
+            raise OversizeError(
+                f"holds over {limit} items through shared references in {size} bytes"
+            )
+        stack.extend((c, depth + 1) for c in children)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -230,23 +390,29 @@ def _is_refusal(exc: BaseException) -> bool:
     return bool(_GLOBAL_IN_MESSAGE.search(text)) or "allowlisted" in text
 
 
-def load_torch(path: str | Path, *, allow_numpy_rng: bool = True) -> Any:
+def load_torch(path: str | Path, *, allow_numpy_rng: bool = True, finite: bool = True) -> Any:
     """``torch.load(path, map_location="cpu", weights_only=True)``, with clean errors.
 
     ``allow_numpy_rng`` also admits a numpy ``RandomState`` and the arrays/scalars of its
     state (third-party checkpoints save a data sampler's RNG; ours may hold numpy RNG states).
-    Raises :class:`UnsafePickleError` naming a refused global and
-    :class:`CorruptCheckpointError` for a truncated or damaged file; both name ``path``.
+    Before loading, the sizes the file declares are checked against its own size
+    (:func:`check_declared_sizes`); with ``finite`` every floating tensor must be finite.
+    Raises :class:`UnsafePickleError` naming a refused global, :class:`OversizeError` for
+    declared sizes the file cannot hold, and :class:`CorruptCheckpointError` for a truncated
+    or damaged file or a non-finite tensor; all name ``path``.
     """
     import torch
 
     path = Path(path)
     extra = _numpy_rng_globals() if allow_numpy_rng else []
     try:
+        check_declared_sizes(path)
         with torch.serialization.safe_globals(extra):  # type: ignore[arg-type]
-            return torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except UnsafePickleError as exc:  # raised by the wrapped constructors above
         raise UnsafePickleError(f"{path}: {exc}") from None
+    except OversizeError as exc:
+        raise OversizeError(f"{path}: {exc}") from None
     except pickle.UnpicklingError as exc:
         if _is_refusal(exc):
             raise _refusal(exc, str(path)) from None
@@ -257,6 +423,8 @@ def load_torch(path: str | Path, *, allow_numpy_rng: bool = True) -> Any:
         if exc.errno not in (None, errno.EINVAL):
             raise
         raise CorruptCheckpointError(_corrupt(path, exc)) from None
+    except MemoryError:
+        raise OversizeError(f"{path}: asks for more memory than there is") from None
     except (
         EOFError,
         RuntimeError,
@@ -267,6 +435,66 @@ def load_torch(path: str | Path, *, allow_numpy_rng: bool = True) -> Any:
         IndexError,
     ) as exc:
         raise CorruptCheckpointError(_corrupt(path, exc)) from None
+    if finite:
+        bad = first_nonfinite(obj)
+        if bad is not None:
+            raise CorruptCheckpointError(
+                f"{path}: tensor {bad} holds NaN or infinite values (a diverged or damaged "
+                "checkpoint: every score computed from it would be NaN)"
+            )
+    return obj
+
+
+def check_declared_sizes(path: Path) -> None:
+    """Refuse a ``torch.save`` file whose records declare more bytes than the file holds.
+
+    A zip (torch >= 1.6) lists each record's uncompressed size: torch stores records
+    uncompressed, so their sum never exceeds the file size, while a deflated record of zeros
+    expands a thousandfold. A legacy stream declares each storage's element count before its
+    data. Raises :class:`OversizeError` (without the path; the caller adds it).
+    """
+    size = path.stat().st_size
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                infos = zf.infolist()
+        except (zipfile.BadZipFile, ValueError, OSError):
+            return  # torch's reader reports the damage in its own words
+        declared = sum(i.file_size for i in infos)
+        if declared > size:
+            raise OversizeError(
+                f"its records declare {declared} bytes uncompressed in a {size}-byte file "
+                "(compressed records: not a torch.save checkpoint)"
+            )
+        return
+    with open(path, "rb") as fh:
+        declared = legacy_storage_bytes(fh)
+    if declared > size:
+        raise OversizeError(f"its tensors declare {declared} bytes in a {size}-byte file")
+
+
+def first_nonfinite(obj: Any) -> str | None:
+    """Where the first floating tensor / array with a NaN or infinity sits in a loaded
+    checkpoint (``"model.fc.weight"``), or ``None``; walks without recursion."""
+    import torch
+
+    stack: list[tuple[str, Any, int]] = [("", obj, 0)]
+    while stack:
+        where, item, depth = stack.pop()
+        if isinstance(item, torch.Tensor):
+            floating = item.is_floating_point() or item.is_complex()
+            if floating and not bool(torch.isfinite(item).all()):
+                return where or "(top level)"
+        elif isinstance(item, np.ndarray):
+            if item.dtype.kind in "fc" and not bool(np.isfinite(item).all()):
+                return where or "(top level)"
+        elif depth < MAX_DEPTH and isinstance(item, dict):
+            stack.extend(
+                (f"{where}.{k}" if where else str(k), v, depth + 1) for k, v in item.items()
+            )
+        elif depth < MAX_DEPTH and isinstance(item, list | tuple):
+            stack.extend((f"{where}[{i}]", v, depth + 1) for i, v in enumerate(item))
+    return None
 
 
 def _corrupt(path: Path, exc: BaseException) -> str:
