@@ -98,6 +98,7 @@ def test_yaml_anchor_without_alias_and_plain_yaml_still_load(tmp_path: Path) -> 
 def test_non_finite_boolean_and_absurd_numbers_are_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], override: str, says: str | None
 ) -> None:
+    (tmp_path / "w").mkdir()
     rc = cli.main(["train", str(tmp_path / "w"), "--set", override])
     line = _one_error_line(capsys)
     if says is None:  # a number written as text is still that number: fails later, on the store
@@ -125,6 +126,7 @@ def test_config_file_need_not_repeat_work_given_on_the_command_line(
 ) -> None:
     path = tmp_path / "c.toml"
     path.write_text("epochs = 5\n", "utf-8")
+    (tmp_path / "w").mkdir()
     assert cli.main(["train", str(tmp_path / "w"), "--config", str(path)]) == 2
     line = _one_error_line(capsys)
     assert "missing required" not in line and "feature store" in line
