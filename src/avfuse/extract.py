@@ -324,6 +324,13 @@ def extract(cfg: ExtractConfig, executor: Executor | None = None) -> ExtractResu
     # Two columns (paths are read for the videos to decode only): a rerun over 420k finished
     # videos must stay a small process.
     manifest = everything = load_manifest(work, stages=False, columns=_MANIFEST_COLUMNS)
+    if pc.count_distinct(pa.array(manifest["video_id"])).as_py() < len(manifest):
+        # Written by an older scan: two files sharing an id would overwrite one another.
+        dup = manifest["video_id"][manifest["video_id"].duplicated()].head(3).tolist()
+        raise ValueError(
+            f"{wd.manifest} lists video ids twice (e.g. {dup}): run `avfuse scan` again, "
+            "which keeps every video under its own id"
+        )
     if cfg.splits:
         unknown = sorted(set(cfg.splits) - set(manifest["split"]))
         if unknown:
@@ -350,6 +357,7 @@ def extract(cfg: ExtractConfig, executor: Executor | None = None) -> ExtractResu
             # the one part that the check below streams and the commit reads.
             rlog.compact_arrow()
         todo = manifest[~isin_ids(manifest["video_id"], _done_ids(work, rlog))]
+    skipped = len(manifest) - len(todo)
     # Paths only for the videos to decode: at 420k finished videos that column is ~50 MB.
     todo = todo.merge(_manifest_paths(work, todo["video_id"]), on="video_id", how="left")
     tasks = [
@@ -363,7 +371,6 @@ def extract(cfg: ExtractConfig, executor: Executor | None = None) -> ExtractResu
         )
     ]
     del todo
-    skipped = len(manifest) - len(tasks)
     # extract.parquet holds exactly the manifest's videos: only a split selection filters it.
     selection = manifest["video_id"] if cfg.splits else None
     if tasks:

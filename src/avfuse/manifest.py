@@ -15,6 +15,8 @@ Layout of a work folder (``WORK``)::
 ``video_id`` is the path below the dataset root without its extension, with ``/`` separators:
 ``val/abseiling/ZzW2b8ZfnHM_000060_000070``. Two files with one stem in two classes are two
 videos; if two files in one folder differ only by extension, both keep their extension in the id.
+Ids that would still meet (names equal after Unicode normalisation or letter case) get a
+``~HASH`` suffix from the file's path on disk, with a scan warning: no video is ever dropped.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import errno
+import hashlib
 import io
 import logging
 import math
@@ -171,7 +174,9 @@ def name_problem(name: str, kind: str = "label") -> str | None:
         return "empty name"
     if "/" in name or "\\" in name:
         return "contains a path separator"
-    if (".." in name) if kind == "label" else name in (".", ".."):
+    if name in (".", ".."):
+        return f"is {name!r}, a folder's name for itself or its parent"
+    if kind == "label" and ".." in name:
         return "contains '..'"
     if name.isascii():  # the common case, without a look-up per character
         if not name.isprintable():
@@ -263,7 +268,12 @@ def _walk_tree(top: Path, exts: set[str], skip: Path, found: _Scanned, check_nam
                     found.warn(e.path, "folder_named_like_media", f"a folder, not a {ext} file")
                 subdirs.append((e.path, real, (*drel, name)))
             elif is_file:
-                if ext not in exts or name.startswith("."):
+                if ext not in exts:
+                    continue
+                if name.startswith("."):
+                    # Hidden: macOS "._" resource forks and editors' temporaries, not videos.
+                    # Never silently: a real video named so is listed for the user to rename.
+                    found.warn(e.path, "hidden", _HIDDEN_REASON)
                     continue
                 stem = os.path.splitext(name)[0]
                 problem = name_problem(stem, "file") if check_names else None
@@ -279,6 +289,9 @@ def _walk_tree(top: Path, exts: set[str], skip: Path, found: _Scanned, check_nam
             else:
                 found.warn(e.path, *_odd_entry(e))
         stack.extend(reversed(subdirs))
+
+
+_HIDDEN_REASON = "a hidden file (name starts with '.'); not listed: rename it to include it"
 
 
 def _odd_entry(e: os.DirEntry[str]) -> tuple[str, str]:
@@ -455,11 +468,51 @@ def _from_csv(root: Path, cfg: ScanConfig, found: _Scanned) -> list[dict[str, ob
     return rows
 
 
-def _assign_ids(rows: list[dict[str, object]]) -> None:
+def _assign_ids(rows: list[dict[str, object]], root: Path, found: _Scanned) -> None:
+    """Give every row a ``video_id`` unique by construction (see the module docstring).
+
+    Two files may still meet in one id: names equal after Unicode normalisation (``café``
+    precomposed and decomposed), names differing only in letter case (one file on a
+    case-insensitive work folder), or the scheme itself (``a.mp4`` beside ``a.mp4.mkv``). Every
+    member of such a group keeps its video, under its path without extension plus ``~`` and 8
+    hex digits of a hash of its file's path as stored on disk: stable across runs, different within the group. Each
+    is listed in the scan warnings (kind ``id_collision``).
+    """
     stems = [posixpath.splitext(str(r["rel"]))[0] for r in rows]
     counts = Counter(stems)
-    for r, stem in zip(rows, stems, strict=True):
-        r["video_id"] = stem if counts[stem] == 1 else str(r["rel"])
+    ids = [
+        stem if counts[stem] == 1 else str(r["rel"]) for r, stem in zip(rows, stems, strict=True)
+    ]
+    groups: dict[str, list[int]] = {}
+    for i, vid in enumerate(ids):
+        groups.setdefault(nfc(vid).casefold(), []).append(i)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        first = ids[members[0]]
+        for i in members:
+            ids[i] = f"{stems[i]}~{_path_hash(rows[i], root)}"
+        for i in members:
+            others = ", ".join(_shown(rows[j]["path"] or rows[j]["rel"]) for j in members if j != i)
+            found.warn(
+                str(rows[i]["path"] or rows[i]["rel"]),
+                "id_collision",
+                f"same video id {first!r} as {others} (names equal after Unicode normalisation "
+                f"or letter case, or by the id scheme); kept as {ids[i]!r}",
+            )
+    dup = [k for k, n in Counter(nfc(v).casefold() for v in ids).items() if n > 1]
+    if dup:  # two paths with one hash: refuse rather than lose a video
+        raise UnsafeNameError(f"video ids that cannot be told apart: {dup[:5]!r}; rename the files")
+    for r, vid in zip(rows, ids, strict=True):
+        r["video_id"] = vid
+
+
+def _path_hash(row: dict[str, object], root: Path) -> str:
+    path = str(row["path"])
+    raw = os.fsencode(os.path.relpath(path, root)) if path else str(row["rel"]).encode()
+    return hashlib.sha1(raw + b"\0" + str(row["rel"]).encode(), usedforsecurity=False).hexdigest()[
+        :8
+    ]
 
 
 def _write_warnings(path: Path, warnings: list[dict[str, str]]) -> None:
@@ -497,7 +550,7 @@ def scan(cfg: ScanConfig) -> pd.DataFrame:
             'others, list every extension wanted: --set \'extensions=[".mp4", ".xyz"]\' '
             "(in avfuse run: --set 'scan.extensions=[...]')"
         )
-    _assign_ids(rows)
+    _assign_ids(rows, root, found)
 
     if cfg.classes:
         classes = read_class_list(cfg.classes)
