@@ -120,7 +120,7 @@ def test_extract_refuses_a_manifest_with_duplicate_ids(tmp_path: Path) -> None:
     man = read_table(work / "manifest.parquet")
     man.loc[1, "video_id"] = man.loc[0, "video_id"]  # what an older scan could write
     write_table(pd.DataFrame(man), work / "manifest.parquet")
-    with pytest.raises(ValueError, match="manifest.parquet lists video ids twice"):
+    with pytest.raises(ValueError, match=r"manifest\.parquet lists video ids twice"):
         extract(ExtractConfig(work=work, num_workers=0, progress=False))
 
 
@@ -156,11 +156,11 @@ def test_a_dot_label_or_split_in_a_kinetics_csv_is_refused_naming_the_line(
     label, split = bad
     rows = [("a", "aaa", 0, 1, "train"), (label, "bbb", 0, 1, split)]
     table = _kinetics(tmp_path / "train.csv", rows)
-    with pytest.raises(AnnotationError, match=rf"train\.csv:3: (label|split) "):
+    with pytest.raises(AnnotationError, match=r"train\.csv:3: (label|split) "):
         scan(ScanConfig(root=root, work=tmp_path / "w", annotations=(table,)))
+    args = ["--annotations", str(table)]
     out = subprocess.run(
-        [sys.executable, "-m", "avfuse", "scan", str(root), "-o", str(tmp_path / "w")]
-        + ["--annotations", str(table)],
+        [sys.executable, "-m", "avfuse", "scan", str(root), "-o", str(tmp_path / "w"), *args],
         capture_output=True,
         text=True,
         env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO)])),
