@@ -493,7 +493,9 @@ def _assign_ids(rows: list[dict[str, object]], root: Path, found: _Scanned) -> N
         for i in members:
             ids[i] = f"{stems[i]}~{_path_hash(rows[i], root)}"
         for i in members:
-            others = ", ".join(_shown(rows[j]["path"] or rows[j]["rel"]) for j in members if j != i)
+            others = ", ".join(
+                _shown(str(rows[j]["path"] or rows[j]["rel"])) for j in members if j != i
+            )
             found.warn(
                 str(rows[i]["path"] or rows[i]["rel"]),
                 "id_collision",
