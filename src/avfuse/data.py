@@ -32,7 +32,13 @@ def store_window(store: FeatureStore) -> int:
 
 
 def silence_level(store: FeatureStore) -> float:
-    """The feature value of digital silence in ``store``: ``log(log_offset)`` of its front end."""
+    """The feature value of digital silence in ``store``: ``log(log_offset)`` of its front end
+    (Kaldi-style front ends: the normalised log of their mel floor)."""
+    if store.frontend.get("log") == "floor":
+        amin = float(store.frontend.get("amin", 1e-10))
+        std = float(store.frontend.get("norm_std", 0.0))
+        v = math.log(amin)
+        return (v - float(store.frontend.get("norm_mean", 0.0))) / (2 * std) if std > 0 else v
     offset = store.frontend.get("log_offset", 0.01)
     try:
         return math.log(float(offset))

@@ -39,6 +39,13 @@ import scipy.sparse
 
 from avfuse.config import Config, config_hash, to_dict
 
+# Kaldi's floor of the mel energies (std::numeric_limits<float>::epsilon()).
+KALDI_EPS = float(np.finfo(np.float32).eps)
+# The AudioSet log-mel statistics AST checkpoints were trained with (their feature extractor's
+# defaults), used when a model folder states none.
+AST_MEAN = -4.2677393
+AST_STD = 4.5689974
+
 # Frames per chunk: the chunk's FFT buffers (~0.5 MB) stay in L2 cache and memory stays bounded
 # however long the recording is.
 CHUNK_FRAMES = 256
@@ -56,8 +63,12 @@ class FrontendConfig(Config):
     fmin: float = field(default=125.0, metadata={"help": "lower edge of the lowest band (Hz)"})
     fmax: float = field(default=7500.0, metadata={"help": "upper edge of the highest band (Hz)"})
     log_offset: float = field(default=0.01, metadata={"help": "features are log(mel + offset)"})
-    window: Literal["periodic_hann", "symmetric_hann"] = field(
-        default="periodic_hann", metadata={"help": "analysis window"}
+    window: Literal["periodic_hann", "symmetric_hann", "povey"] = field(
+        default="periodic_hann",
+        metadata={
+            "help": "analysis window: periodic Hann, symmetric Hann (Kaldi's 'hanning') or "
+            "Kaldi's povey window (symmetric Hann to the power 0.85)"
+        },
     )
     spectrum: Literal["magnitude", "power"] = field(
         default="magnitude", metadata={"help": "|X| (VGGish) or |X|^2 before the mel matrix"}
@@ -105,17 +116,49 @@ class FrontendConfig(Config):
             "help": "padding of a centred signal: mirror without repeating the edge, or zeros",
         },
     )
-    log: Literal["offset", "db"] = field(
+    log: Literal["offset", "db", "floor"] = field(
         default="offset",
         metadata={
             "omit_default": True,
-            "help": "features: ln(mel + log_offset), or 10 log10(max(mel, amin)) (decibels, "
-            "reference 1, no top_db clipping)",
+            "help": "features: ln(mel + log_offset), 10 log10(max(mel, amin)) (decibels, "
+            "reference 1, no top_db clipping) or ln(max(mel, amin)) (Kaldi fbank)",
         },
     )
     amin: float = field(
         default=1e-10,
-        metadata={"omit_default": True, "help": 'floor of the mel energies when log = "db"'},
+        metadata={
+            "omit_default": True,
+            "help": 'floor of the mel energies when log = "db" or "floor"',
+        },
+    )
+    remove_dc: bool = field(
+        default=False,
+        metadata={
+            "omit_default": True,
+            "help": "subtract each frame's mean before pre-emphasis and windowing (Kaldi)",
+        },
+    )
+    preemphasis: float = field(
+        default=0.0,
+        metadata={
+            "omit_default": True,
+            "help": "per-frame pre-emphasis y[i] = x[i] - p x[i-1], y[0] = (1 - p) x[0] "
+            "(Kaldi); 0 = off",
+            "min": 0.0,
+            "max": 1.0,
+        },
+    )
+    norm_mean: float = field(
+        default=0.0,
+        metadata={
+            "omit_default": True,
+            "help": "features become (log-mel - norm_mean) / (2 norm_std) when norm_std > 0 "
+            "(the AST checkpoints' dataset normalisation)",
+        },
+    )
+    norm_std: float = field(
+        default=0.0,
+        metadata={"omit_default": True, "help": "see norm_mean; 0 = no normalisation", "min": 0.0},
     )
 
     def __post_init__(self) -> None:
@@ -178,6 +221,52 @@ class FrontendConfig(Config):
             amin=1e-10,
             example_frames=100,
         )
+
+    @classmethod
+    def ast(cls, mean: float = AST_MEAN, std: float = AST_STD) -> FrontendConfig:
+        """The Audio Spectrogram Transformer's front end: Kaldi ``fbank`` as AST was trained on.
+
+        16 kHz, 400-sample (25 ms) frames every 160 samples (10 ms), not centred (Kaldi's
+        ``snip_edges``); per frame: mean removed, pre-emphasis 0.97, symmetric Hann window
+        (Kaldi's ``hanning``, which AST uses instead of Kaldi's default povey window), no
+        dither; 512-point power spectrum; 128 Kaldi mel triangles (HTK scale, linear in mel)
+        from 20 Hz to Nyquist; ``ln(max(mel, float32 eps))``; then ``(x - mean) / (2 std)``
+        with the checkpoint's dataset statistics (AudioSet's by default; see
+        :func:`avfuse.ast.frontend_for`). Examples are 100 frames (1 s), the shortest clip
+        kept; the model's window is the checkpoint's ``max_length`` (1024 frames = 10.24 s).
+        """
+        return cls(
+            sample_rate=16000,
+            win_length=400,
+            hop_length=160,
+            n_fft=512,
+            n_mels=128,
+            fmin=20.0,
+            fmax=8000.0,
+            window="symmetric_hann",
+            spectrum="power",
+            mel_scale="htk",
+            mel_triangles="mel",
+            log="floor",
+            amin=KALDI_EPS,
+            remove_dc=True,
+            preemphasis=0.97,
+            norm_mean=float(mean),
+            norm_std=float(std),
+            example_frames=100,
+        )
+
+    def silence_value(self) -> float:
+        """The feature value of digital silence (an all-zero frame) under this front end."""
+        if self.log == "offset":
+            v = float(np.log(self.log_offset))
+        elif self.log == "db":
+            v = 10.0 * float(np.log10(self.amin))
+        else:
+            v = float(np.log(self.amin))
+        if self.norm_std > 0:
+            v = (v - self.norm_mean) / (2.0 * self.norm_std)
+        return v
 
     def hash(self) -> str:
         """Stable hash of every parameter; stored with features and checked by training."""
@@ -252,7 +341,8 @@ def mel_to_hertz(mel: np.ndarray | float, scale: str = "htk") -> np.ndarray:
 def _window(cfg: FrontendConfig) -> np.ndarray:
     n = np.arange(cfg.win_length, dtype=np.float64)
     period = cfg.win_length if cfg.window == "periodic_hann" else max(cfg.win_length - 1, 1)
-    return 0.5 - 0.5 * np.cos(2.0 * np.pi * n / period)
+    w = 0.5 - 0.5 * np.cos(2.0 * np.pi * n / period)
+    return w**0.85 if cfg.window == "povey" else w
 
 
 @functools.lru_cache(maxsize=16)
@@ -402,11 +492,14 @@ def _unsure_frames(sq: np.ndarray, scale: np.ndarray, plan: _Plan, spectrum: str
 
 def _log(scale: np.ndarray, cfg: FrontendConfig) -> None:
     """``scale`` (the log's argument, see :func:`_scale`) -> the features, in place."""
-    if cfg.log == "offset":
-        np.log(scale, out=scale)
-    else:
+    if cfg.log == "db":
         np.log10(scale, out=scale)
         scale *= np.float32(10.0)
+    else:
+        np.log(scale, out=scale)
+    if cfg.norm_std > 0:
+        scale -= np.float32(cfg.norm_mean)
+        scale *= np.float32(1.0 / (2.0 * cfg.norm_std))
 
 
 def _scale(mel: np.ndarray, cfg: FrontendConfig) -> np.ndarray:
@@ -416,6 +509,25 @@ def _scale(mel: np.ndarray, cfg: FrontendConfig) -> np.ndarray:
     else:
         np.maximum(mel, np.float32(cfg.amin), out=mel)
     return mel
+
+
+def _condition(block: np.ndarray, cfg: FrontendConfig) -> np.ndarray:
+    """Kaldi's per-frame steps before the window: ``(k, win_length) -> (k, win_length)``.
+
+    Mean removal, then pre-emphasis with the frame's first sample scaled by ``1 - p`` (Kaldi
+    has no sample before it). Done in float64 so the float64 recomputation of unsure frames
+    starts from the same exact values; without either step the strided view passes through.
+    """
+    if not cfg.remove_dc and cfg.preemphasis == 0:
+        return block
+    y = block.astype(np.float64)
+    if cfg.remove_dc:
+        y -= y.mean(axis=1, keepdims=True)
+    if cfg.preemphasis:
+        p = cfg.preemphasis
+        y[:, 1:] -= p * y[:, :-1]  # the right side is evaluated first: no overlap issue
+        y[:, 0] *= 1.0 - p
+    return y
 
 
 def _log_mel_1d(x: np.ndarray, cfg: FrontendConfig, out: np.ndarray, chunk: int) -> None:
@@ -444,7 +556,7 @@ def _log_mel_1d(x: np.ndarray, cfg: FrontendConfig, out: np.ndarray, chunk: int)
     # float32 keeps them exact to float32 precision relative to themselves.
     buf = np.zeros((min(chunk, total), cfg.n_fft), dtype=np.float32)
     for start in range(0, total, chunk):
-        block = frames[start : start + chunk]
+        block = _condition(frames[start : start + chunk], cfg)
         spec, sq = _spectrum(block, plan, cfg, buf[: len(block)])
         scale = _scale(_mel_sums(spec, plan), cfg)
         redo = _unsure_frames(sq, scale, plan, cfg.spectrum)
