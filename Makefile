@@ -13,7 +13,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,cluster]"
+	$(PY) -m pip install -q -e ".[dev,cluster,ast]"
 	touch $(STAMP)
 
 lint: $(STAMP)
@@ -30,7 +30,7 @@ demo: $(STAMP)
 BENCH_STAMP := $(VENV)/.avfuse-bench-installed
 
 $(BENCH_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e ".[dev,cluster,bench]"
+	$(PY) -m pip install -q -e ".[dev,cluster,ast,bench]"
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)

@@ -15,6 +15,8 @@ counts (1.0 is the published architecture; tests use small fractions).
   release's parameter names (``bn0``, ``conv_block1..6``, ``fc1``, ``fc_audioset``), so
   ``Cnn14_mAP=0.431.pth`` / ``Cnn10_mAP=0.380.pth`` load strictly. They take log-mel input; the
   spectrogram and log-mel extractors of the release stay in avfuse's front end.
+* :class:`~avfuse.ast_model.AST` -- the Audio Spectrogram Transformer over ``transformers``
+  (optional extra ``ast``), initialised from a Hugging Face model folder (safetensors only).
 
 :func:`load_init` initialises any of them from a checkpoint file, strictly by default.
 """
@@ -31,6 +33,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from avfuse import ast_model
+from avfuse.ast_model import AST
 from avfuse.safe_pickle import load_torch
 
 log = logging.getLogger(__name__)
@@ -410,6 +414,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "panns": PANNsCNN,
     "cnn14": Cnn14,
     "cnn10": Cnn10,
+    "ast": AST,
 }
 
 # Heads over precomputed embeddings (``avfuse train --from-embeddings``): input (B, 1, 1, D).
@@ -417,7 +422,7 @@ HEADS: dict[str, int] = {"linear": 0, "mlp": 512}
 
 # Models whose pretrained weights expect the inputs of their own training: no band
 # standardisation in front of them (VGGish saw raw log-mel; PANNs standardise in bn0).
-PRETRAINED_INPUT = ("vggish", "cnn14", "cnn10")
+PRETRAINED_INPUT = ("vggish", "cnn14", "cnn10", "ast")
 
 # Entries of released checkpoints that are not part of any avfuse model: the PANNs release's
 # waveform front end (avfuse computes log-mel in its own front end) and torchvggish's PCA.
@@ -431,10 +436,13 @@ def build_model(
     dropout: float = 0.3,
     n_mels: int = 64,
     frames: int = 96,
+    arch: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """The model ``name`` for windows of ``frames`` x ``n_mels`` (the store's front end).
 
-    For ``linear`` / ``mlp`` (heads over embeddings) ``n_mels`` is the embedding size.
+    For ``linear`` / ``mlp`` (heads over embeddings) ``n_mels`` is the embedding size. ``arch``
+    is the architecture of models configured by their checkpoint (``ast``: see
+    :func:`model_arch`; AST-base when not given); it must agree with ``frames`` x ``n_mels``.
     """
     if name in HEADS:
         return EmbeddingHead(num_classes, n_mels, hidden=HEADS[name], dropout=dropout)
@@ -443,6 +451,15 @@ def build_model(
     except KeyError:
         known = ", ".join([*MODELS, *HEADS])
         raise ValueError(f"unknown model {name!r}; choose one of {known}") from None
+    if cls is AST:
+        arch = dict(arch) if arch is not None else ast_model.base_arch(frames, n_mels)
+        if (arch["max_length"], arch["num_mel_bins"]) != (frames, n_mels):
+            raise ValueError(
+                f"the AST checkpoint takes windows of {arch['max_length']} frames x "
+                f"{arch['num_mel_bins']} bands, the run has {frames} x {n_mels} (use the "
+                "checkpoint's window and FrontendConfig.ast() features)"
+            )
+        return AST(num_classes, arch, dropout)
     if cls is VGGish:
         return VGGish(num_classes, width, dropout, n_mels=n_mels, frames=frames)
     if issubclass(cls, _PANNs):
@@ -482,6 +499,8 @@ def match_state(
     """
     state = {str(k).removeprefix("module."): v for k, v in _unwrap_state(state).items()}
     ours = model.state_dict()
+    if isinstance(model, AST):
+        state = model.adapt_state(state)
     extra = sorted(k for k in state if k.startswith(EXTRA_PREFIXES) and k not in ours)
     theirs = {k: v for k, v in state.items() if k not in extra}
     if not all(isinstance(v, torch.Tensor) for v in theirs.values()):
@@ -542,7 +561,11 @@ def load_init(model: nn.Module, path: str | Path, *, partial: bool = False) -> l
     loader, matches it with :func:`match_state` (strict unless ``partial``) and logs what
     happened, including a head replaced because the class count differs.
     """
-    state = load_torch(path)  # third-party files may carry a numpy RandomState
+    if isinstance(model, AST) or Path(path).is_dir() or Path(path).suffix == ".safetensors":
+        # Hugging Face weights: safetensors only, never unpickled.
+        state: Any = ast_model.read_state(path)
+    else:
+        state = load_torch(path)  # third-party files may carry a numpy RandomState
     if not isinstance(state, Mapping):
         raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
     usable, rep = match_state(model, state, partial=partial, source=str(path))
@@ -573,12 +596,53 @@ def embed_dim(model: nn.Module) -> int:
     """Size of ``model.embed``'s output (VGGish 128, Cnn14 2048, Cnn10 512 at width 1)."""
     if isinstance(model, VGGish):
         return model.classifier.in_features
-    if isinstance(model, _PANNs):
+    if isinstance(model, _PANNs | AST):
         return model.embed_dim
     raise ValueError(f"{type(model).__name__} has no embedding output")
 
 
+def model_arch(name: str, init: str | Path | None, window: int = 0) -> dict[str, Any] | None:
+    """The architecture a model takes from its checkpoint, or ``None`` (models of fixed layout).
+
+    ``ast``: ``init``'s ``config.json``, or AST-base over ``window`` frames (1024 when 0) without
+    ``init``. A ``window`` other than the checkpoint's ``max_length`` is refused: the position
+    embeddings are learnt for that many frames.
+    """
+    if name != "ast":
+        return None
+    if init is None:
+        return ast_model.base_arch(window or ast_model.AST_BASE["max_length"])
+    if not Path(init).is_dir():
+        raise ValueError(f"--init {init}: the ast model loads a Hugging Face model folder")
+    arch = ast_model.read_arch(init)
+    if window and window != arch["max_length"]:
+        raise ValueError(
+            f"--window {window}: the checkpoint {init} takes windows of max_length "
+            f"{arch['max_length']} frames (its position embeddings); leave --window at 0"
+        )
+    return arch
+
+
+def layer_scale(model: nn.Module, name: str, decay: float) -> float:
+    """Learning-rate factor of parameter ``name`` under layer-wise decay (1 for the head and
+    for models without layers to decay): ``decay ** (depth of the head - depth of name)``."""
+    layer_id = getattr(model, "layer_id", None)
+    if decay == 1.0 or layer_id is None or is_head(model, name):
+        return 1.0
+    top = int(getattr(model, "num_layers", 0)) + 1
+    return float(decay ** (top - int(layer_id(name))))
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Trade compute for activation memory; refused for models without it (the CNNs)."""
+    fn = getattr(model, "enable_gradient_checkpointing", None)
+    if fn is None:
+        raise ValueError(f"{type(model).__name__} has no gradient checkpointing (ast has)")
+    fn()
+
+
 __all__: Sequence[str] = [
+    "AST",
     "HEADS",
     "MODELS",
     "Cnn10",
