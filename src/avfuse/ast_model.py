@@ -331,9 +331,13 @@ class AST(nn.Module):
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute each encoder layer's activations in the backward pass (memory for time)."""
-        self.audio_spectrogram_transformer.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+        net = self.audio_spectrogram_transformer
+        kwargs = {"use_reentrant": False}  # works with frozen inputs (no grad into the input)
+        enable = getattr(net, "activation_checkpointing_enable", None)
+        if enable is not None:  # the name since transformers 5.x; the old one warns
+            enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            net.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 __all__ = [

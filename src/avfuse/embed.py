@@ -32,7 +32,7 @@ from avfuse.data import EvalWindows, NormStats, WindowDataset, store_window
 from avfuse.io import read_json, read_table
 from avfuse.manifest import load_classes, load_manifest
 from avfuse.model_config import EmbedConfig
-from avfuse.models import build_model, embed_dim, fuse_for_inference, load_init
+from avfuse.models import build_model, embed_dim, fuse_for_inference, load_init, model_arch
 from avfuse.scoring import valid_embedding_name, video_status
 from avfuse.store import (
     INDEX,
@@ -66,6 +66,12 @@ class EmbedResult:
 
 def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
+    if path.is_dir():
+        # A model folder: its config and weight files, by name, in a fixed order.
+        for f in sorted(path.iterdir()):
+            if f.is_file() and f.suffix in (".json", ".safetensors"):
+                h.update(f.name.encode() + b"\0" + _file_sha256(f).encode())
+        return h.hexdigest()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
@@ -142,9 +148,11 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
     amp_dtype = D.resolve_amp(cfg.amp, device)
     store = FeatureStore(WorkDir(work).store)
     classes = load_classes(work)
-    window = cfg.window or store_window(store)
+    arch = model_arch(cfg.model, cfg.init, cfg.window)
+    # A checkpoint-configured model (ast) takes windows of its own length only.
+    window = int(arch["max_length"]) if arch else cfg.window or store_window(store)
     hop = cfg.hop or window
-    model = build_model(cfg.model, 2, cfg.width, 0.0, n_mels=store.n_mels, frames=window)
+    model = build_model(cfg.model, 2, cfg.width, 0.0, n_mels=store.n_mels, frames=window, arch=arch)
     load_init(model, cfg.init)
     dim = embed_dim(model)
     # Inference only: batch norms folded into the convolutions (~1.3x on CPU).

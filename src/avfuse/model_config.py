@@ -21,7 +21,7 @@ ShortClips = Literal["repeat", "zeros", "drop"]
 SHORT_CLIPS: tuple[str, ...] = ("repeat", "zeros", "drop")
 
 Aggregation = Literal["mean_softmax", "mean_logits", "max"]
-ModelName = Literal["vggish", "resnet", "panns", "cnn14", "cnn10"]
+ModelName = Literal["vggish", "resnet", "panns", "cnn14", "cnn10", "ast"]
 # Steps a run takes at least: with a few hundred clips an epoch is a handful of steps, and 18
 # steps left a generated two-class set (14 clips a class, half under 1 s) at chance, while 300
 # steps reached 11 of 12 val videos (benchmarks/bench_short_clips.py).
@@ -58,7 +58,10 @@ class TrainConfig(Config):
     )
     init: Path | None = field(
         default=None,
-        metadata={"help": "checkpoint to initialise from (AudioSet VGGish / PANNs weights)"},
+        metadata={
+            "help": "checkpoint to initialise from (AudioSet VGGish / PANNs weights; for ast a "
+            "Hugging Face model folder: config.json + model.safetensors)"
+        },
     )
     init_partial: bool = field(
         default=False,
@@ -84,6 +87,23 @@ class TrainConfig(Config):
     )
     backbone_lr_mult: float = field(
         default=1.0, metadata={"help": "backbone learning rate = lr x this (head: lr)"}
+    )
+    layer_decay: float = field(
+        default=1.0,
+        metadata={
+            "omit_default": True,
+            "help": "layer-wise learning-rate decay (ast): each layer below the top gets this "
+            "factor once more; 1 = off",
+            "min": 0.0,
+            "max": 1.0,
+        },
+    )
+    grad_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "omit_default": True,
+            "help": "recompute activations in the backward pass (ast; less memory)",
+        },
     )
     from_embeddings: str = field(
         default="",
@@ -233,11 +253,15 @@ class EmbedConfig(Config):
     work: Path = field(
         metadata={"help": "work folder (manifest + feature store)", "positional": True}
     )
-    model: Literal["cnn14", "cnn10", "vggish"] = field(
+    model: Literal["cnn14", "cnn10", "vggish", "ast"] = field(
         default="cnn14", metadata={"help": "pretrained network"}
     )
     init: Path | None = field(
-        default=None, metadata={"help": "pretrained checkpoint (required; loaded strictly)"}
+        default=None,
+        metadata={
+            "help": "pretrained checkpoint (required; loaded strictly; ast: a Hugging Face "
+            "model folder)"
+        },
     )
     name: str = field(default="", metadata={"help": "output WORK/embeddings/NAME (default: model)"})
     width: float = field(

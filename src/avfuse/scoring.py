@@ -81,6 +81,7 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[nn.Module, NormStats, l
         spec["dropout"],
         n_mels=int(spec.get("n_mels", 64)),
         frames=int(spec.get("frames", WINDOW)),
+        arch=spec.get("arch"),
     )
     model.load_state_dict(ckpt["model"])
     return model, NormStats.from_state(ckpt["norm"]), list(ckpt["classes"])

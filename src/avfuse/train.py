@@ -75,9 +75,12 @@ from avfuse.models import (
     MODELS,
     PRETRAINED_INPUT,
     build_model,
+    enable_gradient_checkpointing,
     head_prefixes,
     is_head,
+    layer_scale,
     load_init,
+    model_arch,
 )
 from avfuse.scoring import checkpoint_store, score_videos_distributed, video_status
 from avfuse.store import FeatureStore
@@ -154,12 +157,18 @@ def spec_augment(
 
 
 def param_groups(
-    model: nn.Module, weight_decay: float, lr: float | None = None, backbone_lr_mult: float = 1.0
+    model: nn.Module,
+    weight_decay: float,
+    lr: float | None = None,
+    backbone_lr_mult: float = 1.0,
+    layer_decay: float = 1.0,
 ) -> list[dict[str, Any]]:
     """Weight decay on weight matrices and kernels only (not biases, norm scales).
 
     With ``lr`` given, backbone parameters (outside the model's head) get ``lr *
-    backbone_lr_mult`` and head parameters ``lr``; empty groups are dropped.
+    backbone_lr_mult`` and head parameters ``lr``; empty groups are dropped. ``layer_decay`` < 1
+    further scales each backbone layer's rate by ``layer_decay ** (layers above it)`` (models
+    with layers: ast).
     """
     if lr is None:
         decay: list[nn.Parameter] = []
@@ -172,17 +181,18 @@ def param_groups(
             {"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    groups: dict[tuple[bool, bool, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            groups.setdefault((is_head(model, name), p.ndim > 1), []).append(p)
+            key = (is_head(model, name), p.ndim > 1, layer_scale(model, name, layer_decay))
+            groups.setdefault(key, []).append(p)
     return [
         {
             "params": ps,
             "weight_decay": weight_decay if decays else 0.0,
-            "lr": lr if head else lr * backbone_lr_mult,
+            "lr": lr if head else lr * backbone_lr_mult * scale,
         }
-        for (head, decays), ps in sorted(groups.items())
+        for (head, decays, scale), ps in sorted(groups.items())
     ]
 
 
@@ -409,15 +419,19 @@ def _build(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The model and its spec: new, ``--init`` weights, or the resumed checkpoint's."""
     model_name = cfg.head if cfg.from_embeddings else cfg.model
-    spec = {
+    spec: dict[str, Any] = {
         "name": model_name,
         "width": cfg.width,
         "dropout": cfg.dropout,
         "n_mels": store.n_mels,
         "frames": window,
     }
+    # Models configured by their checkpoint (ast) record the architecture for predict/resume.
+    arch = None if cfg.from_embeddings else model_arch(model_name, cfg.init, window)
+    if arch is not None:
+        spec["arch"] = arch
     model = build_model(
-        model_name, n_classes, cfg.width, cfg.dropout, n_mels=store.n_mels, frames=window
+        model_name, n_classes, cfg.width, cfg.dropout, n_mels=store.n_mels, frames=window, arch=arch
     )
     if cfg.init and ckpt is None:
         ignored = load_init(model, cfg.init, partial=cfg.init_partial)
@@ -426,6 +440,8 @@ def _build(
         )
     if cfg.freeze_backbone:
         log.info("linear probe: %d backbone tensors frozen", freeze_backbone(model))
+    if cfg.grad_checkpointing:
+        enable_gradient_checkpointing(model)
     if ckpt is not None:
         if ckpt["model_spec"] != spec:
             raise ValueError(
@@ -515,7 +531,9 @@ def _train(
         cfg = dataclasses.replace(cfg, specaugment=False, window=1)
     else:
         store = FeatureStore(WorkDir(work).store)
-    window = cfg.window or store_window(store)
+    arch = None if cfg.from_embeddings else model_arch(cfg.model, cfg.init, cfg.window)
+    # A checkpoint-configured model (ast) fixes the window: its position embeddings' length.
+    window = int(arch["max_length"]) if arch else cfg.window or store_window(store)
     classes = load_classes(work)
     if store.classes != classes:
         raise ValueError(f"feature store {store.root} has a different class list than {work}")
@@ -630,7 +648,8 @@ class _Run:
             dataclasses.replace(cfg, batch_size=batch_size), e.world_size
         )
         self.optimizer = torch.optim.AdamW(
-            param_groups(model, cfg.weight_decay, self.lr, cfg.backbone_lr_mult), lr=self.lr
+            param_groups(model, cfg.weight_decay, self.lr, cfg.backbone_lr_mult, cfg.layer_decay),
+            lr=self.lr,
         )
         warmup = round(cfg.warmup_epochs * steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
