@@ -187,7 +187,9 @@ def _epoch(path: Path) -> int:
 def test_best_checkpoint_only_from_validated_epochs(work: Path) -> None:
     from avfuse.train import TrainConfig, train
 
-    cfg = TrainConfig(work, name="every2", epochs=4, eval_every=2, val_split="val", **TINY)  # type: ignore[arg-type]
+    cfg = TrainConfig(
+        work, name="every2", epochs=4, eval_every=2, val_split="val", selection="top1", **TINY
+    )  # type: ignore[arg-type]
     best = work / "runs" / "every2" / "best.pt"
     seen: dict[int, int | None] = {}
 

@@ -111,7 +111,10 @@ def test_overfits_tiny_dataset(easy: Path) -> None:
 def test_run_folder_and_checkpoint_round_trip(easy: Path) -> None:
     # two persistent DataLoader workers reading the memory-mapped shards
     opts = {**TINY, "num_workers": 2}
-    cfg = TrainConfig(easy, name="rt", epochs=3, lr=3e-3, eval_every=1, val_split="val", **opts)  # type: ignore[arg-type]
+    # selection="top1": best.pt is the first epoch with the highest top-1, recomputed below
+    cfg = TrainConfig(
+        easy, name="rt", epochs=3, lr=3e-3, eval_every=1, val_split="val", selection="top1", **opts
+    )  # type: ignore[arg-type]
     res = train(cfg)
     assert res is not None
     run = easy / "runs" / "rt"
@@ -171,7 +174,7 @@ RESUME = dict(
     label_smoothing=0.1,
     specaugment=True,
     checkpoint_every=5,  # 8 steps/epoch: mid-epoch checkpoints at steps 5 and 10 (epoch 2)
-    val_split="",
+    val_split="val",  # the kill falls between two validations: the selector resumes too
     **TINY,
 )
 
@@ -225,6 +228,16 @@ def test_killed_run_resumes_to_identical_weights(easy: Path) -> None:
     assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
     lines = (easy / "runs" / "resume" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+    # The same epoch kept for the same reason, from the same selection figures.
+    assert a["selector"] == b["selector"] and a["selector"]["kept_epoch"] in (1, 2)
+    ba = load_checkpoint(easy / "runs" / "straight" / "best.pt")
+    bb = load_checkpoint(easy / "runs" / "resume" / "best.pt")
+    assert ba["epoch"] == bb["epoch"] == a["selector"]["kept_epoch"]
+    assert all(torch.equal(v, bb["model"][k]) for k, v in ba["model"].items())
+    straight = (easy / "runs" / "straight" / "metrics.jsonl").read_text().splitlines()
+    keys = ("val_top1", "val_loglik", "best_epoch", "best_reason", "selection_saturated")
+    for x, y in zip(straight, lines, strict=True):
+        assert [json.loads(x)[k] for k in keys] == [json.loads(y)[k] for k in keys]
 
 
 def test_resume_refuses_other_model_or_frontend(easy: Path, tmp_path: Path) -> None:
@@ -255,3 +268,109 @@ def test_init_from_vggish_state_dict(easy: Path, tmp_path: Path) -> None:
     ck = load_checkpoint(easy / "runs" / "init" / "last.pt")
     for k, v in src.backbone_state_dict().items():
         assert torch.equal(ck["model"][k], v), k
+
+
+# ------------------------------------------------------------------------- model selection
+
+
+def _kept(rule: str, n: int, classes: int, history: list[tuple[float, float, float]]) -> int:
+    from avfuse.train import EpochSelector
+
+    sel = EpochSelector(rule, n, classes)
+    for epoch, (top1, ll, se) in enumerate(history, start=1):
+        sel.update(epoch, top1, ll, se)
+    return sel.kept_epoch
+
+
+def test_selector_prefers_the_later_epoch_within_noise() -> None:
+    # 100 videos: one standard error of 70 % top-1 is sqrt(0.7 * 0.3 / 100) = 4.6 points.
+    history = [(0.50, -1.2, 0.05), (0.70, -0.80, 0.05), (0.68, -0.70, 0.05), (0.60, -0.75, 0.05)]
+    assert _kept("top1", 100, 4, history) == 2
+    assert _kept("auto", 100, 4, history) == 3  # 68 % >= 70 - 4.6 and the best log-likelihood
+    assert _kept("last", 100, 4, history) == 4
+    # Tied top-1 but a log-likelihood more than one standard error under the best: not kept.
+    tied = [(0.70, -0.60, 0.05), (0.70, -0.80, 0.05)]
+    assert _kept("auto", 100, 4, tied) == 1
+    # 65.3 % is just outside the 4.6-point band: not kept although its log-likelihood is best.
+    assert _kept("auto", 150, 4, [(0.70, -0.8, 0.05), (0.653, -0.5, 0.05)]) == 1
+
+
+def test_selector_falls_back_to_the_last_epoch_when_the_split_cannot_rank() -> None:
+    # 40 videos over 4 classes saturate at epoch 2: every later validated epoch is kept, even
+    # one that misses a video; top1 stays at the first epoch that reached 100 %.
+    saturating = [(0.8, -0.9, 0.1), (1.0, -0.5, 0.05), (0.975, -0.6, 0.05), (1.0, -0.3, 0.02)]
+    assert _kept("top1", 40, 4, saturating) == 2
+    assert _kept("auto", 40, 4, saturating) == 4
+    # 11 videos over 4 classes (under 3 a class): the last epoch from the start.
+    early_peak = [(0.9, -0.4, 0.1), (0.6, -0.9, 0.1)]
+    assert _kept("auto", 11, 4, early_peak) == 2
+    assert _kept("auto", 12, 4, early_peak) == 1
+
+
+def _val_loglik(scores: Path, work: Path) -> float:
+    from avfuse.manifest import load_manifest
+    from avfuse.scores import ScoreFile
+
+    sf = ScoreFile.load(scores)
+    man = load_manifest(work).set_index("video_id")
+    labels = man.loc[[str(v) for v in sf.ids], "label_index"].to_numpy()
+    true = sf.scores[np.arange(len(labels)), labels]
+    return float(np.log(np.clip(true, 1e-7, 1)).mean())
+
+
+def test_early_saturated_carve_out_keeps_the_later_better_epoch(tmp_path: Path) -> None:
+    work = tmp_path / "sat"
+    make_synthetic_work(
+        work, n_classes=2, videos_per_class=10, frames_range=(100, 160), structured=False, seed=4
+    )
+    # carve 30 %: 3 of each class's 10 train videos, 6 in all (3 a class: not too few to rank)
+    cfg = TrainConfig(
+        work,
+        name="sat",
+        epochs=6,
+        lr=3e-3,
+        base_batch_size=8,
+        warmup_epochs=0.5,
+        specaugment=False,
+        carve_fraction=0.3,
+        **TINY,  # type: ignore[arg-type]
+    )
+    run = work / "runs" / "sat"
+    held: dict[int, int] = {}
+
+    def look(step: int) -> None:
+        # First step of each epoch: copy best.pt as it stood after the epochs before it.
+        if (run / "best.pt").exists() and step % steps == 1:
+            epoch = int(load_checkpoint(run / "best.pt")["epoch"])
+            if epoch not in held:
+                held[epoch] = step
+                (run / f"held{epoch}.pt").write_bytes((run / "best.pt").read_bytes())
+
+    steps = 14 * 4 // 8  # 14 train videos x 4 windows / batch 8
+    res = train(cfg, on_step=look)
+    assert res is not None
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {m["selection_n"] for m in lines} == {6} and res.selection_n == 6
+    saturated = [m["epoch"] for m in lines if m["val_top1"] == 1.0]
+    assert saturated and saturated[0] < 6, [m["val_top1"] for m in lines]  # saturates early
+    first = saturated[0]
+    assert res.saturated_at == first
+    assert [m["selection_saturated"] for m in lines] == [m["epoch"] >= first for m in lines]
+    # Kept: the last epoch, and every record says so from the saturation on.
+    assert int(load_checkpoint(run / "best.pt")["epoch"]) == res.best_epoch == 6
+    assert all(m["best_epoch"] == m["epoch"] for m in lines if m["epoch"] >= first)
+    assert "saturated" in res.best_reason and "saturated" in res.summary()
+    # The epoch the first-best rule keeps (the saturation epoch, held while later epochs ran)
+    # scores the evaluated split worse than the epoch kept.
+    assert first in held
+    out = {}
+    for tag, ck in (("early", run / f"held{first}.pt"), ("kept", run / "best.pt")):
+        p = predict(
+            PredictConfig(
+                work, run="sat", checkpoint=str(ck), amp="off", device="cpu", progress=False,
+                output=work / "scores" / f"{tag}.npz",
+            )
+        )  # fmt: skip
+        assert p is not None
+        out[tag] = _val_loglik(p.path, work)
+    assert -out["kept"] < 0.7 * -out["early"], out  # negative log-likelihoods

@@ -170,6 +170,15 @@ class TrainConfig(Config):
             "it, else carve) or '' (none: best.pt = last)"
         },
     )
+    selection: Literal["auto", "top1", "last"] = field(
+        default="auto",
+        metadata={
+            "help": "which validated epoch best.pt keeps: auto (the latest within one standard "
+            "error of the best top-1 and log-likelihood; the last epoch once the selection "
+            "split saturates or when it has under 3 videos per class), top1 (the first epoch "
+            "with the highest top-1), last"
+        },
+    )
     carve_fraction: float = field(
         default=0.1,
         metadata={

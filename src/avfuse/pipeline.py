@@ -876,10 +876,7 @@ def _run_train(
     if res is None:
         return "(not rank 0)"
     print(res.summary())
-    sel = res.selection_split
-    if not sel:
-        return f"{res.epochs} epochs, no selection split (best.pt = last epoch)"
-    return f"{res.epochs} epochs, best {sel} top-1 {res.best_top1:.1%} (model chosen on {sel})"
+    return f"{res.epochs} epochs; {res.selection_summary()}"
 
 
 def _run_predict(
@@ -1005,7 +1002,8 @@ def write_run_report(sc: StageConfigs) -> tuple[Path, Path]:
             f"Model `{sc.train.model}`, {sc.train.epochs} epochs; run folder "
             f"`runs/{sc.train.name}` (TensorBoard: `tensorboard --logdir {work}/runs`). "
             + (
-                f"The epoch kept in `best.pt` was chosen on **{chosen}**."
+                f"The epoch kept in `best.pt` was chosen on **{chosen}**. "
+                + _selection_details(metrics)
                 if chosen
                 else "No selection split: `best.pt` holds the last epoch."
             )
@@ -1068,6 +1066,24 @@ def _selection_split(metrics_jsonl: Path) -> str:
             continue
         return str(rec.get("selection_split", "val"))
     return ""
+
+
+def _selection_details(metrics_jsonl: Path) -> str:
+    """The selection split's size, whether it saturated, the epoch kept and why (train's
+    ``selection_n``, ``selection_saturated``, ``best_epoch``, ``best_reason`` records)."""
+    recs = []
+    for line in metrics_jsonl.read_text("utf-8").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            recs.append(json.loads(line))
+    last = recs[-1] if recs else {}
+    if "best_epoch" not in last:
+        return ""  # a run from before these records
+    sat = next((r["epoch"] for r in recs if r.get("selection_saturated")), None)
+    return (
+        f"It has {last['selection_n']} videos and "
+        + (f"saturated (top-1 100 %) at epoch {sat}. " if sat else "did not saturate. ")
+        + f"`best.pt` holds epoch {last['best_epoch']}: {last['best_reason']}."
+    )
 
 
 def _rel(p: Path, base: Path) -> str:

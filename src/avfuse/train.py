@@ -14,6 +14,16 @@ one, else it carves a seeded, class-stratified ``carve_fraction`` of the trainin
 (excluded from training, ``carve``). Naming ``val`` there selects on the evaluated split; the
 console, ``metrics.jsonl`` (``selection_split``) and the saved config say which split chose.
 
+Which validated epoch ``best.pt`` keeps (``selection``, :class:`EpochSelector`): a selection
+split of n videos measures top-1 in steps of 1/n, so the first epoch to reach the maximum is
+often an early one that merely tied, and a small split saturates at 100 % long before training
+ends. ``auto`` keeps the latest epoch whose top-1 is within one binomial standard error of the
+best so far (at least one video) and whose mean log-likelihood of the true class is within one
+standard error of the best so far; once the split saturates (top-1 100 %), or from the start
+when it has fewer than ``MIN_SELECTION_PER_CLASS`` videos per class, it keeps the last validated
+epoch. ``top1`` is the first epoch with the highest top-1; ``last`` the last validated epoch.
+The selector's state is in every checkpoint, so a resumed run keeps the same epoch.
+
 Small datasets. Every epoch draws ``windows_per_video`` windows per video; when that would give
 fewer than ``min_steps`` optimizer steps over the run, more windows per video are drawn (the
 number of epochs, hence of validations, stays), and a batch larger than an epoch's windows is
@@ -98,6 +108,24 @@ class TrainResult:
     best_path: Path
     last_path: Path
     selection_split: str = "val"  # the split whose top-1 chose best.pt ("" = none)
+    best_epoch: int = 0  # the epoch best.pt holds
+    best_reason: str = ""  # why (EpochSelector)
+    selection_n: int = 0  # videos in the selection split
+    saturated_at: int = 0  # first epoch with selection top-1 100 % (0: never)
+
+    def selection_summary(self) -> str:
+        """One sentence: the selection split, whether it saturated, the epoch kept and why."""
+        if not self.selection_split or self.best_top1 < 0:
+            return "no selection split: best.pt = last epoch"
+        sat = (
+            f"saturated (top-1 100 %) at epoch {self.saturated_at}"
+            if self.saturated_at
+            else f"best top-1 {self.best_top1:.2%}, not saturated"
+        )
+        return (
+            f"model chosen on {self.selection_split} ({self.selection_n} videos; {sat}): "
+            f"best.pt = epoch {self.best_epoch}, {self.best_reason}"
+        )
 
     def summary(self) -> str:
         m = self.last_metrics
@@ -107,11 +135,7 @@ class TrainResult:
             if m.get("val_top1") is not None
             else ""
         )
-        best = (
-            f"; best {name} top-1 {self.best_top1:.2%} (model chosen on {name})"
-            if self.best_top1 >= 0
-            else "; no selection split: best.pt = last epoch"
-        )
+        best = f"; {self.selection_summary()}"
         return (
             f"trained {self.epochs} epochs: loss {m.get('loss', float('nan')):.4f}, "
             f"train acc {m.get('train_acc', float('nan')):.2%}{val}{best} -> {self.run_dir}"
@@ -363,6 +387,84 @@ def train(
         return _train(cfg, executor, on_step, sampler)
 
 
+# Fewer selection videos per class than this: top-1 moves in steps too coarse to rank epochs
+# (an 18-class carve-out of 2 videos a class reached 100 % at epoch 5 of 30 and froze best.pt
+# there, 8 points under the last epoch on the evaluated split).
+MIN_SELECTION_PER_CLASS = 3
+
+
+@dataclass
+class EpochSelector:
+    """Decides after each validation whether ``best.pt`` takes this epoch (``selection``).
+
+    ``n`` selection videos over ``n_classes`` classes. The fields are the state a checkpoint
+    holds (:meth:`state`), so a resumed run decides as an uninterrupted one.
+    """
+
+    rule: str
+    n: int
+    n_classes: int
+    best_top1: float = -1.0  # the highest top-1 so far (whichever epoch best.pt holds)
+    best_loglik: float = -math.inf
+    best_loglik_se: float = 0.0
+    saturated_at: int = 0  # first epoch with top-1 100 % (0: not saturated)
+    kept_epoch: int = 0  # the epoch best.pt holds (0: none yet)
+    reason: str = ""  # why best.pt holds it
+
+    @property
+    def too_small(self) -> bool:
+        return self.n < MIN_SELECTION_PER_CLASS * max(self.n_classes, 1)
+
+    def top1_tolerance(self) -> float:
+        """One binomial standard error of the best top-1, at least one video."""
+        p = min(max(self.best_top1, 0.0), 1.0)
+        return max(math.sqrt(p * (1.0 - p) / max(self.n, 1)), 1.0 / max(self.n, 1))
+
+    def update(self, epoch: int, top1: float, loglik: float, loglik_se: float) -> bool:
+        """Record the validation of ``epoch`` (1-based); True when ``best.pt`` takes it."""
+        previous = self.best_top1
+        self.best_top1 = max(self.best_top1, top1)
+        if loglik > self.best_loglik:
+            self.best_loglik, self.best_loglik_se = loglik, loglik_se
+        if top1 >= 1.0 and not self.saturated_at:
+            self.saturated_at = epoch
+        if self.rule == "top1":
+            keep, reason = top1 > previous, "the first epoch with the highest top-1"
+        elif self.rule == "last":
+            keep, reason = True, "the last validated epoch (selection = last)"
+        elif self.too_small:
+            keep = True
+            reason = (
+                f"the last validated epoch: {self.n} selection videos, "
+                f"{self.n / max(self.n_classes, 1):.1f} per class, are too few to rank epochs "
+                f"(under {MIN_SELECTION_PER_CLASS} per class)"
+            )
+        elif self.saturated_at:
+            keep = True
+            reason = (
+                f"the last validated epoch: the selection split saturated (top-1 100 %) at "
+                f"epoch {self.saturated_at}, so it no longer ranks epochs"
+            )
+        else:
+            tol = self.top1_tolerance()
+            keep = top1 >= self.best_top1 - tol and loglik >= self.best_loglik - self.best_loglik_se
+            reason = (
+                f"the latest epoch within one standard error of the best top-1 "
+                f"({self.best_top1:.1%} - {tol:.1%}) and of the best mean log-likelihood "
+                f"({self.best_loglik:.3f} - {self.best_loglik_se:.3f})"
+            )
+        if keep:
+            self.kept_epoch, self.reason = epoch, reason
+        return keep
+
+    def state(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> EpochSelector:
+        return cls(**state)
+
+
 @dataclass
 class _Selection:
     """The training videos and the ones that choose ``best.pt`` (maybe none)."""
@@ -589,14 +691,19 @@ def _train(
     D.barrier()
     if not e.is_main:
         return None
+    log.info("best.pt = epoch %d: %s", run.selector.kept_epoch, run.selector.reason)
     return TrainResult(
         run_dir,
         cfg.epochs,
-        run.best_top1,
+        run.selector.best_top1,
         run.last_metrics,
         WorkDir(work).checkpoint(cfg.name, "best"),
         last_path,
         sel.label,
+        run.selector.kept_epoch,
+        run.selector.reason,
+        run.selector.n,
+        run.selector.saturated_at,
     )
 
 
@@ -657,7 +764,8 @@ class _Run:
         )
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        self.start_epoch, self.skip_steps, self.global_step, self.best_top1 = 0, 0, 0, -1.0
+        self.start_epoch, self.skip_steps, self.global_step = 0, 0, 0
+        self.selector = EpochSelector(cfg.selection, len(self.sel.val_ids), len(self.classes))
         self.last_metrics: dict[str, Any] = {}
         self.writer: Any = None
 
@@ -667,7 +775,11 @@ class _Run:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.start_epoch, self.skip_steps = int(ckpt["epoch"]), int(ckpt["step_in_epoch"])
-        self.global_step, self.best_top1 = int(ckpt["global_step"]), float(ckpt["best_top1"])
+        self.global_step = int(ckpt["global_step"])
+        if "selector" in ckpt:
+            self.selector = EpochSelector.from_state(ckpt["selector"])
+        else:  # written before the selector: it chose by top-1 alone
+            self.selector.best_top1 = float(ckpt["best_top1"])
         self.last_metrics = dict(ckpt.get("metrics") or {})
         rngs = ckpt["rng"]
         if len(rngs) == self.e.world_size:
@@ -701,6 +813,20 @@ class _Run:
 
         self.writer = SummaryWriter(str(self.tb_dir), purge_step=self.global_step or None)
         log.info("model selection (best.pt) on %s", self.sel.name)
+        sl = self.selector
+        if self.sel.val_ids:
+            log.info(
+                "selection split: %d videos, %.1f per class; rule %s%s",
+                sl.n,
+                sl.n / max(sl.n_classes, 1),
+                sl.rule,
+                (
+                    f": too few to rank epochs (under {MIN_SELECTION_PER_CLASS} per class), "
+                    "best.pt = the last validated epoch"
+                    if sl.rule == "auto" and sl.too_small
+                    else ""
+                ),
+            )
         log.info(
             "%s: %d train / %d selection videos, %d classes, %d steps/epoch, effective batch "
             "%d, lr %.3g, device %s, amp %s, %d process(es)",
@@ -733,7 +859,8 @@ class _Run:
             "epoch": epoch,
             "step_in_epoch": step_in_epoch,
             "global_step": self.global_step,
-            "best_top1": self.best_top1,
+            "best_top1": self.selector.best_top1,
+            "selector": self.selector.state(),
             "config": to_dict(cfg),
             "classes": list(self.classes),
             "norm": self.norm.to_state(),
@@ -852,22 +979,44 @@ class _Run:
             and cfg.eval_every > 0
             and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
         )
-        if validate:
-            self.last_metrics.update(self.validate())
-        improved = validate and self.last_metrics["val_top1"] > self.best_top1
-        if improved:
-            self.best_top1 = float(self.last_metrics["val_top1"])
-        if e.is_main:
-            self.log_epoch(epoch, validate, improved)
-        # best.pt holds the best validated epoch; only a run that never validates keeps its
-        # final weights there (an unvalidated epoch must not replace a validated best).
+        # best.pt holds the validated epoch the selector keeps; only a run that never validates
+        # keeps its final weights there (an unvalidated epoch must not replace a validated one).
         never_validates = not self.sel.val_ids or cfg.eval_every == 0
         final = never_validates and epoch + 1 == cfg.epochs
+        improved = False
+        sat_before = self.selector.saturated_at
+        if validate:
+            vm = self.validate()
+            self.last_metrics.update(vm)
+            improved = self.selector.update(
+                epoch + 1, vm["val_top1"], vm["val_loglik"], vm["val_loglik_se"]
+            )
+        elif final:
+            self.selector.kept_epoch, self.selector.reason = epoch + 1, "no selection split"
+        sl = self.selector
+        self.last_metrics.update(
+            {
+                "selection_n": sl.n,
+                "selection_saturated": bool(sl.saturated_at),
+                "best_epoch": sl.kept_epoch or None,
+                "best_reason": sl.reason,
+            }
+        )
+        if e.is_main:
+            if sl.saturated_at and not sat_before and sl.rule == "auto" and not sl.too_small:
+                log.info(
+                    "%s saturated at epoch %d (top-1 100%%): best.pt follows the last "
+                    "validated epoch from now on",
+                    self.sel.label,
+                    sl.saturated_at,
+                )
+            self.log_epoch(epoch, validate, improved)
         paths = [self.last_path] + ([self.best_path] if improved or final else [])
         self.checkpoint(epoch + 1, 0, paths)
 
     def validate(self) -> dict[str, float]:
-        """Video-level top-1/top-5/mAP on the selection split, scored as predict scores."""
+        """Video-level top-1/top-5/mAP and mean log-likelihood of the true class (with its
+        standard error) on the selection split, scored as predict scores."""
         cfg, sel = self.cfg, self.sel
         D.broadcast_buffers(self.model)
         scored = score_videos_distributed(
@@ -884,8 +1033,20 @@ class _Run:
             progress=cfg.progress,
             short_clips=cfg.short_clips,
         )
-        vm = score_metrics(np.stack([scored[v][0] for v in sel.val_ids]), sel.val_labels)
-        return {"val_top1": vm["top1"], "val_top5": vm["top5"], "val_mAP": vm["mAP"]}
+        probs = np.stack([scored[v][0] for v in sel.val_ids])
+        vm = score_metrics(probs, sel.val_labels)
+        # Log-likelihood of the true class per video: finer than top-1 on a small split (it
+        # still moves when every video is right). Floored so one zero cannot make it -inf.
+        true = probs[np.arange(len(probs)), sel.val_labels]
+        ll = np.log(np.clip(true.astype(np.float64), 1e-7, 1.0))
+        se = float(ll.std(ddof=1) / math.sqrt(len(ll))) if len(ll) > 1 else 0.0
+        return {
+            "val_top1": vm["top1"],
+            "val_top5": vm["top5"],
+            "val_mAP": vm["mAP"],
+            "val_loglik": float(ll.mean()),
+            "val_loglik_se": se,
+        }
 
     def log_epoch(self, epoch: int, validate: bool, improved: bool) -> None:
         m = self.last_metrics
@@ -916,6 +1077,7 @@ class _Run:
 # Settings that fix the sampler's position and the learning-rate schedule (or are restored from
 # the optimizer state): a resumed run with other values would silently be another run.
 RESUME_FIXED = (
+    "selection",  # the selector's state in the checkpoint follows its rule
     "epochs",
     "batch_size",
     "windows_per_video",
