@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from avfuse.config import Config, save_config
-from avfuse.io import atomic_write, error_reason, write_json
+from avfuse.io import error_reason, write_csv, write_json
 from avfuse.manifest import load_classes, load_manifest
 from avfuse.metrics import metrics
 from avfuse.scores import SCORED_STATUSES, ScoreFile
@@ -294,8 +294,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
             "accuracy_all": allv["per_class"]["accuracy_all"],
         }
     )
-    with atomic_write(per_class_path) as tmp:
-        per_class.to_csv(tmp, index=False, float_format="%.6g")
+    write_csv(per_class, per_class_path, float_format="%.6g")
     save_config(cfg, _sidecar(path, ".evaluate.toml"))
     m["per_class"] = pc
     return EvaluateResult(path, split, m, coverage, metrics_path, per_class_path)

@@ -55,7 +55,6 @@ from avfuse.config import Config, load_config, num_workers_field, save_config, s
 from avfuse.io import (
     INPUTS,
     RecordLog,
-    atomic_write,
     committed_from,
     error_reason,
     inputs_key,
@@ -64,6 +63,7 @@ from avfuse.io import (
     read_table,
     remove_stale_temporaries,
     safe_join,
+    write_csv,
     write_table,
 )
 from avfuse.manifest import load_manifest
@@ -533,8 +533,7 @@ def _result(
     }
     bad = t.filter(pc.fill_null(pc.not_equal(t.column("status"), "ok"), True)).to_pandas()
     failures = bad.merge(_manifest_paths(work, bad["video_id"]), on="video_id", how="left")
-    with atomic_write(wd.extract_failures) as tmp:
-        failures[["video_id", "status", "reason", "path"]].to_csv(tmp, index=False)
+    write_csv(failures[["video_id", "status", "reason", "path"]], wd.extract_failures)
     return ExtractResult(
         work=work,
         processed=processed,

@@ -20,6 +20,7 @@ import functools
 import glob
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -215,6 +216,53 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# A spreadsheet runs a cell that starts with one of these as a formula (=HYPERLINK(...),
+# +cmd|..., @SUM...); tab and carriage return start one in some importers.
+_FORMULA = re.compile(r"'*[=+\-@\t\r]")
+
+
+def csv_cell(text: str) -> str:
+    """``text`` safe for a spreadsheet: a leading ``'`` before a formula prefix makes it text.
+
+    ``'`` is also added before text that already starts with quotes and then a prefix, so
+    :func:`csv_uncell` gives back exactly the original.
+    """
+    return "'" + text if _FORMULA.match(text) else text
+
+
+def csv_uncell(text: str) -> str:
+    """The original of a :func:`csv_cell`; text that was not escaped is returned as it is."""
+    return text[1:] if text.startswith("'") and _FORMULA.match(text, 1) else text
+
+
+def csv_safe_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with every text cell and column name passed through :func:`csv_cell`."""
+    out = df.copy()
+    out.columns = [csv_cell(c) if isinstance(c, str) else c for c in df.columns]
+    for col in out.columns:
+        values = out[col]
+        if values.dtype == object or pd.api.types.is_string_dtype(values.dtype):
+            text = values.astype(object)
+            risky = text.map(lambda v: isinstance(v, str) and _FORMULA.match(v) is not None)
+            if risky.any():
+                out[col] = text.where(~risky, "'" + text.where(risky, ""))
+    return out
+
+
+def write_csv(df: pd.DataFrame, path: str | Path, **to_csv: Any) -> Path:
+    """Write ``df`` as a CSV people open in spreadsheets, atomically, with every text cell and
+    header escaped by :func:`csv_cell` (read back with :func:`csv_uncell`). ``to_csv`` goes to
+    :meth:`pandas.DataFrame.to_csv` (``index=False`` unless given)."""
+    path = Path(path)
+    to_csv.setdefault("index", False)
+    # CRLF rows (RFC 4180): the csv module then quotes a cell holding a lone CR, which a
+    # spreadsheet would otherwise read as a row break starting a new (formula) cell.
+    to_csv.setdefault("lineterminator", "\r\n")
+    with atomic_write(path) as tmp:
+        csv_safe_frame(df).to_csv(tmp, **to_csv)
+    return path
 
 
 def write_json(path: str | Path, data: Any) -> Path:

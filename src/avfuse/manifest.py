@@ -41,7 +41,7 @@ import pandas as pd
 
 from avfuse import __version__
 from avfuse.config import Config, save_config
-from avfuse.io import atomic_write, error_reason, read_table, table_metadata, write_table
+from avfuse.io import atomic_write, csv_cell, error_reason, read_table, table_metadata, write_table
 from avfuse.labels import kinetics_clip_name, match_class_names, nfc, read_label_map
 from avfuse.workdir import WorkDir
 
@@ -521,7 +521,7 @@ def _write_warnings(path: Path, warnings: list[dict[str, str]]) -> None:
     with atomic_write(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=["path", "kind", "reason"])
         w.writeheader()
-        w.writerows(warnings)
+        w.writerows({k: csv_cell(v) for k, v in row.items()} for row in warnings)
 
 
 def scan(cfg: ScanConfig) -> pd.DataFrame:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from avfuse.io import atomic_write
+from avfuse.io import atomic_write, write_csv
 
 # Row statuses that carry scores; every other status has a NaN row.
 SCORED_STATUSES = ("ok", "padded")
@@ -101,9 +101,8 @@ class ScoreFile:
 
     def to_csv(self, path: str | Path) -> Path:
         path = Path(path)
-        with atomic_write(path) as tmp:
-            self.to_frame().to_csv(tmp, index=False, float_format="%.6g")
-        return path
+        # Class names and ids come from the data: escaped for spreadsheets.
+        return write_csv(self.to_frame(), path, float_format="%.6g")
 
     def index(self) -> dict[str, int]:
         return {v: i for i, v in enumerate(self.ids.tolist())}

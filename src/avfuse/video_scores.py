@@ -41,6 +41,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from avfuse.io import csv_uncell
 from avfuse.labels import class_key, kinetics_clip_name, match_class_names, nfc, read_label_map
 from avfuse.safe_pickle import CorruptPickleError, UnsafePickleError, load_pickle
 from avfuse.scores import SCORED_STATUSES
@@ -539,8 +540,12 @@ def _load_csv(path: Path) -> VideoScores:
                 f"{path}: long-format CSV lacks {holes} (id, class) pairs; every video needs "
                 "a score for every class"
             )
+        # Names as avfuse's CSV writer escaped them for spreadsheets read back as they were.
         return VideoScores(
-            order, wide.to_numpy(np.float64), [str(c) for c in wide.columns], str(path)
+            [csv_uncell(str(i)) for i in order],
+            wide.to_numpy(np.float64),
+            [csv_uncell(str(c)) for c in wide.columns],
+            str(path),
         )
     class_cols = [c for c in cols if c != id_col and c.strip().lower() not in _META_COLUMNS]
     if not class_cols:
@@ -554,9 +559,9 @@ def _load_csv(path: Path) -> VideoScores:
         df = df[keep]
     gt_col = _find(cols, ("gt_label", "gt", "target", "label_index"))
     return VideoScores(
-        df[id_col].astype(str).str.strip().tolist(),
+        [csv_uncell(i) for i in df[id_col].astype(str).str.strip().tolist()],
         _wide_numbers(path, sep, cols, class_cols, keep, n_rows),
-        [c.strip() for c in class_cols],
+        [csv_uncell(c.strip()) for c in class_cols],
         str(path),
         labels=None if gt_col is None else _labels_of(df[gt_col].tolist(), str(path)),
     )
