@@ -85,7 +85,21 @@ class EvaluateResult:
             f"  {'scored videos':<22}{_pc(m['top1'])}{_pc(m['top5'])}"
             f"{_pc(m['mean_class_accuracy'])}   mAP {m['mAP']:.3f}",
         ]
-        b = m.get("baseline") or {}
+        mc = m.get("model_choice") or {}
+        for name, c in (mc.get("candidates") or {}).items():
+            sel = c.get("selection_top1")
+            on_sel = (
+                f"{mc.get('selection_split')} top-1 {100 * sel:.1f}%"
+                if sel is not None
+                else "no selection figure"
+            )
+            lines.append(
+                f"  {name + (' (chosen)' if c['chosen'] else ''):<22}{_pc(c['top1_all'])}"
+                f"{_pc(c['top5_all'])}{_pc(c['mean_class_accuracy_all'])}   all videos; "
+                f"{on_sel}"
+            )
+        # With a model choice the baseline is one of the candidates listed above.
+        b = {} if mc else m.get("baseline") or {}
         if b.get("top1_all") is not None:
             lines.append(
                 f"  {'baseline, all videos':<22}{_pc(b['top1_all'])}{_pc(b['top5_all'])}"
@@ -199,6 +213,51 @@ def _baseline_metrics(
     }
 
 
+def _candidate_metrics(
+    path: Path, choice: dict[str, Any], classes: list[str], joined: pd.DataFrame
+) -> dict[str, Any]:
+    """Every candidate audio model written beside ``path`` (network, baseline, ensemble),
+    evaluated on the split's videos and marked chosen or not, with its selection figures."""
+    from avfuse.choice import CANDIDATES, candidate_path
+
+    labels = joined["label_index"].to_numpy(np.int64)
+    out: dict[str, Any] = {}
+    sel_figs = choice.get("figures") or {}
+    for name in CANDIDATES:
+        cp = candidate_path(path, name)
+        if not cp.exists():
+            continue
+        sf = ScoreFile.load(cp)
+        col = {c: i for i, c in enumerate(sf.classes)}
+        if any(c not in col for c in classes):
+            raise ValueError(f"{cp}: score file lacks classes of the class list")
+        pos = sf.index()
+        rows = joined["video_id"].map(pos)
+        full = np.full((len(joined), len(classes)), np.nan)
+        have = np.array(rows.notna(), dtype=bool)
+        idx = rows[have].to_numpy(np.int64)
+        full[have] = sf.scores[idx][:, [col[c] for c in classes]]
+        have[have] = np.isin(sf.status[idx], SCORED_STATUSES)
+        have &= np.isfinite(full).all(axis=1)
+        sub = metrics(full[have], labels[have])
+        allv = over_all_videos(full, labels, have, len(classes))
+        out[name] = {
+            "chosen": name == choice.get("chosen"),
+            "n": int(have.sum()),
+            "top1": sub["top1"],
+            "top5": sub["top5"],
+            "mAP": sub["mAP"],
+            "top1_all": allv["top1_all"],
+            "top5_all": allv["top5_all"],
+            "mean_class_accuracy_all": allv["mean_class_accuracy_all"],
+            "mean_class_accuracy": allv["mean_class_accuracy"],
+            "selection_top1": (sel_figs.get(name) or {}).get("top1"),
+            "selection_mean_log_likelihood": (sel_figs.get(name) or {}).get("mean_log_likelihood"),
+        }
+    keep = ("chosen", "mode", "reason", "rule", "selection_split", "selection_videos", "ensemble")
+    return {**{k: choice.get(k) for k in keep}, "candidates": out}
+
+
 def _default_scores(work: Path, split: str | None) -> Path:
     return WorkDir(work).scores(split or "val")
 
@@ -251,7 +310,16 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     m["mean_class_accuracy_scored_classes"] = m["mean_class_accuracy"]
     m["mean_class_accuracy"] = allv["mean_class_accuracy"]
     m.update({k: v for k, v in allv.items() if k not in ("per_class", "mean_class_accuracy")})
-    if cfg.baseline:
+    choice = sf.meta.get("model_choice")
+    if isinstance(choice, dict):
+        m["model_choice"] = _candidate_metrics(path, choice, classes, joined)
+        if "baseline" in m["model_choice"]["candidates"]:
+            # The choice's baseline (fitted on the videos the network trained on), not a refit.
+            m["baseline"] = {
+                **(choice.get("baseline") or {}),
+                **m["model_choice"]["candidates"]["baseline"],
+            }
+    if cfg.baseline and "baseline" not in m:
         m["baseline"] = _baseline_metrics(cfg, work, man, classes, joined, ok)
     m["confused"] = [
         {

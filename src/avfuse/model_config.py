@@ -253,6 +253,22 @@ class PredictConfig(Config):
         },
     )
     progress: bool = field(default=True, metadata={"help": "progress bar"})
+    model_choice: Literal["network", "best", "baseline", "ensemble"] = field(
+        default="network",
+        metadata={
+            "help": "whose scores are written: network (the checkpoint), baseline (log-mel "
+            "statistics + logistic regression), ensemble (their calibrated mean of "
+            "log-probabilities), or best: the one of the three that does best on the split "
+            "that chose best.pt (never the evaluated one); the others are written beside it"
+        },
+    )
+    baseline_max_train: int = field(
+        default=20000,
+        metadata={
+            "help": "fit the baseline on at most this many training videos (seeded); 0 = all",
+            "min": 0,
+        },
+    )
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,16 @@ class TrainSection(TrainConfig):
 @dataclass(frozen=True)
 class PredictSection(PredictConfig):
     work: Path = field(default=_UNSET, metadata={"help": _FILLED_HELP, "cli": False})
+    # A run keeps whichever audio model does best where best.pt was chosen: never below the
+    # baseline a user could have had for free.
+    model_choice: Literal["network", "best", "baseline", "ensemble"] = field(
+        default="best",
+        metadata={
+            "help": next(
+                f for f in dataclasses.fields(PredictConfig) if f.name == "model_choice"
+            ).metadata["help"]
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -893,12 +903,25 @@ def _run_predict(
             "weight_selection = 'cv' (cross-validation on the evaluated split)"
         )
     parts = []
+    chosen = ""
     for split, predict_cfg in sc.predict.items():
         res = predict(predict_cfg)
         if res is not None:
             print(res.summary())
             parts.append(f"{split} {int(res.scores.has_scores.sum())}/{len(res.scores.ids)}")
-    return "scored " + ", ".join(parts)
+            chosen = chosen or _choice_text(res.scores.meta.get("model_choice"))
+    return "scored " + ", ".join(parts) + (f"; {chosen}" if chosen else "")
+
+
+def _choice_text(choice: Any) -> str:
+    """``"audio model baseline (heldout top-1: network 71.4%, baseline 72.3%, ...)"``."""
+    if not isinstance(choice, dict):
+        return ""
+    figs = ", ".join(
+        f"{name} {100 * f['top1']:.1f}%" for name, f in (choice.get("figures") or {}).items()
+    )
+    where = f" ({choice.get('selection_split')} top-1: {figs})" if figs else ""
+    return f"audio model {choice.get('chosen')}{where}"
 
 
 def _run_evaluate(
@@ -915,9 +938,12 @@ def _run_evaluate(
             f"{split} scored {cov['scored']}/{cov['videos']}: audio top-1 {m['top1_all']:.1%} "
             f"over all ({m['top1']:.1%} over scored)"
         )
-        b = m.get("baseline") or {}
-        if b.get("top1_all") is not None:
-            text += f", baseline {b['top1_all']:.1%}"
+        cands = (m.get("model_choice") or {}).get("candidates") or {}
+        if cands:
+            text += " by " + next((k for k, c in cands.items() if c["chosen"]), "?") + "; "
+            text += ", ".join(f"{k} {c['top1_all']:.1%}" for k, c in cands.items())
+        elif (m.get("baseline") or {}).get("top1_all") is not None:
+            text += f", baseline {m['baseline']['top1_all']:.1%}"
         parts.append(text)
     return "; ".join(parts)
 
@@ -1025,10 +1051,13 @@ def write_run_report(sc: StageConfigs) -> tuple[Path, Path]:
         r.paragraph(
             "Over all videos of the split (a video without a score counts as a miss) and over "
             "the scored ones; mean class accuracy counts a class without a scored video as 0. "
-            "The baseline (per-band log-mel mean and std, logistic regression, fitted on the "
-            "training split) is evaluated on the same videos."
+            "The baseline (log-mel statistics, logistic regression, fitted on the videos the "
+            "network trained on) is evaluated on the same videos."
         )
         r.table(rp.audio_results_table(results))
+        choice = next((m["model_choice"] for m in results.values() if m.get("model_choice")), None)
+        if choice:
+            r.paragraph(_choice_paragraph(choice))
 
     fig = _fusion_figures(sc)
     if fig is not None and sc.fuse is not None:
@@ -1053,6 +1082,31 @@ def write_run_report(sc: StageConfigs) -> tuple[Path, Path]:
             f"Details (alignment, chosen weights, classes): `{_rel(out / 'report.md', work)}`."
         )
     return r.write(work, "report")
+
+
+def _choice_paragraph(choice: dict[str, Any]) -> str:
+    """The audio model kept and why, with its selection-split figures."""
+    cands = choice.get("candidates") or {}
+    figs = ", ".join(
+        f"{name} {100 * c['selection_top1']:.1f} %"
+        for name, c in cands.items()
+        if c.get("selection_top1") is not None
+    )
+    text = f"**Audio model kept: {choice.get('chosen')}** (`predict.model_choice = {choice.get('mode')}`). "
+    if figs:
+        text += (
+            f"Top-1 on `{choice.get('selection_split')}` ({choice.get('selection_videos')} videos, "
+            f"the split that chose `best.pt`, never the evaluated one): {figs}; the ensemble's "
+            "figure is cross-validated there. "
+        )
+    ens = choice.get("ensemble")
+    if ens:
+        text += (
+            f"Ensemble: network weight {ens['weight_network']:.2f}, temperatures "
+            f"{ens['temperature_network']:.2f} (network) and {ens['temperature_baseline']:.2f} "
+            "(baseline). "
+        )
+    return text + f"Rule: {choice.get('reason')}."
 
 
 def _selection_split(metrics_jsonl: Path) -> str:

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from avfuse import choice as ch
 from avfuse import distributed as D
 from avfuse.checkpoint import load_checkpoint
 from avfuse.config import save_config
@@ -105,22 +107,30 @@ def _predict(cfg: PredictConfig) -> PredictResult | None:
         rows, store, window if window > 0 else checkpoint_window(ckpt), short_clips=short_clips
     )
     ok_ids = sorted(v for v, s in status.items() if s in SCORED)
-    scored = score_videos_distributed(
-        model,
-        store,
-        ok_ids,
-        norm,
-        hop=hop,
-        window=window,
-        batch_size=cfg.batch_size,
-        device=device,
-        amp_dtype=amp_dtype,
-        aggregation=cfg.aggregation,
-        num_workers=cfg.num_workers,
-        short_clips=short_clips,
-        min_frames=checkpoint_window(ckpt),
-        progress=cfg.progress,
-    )
+    kw = {
+        "hop": hop,
+        "window": window,
+        "batch_size": cfg.batch_size,
+        "device": device,
+        "amp_dtype": amp_dtype,
+        "aggregation": cfg.aggregation,
+        "num_workers": cfg.num_workers,
+        "short_clips": short_clips,
+        "min_frames": checkpoint_window(ckpt),
+        "progress": cfg.progress,
+    }
+    scored = score_videos_distributed(model, store, ok_ids, norm, **kw)
+    selection: tuple[list[str], np.ndarray, dict[str, tuple[np.ndarray, int]]] | None = None
+    if cfg.model_choice != "network":
+        sel = man[man["video_id"].astype(str).isin(set(ckpt.get("selection_videos") or ()))]
+        sel_status = video_status(sel, store, max(window, 1), short_clips=short_clips)
+        # A boolean array, not a list: an empty list would select columns instead of rows.
+        sel = sel[np.array([sel_status[str(v)] in SCORED for v in sel["video_id"]], dtype=bool)]
+        sel = sel[sel["label_index"] >= 0].sort_values("video_id")
+        sel_ids = sel["video_id"].astype(str).tolist()
+        todo = [v for v in sel_ids if v not in scored]
+        sel_scored = {**score_videos_distributed(model, store, todo, norm, **kw), **scored}
+        selection = (sel_ids, sel["label_index"].to_numpy(np.int64), sel_scored)
     if not e.is_main:
         D.barrier()
         return None
@@ -145,11 +155,68 @@ def _predict(cfg: PredictConfig) -> PredictResult | None:
         "frontend_hash": ckpt["frontend_hash"],
         "amp": D.amp_name(amp_dtype),
     }
-    sf = ScoreFile.from_rows(classes, table, meta)
     out = Path(cfg.output) if cfg.output else WorkDir(work).scores(cfg.split)
+    if selection is not None:
+        table = _choose(cfg, ckpt, man, store, classes, table, selection, meta, out)
+    else:  # candidates of an earlier choice would contradict this file
+        for name in ch.CANDIDATES:
+            ch.candidate_path(out, name).unlink(missing_ok=True)
+    sf = ScoreFile.from_rows(classes, table, meta)
     sf.save(out)
     csv_path = sf.to_csv(out.with_suffix(".csv"))
     save_config(cfg, out.with_name(out.name.removesuffix(".npz") + ".predict.toml"))
     D.barrier()
     log.info("wrote %s", out)
     return PredictResult(out, csv_path, sf)
+
+
+def _choose(
+    cfg: PredictConfig,
+    ckpt: dict[str, Any],
+    man: Any,
+    store: Any,
+    classes: list[str],
+    table: dict[str, tuple[np.ndarray | None, int, str]],
+    selection: tuple[list[str], np.ndarray, dict[str, tuple[np.ndarray, int]]],
+    meta: dict[str, Any],
+    out: Path,
+) -> dict[str, tuple[np.ndarray | None, int, str]]:
+    """Network, baseline and ensemble on the selection videos; the kept candidate's rows
+    (``meta["model_choice"]`` records the choice) and every candidate's file beside ``out``."""
+    sel_ids, sel_labels, sel_scored = selection
+    fitted, info = ch.fit_baseline_for_choice(
+        store,
+        man,
+        str((ckpt.get("config") or {}).get("train_split", "train")),
+        sel_ids,
+        len(classes),
+        cfg.baseline_max_train,
+    )
+    p_net_sel = np.stack([sel_scored[v][0] for v in sel_ids]) if sel_ids else np.zeros((0, 0))
+    p_base_sel = fitted.predict_proba(store, sel_ids) if fitted is not None else None
+    choice = ch.choose(
+        cfg.model_choice,
+        str(ckpt.get("selection_split") or ""),
+        sel_labels,
+        p_net_sel,
+        p_base_sel,
+        info,
+    )
+    log.info("%s", choice.summary())
+    meta["model_choice"] = choice.to_meta()
+    ids = sorted(v for v, row in table.items() if row[0] is not None)
+    p_net = np.zeros((len(ids), len(classes)), dtype=np.float32)
+    for i, v in enumerate(ids):
+        p_net[i] = table[v][0]
+    p_base = fitted.predict_proba(store, ids) if fitted is not None else None
+    cands = ch.candidate_scores(choice, p_net, p_base)
+    for name, scores in cands.items():
+        rows = dict(table)
+        rows.update({v: (scores[i], table[v][1], table[v][2]) for i, v in enumerate(ids)})
+        cand_meta = {**meta, "candidate": name}
+        ScoreFile.from_rows(classes, rows, cand_meta).save(ch.candidate_path(out, name))
+    chosen = cands[choice.chosen]
+    rows = dict(table)
+    rows.update({v: (chosen[i], table[v][1], table[v][2]) for i, v in enumerate(ids)})
+    meta["audio_model"] = choice.chosen
+    return rows

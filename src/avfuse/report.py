@@ -201,8 +201,25 @@ def audio_results_table(results: Mapping[str, Mapping[str, Any]]) -> pd.DataFram
                 "mAP (scored)": m["mAP"],
             }
         )
+        cands = (m.get("model_choice") or {}).get("candidates") or {}
+        if cands:
+            rows.pop()  # the kept audio model is one of the candidates
+        for name, c in cands.items():
+            rows.append(
+                {
+                    "split": split,
+                    "model": name + (" (chosen)" if c["chosen"] else ""),
+                    "scored / videos": f"{c['n']} / {cov.get('videos')}",
+                    "top-1 % (all)": 100 * c["top1_all"],
+                    "top-5 % (all)": 100 * c["top5_all"],
+                    "mean class % (all)": 100 * c["mean_class_accuracy_all"],
+                    "top-1 % (scored)": 100 * c["top1"],
+                    "top-5 % (scored)": 100 * c["top5"],
+                    "mAP (scored)": c["mAP"],
+                }
+            )
         b = m.get("baseline") or {}
-        if b.get("top1_all") is not None:
+        if b.get("top1_all") is not None and not cands:
             rows.append(
                 {
                     "split": split,
