@@ -546,10 +546,10 @@ def test_an_unexpected_error_fails_one_video_not_the_batch(tmp_path, monkeypatch
     odd = write_tone_video(tmp_path / "odd.mkv", codec="pcm_s16le", video=False)
     real = ex.decode_audio
 
-    def flaky(path, sample_rate=SR):  # type: ignore[no-untyped-def]
+    def flaky(path, sample_rate=SR, **kw):  # type: ignore[no-untyped-def]
         if Path(path).name == "odd.mkv":
             raise MemoryError("simulated decoder failure")
-        return real(path, sample_rate)
+        return real(path, sample_rate, **kw)
 
     monkeypatch.setattr(ex, "decode_audio", flaky)
     tasks = [

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 import wave
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,8 @@ _MAX_CONSECUTIVE_ERRORS = 32
 # speech) measure -60..-40 dBFS RMS with peaks above -45 dBFS. A peak below -60 dBFS or an
 # RMS below -70 dBFS leaves 10 dB of margin on both sides.
 SILENCE_PEAK_DBFS = -60.0
+# Longest wait for data inside FFmpeg (open, read) before a file is given up.
+_MAX_WAIT_S = 60.0
 SILENCE_RMS_DBFS = -70.0
 
 
@@ -166,13 +169,24 @@ def _declared_duration(container: Any, stream: Any) -> float:
     return -1.0
 
 
-def _decode_mono(path: str | Path, buf: _MonoBuffer) -> DecodedAudio:
-    """Decode the default audio stream into ``buf`` (mono, source rate); samples left empty."""
+def _decode_mono(
+    path: str | Path, buf: _MonoBuffer, time_limit_s: float | None = None
+) -> DecodedAudio:
+    """Decode the default audio stream into ``buf`` (mono, source rate); samples left empty.
+
+    ``time_limit_s`` bounds the whole decode: a file that makes the demuxer wait or loop is
+    given up as ``unreadable`` instead of stopping the run.
+    """
     empty = np.zeros(0, dtype=np.float32)
+    deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
+    # FFmpeg's own wait for data (an open or read that stalls) within the same bound.
+    wait = None if time_limit_s is None else max(1.0, min(time_limit_s, _MAX_WAIT_S))
     try:
         # skip_frame=all: probing the streams does not decode video frames (+50 % on 360p files);
         # audio decoders ignore it.
-        container = av.open(str(path), options={"skip_frame": "all"}, metadata_errors="replace")
+        container = av.open(
+            str(path), options={"skip_frame": "all"}, metadata_errors="replace", timeout=wait
+        )
     except Exception as exc:  # a bad file must never stop the run
         return DecodedAudio(empty, -1, read_failure_status(exc), error_reason(exc))
     with container:
@@ -200,6 +214,14 @@ def _decode_mono(path: str | Path, buf: _MonoBuffer) -> DecodedAudio:
         consecutive = 0
         packets = container.demux(stream)
         while True:
+            if deadline is not None and time.monotonic() > deadline:
+                return DecodedAudio(
+                    empty,
+                    -1,
+                    "unreadable",
+                    f"decoding stopped after {time_limit_s:.0f} s, the time limit for this file",
+                    **info,
+                )
             try:
                 packet = next(packets)
             except StopIteration:
@@ -303,14 +325,17 @@ def silence_reason(
     return ""
 
 
-def decode_audio(path: str | Path, sample_rate: int = 16000) -> DecodedAudio:
+def decode_audio(
+    path: str | Path, sample_rate: int = 16000, time_limit_s: float | None = None
+) -> DecodedAudio:
     """Decode a media file's default audio stream to mono float32 at ``sample_rate``.
 
     Returns ``samples``: ``(samples,)`` float32 with the mean of the source channels, resampled
-    with soxr. Never raises for a bad file: see ``status`` and ``reason``.
+    with soxr. Never raises for a bad file: see ``status`` and ``reason``. ``time_limit_s``
+    bounds the decode (status ``unreadable`` past it).
     """
     buf = _buffer()
-    res = _decode_mono(path, buf)
+    res = _decode_mono(path, buf, time_limit_s)
     if buf.n == 0 or res.sample_rate <= 0:
         res.sample_rate = int(sample_rate)
         return res

@@ -26,6 +26,7 @@ import ctypes
 import functools
 import logging
 import os
+import stat
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -88,6 +89,8 @@ COLUMNS = (
     "audio_path",
     "peak_dbfs",
     "rms_dbfs",
+    "source_size",
+    "source_mtime_ns",
 )
 
 
@@ -160,7 +163,33 @@ def _record(
         "audio_path": str(info.get("audio_path", "")),
         "peak_dbfs": float(info.get("peak_dbfs", float("nan"))),
         "rms_dbfs": float(info.get("rms_dbfs", float("nan"))),
+        "source_size": int(info.get("source_size", -1)),
+        "source_mtime_ns": int(info.get("source_mtime_ns", -1)),
     }
+
+
+# Decoding time allowed per file: a base plus a share of its size (audio decodes at well over
+# 10 MB/s of container even on one slow core), so only a file that stalls or loops runs out.
+DECODE_BASE_S = 120.0
+DECODE_S_PER_MB = 1.0
+
+
+def decode_time_limit(size_bytes: int) -> float:
+    """Seconds :func:`decode_audio` may spend on a file of ``size_bytes``."""
+    return DECODE_BASE_S + DECODE_S_PER_MB * size_bytes / 1e6
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISDIR, "a folder"),
+    ):
+        if test(mode):
+            return kind
+    return "a special file"
 
 
 def _extract_one(
@@ -170,17 +199,40 @@ def _extract_one(
     silence: tuple[float, float] = (SILENCE_PEAK_DBFS, SILENCE_RMS_DBFS),
 ) -> dict[str, Any]:
     vid, src, rel = task["video_id"], task["path"], task["audio_path"]
-    if not src or not os.path.exists(src):
+    try:
+        st = os.stat(src) if src else None
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        return _record(vid, "error", f"cannot read the file: {error_reason(exc)}", sample_rate)
+    if st is None:
         return _record(
             vid, "missing", f"file not found: {src or '(no file for this row)'}", sample_rate
         )
+    # The record is keyed by the file as it was read: a file that changes (one still being
+    # written when it was read) is redone by a plain rerun.
+    source = {"source_size": st.st_size, "source_mtime_ns": st.st_mtime_ns}
+    if not stat.S_ISREG(st.st_mode):
+        # A FIFO would block the open forever, a device would read without end.
+        return _record(
+            vid,
+            "unreadable",
+            f"{_file_kind(st.st_mode)}, not a regular file",
+            sample_rate,
+            **source,
+        )
     try:
-        res = decode_audio(src, sample_rate)
+        res = decode_audio(src, sample_rate, time_limit_s=decode_time_limit(st.st_size))
     except Exception as exc:  # a decoder bug on one odd file must not sink its whole batch
         return _record(
-            vid, read_failure_status(exc), f"decoding failed: {error_reason(exc)}", sample_rate
+            vid,
+            read_failure_status(exc),
+            f"decoding failed: {error_reason(exc)}",
+            sample_rate,
+            **source,
         )
     info = {
+        **source,
         "codec": res.codec,
         "source_sample_rate": res.source_sample_rate,
         "channels": res.channels,
@@ -414,7 +466,45 @@ def _done_ids(work: Path, rlog: RecordLog) -> pa.Array:
         whole = rlog.read_arrow(_DONE_COLUMNS)
         blocks = [] if whole is None else [whole]
     done = [_done_in(work, block) for block in blocks]
-    return pa.concat_arrays(done) if done else pa.array([], pa.string())
+    ids = pa.concat_arrays(done) if done else pa.array([], pa.string())
+    changed = _changed_sources(work, rlog)
+    if changed:
+        log.info("%d video file(s) changed since they were read: they are redone", len(changed))
+        ids = ids.filter(pc.invert(pc.is_in(ids, value_set=pa.array(changed, pa.string()))))
+    return ids
+
+
+def _changed_sources(work: Path, rlog: RecordLog) -> list[str]:
+    """Videos whose record is not ``ok`` and whose file differs (size, mtime) from the file as
+    it was read: a file read while it was still being written, or replaced since.
+
+    Only records that are not ``ok`` are looked at (few, so one ``stat`` each is cheap); a
+    replaced file that decoded ``ok`` is caught by ``avfuse run``'s dataset fingerprint.
+    """
+    table = rlog.read_arrow(["status", "source_size", "source_mtime_ns"])
+    if table is None:
+        return []
+    status = table.column("status").cast(pa.string())
+    table = table.filter(pc.fill_null(pc.not_equal(status, "ok"), True))
+    if not table.num_rows:
+        return []
+    ids = table.column("video_id").cast(pa.string()).to_pylist()
+    size = pc.fill_null(table.column("source_size").cast(pa.int64()), -1).to_pylist()
+    mtime = pc.fill_null(table.column("source_mtime_ns").cast(pa.int64()), -1).to_pylist()
+    paths = _manifest_paths(work, pd.Series(ids, dtype=object))
+    where = dict(zip(paths["video_id"].astype(str), paths["path"], strict=True))
+    changed = []
+    for vid, n, t in zip(ids, size, mtime, strict=True):
+        src = where.get(vid)
+        if not isinstance(src, str) or not src:
+            continue
+        try:
+            st = os.stat(src)
+        except OSError:
+            continue  # gone or unreadable: the record's status stands
+        if (st.st_size, st.st_mtime_ns) != (n, t):
+            changed.append(vid)
+    return changed
 
 
 def _done_in(work: Path, prior: pa.Table) -> pa.Array:
