@@ -20,7 +20,7 @@ from avfuse.config import read_mapping
 from avfuse.model_config import TrainConfig
 from avfuse.models import build_model, load_init
 from avfuse.safe_pickle import CorruptCheckpointError, OversizeError, load_pickle, load_torch
-from avfuse.video_scores import VideoScoreError, read_one
+from avfuse.video_scores import ScoreBounds, VideoScoreError, read_one
 
 
 def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
@@ -294,3 +294,100 @@ def test_init_with_a_nan_weight_is_refused_naming_the_file(tmp_path: Path) -> No
     with pytest.raises(CorruptCheckpointError, match=f"tensor {name} holds NaN") as info:
         load_init(build_model("resnet", 3, 0.25), path)
     assert str(path) in str(info.value)
+
+
+# --------------------------------------------------------------------------- score files
+
+
+def _npy_header_only(shape: tuple[int, ...], dtype: str = "<f4") -> bytes:
+    """An .npy stream declaring ``shape`` followed by a few bytes: what a compressed bomb's
+    first kilobyte looks like (its zeros need not be written for the header to be read)."""
+    buf = io.BytesIO()
+    header = {"descr": dtype, "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(buf, header)
+    return buf.getvalue() + bytes(64)
+
+
+@pytest.mark.parametrize(
+    ("shape", "bounds", "says"),
+    [
+        ((1 << 20, 400), ScoreBounds.for_dataset(100, 400), "rows"),
+        ((50, 1 << 20), ScoreBounds.for_dataset(100, 400), "columns"),
+        ((10, 1 << 20), ScoreBounds(), "columns"),
+    ],
+)
+@pytest.mark.parametrize("kind", ["npz", "npy"])
+def test_score_arrays_are_bounded_from_their_header(
+    tmp_path: Path, shape: tuple[int, int], bounds: ScoreBounds, says: str, kind: str
+) -> None:
+    path = tmp_path / f"scores.{kind}"
+    if kind == "npz":
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr("ids.npy", _npy_header_only((shape[0],), "<U8"))
+            zf.writestr("scores.npy", _npy_header_only(shape))
+    else:
+        path.write_bytes(_npy_header_only(shape))
+    with pytest.raises(VideoScoreError, match=f"declares shape .*{says}") as info:
+        read_one(path, ids_file=tmp_path / "ids.txt", bounds=bounds)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_score_npz_with_long_strings_or_objects_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "s.npz"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("ids.npy", _npy_header_only((10,), "<U100000000"))
+        zf.writestr("scores.npy", _npy_header_only((10, 3)))
+    with pytest.raises(VideoScoreError, match="strings over"):
+        read_one(path)
+
+
+def test_csv_with_a_huge_cell_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "s.csv"
+    rows = ["video_id,a,b"] + [f"v{i},0.1,0.9" for i in range(1500)]
+    rows[1200] = "v1199," + "9" * (5 << 20) + ",0.5"
+    path.write_text("\n".join(rows) + "\n", "utf-8")
+    bounds = ScoreBounds.for_dataset(2000, 2)
+    with pytest.raises(VideoScoreError, match="line 1201 is over") as info:
+        read_one(path, bounds=bounds)
+    assert len(str(info.value)) < 300
+    with pytest.raises(VideoScoreError, match="non-numeric") as info:  # generous bounds
+        read_one(path)
+    assert len(str(info.value)) < 300
+    # In the first rows the csv module's own limit would raise a bare csv.Error.
+    rows[1200] = "v1199,0.1,0.9"
+    rows[3] = "v2," + "7" * (5 << 20) + ",0.5"
+    path.write_text("\n".join(rows) + "\n", "utf-8")
+    with pytest.raises(VideoScoreError, match="line 4 is over"):
+        read_one(path, bounds=bounds)
+    with pytest.raises(VideoScoreError, match="malformed CSV .field larger") as info:
+        read_one(path)
+    assert len(str(info.value)) < 300
+
+
+def test_csv_with_more_columns_than_the_classes_need_is_refused_from_its_header(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.csv"
+    cols = [f"c{j}" for j in range(3000)]
+    path.write_text("video_id," + ",".join(cols) + "\nv0," + ",".join(["0"] * 3000) + "\n")
+    with pytest.raises(VideoScoreError, match="3001 columns, over the 1005"):
+        read_one(path, bounds=ScoreBounds.for_dataset(10, 5))
+    wide = tmp_path / "wide.csv"  # 10^6 columns: the header line alone is refused
+    with open(wide, "w") as fh:
+        fh.write("video_id," + ",".join(f"c{j}" for j in range(10**6)) + "\n")
+    with pytest.raises(VideoScoreError, match="line 1 is over"):
+        read_one(wide)
+
+
+def test_annotation_file_with_a_huge_cell_is_one_line(tmp_path: Path) -> None:
+    scores = tmp_path / "s.npy"
+    np.save(scores, np.zeros((2, 3), np.float32))
+    ann = tmp_path / "ann.csv"
+    ann.write_text("video_id,label\nv0,a\nv1," + "x" * (5 << 20) + "\n", "utf-8")
+    with pytest.raises(VideoScoreError, match="field larger than") as info:
+        read_one(scores, ids_file=ann)
+    assert str(ann) in str(info.value) and len(str(info.value)) < 300
+    ann.write_text("video_id,label\nv0,a\nv1," + "x" * (8 << 20) + "\n", "utf-8")
+    with pytest.raises(VideoScoreError, match="line 3 is over") as info:
+        read_one(scores, ids_file=ann)
+    assert len(str(info.value)) < 300

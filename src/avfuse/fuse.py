@@ -61,6 +61,7 @@ from avfuse.video_scores import (
     ClassAlignment,
     Format,
     IdMatch,
+    ScoreBounds,
     VideoScoreError,
     VideoScores,
     align_classes,
@@ -451,7 +452,11 @@ def fuse(cfg: FuseConfig, executor: Executor | None = None) -> FuseResult:
     audio = _load_audio(audio_path)
     split = cfg.split or _infer_split(audio.ids)
     video = read_video_scores(
-        cfg.video_scores, cfg.video_format, cfg.video_ids or cfg.annotations, cfg.video_label_map
+        cfg.video_scores,
+        cfg.video_format,
+        cfg.video_ids or cfg.annotations,
+        cfg.video_label_map,
+        ScoreBounds.for_dataset(len(manifest), len(classes)),
     )
     ev = _build_views(manifest, split, classes, audio, audio_path, video, cfg, "evaluated")
     del audio, video  # the views hold what is needed; at Kinetics scale these are ~150 MB
@@ -587,7 +592,11 @@ def _fuse_heldout(
     assert cfg.heldout_audio is not None
     h_audio = _load_audio(Path(cfg.heldout_audio))
     h_video = read_video_scores(
-        cfg.heldout_video, cfg.video_format, cfg.heldout_video_ids, cfg.video_label_map
+        cfg.heldout_video,
+        cfg.video_format,
+        cfg.heldout_video_ids,
+        cfg.video_label_map,
+        ScoreBounds.for_dataset(len(manifest), len(classes)),
     )
     ho = _build_views(
         manifest, None, classes, h_audio, Path(cfg.heldout_audio), h_video, cfg, "held-out"

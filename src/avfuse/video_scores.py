@@ -24,6 +24,11 @@ Formats (chosen by extension, or forced with ``fmt``):
 Annotation files giving the row order: mmaction2 lists (``path label`` or
 ``path total_frames label`` lines), a plain id list, a CSV with a ``video_id`` / ``id`` column,
 or the Kinetics CSV (``label,youtube_id,time_start,time_end,split``).
+
+Every reader bounds what it allocates by what the data set can need (:class:`ScoreBounds`:
+rows from the manifest's size, columns from the class count) and checks it from what the file
+declares before allocating: an ``.npy`` header's shape and dtype (an 8 MB ``.npz`` of zeros
+declares 8 GiB), a CSV's header width and line lengths (a 5 MB cell, 10^6 columns).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import csv
 import io
 import re
 import unicodedata
+import zipfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -65,6 +71,107 @@ class VideoScoreError(ValueError):
 
 class AmbiguousIdError(VideoScoreError):
     """Two videos of the manifest normalise to the same key."""
+
+
+@dataclass(frozen=True)
+class ScoreBounds:
+    """The most rows and columns a score file of this data set can need.
+
+    ``rows``: a file may score videos the manifest lacks, but not without limit; ``columns``:
+    a video model may know classes the data set lacks (a Kinetics-700 model on Kinetics-400).
+    Defaults (no data set at hand) are generous; :meth:`for_dataset` tightens them.
+    """
+
+    rows: int = 10_000_000
+    columns: int = 100_000
+    # Longest text an id or class name may take (``U`` dtype itemsize / CSV cell), in chars.
+    text: int = 4096
+
+    @classmethod
+    def for_dataset(cls, n_videos: int, n_classes: int) -> ScoreBounds:
+        return cls(rows=2 * n_videos + 10_000, columns=n_classes + max(n_classes, 1000))
+
+    @property
+    def line_bytes(self) -> int:
+        """Longest CSV line: every column a number or a short name, plus an id."""
+        return (self.columns + 16) * 64 + 4 * self.text
+
+    def check_array(self, path: Path, key: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        """Refuse an array the data set cannot need, from its declared shape and dtype."""
+        what = f"{path}: array {key!r} declares shape {shape} {dtype}"
+        if dtype.hasobject:
+            raise VideoScoreError(f"{what}: Python objects are not scores")
+        if dtype.kind in "US" and dtype.itemsize > 4 * self.text:
+            raise VideoScoreError(f"{what}: strings over {self.text} characters")
+        if len(shape) > 2:
+            raise VideoScoreError(f"{what}: more than 2 dimensions")
+        if shape and shape[0] > self.rows:
+            raise VideoScoreError(f"{what}: over {self.rows} rows (the data set needs fewer)")
+        if len(shape) == 2 and shape[1] > self.columns:
+            raise VideoScoreError(
+                f"{what}: over {self.columns} columns (the class list needs fewer)"
+            )
+
+
+def _npy_header(fh: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype an ``.npy`` stream declares, reading its header only."""
+    version = np.lib.format.read_magic(fh)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+    else:
+        shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+    return tuple(shape), np.dtype(dtype)
+
+
+def check_npy(path: Path, bounds: ScoreBounds) -> None:
+    """Check the arrays an ``.npy`` / ``.npz`` file declares before numpy allocates them."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                for info in zf.infolist():
+                    with zf.open(info) as fh:
+                        shape, dtype = _npy_header(fh)
+                    bounds.check_array(path, info.filename.removesuffix(".npy"), shape, dtype)
+        else:
+            with open(path, "rb") as fh:
+                shape, dtype = _npy_header(fh)
+            bounds.check_array(path, "", shape, dtype)
+    except VideoScoreError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, NotImplementedError) as exc:
+        raise VideoScoreError(f"{path}: not a readable numpy file ({_short(exc)})") from None
+
+
+def _short(exc: BaseException, n: int = 160) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def check_lines(path: Path, max_bytes: int) -> None:
+    """Refuse a text file with a line over ``max_bytes`` (scanned in 1 MB blocks, vectorised),
+    before a parser holds such a line, or a cell of it, in memory."""
+    line_no, run = 1, 0  # run: bytes of the current line seen so far
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            ends = np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10)
+            if ends.size:
+                lengths = np.diff(np.concatenate([[-run - 1], ends])) - 1
+                over = np.flatnonzero(lengths > max_bytes)
+                if over.size:
+                    line_no += int(over[0])
+                    run = max_bytes + 1
+                    break
+                line_no += ends.size
+                run = len(chunk) - 1 - int(ends[-1])
+            else:
+                run += len(chunk)
+            if run > max_bytes:
+                break
+    if run > max_bytes:
+        raise VideoScoreError(
+            f"{path}: line {line_no} is over {max_bytes} bytes (a cell or header far larger "
+            "than any score table needs)"
+        )
 
 
 @dataclass
@@ -353,9 +460,19 @@ def read_annotations(path: str | Path) -> tuple[list[str], RowLabels | None]:
     """
     path = Path(path)
     try:
+        check_lines(path, ScoreBounds().line_bytes)
         text = path.read_text("utf-8-sig")
     except OSError as exc:
         raise VideoScoreError(f"{path}: cannot read annotations ({exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise VideoScoreError(f"{path}: annotations are not UTF-8 text ({exc.reason})") from None
+    try:
+        return _parse_annotations(path, text)
+    except csv.Error as exc:
+        raise VideoScoreError(f"{path}: malformed CSV ({_short(exc)})") from None
+
+
+def _parse_annotations(path: Path, text: str) -> tuple[list[str], RowLabels | None]:
     lines = [ln for ln in text.splitlines() if ln.strip()]
     if not lines:
         raise VideoScoreError(f"{path}: annotation / id file is empty")
@@ -401,7 +518,8 @@ def read_annotations(path: str | Path) -> tuple[list[str], RowLabels | None]:
 # --------------------------------------------------------------------------- readers
 
 
-def _load_npz(path: Path) -> VideoScores:
+def _load_npz(path: Path, bounds: ScoreBounds) -> VideoScores:
+    check_npy(path, bounds)
     try:
         z = np.load(path, allow_pickle=False)
     except Exception as exc:
@@ -469,7 +587,8 @@ def _with_ids(
     )
 
 
-def _load_npy(path: Path) -> VideoScores:
+def _load_npy(path: Path, bounds: ScoreBounds) -> VideoScores:
+    check_npy(path, bounds)
     try:
         arr = np.load(path, allow_pickle=False)
     except Exception as exc:
@@ -482,11 +601,25 @@ def _find(cols: list[str], names: Sequence[str]) -> str | None:
     return next((low[n] for n in names if n in low), None)
 
 
-def _load_csv(path: Path) -> VideoScores:
+def _load_csv(path: Path, bounds: ScoreBounds) -> VideoScores:
     sep = "\t" if path.suffix.lower() == ".tsv" else ","
+    # Lines (so cells) bounded before any parser holds one; the header's width before pandas
+    # builds a frame of 10^6 columns.
+    check_lines(path, bounds.line_bytes)
     # pandas silently turns one extra field per row into an index column: check the widths.
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        head = [r for _, r in zip(range(1000), csv.reader(fh, delimiter=sep), strict=False) if r]
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            rows = csv.reader(fh, delimiter=sep)
+            head = [r for _, r in zip(range(1000), rows, strict=False) if r]
+    except csv.Error as exc:
+        raise VideoScoreError(f"{path}: malformed CSV ({_short(exc)})") from None
+    except UnicodeDecodeError as exc:
+        raise VideoScoreError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    if head and len(head[0]) > bounds.columns + len(_META_COLUMNS) + 1:
+        raise VideoScoreError(
+            f"{path}: the header has {len(head[0])} columns, over the {bounds.columns} "
+            "the class list can need"
+        )
     for n, r in enumerate(head[1:], start=2):
         if len(r) != len(head[0]):
             raise VideoScoreError(
@@ -510,7 +643,9 @@ def _load_csv(path: Path) -> VideoScores:
     except pd.errors.EmptyDataError as exc:
         raise VideoScoreError(f"{path}: empty CSV file") from exc
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
-        raise VideoScoreError(f"{path}: malformed CSV ({exc})") from exc
+        raise VideoScoreError(f"{path}: malformed CSV ({_short(exc)})") from None
+    if len(df) > bounds.rows:
+        raise VideoScoreError(f"{path}: {len(df)} rows, over the {bounds.rows} the data set needs")
     if df.empty:
         raise VideoScoreError(f"{path}: CSV has a header but no rows (empty file)")
     cols = hcols if usecols is not None else [str(c) for c in df.columns]
@@ -640,8 +775,8 @@ def _csv_numbers(values: pd.DataFrame, path: Path, what: str) -> np.ndarray:
     if bad.any():
         r, c = (int(x) for x in np.argwhere(bad)[0])
         raise VideoScoreError(
-            f"{path}: {int(bad.sum())} non-numeric {what} (e.g. {values.iat[r, c]!r} in "
-            f"column {values.columns[c]!r}, data row {r + 1})"
+            f"{path}: {int(bad.sum())} non-numeric {what} (e.g. {str(values.iat[r, c])[:40]!r} "
+            f"in column {str(values.columns[c])[:80]!r}, data row {r + 1})"
         )
     return arr
 
@@ -654,16 +789,26 @@ def _raise_bad_cell(path: Path, sep: str, class_cols: list[str], exc: Exception)
         _csv_numbers(values, path, "scores")
     except VideoScoreError as bad:
         raise bad from exc
-    raise VideoScoreError(f"{path}: malformed CSV ({exc})") from exc
+    raise VideoScoreError(f"{path}: malformed CSV ({_short(exc)})") from exc
 
 
-def _as_array(x: Any) -> np.ndarray:
+def _as_array(x: Any, limit: int | None = None, path: Path | None = None) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().float().numpy()
-    return np.asarray(x, dtype=np.float64).reshape(-1)
+    if limit is not None and isinstance(x, list | tuple) and len(x) > limit:
+        raise VideoScoreError(f"{path}: a score vector of {len(x)} values, over {limit} classes")
+    try:
+        out = np.asarray(x, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise VideoScoreError(
+            f"{path}: a score vector that is not numbers ({_short(exc)})"
+        ) from None
+    if limit is not None and out.size > limit:
+        raise VideoScoreError(f"{path}: a score vector of {out.size} values, over {limit} classes")
+    return out
 
 
-def _load_pkl(path: Path) -> VideoScores:
+def _load_pkl(path: Path, bounds: ScoreBounds) -> VideoScores:
     try:
         obj = load_pickle(path)
     except (UnsafePickleError, CorruptPickleError) as exc:
@@ -671,9 +816,14 @@ def _load_pkl(path: Path) -> VideoScores:
     except OSError as exc:
         raise VideoScoreError(f"{path}: cannot read the pickle ({exc})") from None
     if isinstance(obj, np.ndarray):
+        bounds.check_array(path, "", obj.shape, obj.dtype)
         return _with_ids(obj, None, None, path)
     if not isinstance(obj, list | tuple) or not obj:
         raise VideoScoreError(f"{path}: expected a non-empty list of per-video scores")
+    if len(obj) > bounds.rows:
+        raise VideoScoreError(
+            f"{path}: {len(obj)} items, over the {bounds.rows} the data set needs"
+        )
     rows = []
     for i, item in enumerate(obj):
         if isinstance(item, dict):
@@ -685,9 +835,9 @@ def _load_pkl(path: Path) -> VideoScores:
             val = item[key]
             if isinstance(val, dict) and "item" in val:  # mmaction 1.0 LabelData
                 val = val["item"]
-            rows.append(_as_array(val))
+            rows.append(_as_array(val, bounds.columns, path))
         else:
-            rows.append(_as_array(item))
+            rows.append(_as_array(item, bounds.columns, path))
     widths = Counter(len(r) for r in rows)
     if len(widths) != 1:
         raise VideoScoreError(f"{path}: score vectors of different lengths {dict(widths)}")
@@ -707,7 +857,10 @@ def _dump_labels(obj: Sequence[Any], path: Path) -> RowLabels | None:
             val = val["item"]
         if val is None:
             return None
-        flat = _as_array(val)
+        try:
+            flat = _as_array(val, 1 << 16, path)
+        except VideoScoreError:
+            return None
         if flat.size != 1 or not np.isfinite(flat[0]):
             return None  # multi-label or missing: nothing to check against
         out.append(int(flat[0]))
@@ -730,15 +883,20 @@ def read_one(
     fmt: Format = "auto",
     ids_file: str | Path | None = None,
     label_map: str | Path | None = None,
+    bounds: ScoreBounds | None = None,
 ) -> VideoScores:
-    """Read one file; unnamed rows take their ids from ``ids_file`` (ids or annotations)."""
+    """Read one file; unnamed rows take their ids from ``ids_file`` (ids or annotations).
+
+    ``bounds``: the most rows and columns the data set can need (default: generous limits).
+    """
     path = Path(path)
+    bounds = bounds or ScoreBounds()
     if not path.exists():
         raise VideoScoreError(f"{path}: file not found")
     if path.stat().st_size == 0:
         raise VideoScoreError(f"{path}: empty file")
     kind = detect_format(path) if fmt == "auto" else fmt
-    vs = _READERS[kind](path)
+    vs = _READERS[kind](path, bounds)
     if "unnamed rows" in vs.notes:
         if ids_file is None:
             raise VideoScoreError(
@@ -773,6 +931,7 @@ def read_video_scores(
     fmt: Format = "auto",
     ids_file: str | Path | None = None,
     label_map: str | Path | None = None,
+    bounds: ScoreBounds | None = None,
 ) -> VideoScores:
     """Read and stack one or more score files (parts of one model's output).
 
@@ -781,7 +940,7 @@ def read_video_scores(
     """
     if not paths:
         raise VideoScoreError("no video score file given")
-    parts = [read_one(p, fmt, ids_file, label_map) for p in paths]
+    parts = [read_one(p, fmt, ids_file, label_map, bounds) for p in paths]
     if len(parts) == 1:
         return parts[0]
     first = parts[0]
