@@ -11,16 +11,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from avfuse import cli
 from avfuse.checkpoint import FORMAT, load_checkpoint
 from avfuse.config import read_mapping
+from avfuse.io import write_table
 from avfuse.model_config import TrainConfig
 from avfuse.models import build_model, load_init
+from avfuse.predict import PredictConfig, predict
 from avfuse.safe_pickle import CorruptCheckpointError, OversizeError, load_pickle, load_torch
+from avfuse.scores import ScoreFile
+from avfuse.store import ShardWriter, commit_index
 from avfuse.video_scores import ScoreBounds, VideoScoreError, read_one
+from tests.synthetic import make_synthetic_work
 
 
 def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
@@ -391,3 +397,61 @@ def test_annotation_file_with_a_huge_cell_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(VideoScoreError, match="line 3 is over") as info:
         read_one(scores, ids_file=ann)
     assert len(str(info.value)) < 300
+
+
+# --------------------------------------------------------------------------- non-finite data
+
+
+def _work_with_a_nan_video(work: Path, split: str) -> str:
+    """A generated work folder plus one video of ``split`` whose features hold a NaN."""
+    man = make_synthetic_work(work, n_classes=2, videos_per_class=3, frames_range=(100, 200))
+    vid = f"{split}/class_01/nan"
+    x = np.full((150, 64), -4.0, np.float32)
+    x[70, 5] = np.nan
+    sw = ShardWriter(work / "features", n_mels=64, prefix="extra")
+    sw.add(vid, x)
+    index = pd.read_parquet(work / "features" / "index.parquet")
+    commit_index(work / "features", index.to_dict("records") + sw.close())
+    row = man.iloc[[-1]].assign(video_id=vid, split=split, label="class_01", label_index=1)
+    write_table(pd.concat([man, row], ignore_index=True), work / "manifest.parquet")
+    return vid
+
+
+def test_nan_features_never_give_ok_scores(tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    vid = _work_with_a_nan_video(work, "val")
+    model = build_model("resnet", 2, 0.25, 0.0, n_mels=64, frames=96)
+    ckpt = _checkpoint(
+        model=model.state_dict(),
+        model_spec={"name": "resnet", "width": 0.25, "dropout": 0.0, "n_mels": 64, "frames": 96},
+        classes=["class_00", "class_01"],
+        norm={"mean": torch.full((64,), -4.0), "std": torch.ones(64)},
+        frontend_hash="synthetic",
+        window=96,
+    )
+    path = tmp_path / "c.pt"
+    torch.save(ckpt, path)
+    res = predict(PredictConfig(work, checkpoint=str(path), amp="off", device="cpu"))
+    assert res is not None
+    sf = ScoreFile.load(res.path)
+    st = dict(zip(sf.ids.tolist(), sf.status.tolist(), strict=True))
+    assert st[vid] == "non_finite"
+    assert np.isnan(sf.select([vid]).scores).all()
+    others = sf.has_scores
+    assert others.sum() == len(sf.ids) - 1
+    assert np.isfinite(sf.scores[others]).all()
+    np.testing.assert_allclose(sf.scores[others].sum(1), 1.0, rtol=1e-5)
+
+
+def test_training_on_nan_features_stops_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    work = tmp_path / "w"
+    _work_with_a_nan_video(work, "train")
+    args = ["train", str(work), "--model", "resnet", "--width", "0.125", "--epochs", "2"]
+    args += ["--device", "cpu", "--amp", "off", "--num-workers", "0", "--no-progress"]
+    args += ["--set", "min_steps=1", "--set", "batch_size=4"]
+    assert cli.main(args) == 2
+    line = _one_error_line(capsys)
+    assert "training stopped" in line and "loss nan" in line and "NaN or infinite features" in line
+    assert not (work / "runs" / "audio" / "best.pt").exists()

@@ -9,7 +9,9 @@ table as ``audio_val.csv``. A video is scored from every 96-frame window (hop ``
 * ``max``: per class, the largest window probability (rows do not sum to one).
 
 Videos without usable audio keep a row with NaN scores, ``n_windows`` 0 and their status
-(``no_audio``, ``silent``, ``too_short``, ``not_in_store`` ...). A clip shorter than one window
+(``no_audio``, ``silent``, ``too_short``, ``not_in_store`` ...). A video whose scores come out
+NaN or infinite (NaN in its features or embeddings) is never ``ok``: its row gets status
+``non_finite`` and NaN scores, and a warning names it. A clip shorter than one window
 is scored from one window padded per ``short_clips`` (default: the policy the checkpoint was
 trained with) and its row has status ``padded``; with ``drop`` it stays unscored (``too_short``). Under ``torchrun`` the videos are split
 between ranks (each video exactly once) and rank 0 writes the file.
@@ -44,6 +46,9 @@ from avfuse.scoring import (
 from avfuse.workdir import WorkDir
 
 log = D.get_logger(__name__)
+
+# Status of a row whose scores came out NaN or infinite (never ``ok``: fusion would spread them).
+NON_FINITE = "non_finite"
 
 
 @dataclass
@@ -135,12 +140,26 @@ def _predict(cfg: PredictConfig) -> PredictResult | None:
         D.barrier()
         return None
     table: dict[str, tuple[np.ndarray | None, int, str]] = {}
+    non_finite: list[str] = []
     for vid, st in status.items():
         if st in SCORED:
             s, n = scored[vid]
-            table[vid] = (s, n, st)
+            if not np.isfinite(s).all():
+                non_finite.append(vid)
+                table[vid] = (None, n, NON_FINITE)
+            else:
+                table[vid] = (s, n, st)
         else:
             table[vid] = (None, 0, st)
+    if non_finite:
+        log.warning(
+            "%d video(s) scored NaN or infinite, status %s (e.g. %s): their features or "
+            "embeddings in %s hold non-finite values; recompute them with --force",
+            len(non_finite),
+            NON_FINITE,
+            ", ".join(sorted(non_finite)[:5]),
+            store.root,
+        )
     meta = {
         "producer": "avfuse.predict",
         "checkpoint": str(ckpt_path),

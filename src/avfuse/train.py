@@ -99,6 +99,10 @@ from avfuse.workdir import WorkDir
 log = D.get_logger(__name__)
 
 
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite: training stops (exit 2) instead of saving NaN weights."""
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -939,6 +943,17 @@ class _Run:
         for x, y, _ in bar:
             lv, correct = self.step(x, y)
             step_in_epoch += 1
+            if not math.isfinite(lv):
+                # Every later step would train on NaN weights and save them as the model.
+                cause = (
+                    "the batch holds NaN or infinite features (recompute them with --force)"
+                    if not bool(torch.isfinite(x).all())
+                    else "the learning rate may be too high (lower --lr)"
+                )
+                raise TrainingDivergedError(
+                    f"{self.run_dir}: training stopped at epoch {epoch + 1} step "
+                    f"{step_in_epoch}, loss {lv}: {cause}; checkpoints written before are kept"
+                )
             n = len(y)
             sums[0] += lv * n
             sums[1] += correct
