@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from avfuse.io import PathEscapeError, atomic_write, write_json
+from avfuse.io import PathEscapeError, RecordLog, atomic_write, write_json
 from avfuse.lock import LOCK_NAME, WorkFolderBusyError, work_lock
 from avfuse.manifest import ScanConfig, scan
 from tests.media import make_dataset
@@ -109,13 +109,25 @@ def test_a_folder_linked_outside_the_work_folder_is_never_written_into(tmp_path:
         write_json(work / "scores" / "x.json", {"a": 1})
     assert "x.json" in str(info.value) and "leads out of the work folder" in str(info.value)
     assert list(outside.iterdir()) == []
-    # The audio folder of extract: each video fails with the reason, nothing lands outside.
+    # The audio folder of extract: refused before anything is written or deleted there.
     (work / "audio").symlink_to(outside, target_is_directory=True)
-    out = _cli(["extract", str(work), "--num-workers", "0", "--no-progress"], tmp_path)
-    assert out.returncode == 0, out.stderr
-    assert list(outside.rglob("*")) == []
-    failures = (work / "extract_failures.csv").read_text()
-    assert failures.count("leads out of the work folder") == 3
+    planted = outside / "train" / "a" / ".x1.flac.tmp-1-deadbeef.flac"  # looks like ours
+    planted.parent.mkdir(parents=True)
+    planted.write_bytes(PRECIOUS)
+    line = _one_line_error(_cli(["extract", str(work), "--num-workers", "0"], tmp_path))
+    assert "leads out of the work folder" in line and "audio" in line
+    assert [p for p in outside.rglob("*") if p.is_file()] == [planted]
+    assert planted.read_bytes() == PRECIOUS
+    # A record log whose folder links out is not cleared through the link.
+    parts = outside / "parts"
+    parts.mkdir()
+    (parts / "part-1.parquet").write_bytes(PRECIOUS)
+    (work / "extract").mkdir(exist_ok=True)
+    (work / "extract" / "parts").symlink_to(parts, target_is_directory=True)
+    with work_lock(work), pytest.raises(PathEscapeError):
+        RecordLog(work / "extract" / "parts").clear()
+    assert (parts / "part-1.parquet").read_bytes() == PRECIOUS
+    (work / "extract" / "parts").unlink()
     (work / "audio").unlink()
     out = _cli(["extract", str(work), "--num-workers", "0", "--no-progress"], tmp_path)
     assert out.returncode == 0, out.stderr

@@ -56,6 +56,7 @@ from avfuse.config import Config, load_config, num_workers_field, save_config, s
 from avfuse.io import (
     INPUTS,
     RecordLog,
+    check_inside_work,
     committed_from,
     error_reason,
     inputs_key,
@@ -357,8 +358,10 @@ def _remove_outputs(work: Path, prior: pd.DataFrame, fmt: str) -> None:
         return
     for rel in prior["audio_path"]:
         if rel and not str(rel).endswith(f".{fmt}"):
+            old = safe_join(work, str(rel))
+            check_inside_work(old)
             with contextlib.suppress(FileNotFoundError):
-                (work / str(rel)).unlink()
+                old.unlink()
 
 
 def extract(cfg: ExtractConfig, executor: Executor | None = None) -> ExtractResult:

@@ -61,6 +61,7 @@ from avfuse.config import Config, load_config, num_workers_field, save_config, s
 from avfuse.io import (
     INPUTS,
     RecordLog,
+    check_inside_work,
     committed_from,
     error_reason,
     inputs_key,
@@ -345,6 +346,7 @@ def _check_previous(store: Path, cfg: FeaturesConfig) -> None:
 
 
 def _clear(store: Path) -> None:
+    check_inside_work(store, folder=True)  # never delete through a link out of WORK
     for name in (META, INDEX):
         with contextlib.suppress(FileNotFoundError):
             (store / name).unlink()

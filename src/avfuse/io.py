@@ -116,18 +116,20 @@ def work_root_of(path: str | Path) -> Path | None:
         folder = up
 
 
-def check_inside_work(path: str | Path) -> None:
-    """Refuse to write ``path`` when a symbolic link below its work folder leads out of it.
+def check_inside_work(path: str | Path, folder: bool = False) -> None:
+    """Refuse to write (or delete) ``path`` when a symbolic link below its work folder leads
+    out of it; with ``folder``, ``path`` is a folder whose contents are written or deleted.
 
     The work folder itself may be a link (it is resolved first); a folder inside it that
     links elsewhere would make a write land outside, where it may replace someone's file.
     Paths outside any work folder (an ``--output`` the user named) are not checked.
     """
-    root = work_root_of(path)
+    where = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
+    root = work_root_of(os.path.join(where, LOCK_NAME))
     if root is None:
         return
     real_root = os.path.realpath(root)
-    real_parent = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    real_parent = os.path.realpath(where)
     if os.path.commonpath([real_root, real_parent]) != real_root:
         raise PathEscapeError(
             f"a symbolic link leads out of the work folder {_shown_path(root)}: refusing to "
@@ -332,6 +334,7 @@ def remove_stale_temporaries(folder: str | Path) -> int:
     folder = Path(folder)
     if not folder.exists():
         return 0
+    check_inside_work(folder, folder=True)
     n = 0
     for p in folder.rglob(f"*{TMP_MARK}*"):
         if p.is_file():
@@ -413,6 +416,7 @@ class RecordLog:
         return table
 
     def clear(self) -> None:
+        check_inside_work(self.folder, folder=True)
         for p in self.parts():
             p.unlink()
 

@@ -32,7 +32,14 @@ import numpy as np
 import pandas as pd
 
 from avfuse import __version__
-from avfuse.io import atomic_write, read_json, read_table, write_json, write_table
+from avfuse.io import (
+    atomic_write,
+    check_inside_work,
+    read_json,
+    read_table,
+    write_json,
+    write_table,
+)
 
 META = "store.json"
 INDEX = "index.parquet"
@@ -201,6 +208,7 @@ def remove_unreferenced_shards(root: str | Path, keep: set[str]) -> int:
     n = 0
     shard_dir = Path(root) / SHARDS
     if shard_dir.exists():
+        check_inside_work(shard_dir, folder=True)  # never delete through a link out of WORK
         for p in shard_dir.iterdir():
             if p.name not in keep:
                 p.unlink()

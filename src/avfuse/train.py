@@ -77,7 +77,7 @@ from avfuse.data import (
     compute_norm_stats,
     store_window,
 )
-from avfuse.io import atomic_write
+from avfuse.io import atomic_write, check_inside_work
 from avfuse.manifest import load_classes, load_manifest
 from avfuse.metrics import metrics as score_metrics
 from avfuse.model_config import CARVE, HELDOUT, TrainConfig
@@ -810,6 +810,7 @@ class _Run:
         cfg, run_dir = self.cfg, self.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, WorkDir(cfg.work).run_config(cfg.name))
+        check_inside_work(self.tb_dir, folder=True)  # the curves are written there directly
         if fresh and self.tb_dir.exists():
             shutil.rmtree(self.tb_dir)  # a fresh run must not mix curves with an old one
         _trim_metrics(self.metrics_path, self.start_epoch)

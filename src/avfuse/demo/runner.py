@@ -158,7 +158,9 @@ _DEMO_OUTPUTS = ("video_model",)
 def _clean_work(work: Path) -> None:
     """Remove the demo's outputs from ``work`` (only names the pipeline writes)."""
     for p in (*WorkDir(work).written, *(work / n for n in _DEMO_OUTPUTS)):
-        if p.is_dir():
+        if p.is_symlink():
+            p.unlink()  # the link only: never what it points to
+        elif p.is_dir():
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
