@@ -146,7 +146,7 @@ def _kinetics(path: Path, rows: list[tuple[str, str, int, int, str]]) -> Path:
 
 
 @pytest.mark.parametrize(
-    "bad", [(".", "train"), ("..", "train"), ("a", "."), ("a", ".."), (" ", "train")]
+    "bad", [(".", "train"), ("..", "train"), ("a", "."), ("a", ".."), (" ", "train"), ("a", "")]
 )
 def test_a_dot_label_or_split_in_a_kinetics_csv_is_refused_naming_the_line(
     tmp_path: Path, bad: tuple[str, str]
@@ -156,7 +156,7 @@ def test_a_dot_label_or_split_in_a_kinetics_csv_is_refused_naming_the_line(
     label, split = bad
     rows = [("a", "aaa", 0, 1, "train"), (label, "bbb", 0, 1, split)]
     table = _kinetics(tmp_path / "train.csv", rows)
-    with pytest.raises(AnnotationError, match=r"train\.csv:3: (label|split) "):
+    with pytest.raises(AnnotationError, match=r"train\.csv:3: (label|split|empty split)"):
         scan(ScanConfig(root=root, work=tmp_path / "w", annotations=(table,)))
     args = ["--annotations", str(table)]
     out = subprocess.run(
@@ -169,3 +169,23 @@ def test_a_dot_label_or_split_in_a_kinetics_csv_is_refused_naming_the_line(
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "train.csv:3" in out.stderr
     assert not (tmp_path / "w" / "manifest.parquet").exists()
+
+
+@pytest.mark.parametrize("which", ["annotations", "classes"])
+def test_a_fifo_as_annotation_or_class_file_is_refused_not_waited_on(
+    tmp_path: Path, which: str
+) -> None:
+    root = tmp_path / "k"
+    _video(root / "train" / "a" / "aaa_000000_000001.mp4", 440.0)
+    fifo = tmp_path / "named.pipe"
+    os.mkfifo(fifo)
+    args = ["--annotations", str(fifo)] if which == "annotations" else ["--classes", str(fifo)]
+    out = subprocess.run(
+        [sys.executable, "-m", "avfuse", "scan", str(root), "-o", str(tmp_path / "w"), *args],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO)])),
+        timeout=120,
+    )
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "named.pipe" in out.stderr and "not a regular file" in out.stderr

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -265,6 +266,25 @@ def write_csv(df: pd.DataFrame, path: str | Path, **to_csv: Any) -> Path:
     with atomic_write(path) as tmp:
         csv_safe_frame(df).to_csv(tmp, **to_csv)
     return path
+
+
+def read_regular_text(path: str | Path, encoding: str = "utf-8") -> str:
+    """The text of a file a user named, which must be a regular file.
+
+    Opened without blocking and checked before reading: a FIFO would block the read forever
+    and a device (``/dev/zero``) would never end. Raises ``OSError`` naming the file.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, f"{_shown_path(path)} is not a regular file")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read()
+    finally:
+        os.close(fd)
+    return data.decode(encoding)
 
 
 def write_json(path: str | Path, data: Any) -> Path:

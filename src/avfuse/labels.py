@@ -14,6 +14,8 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+from avfuse.io import read_regular_text
+
 __all__ = [
     "ClassNameError",
     "class_key",
@@ -76,7 +78,7 @@ def read_label_map(path: str | Path) -> list[str]:
     """
     path = Path(path)
     try:
-        text = path.read_text("utf-8-sig")
+        text = read_regular_text(path, "utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise ClassNameError(f"{path}: cannot read the label map ({exc})") from exc
     lines = [nfc(ln.strip()) for ln in text.splitlines()]

@@ -41,7 +41,15 @@ import pandas as pd
 
 from avfuse import __version__
 from avfuse.config import Config, save_config
-from avfuse.io import atomic_write, csv_cell, error_reason, read_table, table_metadata, write_table
+from avfuse.io import (
+    atomic_write,
+    csv_cell,
+    error_reason,
+    read_regular_text,
+    read_table,
+    table_metadata,
+    write_table,
+)
 from avfuse.labels import kinetics_clip_name, match_class_names, nfc, read_label_map
 from avfuse.workdir import WorkDir
 
@@ -374,7 +382,7 @@ def _csv_records(csv_path: Path, cfg: ScanConfig) -> list[tuple[str, str | None,
     aliases = _aliases(cfg)
     out: list[tuple[str, str | None, str, str]] = []
     try:
-        text = csv_path.read_text("utf-8-sig")
+        text = read_regular_text(csv_path, "utf-8-sig")
     except UnicodeDecodeError as exc:
         raise AnnotationError(f"{csv_path}: not UTF-8 text ({exc.reason})") from None
     except OSError as exc:
@@ -410,8 +418,10 @@ def _csv_records(csv_path: Path, cfg: ScanConfig) -> list[tuple[str, str | None,
             label = nfc(row[cols["label"]]) if "label" in cols else ""
             if label and (problem := name_problem(label)):
                 raise AnnotationError(f"{where}: label {label!r} {problem}")
-            raw_split = nfc(row[cols["split"]]) if "split" in cols else ""
-            split = _split_name(raw_split or default_split, aliases)
+            raw_split = nfc(row[cols["split"]]) if "split" in cols else default_split
+            if not raw_split:
+                raise AnnotationError(f"{where}: empty split")
+            split = _split_name(raw_split, aliases)
             if problem := name_problem(split):
                 raise AnnotationError(f"{where}: split {split!r} {problem}")
             out.append((split, label or None, kinetics_clip_name(yt, t0, t1), where))
