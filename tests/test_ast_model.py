@@ -268,3 +268,11 @@ def test_raw_frontend_matches_folder_without_preprocessor(tmp_path: Path) -> Non
     d = save_folder(tmp_path / "m")
     (d / "preprocessor_config.json").unlink()
     assert ast_model.frontend_for(d) == FrontendConfig.ast()
+
+
+def test_store_of_another_front_end_is_named(folder: Path) -> None:
+    want = ast_model.frontend_for(folder)
+    assert ast_model.frontend_mismatch(want.hash(), folder) is None
+    # AudioSet's statistics, where the folder states its own.
+    msg = ast_model.frontend_mismatch(FrontendConfig.ast().hash(), folder)
+    assert msg is not None and "mean=-5.5, std=3.25" in msg

@@ -173,6 +173,19 @@ def frontend_for(folder: str | Path | None = None) -> FrontendConfig:
     return fe if n_mels == 128 else FrontendConfig(**{**_fields(fe), "n_mels": n_mels})
 
 
+def frontend_mismatch(store_hash: str, folder: str | Path | None) -> str | None:
+    """Why a feature store's front end is not the one ``folder``'s checkpoint expects, or
+    ``None`` when its hash is :func:`frontend_for`'s."""
+    want = frontend_for(folder)
+    if store_hash == want.hash():
+        return None
+    return (
+        f"the feature store's front end ({store_hash}) is not the one {folder} expects "
+        f"(FrontendConfig.ast(mean={want.norm_mean}, std={want.norm_std}), {want.hash()}): "
+        "the model sees other inputs than it was trained on"
+    )
+
+
 def _fields(cfg: FrontendConfig) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
 

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from avfuse import distributed as D
+from avfuse.ast_model import frontend_mismatch
 from avfuse.config import save_config, to_dict
 from avfuse.data import EvalWindows, NormStats, WindowDataset, store_window
 from avfuse.io import read_json, read_table
@@ -152,6 +153,8 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
     # A checkpoint-configured model (ast) takes windows of its own length only.
     window = int(arch["max_length"]) if arch else cfg.window or store_window(store)
     hop = cfg.hop or window
+    if arch and (why := frontend_mismatch(store.frontend_hash, cfg.init)):
+        log.warning("%s", why)
     model = build_model(cfg.model, 2, cfg.width, 0.0, n_mels=store.n_mels, frames=window, arch=arch)
     load_init(model, cfg.init)
     dim = embed_dim(model)

@@ -66,6 +66,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from avfuse import distributed as D
+from avfuse.ast_model import frontend_mismatch
 from avfuse.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from avfuse.checkpoint import load_checkpoint
 from avfuse.config import save_config, to_dict
@@ -640,6 +641,8 @@ def _train(
     arch = None if cfg.from_embeddings else model_arch(cfg.model, cfg.init, cfg.window)
     # A checkpoint-configured model (ast) fixes the window: its position embeddings' length.
     window = int(arch["max_length"]) if arch else cfg.window or store_window(store)
+    if arch and cfg.init and (why := frontend_mismatch(store.frontend_hash, cfg.init)):
+        log.warning("%s", why)
     classes = load_classes(work)
     if store.classes != classes:
         raise ValueError(f"feature store {store.root} has a different class list than {work}")
