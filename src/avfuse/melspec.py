@@ -15,7 +15,9 @@ the ``tensorflow/models`` ``research/audioset`` code) exactly:
 
 Other presets: ``FrontendConfig.avslowfast()`` (32/16 ms frames, 80 bands) and
 ``FrontendConfig.panns()`` (the PANNs / torchlibrosa front end of CNN14: 32 kHz, centred
-1024-sample frames, power spectrum, librosa's Slaney mel filterbank, decibels).
+1024-sample frames, power spectrum, librosa's Slaney mel filterbank, decibels) and
+``FrontendConfig.ast()`` (the Audio Spectrogram Transformer's Kaldi fbank: per-frame mean
+removal and pre-emphasis, 128 bands, ``ln(max(mel, eps))``, the checkpoint's normalisation).
 
 Speed comes from framing by strides (no copy of the signal), one batched float32 real FFT per
 chunk of frames (pocketfft via ``scipy.fft``, single-threaded, so worker processes do not
