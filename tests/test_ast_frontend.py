@@ -87,3 +87,15 @@ def test_kaldi_window_options() -> None:
     assert len({povey.hash(), hann.hash(), FrontendConfig().hash()}) == 3
     with pytest.raises(ValueError):
         FrontendConfig(preemphasis=1.5)
+
+
+def test_zero_padding_uses_the_kaldi_floor() -> None:
+    from types import SimpleNamespace
+
+    from avfuse.data import silence_level
+
+    fe = FrontendConfig.ast(mean=-3.0, std=2.0)
+    store = SimpleNamespace(frontend=fe.to_dict())
+    # What an all-zero recording's frames hold: the padding of a short clip is silence.
+    zeros = log_mel(np.zeros(SR, dtype=np.float32), fe)
+    assert silence_level(store) == pytest.approx(float(zeros[0, 0]), abs=1e-5)  # type: ignore[arg-type]
