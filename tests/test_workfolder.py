@@ -83,6 +83,20 @@ def test_a_lock_file_linked_outside_is_refused_and_never_truncated(
     assert victim.read_bytes() == PRECIOUS
 
 
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_a_lock_file_that_is_not_a_file_is_refused_in_one_line(tmp_path: Path, kind: str) -> None:
+    work = tmp_path / "w"
+    work.mkdir()
+    if kind == "folder":
+        (work / LOCK_NAME).mkdir()
+    else:
+        os.mkfifo(work / LOCK_NAME)
+    line = _one_line_error(_cli(["extract", str(work)], tmp_path))
+    assert line.endswith(
+        f"lock file {work / LOCK_NAME} is {'a folder' if kind == 'folder' else 'not a regular file'}: remove it"
+    )
+
+
 def test_outputs_linked_outside_are_replaced_not_written_through(tmp_path: Path) -> None:
     work = _scanned(tmp_path)
     victims = {}

@@ -67,6 +67,9 @@ class WorkFolderBusyError(RuntimeError):
 class LockFileError(OSError):
     """The lock file is not a plain file avfuse can own (a link, a hard link, a folder)."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)
+
 
 @dataclass(frozen=True)
 class Holder:
@@ -178,6 +181,8 @@ def _open_lock_file(path: Path) -> tuple[int, os.stat_result]:
                 errno.ELOOP,
                 f"lock file {path} is a symbolic link; avfuse never writes through one: remove it",
             ) from None
+        if exc.errno == errno.EISDIR:
+            raise LockFileError(errno.EISDIR, f"lock file {path} is a folder: remove it") from None
         raise
     st = os.fstat(fd)
     problem = (
