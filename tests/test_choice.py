@@ -154,3 +154,40 @@ def test_no_selection_split_keeps_the_network(tmp_path: Path) -> None:
     assert res.scores.meta["model_choice"]["chosen"] == "network"
     assert "no selection split" in res.scores.meta["model_choice"]["reason"]
     np.testing.assert_array_equal(res.scores.scores, net)
+
+
+def test_dynamics_statistics_by_hand() -> None:
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(7, 4))
+    got = bl.video_statistics(x, "dynamics")
+    t, n = x.shape
+    change = [[x[i + 1, b] - x[i, b] for i in range(t - 1)] for b in range(n)]
+    c = x - x.mean(0)
+    sweep = [
+        sum(c[i, b] * c[i + 1, b + 1] - c[i + 1, b] * c[i, b + 1] for i in range(t - 1)) / (t - 1)
+        for b in range(n - 1)
+    ] + [0.0]
+    expect = np.concatenate(
+        [
+            x.mean(0),
+            x.std(0),
+            [np.mean(np.abs(c)) for c in change],
+            [np.std(c) for c in change],
+            sweep,
+        ]
+    )
+    np.testing.assert_allclose(got, expect, atol=1e-12)
+    np.testing.assert_allclose(bl.video_statistics(x, "meanstd"), expect[:8], atol=1e-12)
+    np.testing.assert_array_equal(bl.video_statistics(x[:1])[8:], 0.0)
+
+
+def test_sweep_direction_is_what_mean_and_std_cannot_see() -> None:
+    t = np.arange(96)
+    up = np.zeros((96, 16))
+    up[t, (t // 2) % 16] = 1.0  # a ridge climbing one band every two frames
+    down = up[:, ::-1].copy()  # the same ridge descending: same per-band mean and std...
+    s_up = bl.video_statistics(up)
+    s_down = bl.video_statistics(down)
+    np.testing.assert_allclose(np.sort(s_up[:32]), np.sort(s_down[:32]))
+    # ...but the sweep term has opposite signs
+    assert (s_up[64:79] > 0).all() and (s_down[64:79] < 0).all()

@@ -248,7 +248,7 @@ def test_baseline_matches_an_independent_fit(tmp_path: Path) -> None:
     store = FeatureStore(work / "features")
     tr = man[man["split"] == "train"]
     ids = tr["video_id"].tolist()
-    fitted = fit_baseline(store, ids, tr["label_index"].to_numpy(), 3)
+    fitted = fit_baseline(store, ids, tr["label_index"].to_numpy(), 3, stats="meanstd")
     stats = np.stack(
         [
             np.concatenate(
