@@ -35,36 +35,49 @@ SR = 16000
 KINDS = ("noise_low", "chirp_up", "noise_high", "chirp_down", "noise_mid", "pulses")
 
 
-def synth(kind: str, seconds: float, rng: np.random.Generator) -> np.ndarray:
-    """``(samples,)`` float32 at 16 kHz of one class's sound, random level and phase."""
+def synth(kind: str, seconds: float, rng: np.random.Generator, shift: float = 0.0) -> np.ndarray:
+    """``(samples,)`` float32 at 16 kHz of one class's sound, random level and phase.
+
+    ``shift`` moves the timbre as another recording of the same class would: every frequency
+    times ``1 + shift``, chirp and pulse rates times ``1 - shift / 2``, and a background hiss
+    ``1 + 10 * shift`` times louder (0: the training sounds).
+    """
     n = max(1, round(seconds * SR))
     t = np.arange(n) / SR
     amp = 10 ** rng.uniform(-1.5, -0.5)
+    fs, rate = 1.0 + shift, 1.0 - shift / 2
     if kind.startswith("noise"):
         lo, hi = {"noise_low": (300, 800), "noise_mid": (1000, 1600), "noise_high": (2500, 4000)}[
             kind
         ]
+        lo, hi = lo * fs, hi * fs
         spec = np.fft.rfft(rng.standard_normal(n))
         f = np.fft.rfftfreq(n, 1 / SR)
         spec[(f < lo) | (f > hi)] = 0
         x = np.fft.irfft(spec, n)
         x = x / (np.abs(x).max() + 1e-9)
     elif kind == "pulses":
-        x = np.sin(2 * np.pi * 1200 * t) * (((t * 8 + rng.uniform()) % 1.0) < 0.3)
+        x = np.sin(2 * np.pi * 1200 * fs * t) * (((t * 8 * rate + rng.uniform()) % 1.0) < 0.3)
     else:
-        period = 0.4
+        period = 0.4 / rate
         phase = ((t / period) + rng.uniform()) % 1.0
         frac = phase if kind == "chirp_up" else 1 - phase
-        freq = 400 + 2600 * frac
+        freq = (400 + 2600 * frac) * fs
         x = np.sin(2 * np.pi * np.cumsum(freq) / SR)
-    x = amp * x + 0.003 * rng.standard_normal(n)
+    x = amp * x + 0.003 * (1.0 + 10.0 * shift) * rng.standard_normal(n)
     return x.astype(np.float32)
 
 
 def build(
-    work: Path, classes: int, per_split: dict[str, int], short_share: float, seed: int
+    work: Path,
+    classes: int,
+    per_split: dict[str, int],
+    short_share: float,
+    seed: int,
+    shift: dict[str, float] | None = None,
 ) -> pd.DataFrame:
-    """Manifest, class list and a feature store of generated clips (0.2-3 s)."""
+    """Manifest, class list and a feature store of generated clips (0.2-3 s); ``shift`` per
+    split moves that split's timbre (see :func:`synth`)."""
     fe = FrontendConfig()
     rng = np.random.default_rng(seed)
     names = list(KINDS[:classes])
@@ -76,7 +89,8 @@ def build(
                 short = j < round(short_share * n)
                 d = rng.uniform(0.2, 0.97) if short else rng.uniform(1.0, 3.0)
                 vid = f"{split}/{name}/c{j:03d}"
-                writer.add(vid, log_mel(synth(name, d, rng), fe))
+                sound = synth(name, d, rng, (shift or {}).get(split, 0.0))
+                writer.add(vid, log_mel(sound, fe))
                 rows.append(
                     {
                         "video_id": vid,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -318,7 +319,9 @@ def _val_loglik(scores: Path, work: Path) -> float:
     return float(np.log(np.clip(true, 1e-7, 1)).mean())
 
 
-def test_early_saturated_carve_out_keeps_the_later_better_epoch(tmp_path: Path) -> None:
+def test_early_saturated_carve_out_keeps_the_later_better_epoch(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     work = tmp_path / "sat"
     make_synthetic_work(
         work, n_classes=2, videos_per_class=10, frames_range=(100, 160), structured=False, seed=4
@@ -347,7 +350,8 @@ def test_early_saturated_carve_out_keeps_the_later_better_epoch(tmp_path: Path) 
                 (run / f"held{epoch}.pt").write_bytes((run / "best.pt").read_bytes())
 
     steps = 14 * 4 // 8  # 14 train videos x 4 windows / batch 8
-    res = train(cfg, on_step=look)
+    with caplog.at_level(logging.INFO, logger="avfuse"):
+        res = train(cfg, on_step=look)
     assert res is not None
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert {m["selection_n"] for m in lines} == {6} and res.selection_n == 6
@@ -360,6 +364,17 @@ def test_early_saturated_carve_out_keeps_the_later_better_epoch(tmp_path: Path) 
     assert int(load_checkpoint(run / "best.pt")["epoch"]) == res.best_epoch == 6
     assert all(m["best_epoch"] == m["epoch"] for m in lines if m["epoch"] >= first)
     assert "saturated" in res.best_reason and "saturated" in res.summary()
+    # The console says it: the split's size, the saturation, the epoch kept and why.
+    log = caplog.text
+    assert "selection split: 6 videos, 3.0 per class; rule auto" in log
+    assert f"train carve-out saturated at epoch {first} (top-1 100%)" in log
+    assert f"best.pt = epoch 6: {res.best_reason}" in log
+    # And the run report, from metrics.jsonl alone.
+    from avfuse.pipeline import _selection_details
+
+    text = _selection_details(run / "metrics.jsonl")
+    assert f"It has 6 videos and saturated (top-1 100 %) at epoch {first}." in text
+    assert f"`best.pt` holds epoch 6: {res.best_reason}." in text
     # The epoch the first-best rule keeps (the saturation epoch, held while later epochs ran)
     # scores the evaluated split worse than the epoch kept.
     assert first in held
