@@ -197,6 +197,11 @@ def loader_section(store: FeatureStore, train_ids: list[str], workers: int) -> N
     print(f"  {workers} workers: {rn:9.0f} windows/s  ({rn / r0:.2f}x)\n")
 
 
+def _num(v: float) -> str:
+    """A rate in 7 characters: whole numbers, or 3 significant digits below 10 (AST on CPU)."""
+    return f"{v:7.0f}" if v >= 10 else f"{v:7.3f}"
+
+
 def models_section(args: argparse.Namespace, device: torch.device, bf16: bool) -> None:
     modes = ["fp32", "cl"] + (["bf16"] if bf16 or device.type == "cuda" else [])
     head = "".join(f"{m:>12}" for m in modes)
@@ -207,7 +212,7 @@ def models_section(args: argparse.Namespace, device: torch.device, bf16: bool) -
         res = {m: model_rates(name, device, args.steps, m, batch) for m in modes}
         for k, label in ((0, "train"), (1, "infer")):
             base = res["fp32"][k]
-            cells = "".join(f"{res[m][k]:7.0f} {res[m][k] / base:3.1f}x" for m in modes)
+            cells = "".join(f"{_num(res[m][k])} {res[m][k] / base:3.1f}x" for m in modes)
             note = f"  (batch {batch})" if batch != 64 else ""
             print(f"  {name:8} {label:6}{cells}{note}")
     print()
