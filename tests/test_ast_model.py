@@ -219,6 +219,16 @@ def test_config_is_checked(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="hidden_size = '768' is not a int"):
         model_arch("ast", d)
+    for bad, msg in (
+        ({"max_length": 0}, "max_length = 0 must be >= 1"),
+        ({"num_hidden_layers": True}, "num_hidden_layers = True is not a int"),
+        ({"hidden_size": 100, "num_attention_heads": 3}, "not a multiple of"),
+    ):
+        (d / "config.json").write_text(
+            json.dumps({"model_type": "audio-spectrogram-transformer", **bad})
+        )
+        with pytest.raises(ValueError, match=msg):
+            model_arch("ast", d)
     (d / "config.json").write_text(json.dumps({"model_type": "audio-spectrogram-transformer"}))
     # Fields left out take AST-base's values: the AudioSet release's layout.
     assert model_arch("ast", d) == ast_model.AST_BASE

@@ -101,11 +101,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def is_model_folder(path: str | Path) -> bool:
-    """Whether ``path`` is a folder (a Hugging Face model folder is expected there)."""
-    return Path(path).is_dir()
-
-
 def base_arch(max_length: int = 1024, num_mel_bins: int = 128) -> dict[str, Any]:
     """AST-base's architecture for windows of ``max_length`` frames of ``num_mel_bins`` bands."""
     return {**AST_BASE, "max_length": int(max_length), "num_mel_bins": int(num_mel_bins)}
@@ -133,12 +128,14 @@ def read_arch(folder: str | Path) -> dict[str, Any]:
         if not isinstance(v, tp) or (tp is not bool and isinstance(v, bool)):
             raise ValueError(f"{path}: {key} = {v!r} is not a {getattr(tp, '__name__', tp)}")
         arch[key] = v
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
-        if arch[key] < 1:
+    for key, tp in ARCH_FIELDS.items():
+        if tp is int and arch[key] < 1:
             raise ValueError(f"{path}: {key} = {arch[key]} must be >= 1")
-    for key in ("patch_size", "frequency_stride", "time_stride", "max_length", "num_mel_bins"):
-        if arch[key] < 1:
-            raise ValueError(f"{path}: {key} = {arch[key]} must be >= 1")
+    if arch["hidden_size"] % arch["num_attention_heads"]:
+        raise ValueError(
+            f"{path}: hidden_size {arch['hidden_size']} is not a multiple of "
+            f"num_attention_heads {arch['num_attention_heads']}"
+        )
     return arch
 
 
