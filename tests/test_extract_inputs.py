@@ -106,3 +106,43 @@ def test_a_file_read_while_still_being_written_is_redone_once_complete(tmp_path:
     # Unchanged since: nothing is redone.
     res = extract(ExtractConfig(work=work, num_workers=0, progress=False))
     assert (res.processed, res.skipped) == (0, 2)
+
+
+def _wav(path: Path, seconds: float, freq: float = 440.0) -> None:
+    import wave
+
+    import numpy as np
+
+    t = np.arange(int(16000 * seconds)) / 16000
+    pcm = (0.5 * np.sin(2 * np.pi * freq * t) * 32767).astype("<i2")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(pcm.tobytes())
+
+
+def test_a_file_that_changed_between_scan_and_extract_is_redone_when_it_changes_again(
+    tmp_path: Path,
+) -> None:
+    """A download that decodes cleanly at every stage (WAV): scanned at 0.2 s, extracted at
+    0.5 s, complete at 1.5 s. Its record is ``ok``, but the file it came from is not the one
+    scanned, and it changed since: a plain rerun redoes it."""
+    root = tmp_path / "data"
+    clip = root / "train" / "a" / "x.wav"
+    _wav(clip, 0.2)
+    _wav(root / "train" / "b" / "y.wav", 1.0, 880.0)
+    work = tmp_path / "w"
+    scan(ScanConfig(root=root, work=work))
+    _wav(clip, 0.5)
+    extract(ExtractConfig(work=work, num_workers=0, progress=False))
+    t = read_table(work / "extract.parquet").set_index("video_id")
+    assert t.loc["train/a/x", "status"] == "ok" and t.loc["train/a/x", "num_samples"] == 8000
+    # Unchanged since it was read: a rerun redoes nothing, though the manifest is older.
+    res = extract(ExtractConfig(work=work, num_workers=0, progress=False))
+    assert (res.processed, res.skipped) == (0, 2)
+    _wav(clip, 1.5)
+    res = extract(ExtractConfig(work=work, num_workers=0, progress=False))
+    assert (res.processed, res.skipped) == (1, 1)
+    assert len(load_audio(work / "audio" / "train" / "a" / "x.flac")) == 24000

@@ -478,17 +478,26 @@ def _done_ids(work: Path, rlog: RecordLog) -> pa.Array:
 
 
 def _changed_sources(work: Path, rlog: RecordLog) -> list[str]:
-    """Videos whose record is not ``ok`` and whose file differs (size, mtime) from the file as
-    it was read: a file read while it was still being written, or replaced since.
+    """Videos whose file differs (size, mtime) from the file as it was read: one read while it
+    was still being written, or replaced since.
 
-    Only records that are not ``ok`` are looked at (few, so one ``stat`` each is cheap); a
-    replaced file that decoded ``ok`` is caught by ``avfuse run``'s dataset fingerprint.
+    A ``stat`` each for the few records worth a look: those that are not ``ok``, and those whose
+    file had another size when it was scanned (it changed between scan and extract). A file
+    replaced after an ``ok`` read is caught by a rescan (``avfuse run`` rescans a changed tree).
     """
     table = rlog.read_arrow(["status", "source_size", "source_mtime_ns"])
     if table is None:
         return []
-    status = table.column("status").cast(pa.string())
-    table = table.filter(pc.fill_null(pc.not_equal(status, "ok"), True))
+    sizes = pq.read_table(WorkDir(work).manifest, columns=["video_id", "size_bytes"])
+    table = table.join(sizes.replace_schema_metadata(None), keys="video_id", join_type="left outer")
+    read_size = pc.fill_null(table.column("source_size").cast(pa.int64()), -1)
+    scanned = pc.fill_null(table.column("size_bytes").cast(pa.int64()), -1)
+    grew = pc.and_(
+        pc.and_(pc.greater_equal(read_size, 0), pc.greater_equal(scanned, 0)),
+        pc.not_equal(read_size, scanned),
+    )
+    not_ok = pc.fill_null(pc.not_equal(table.column("status").cast(pa.string()), "ok"), True)
+    table = table.filter(pc.or_(not_ok, grew))
     if not table.num_rows:
         return []
     ids = table.column("video_id").cast(pa.string()).to_pylist()

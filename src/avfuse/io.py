@@ -382,6 +382,7 @@ class RecordLog:
         rows = list(records)
         if not rows:
             return None
+        check_inside_work(self.folder, folder=True)  # before creating anything there
         self.folder.mkdir(parents=True, exist_ok=True)
         # Name sorts by time, so "newest wins" is a plain sort on the file name.
         name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
