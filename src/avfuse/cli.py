@@ -103,8 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.debug("interrupted", exc_info=True)
         print(
-            f"avfuse {ns.command}: interrupted; finished work is kept and a rerun resumes",
-            file=sys.stderr,
+            f"avfuse {ns.command}: interrupted; {_RESUME.get(ns.command, _RERUN)}", file=sys.stderr
         )
         return 130
     except CLEAN_ERRORS as exc:
@@ -118,6 +117,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(summary())
     return 0
 
+
+# What a rerun does after Ctrl-C. Training continues only when asked: a plain rerun starts
+# the run afresh (a changed recipe must not silently continue an old one).
+_RERUN = "finished work is kept and a rerun resumes"
+_RESUME = {
+    "train": "the last checkpoint is kept: rerun the same command with --resume to continue "
+    "from it (without --resume the run starts afresh)",
+    "predict": "nothing was written; rerun to score again",
+}
 
 # What a user can fix: reported as one line and exit code 2. ``OSError`` covers a full disk
 # (:class:`avfuse.io.DiskFullError`), permissions and paths that are files; ``ValueError``

@@ -10,11 +10,13 @@ them in minutes, and ``predict``/``evaluate``/``fuse`` work on its scores unchan
 
 Inputs reach the network as in its AudioSet training: the store's log-mel, no per-band
 standardisation. The run is resumable: videos are embedded in chunks and the index is
-committed after each, so a rerun skips what is done (and removes shards of a killed chunk).
+committed after each, so a rerun skips what is done (and removes shards of a killed chunk);
+videos in a truncated shard are embedded again, and ``--force`` starts afresh.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -38,9 +41,12 @@ from avfuse.scoring import valid_embedding_name, video_status
 from avfuse.store import (
     INDEX,
     META,
+    SHARDS,
     FeatureStore,
     ShardWriter,
+    check_shards,
     commit_index,
+    needed_rows,
     remove_unreferenced_shards,
     write_meta,
 )
@@ -119,22 +125,51 @@ def embed_windows(
     return {vid: np.stack(parts[i]).astype(np.float32) for i, vid in enumerate(ids)}
 
 
-def _open_output(root: Path, meta: dict[str, Any], frontend_hash: str) -> list[dict[str, Any]]:
+def _open_output(
+    root: Path, meta: dict[str, Any], frontend_hash: str, force: bool
+) -> list[dict[str, Any]]:
     """Index rows already committed in ``root`` (a resumed run), after checking it holds
-    embeddings of the same network, weights and windows; unreferenced shards are removed."""
+    embeddings of the same network, weights and windows. Rows in a truncated or damaged shard
+    are dropped (their videos are embedded again), as is an unreadable index (every video
+    is); unreferenced shards are removed. ``force`` starts afresh."""
+    if force:
+        for name in (META, INDEX):
+            with contextlib.suppress(FileNotFoundError):
+                (root / name).unlink()
+        remove_unreferenced_shards(root, set())
     if not (root / META).exists():
         return []
-    old = read_json(root / META)
+    try:
+        old = read_json(root / META)
+    except (ValueError, OSError) as exc:
+        log.warning("%s unreadable (%s): embedding every video again", root / META, exc)
+        old = {"frontend_hash": frontend_hash}
+        with contextlib.suppress(FileNotFoundError):
+            (root / INDEX).unlink()
     if old.get("frontend_hash") != frontend_hash:
         raise ValueError(
             f"{root} holds embeddings of other settings ({old.get('frontend', {})}); "
-            "choose another --name or remove it"
+            "pass --force to replace them, or choose another --name"
         )
-    rows = read_table(root / INDEX).to_dict("records") if (root / INDEX).exists() else []
+    rows: list[dict[str, Any]] = []
+    if (root / INDEX).exists():
+        try:
+            rows = [
+                {str(k): v for k, v in r.items()}
+                for r in read_table(root / INDEX).to_dict("records")
+            ]
+        except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            log.warning("%s unreadable (%s): embedding every video again", root / INDEX, exc)
+    if rows:
+        index = pd.DataFrame(rows)
+        bad = check_shards(root, needed_rows(index), int(meta["n_mels"]), "float32")
+        for name, why in sorted(bad.items()):
+            log.warning("shard %s: %s; embedding its videos again", root / SHARDS / name, why)
+        rows = [r for r in rows if str(r["shard"]) not in bad]
     removed = remove_unreferenced_shards(root, {str(r["shard"]) for r in rows})
     if removed:
-        log.info("removed %d shard(s) of an unfinished chunk", removed)
-    return [{str(k): v for k, v in r.items()} for r in rows]
+        log.info("removed %d shard(s) of an unfinished chunk or damaged", removed)
+    return rows
 
 
 def embed(cfg: EmbedConfig) -> EmbedResult:
@@ -177,7 +212,7 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
     }
     fhash = hashlib.sha256(json.dumps(frontend, sort_keys=True).encode()).hexdigest()[:16]
     root = WorkDir(work).embeddings(name)
-    rows = _open_output(root, frontend, fhash)
+    rows = _open_output(root, frontend, fhash, cfg.force)
     write_meta(
         root, frontend=frontend, frontend_hash=fhash, classes=classes, dtype="float32", n_mels=dim
     )

@@ -85,6 +85,7 @@ from avfuse.store import (
     commit_index,
     needed_rows,
     remove_unreferenced_shards,
+    store_problem,
     write_meta,
 )
 from avfuse.workdir import WorkDir
@@ -323,8 +324,13 @@ class FeaturesResult:
 def _check_previous(store: Path, cfg: FeaturesConfig) -> None:
     """Refuse to mix front ends or dtypes in one store (``force`` starts afresh instead)."""
     want = (cfg.frontend.hash(), cfg.dtype)
+    meta: Any = None
     if (store / META).exists():
-        meta = read_json(store / META)
+        try:
+            meta = read_json(store / META)
+        except (ValueError, OSError) as exc:  # rewritten by this run's commit
+            log.warning("%s is unreadable (%s): rewriting it", store / META, exc)
+    if isinstance(meta, dict):
         have = (str(meta.get("frontend_hash")), str(meta.get("dtype")))
         if have != want:
             raise FrontendMismatchError(
@@ -384,8 +390,14 @@ def _plan_tasks(
             f"{ext_path} not found: run `avfuse extract {work}` first, or pass --from-video"
         )
     cols = ["video_id", "audio_path", "status", "reason", "sample_rate", "num_samples"]
-    have = set(pq.read_schema(ext_path).names)
-    ext = read_table(ext_path, [c for c in cols if c in have])  # 6 of its 15 columns
+    try:
+        have = set(pq.read_schema(ext_path).names)
+        ext = read_table(ext_path, [c for c in cols if c in have])  # 6 of its 15 columns
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ValueError(
+            f"{ext_path}: unreadable ({' '.join(str(exc).split())[:160]}); run "
+            f"`avfuse extract {work}` again to rebuild it"
+        ) from None
     for col in cols:
         if col not in ext.columns:
             ext[col] = None
@@ -595,6 +607,11 @@ def _nothing_to_do(work: Path, cfg: FeaturesConfig, rlog: RecordLog) -> bool:
     if cfg.from_video or len(parts) != 1:
         return False
     if not committed_from(wd.features_table, _inputs_key(work, cfg, rlog)):
+        return False
+    # An unreadable store.json or index.parquet is rewritten by the commit of a full run.
+    problem = store_problem(wd.store)
+    if problem:
+        log.warning("%s; rebuilding the store's index", problem)
         return False
     # Streamed in blocks of the log's one part (checked above): the whole log as a table
     # costs ~120 MB at 420k videos, a block ~2 MB.

@@ -19,6 +19,7 @@ import errno
 import functools
 import glob
 import json
+import logging
 import os
 import re
 import shutil
@@ -51,6 +52,9 @@ def error_reason(exc: BaseException, limit: int = 300) -> str:
     """One line for a per-video ``reason`` column: ``"Type: message"``, whitespace folded."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return f"{type(exc).__name__}: {text}"[:limit]
+
+
+log = logging.getLogger(__name__)
 
 
 class DiskFullError(OSError):
@@ -335,6 +339,21 @@ def _read_part(path: Path, columns: list[str] | None = None) -> pa.Table:
     return table.select(columns).replace_schema_metadata(None)
 
 
+def _read_part_or_set_aside(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """A log part; an unreadable one (damaged, cut short) is renamed ``*.corrupt`` out of the
+    log with a warning, and reads as empty: its videos are done again by the rerun."""
+    try:
+        return _read_part(path, columns)
+    except pa.ArrowInvalid as exc:
+        aside = path.with_name(path.name + ".corrupt")
+        with contextlib.suppress(OSError):
+            os.replace(path, aside)
+        log.warning(
+            "log part %s is unreadable (%s): set aside as %s", path, error_reason(exc), aside
+        )
+        return pa.table({})
+
+
 def isin_ids(values: pd.Series, among: pd.Series | pa.Array) -> np.ndarray:
     """``values.isin(among)`` for string ids, as one Arrow hash look-up (pandas' ``isin`` on
     Arrow strings walks the values in Python: seconds at 400k videos). ``(len(values),)``."""
@@ -413,7 +432,7 @@ class RecordLog:
         # cost ~9 ms a part, minutes for the 13k parts of a Kinetics-size run. Reading is I/O
         # and footer parsing, which pyarrow does without the GIL, so a few threads overlap it.
         cols = None if columns is None else [self.key, *(c for c in columns if c != self.key)]
-        read = functools.partial(_read_part, columns=cols)
+        read = functools.partial(_read_part_or_set_aside, columns=cols)
         # permissive: a column that is all null in one part (no errors in that batch) joins
         # the typed column of the others. Parts are joined a group at a time into one chunk:
         # 13k tables of 32 rows held at once cost twice the memory of their records.
@@ -490,8 +509,15 @@ def inputs_key(log: RecordLog, files: Sequence[Path], settings: Sequence[object]
 
 
 def committed_from(table: str | Path, key: str) -> bool:
-    """Whether ``table`` exists and was committed from the inputs ``key`` names."""
-    return Path(table).exists() and table_metadata(table).get(INPUTS) == key
+    """Whether ``table`` exists and was committed from the inputs ``key`` names (an
+    unreadable table was not: the stage's commit rewrites it)."""
+    if not Path(table).exists():
+        return False
+    try:
+        return table_metadata(table).get(INPUTS) == key
+    except (pa.ArrowInvalid, OSError) as exc:
+        log.warning("%s is unreadable (%s): rebuilding it", table, error_reason(exc))
+        return False
 
 
 def safe_join(work: str | Path, *parts: str | Path) -> Path:

@@ -325,3 +325,7 @@ class EmbedConfig(Config):
     )
     channels_last: bool = field(default=True, metadata={"help": "channels-last memory format"})
     progress: bool = field(default=True, metadata={"help": "progress bar"})
+    force: bool = field(
+        default=False,
+        metadata={"help": "discard WORK/embeddings/NAME and embed every video again"},
+    )

@@ -67,6 +67,7 @@ from avfuse.io import (
 from avfuse.lock import work_lock
 from avfuse.manifest import ScanConfig
 from avfuse.model_config import PredictConfig, TrainConfig
+from avfuse.store import store_problem, store_stamp
 from avfuse.workdir import WorkDir
 
 log = logging.getLogger(__name__)
@@ -358,7 +359,13 @@ def stage_keys(sc: StageConfigs) -> dict[str, dict[str, str]]:
         "scan": _semantic("scan", sc.scan),
         "extract": _semantic("extract", sc.extract),
         "features": _semantic("features", sc.features),
-        "train": _semantic("train", sc.train),
+        "train": _semantic("train", sc.train)
+        if not sc.train.from_embeddings
+        else {
+            "config": _semantic("train", sc.train),
+            # Embeddings rebuilt with other weights (or resumed, or repaired) are other inputs.
+            "embeddings": store_stamp(WorkDir(sc.scan.work).embeddings(sc.train.from_embeddings)),
+        },
         "predict": _semantic("predict", sc.predict),
         "evaluate": _semantic("evaluate", sc.evaluate),
         "fuse": None
@@ -410,6 +417,17 @@ def _outputs(name: str, sc: StageConfigs) -> list[Path]:
         out = _fusion_dir(sc.fuse)
         return [out / "fusion.json", out / "report.md"]
     return [w.report_md, w.report_html]
+
+
+def _intact(name: str, sc: StageConfigs) -> bool:
+    """Whether a stage's outputs can be read as they stand: the feature store's index and
+    shard sizes (headers only) for ``features``; other stages' files are checked by existence."""
+    if name != "features":
+        return True
+    problem = store_problem(WorkDir(sc.scan.work).store)
+    if problem:
+        log.warning("features are not up to date: %s", problem)
+    return not problem
 
 
 # ---------------------------------------------------------------------------------------------
@@ -798,7 +816,7 @@ def _run_locked(
             outcomes.append(StageOutcome(name, "not configured", detail="no fuse.video_scores"))
             continue
         rec = state.get(name) or {}
-        complete = all(p.exists() for p in _outputs(name, sc))
+        complete = all(p.exists() for p in _outputs(name, sc)) and _intact(name, sc)
         forced = name in cfg.force or "all" in cfg.force or (name == "scan" and dataset_changed)
         same_key = rec.get("key") == keys[name]["key"]
         if rec.get("state") == "done" and same_key and complete and not forced:

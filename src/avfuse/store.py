@@ -33,6 +33,7 @@ import pandas as pd
 
 from avfuse import __version__
 from avfuse.io import (
+    DiskFullError,
     atomic_write,
     check_inside_work,
     read_json,
@@ -104,6 +105,81 @@ def check_shards(
     return out
 
 
+def rebuild_command(root: str | Path) -> str:
+    """The command that rewrites the store at ``root``: ``avfuse embed`` for the embeddings of
+    ``WORK/embeddings/NAME``, ``avfuse features`` for ``WORK/features``."""
+    root = Path(root)
+    return "avfuse embed" if root.parent.name == "embeddings" else "avfuse features"
+
+
+def read_committed(root: str | Path) -> tuple[dict[str, Any], pd.DataFrame]:
+    """``store.json`` and ``index.parquet`` of the store at ``root``.
+
+    Raises ``FileNotFoundError`` when either is missing and :class:`CorruptStoreError` naming
+    the file when it cannot be read, each saying which command rebuilds it.
+    """
+    root = Path(root)
+    fix = rebuild_command(root)
+    if not (root / META).exists() or not (root / INDEX).exists():
+        what = "embedding store" if fix == "avfuse embed" else "feature store"
+        raise FileNotFoundError(f"{root} is not a committed {what} (run `{fix}` first)")
+    try:
+        meta = read_json(root / META)
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, OSError) as exc:
+        raise CorruptStoreError(
+            f"{root / META}: unreadable ({_reason(exc)}); run `{fix}` again to rewrite it"
+        ) from None
+    try:
+        index = read_table(root / INDEX)
+        missing = {"video_id", "shard", "offset", "frames"} - set(index.columns)
+        if missing:
+            raise ValueError(f"no column(s) {', '.join(sorted(missing))}")
+    except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise CorruptStoreError(
+            f"{root / INDEX}: unreadable ({_reason(exc)}); run `{fix}` again to rebuild it"
+        ) from None
+    return meta, index
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:160]
+
+
+def store_problem(root: str | Path) -> str:
+    """Why the committed store at ``root`` cannot serve its index ("" when it can): a missing
+    or unreadable ``store.json`` / ``index.parquet``, or a shard shorter than the index needs.
+    Reads the index and the shards' headers only (cheap: a done check)."""
+    try:
+        meta, index = read_committed(root)
+    except (FileNotFoundError, CorruptStoreError) as exc:
+        return str(exc)
+    try:
+        bad = check_shards(root, needed_rows(index), int(meta["n_mels"]), meta["dtype"])
+    except (KeyError, TypeError, ValueError) as exc:
+        return f"{Path(root) / META}: unusable ({_reason(exc)})"
+    if bad:
+        name, why = next(iter(sorted(bad.items())))
+        return f"shard {Path(root) / SHARDS / name}: {why}"
+    return ""
+
+
+def store_stamp(root: str | Path) -> list[Any]:
+    """What identifies the contents of the store at ``root`` for a cache key: its front-end
+    hash (for embeddings: network, weights' sha256, windows) and its index file's size and
+    mtime (a resumed or repaired store has another index). Empty for a missing store."""
+    root = Path(root)
+    try:
+        meta = read_json(root / META)
+        st = (root / INDEX).stat()
+    except (OSError, ValueError):
+        return []
+    fh = meta.get("frontend_hash") if isinstance(meta, dict) else None
+    return [str(fh), st.st_size, st.st_mtime_ns]
+
+
 def needed_rows(index: pd.DataFrame) -> dict[str, int]:
     """Shard name -> rows an index (``shard, offset, frames`` columns) reads from it."""
     if not len(index):
@@ -156,8 +232,15 @@ class ShardWriter:
             )
             offset += len(f)
         data = np.concatenate([f for _, f in self._buf], axis=0)
-        with atomic_write(self.dir / name) as tmp, open(tmp, "wb") as fh:
-            np.save(fh, data)
+        try:
+            with atomic_write(self.dir / name) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, data)
+        except OSError as exc:
+            # numpy reports a short write as "N requested and M written", without an errno:
+            # on a regular file that is a full device or quota.
+            if not isinstance(exc, DiskFullError) and "requested and" in str(exc):
+                raise DiskFullError(self.dir, f"a shard write stopped short: {exc}") from exc
+            raise
         self._buf, self._rows = [], 0
         self._count += 1
 
@@ -227,12 +310,7 @@ class FeatureStore:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        if not (self.root / META).exists() or not (self.root / INDEX).exists():
-            raise FileNotFoundError(
-                f"{self.root} is not a committed feature store (run `avfuse features` first)"
-            )
-        self.meta: dict[str, Any] = read_json(self.root / META)
-        index = read_table(self.root / INDEX)
+        self.meta, index = read_committed(self.root)
         self.ids: list[str] = index["video_id"].astype(str).tolist()
         self._shard_names: list[str] = sorted(set(index["shard"]))
         sid = {n: i for i, n in enumerate(self._shard_names)}
@@ -257,7 +335,7 @@ class FeatureStore:
             raise CorruptStoreError(
                 f"feature store {self.root}: shard {self.root / SHARDS / name}: {why}"
                 + (f" (and {len(bad) - 1} more shard(s))" if len(bad) > 1 else "")
-                + "; run `avfuse features` again to recompute the affected videos",
+                + f"; run `{rebuild_command(self.root)}` again to recompute the affected videos",
                 sorted(bad),
             )
 

@@ -49,6 +49,7 @@ per ``lr_scaling``.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import random
@@ -78,7 +79,7 @@ from avfuse.data import (
     compute_norm_stats,
     store_window,
 )
-from avfuse.io import atomic_write, check_inside_work
+from avfuse.io import DiskFullError, atomic_write, check_inside_work, is_disk_full
 from avfuse.manifest import load_classes, load_manifest
 from avfuse.metrics import metrics as score_metrics
 from avfuse.model_config import CARVE, HELDOUT, TrainConfig
@@ -98,6 +99,54 @@ from avfuse.store import FeatureStore
 from avfuse.workdir import WorkDir
 
 log = D.get_logger(__name__)
+
+
+# Settings a head on embeddings does not use: the embeddings fixed the network and its windows.
+_NOT_FOR_EMBEDDINGS = ("model", "window")
+
+
+def _refuse_ignored(cfg: TrainConfig) -> None:
+    """Refuse ``--from-embeddings`` with a setting it would silently ignore."""
+    given = [
+        f"--{k} {getattr(cfg, k)}"
+        for k in _NOT_FOR_EMBEDDINGS
+        if getattr(cfg, k) != TrainConfig.__dataclass_fields__[k].default
+    ]
+    if given:
+        raise ValueError(
+            f"--from-embeddings {cfg.from_embeddings} trains a --head on "
+            f"{WorkDir(cfg.work).embeddings(cfg.from_embeddings)}, whose network and windows "
+            f"`avfuse embed` chose: {' and '.join(given)} would be ignored; leave them out"
+        )
+
+
+def recorded_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The run's config as ``config.toml`` records it: a head on embeddings without the network
+    and window it did not use."""
+    data = to_dict(cfg)
+    if cfg.from_embeddings:
+        for k in _NOT_FOR_EMBEDDINGS:
+            data.pop(k, None)
+    return data
+
+
+def _save_error(path: Path, exc: BaseException) -> OSError:
+    """One line for a checkpoint that could not be written; torch's zip writer says only
+    "enforce fail at inline_container.cc" when the device is full."""
+    if isinstance(exc, DiskFullError):
+        return exc
+    reason = " ".join(str(exc).split())[:200]
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = -1
+    if is_disk_full(exc) or 0 <= free < 1 << 30:
+        return DiskFullError(path.parent, f"writing {path.name}: {reason}")
+    return OSError(
+        errno.EIO,
+        f"{path}: the checkpoint could not be written ({reason}); check the device holding "
+        f"{path.parent}, then rerun with --resume",
+    )
 
 
 class TrainingDivergedError(RuntimeError):
@@ -633,6 +682,7 @@ def _train(
     aug_rng = np.random.default_rng([cfg.seed, e.rank, 1])
 
     if cfg.from_embeddings:
+        _refuse_ignored(cfg)
         # A head over one embedding per window: 1-"frame" windows of D "bands".
         store = checkpoint_store(work, {"embeddings": cfg.from_embeddings})
         cfg = dataclasses.replace(cfg, specaugment=False, window=1)
@@ -812,7 +862,7 @@ class _Run:
             return
         cfg, run_dir = self.cfg, self.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, WorkDir(cfg.work).run_config(cfg.name))
+        save_config(recorded_config(cfg), WorkDir(cfg.work).run_config(cfg.name))
         check_inside_work(self.tb_dir, folder=True)  # the curves are written there directly
         if fresh and self.tb_dir.exists():
             shutil.rmtree(self.tb_dir)  # a fresh run must not mix curves with an old one
@@ -885,7 +935,10 @@ class _Run:
             "metrics": dict(self.last_metrics),
         }
         for p in paths:
-            D.save_on_main(state, p)
+            try:
+                D.save_on_main(state, p)
+            except (RuntimeError, OSError) as exc:
+                raise _save_error(p, exc) from exc
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
         """One optimizer step on a batch; returns (loss, correct)."""
