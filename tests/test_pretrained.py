@@ -364,7 +364,8 @@ def test_embed_then_head_end_to_end(tmp_path: Path) -> None:
     assert third.embedded == 1
     np.testing.assert_allclose(np.asarray(FeatureStore(emb.root)[vid]), expect.numpy(), atol=1e-5)
 
-    tcfg = TrainConfig(work, name="head", from_embeddings="cnn10", **{**TINY, "epochs": 3})
+    opts = {**TINY, "epochs": 3, "model": "resnet"}  # a head: the network is the embeddings'
+    tcfg = TrainConfig(work, name="head", from_embeddings="cnn10", **opts)
     out = train(tcfg)
     assert out is not None
     ckpt = load_checkpoint(out.best_path)

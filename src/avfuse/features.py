@@ -616,7 +616,10 @@ def _nothing_to_do(work: Path, cfg: FeaturesConfig, rlog: RecordLog) -> bool:
     # Streamed in blocks of the log's one part (checked above): the whole log as a table
     # costs ~120 MB at 420k videos, a block ~2 MB.
     cols = ["feature_status", "shard", "offset", "num_frames"]
-    part = pq.ParquetFile(parts[0])
+    try:
+        part = pq.ParquetFile(parts[0])
+    except (pa.ArrowInvalid, OSError):
+        return False  # the full run sets the damaged part aside and redoes its videos
     if not set(cols) <= set(part.schema_arrow.names):
         return False
     shard_dir = wd.store / SHARDS

@@ -162,7 +162,10 @@ def store_problem(root: str | Path) -> str:
         return f"{Path(root) / META}: unusable ({_reason(exc)})"
     if bad:
         name, why = next(iter(sorted(bad.items())))
-        return f"shard {Path(root) / SHARDS / name}: {why}"
+        return (
+            f"shard {Path(root) / SHARDS / name}: {why}; run `{rebuild_command(root)}` again "
+            "to recompute its videos"
+        )
     return ""
 
 
