@@ -455,3 +455,25 @@ def test_training_on_nan_features_stops_with_exit_2(
     line = _one_error_line(capsys)
     assert "training stopped" in line and "loss nan" in line and "NaN or infinite features" in line
     assert not (work / "runs" / "audio" / "best.pt").exists()
+
+
+def test_our_score_file_loader_checks_headers_first(tmp_path: Path) -> None:
+    path = tmp_path / "audio_val.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("ids.npy", _npy_header_only((100_000,), "<U8"))
+        zf.writestr("scores.npy", _npy_header_only((100_000, 10_000)))
+    with pytest.raises(ValueError, match="over 268435456 values") as info:
+        ScoreFile.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_deeply_nested_json_in_a_store_is_one_line(tmp_path: Path) -> None:
+    from avfuse.store import CorruptStoreError, FeatureStore
+
+    root = tmp_path / "w" / "features"
+    root.mkdir(parents=True)
+    (root / "store.json").write_text("[" * 100_000 + "]" * 100_000)
+    (root / "index.parquet").write_bytes(b"x")
+    with pytest.raises(CorruptStoreError, match="nested too deeply") as info:
+        FeatureStore(root)
+    assert str(root / "store.json") in str(info.value)

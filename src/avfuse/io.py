@@ -299,7 +299,12 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text("utf-8"))
+    """The JSON document at ``path``; ``ValueError`` naming it for one that does not parse or
+    nests deeper than the parser's recursion allows (instead of a ``RecursionError``)."""
+    try:
+        return json.loads(Path(path).read_text("utf-8"))
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply") from None
 
 
 def write_table(

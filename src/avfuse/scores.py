@@ -75,6 +75,10 @@ class ScoreFile:
 
     @classmethod
     def load(cls, path: str | Path) -> ScoreFile:
+        # The arrays' headers first: a small compressed file may declare gigabytes.
+        from avfuse.video_scores import ScoreBounds, check_npy
+
+        check_npy(Path(path), ScoreBounds())
         with np.load(path, allow_pickle=False) as z:
             lacking = [k for k in ("ids", "classes", "scores", "n_windows", "status") if k not in z]
             if lacking:

@@ -84,12 +84,15 @@ class ScoreBounds:
 
     rows: int = 10_000_000
     columns: int = 100_000
+    # Values of one matrix: 2^28 float32 are 1 GiB (Kinetics-700 val: 35k x 700 = 2.5e7).
+    cells: int = 1 << 28
     # Longest text an id or class name may take (``U`` dtype itemsize / CSV cell), in chars.
     text: int = 4096
 
     @classmethod
     def for_dataset(cls, n_videos: int, n_classes: int) -> ScoreBounds:
-        return cls(rows=2 * n_videos + 10_000, columns=n_classes + max(n_classes, 1000))
+        rows, columns = 2 * n_videos + 10_000, n_classes + max(n_classes, 1000)
+        return cls(rows=rows, columns=columns, cells=rows * columns)
 
     @property
     def line_bytes(self) -> int:
@@ -111,6 +114,8 @@ class ScoreBounds:
             raise VideoScoreError(
                 f"{what}: over {self.columns} columns (the class list needs fewer)"
             )
+        if len(shape) == 2 and shape[0] * shape[1] > self.cells:
+            raise VideoScoreError(f"{what}: over {self.cells} values (the data set needs fewer)")
 
 
 def _npy_header(fh: Any) -> tuple[tuple[int, ...], np.dtype]:
