@@ -208,8 +208,17 @@ def _folder_guard(work: Path) -> Iterator[None]:
         yield
         return
     try:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        # Held for milliseconds by avfuse; a folder some other program keeps locked is not
+        # waited on for long (the take-over then runs unguarded, as it would on NFS).
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(0.01)
+            except OSError:
+                break
         yield
     finally:
         os.close(fd)  # releases the flock
