@@ -9,7 +9,7 @@ import avfuse
 
 SRC = Path(avfuse.__file__).parent
 LIBRARY = {"config", "io", "manifest", "labels", "scores", "video_scores", "fusion", "report"}
-LIBRARY |= {"workdir", "metrics"}
+LIBRARY |= {"workdir", "metrics", "audio", "excerpt"}
 
 
 def _avfuse_imports(module: str) -> set[str]:

@@ -105,7 +105,7 @@ def test_report_markdown_and_html(tmp_path: Path) -> None:
     r.image(png, "accuracy against weight")
     md, page = r.write(tmp_path)
     text = md.read_text()
-    assert text.startswith("# Fusion <val>\n")
+    assert text.startswith("# Fusion &lt;val&gt;\n")  # Markdown carries no raw HTML
     assert "> **Note:** tuned on the test set" in text
     assert "| fused | 72.50 |" in text
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)

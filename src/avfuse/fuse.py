@@ -182,6 +182,25 @@ class FuseConfig(Config):
     split: str | None = field(
         default=None, metadata={"help": "split to evaluate (default: the audio file's)"}
     )
+    audio_links: bool = field(
+        default=True,
+        metadata={
+            "help": "give the report's 'what audio changed' rows a player of a short excerpt "
+            "of each sound track (Ogg Opus files in OUTPUT/audio); --no-audio-links for "
+            "reports that must not carry audio"
+        },
+    )
+    changed_rows: int = field(
+        default=30,
+        metadata={
+            "help": "videos listed per kind (fixed, broken, changed) in 'what audio changed'",
+            "min": 0,
+        },
+    )
+    excerpt_seconds: float = field(
+        default=5.0,
+        metadata={"help": "length of each audio excerpt in the report", "min": 0.1},
+    )
     output: Path | None = field(
         default=None, metadata={"help": "output folder (default WORK/fusion)"}
     )
@@ -477,6 +496,9 @@ def fuse(cfg: FuseConfig, executor: Executor | None = None) -> FuseResult:
     # so it counts as a miss at every k.
     rank_a = np.full(len(y), len(classes), dtype=np.int64)
     rank_a[wa] = masked_true_rank(v.la, both, y[wa], np.exp)  # v.la[both] is v.la[lab][wa]
+    # Each model's top classes, before the fusion below may overwrite v.lv in place.
+    top_v = top_classes(v.lv, np.ones(len(v.ids), bool), exp=True)
+    top_a = top_classes(v.la, v.has_audio, exp=True)
     chosen: dict[str, Any] = {}
     heldout_curve = None
     if cfg.weight_selection == "optimistic":
@@ -496,6 +518,7 @@ def fuse(cfg: FuseConfig, executor: Executor | None = None) -> FuseResult:
         fused, chosen = _fuse_cv(cfg, v, weights, (curve_c, curve_nll), lab, both)
     optimistic = cfg.weight_selection == "optimistic"
     rank_f = masked_true_rank(fused, lab, y)
+    top_f = top_classes(fused, np.ones(len(v.ids), bool))
     metrics = _scope_metrics({"video": rank_v, "audio": rank_a, "fused": rank_f}, y, wa, cfg)
     correct_v = rank_v == 0
     per_v = per_class_accuracy(correct_v, y, len(classes))
@@ -530,6 +553,10 @@ def fuse(cfg: FuseConfig, executor: Executor | None = None) -> FuseResult:
             "fused_top1": [None if math.isnan(x) else float(x) for x in per_f],
         },
     }
+    figures["changed"] = changed_videos(
+        v.ids, v.labels, classes, top_v, top_a, top_f, v.has_audio, cfg.changed_rows
+    )
+    figures["audio_errors"] = audio_error_matrix(v.labels, top_a[0][:, 0], v.has_audio, classes)
 
     return _write_outputs(cfg, out, split, classes, v, fused, chosen, figures, audio_path)
 
@@ -715,6 +742,8 @@ def _write_outputs(
         fused_name = sf.save(tmp / f"fused_{split}.npz").name
         write_json(tmp / "fusion.json", {"config": to_dict(cfg), **figures})
         save_config(cfg, tmp / "config.toml")
+        if cfg.audio_links:
+            _write_excerpts(cfg, tmp, figures["changed"]["rows"])
         md, page = write_fusion_report(tmp, figures)
     return FuseResult(out, out / fused_name, out / md.name, out / page.name, figures, optimistic)
 
@@ -739,3 +768,145 @@ def _scope_metrics(
             {k: r[wa] for k, r in ranks.items()}, y[wa], cfg.bootstrap, cfg.seed
         ),
     }
+
+
+# --------------------------------------------------------------------------- what audio changed
+
+
+def top_classes(
+    scores: np.ndarray, rows: np.ndarray, k: int = 3, exp: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(N, k)`` best class indices (ties to the lower index) and their probabilities of the
+    ``(N, C)`` ``scores`` (log-probabilities with ``exp``); rows outside ``rows`` get -1, NaN."""
+    n, c = len(scores), scores.shape[1]
+    k = min(k, c)
+    idx = np.full((n, k), -1, dtype=np.int64)
+    val = np.full((n, k), np.nan, dtype=np.float32)
+    where = np.flatnonzero(rows)
+    for lo in range(0, len(where), ROW_BLOCK):
+        r = where[lo : lo + ROW_BLOCK]
+        b = np.asarray(scores[r], dtype=np.float32)
+        if exp:
+            b = np.exp(b)
+        order = np.argsort(-b, axis=1, kind="stable")[:, :k]
+        idx[r] = order
+        val[r] = np.take_along_axis(b, order, axis=1)
+    return idx, val
+
+
+def changed_videos(
+    ids: np.ndarray,
+    labels: np.ndarray,
+    classes: list[str],
+    top_v: tuple[np.ndarray, np.ndarray],
+    top_a: tuple[np.ndarray, np.ndarray],
+    top_f: tuple[np.ndarray, np.ndarray],
+    has_audio: np.ndarray,
+    limit: int,
+) -> dict[str, Any]:
+    """Labelled videos whose fused top-1 differs from the video model's: counts per kind
+    (``fixed``: fused right, video wrong; ``broken``: the reverse; ``changed``: both wrong)
+    and up to ``limit`` rows of each, the most confident fused decisions first."""
+
+    def top(t: tuple[np.ndarray, np.ndarray], i: int) -> list[list[Any]] | None:
+        if t[0][i, 0] < 0:
+            return None
+        return [[classes[c], float(p)] for c, p in zip(t[0][i], t[1][i], strict=True)]
+
+    lab = labels >= 0
+    pv, pf = top_v[0][:, 0], top_f[0][:, 0]
+    diff = lab & (pv != pf)
+    kinds = {
+        "fixed": diff & (pf == labels),
+        "broken": diff & (pv == labels),
+        "changed": diff & (pf != labels) & (pv != labels),
+    }
+    rows = []
+    for kind, mask in kinds.items():
+        sel = np.flatnonzero(mask)
+        # Most confident fused decisions first, then by id: a stable, reproducible order.
+        sel = sel[np.lexsort((ids[sel], -top_f[1][sel, 0]))][:limit]
+        for i in (int(j) for j in sel):
+            rows.append(
+                {
+                    "video_id": str(ids[i]),
+                    "true": classes[int(labels[i])],
+                    "kind": kind,
+                    "has_audio": bool(has_audio[i]),
+                    "video": top(top_v, i),
+                    "audio": top(top_a, i),
+                    "fused": top(top_f, i),
+                }
+            )
+    return {"counts": {k: int(m.sum()) for k, m in kinds.items()}, "rows": rows}
+
+
+def audio_error_matrix(
+    labels: np.ndarray,
+    audio_pred: np.ndarray,
+    has_audio: np.ndarray,
+    classes: list[str],
+    k: int = 10,
+) -> dict[str, Any]:
+    """Audio-only errors of the ``k`` true classes with most of them: ``matrix[i][j]`` counts
+    videos of ``classes[i]`` the audio model put in ``columns[j]`` (the last column, ``other``,
+    collects predictions outside the ``k``)."""
+    ok = (labels >= 0) & has_audio
+    wrong = ok & (audio_pred != labels)
+    errors = np.bincount(labels[wrong], minlength=len(classes))
+    top = [int(c) for c in np.argsort(-errors, kind="stable")[:k] if errors[c] > 0]
+    pos = {c: j for j, c in enumerate(top)}
+    matrix = np.zeros((len(top), len(top) + 1), dtype=np.int64)
+    for t, p in zip(labels[wrong], audio_pred[wrong], strict=True):
+        if int(t) in pos:
+            matrix[pos[int(t)], pos.get(int(p), len(top))] += 1
+    return {
+        "classes": [classes[c] for c in top],
+        "errors": [int(errors[c]) for c in top],
+        "videos": [int(((labels == c) & ok).sum()) for c in top],
+        "matrix": matrix.tolist(),
+    }
+
+
+def _sound_sources(work: Path, ids: list[str]) -> dict[str, Path]:
+    """Where each video's sound can be read: its extracted track inside ``WORK/audio`` if
+    there is one, else the video file the manifest names."""
+    from avfuse.io import read_table
+
+    wd = WorkDir(work)
+    out: dict[str, Path] = {}
+    want = set(ids)
+    audio_root = wd.audio_dir.resolve()
+    if wd.extract_table.exists():
+        ext = read_table(wd.extract_table, ["video_id", "audio_path"])
+        for vid, rel in zip(ext["video_id"], ext["audio_path"], strict=True):
+            if vid in want and isinstance(rel, str) and rel:
+                p = (work / rel).resolve()
+                # A recorded path is data: it is read only where extraction writes.
+                if p.is_relative_to(audio_root) and p.is_file():
+                    out[str(vid)] = p
+    man = load_manifest(work, stages=False, columns=["video_id", "path"])
+    for vid, path in zip(man["video_id"], man["path"], strict=True):
+        if vid in want and vid not in out and isinstance(path, str) and path:
+            out[str(vid)] = Path(path)
+    return out
+
+
+def _write_excerpts(cfg: FuseConfig, folder: Path, rows: list[dict[str, Any]]) -> None:
+    """An Ogg Opus excerpt per listed video with audio, ``folder/audio/changed_NNN.ogg``
+    (numbered: names never come from the data); ``row["audio_file"]`` is its relative path."""
+    from avfuse.audio import decode_audio
+    from avfuse.excerpt import SUFFIX, write_excerpt
+
+    sources = _sound_sources(Path(cfg.work), [r["video_id"] for r in rows if r["has_audio"]])
+    for i, row in enumerate(rows):
+        src = sources.get(row["video_id"]) if row["has_audio"] else None
+        if src is None:
+            continue
+        dec = decode_audio(src, 16000)
+        if not len(dec.samples):
+            log.warning("%s: no sound to excerpt (%s)", src, dec.reason or dec.status)
+            continue
+        rel = f"audio/changed_{i:03d}{SUFFIX}"
+        write_excerpt(dec.samples, dec.sample_rate, folder / rel, cfg.excerpt_seconds)
+        row["audio_file"] = rel

@@ -1025,7 +1025,7 @@ def write_run_report(sc: StageConfigs) -> tuple[Path, Path]:
     r = rp.Report("avfuse run report")
     man = load_manifest(work)
     r.paragraph(
-        f"Dataset `{sc.scan.root}`, work folder `{work}`: {len(man)} videos, "
+        f"Dataset {rp.code(sc.scan.root)}, work folder {rp.code(work)}: {len(man)} videos, "
         f"{man['label'].nunique()} classes. Settings of this run: `run.toml`."
     )
 
@@ -1043,10 +1043,11 @@ def write_run_report(sc: StageConfigs) -> tuple[Path, Path]:
         r.heading("Audio model training")
         chosen = _selection_split(metrics)
         r.paragraph(
-            f"Model `{sc.train.model}`, {sc.train.epochs} epochs; run folder "
-            f"`runs/{sc.train.name}` (TensorBoard: `tensorboard --logdir {work}/runs`). "
+            f"Model {rp.code(sc.train.model)}, {sc.train.epochs} epochs; run folder "
+            f"{rp.code(f'runs/{sc.train.name}')} (TensorBoard: "
+            f"{rp.code(f'tensorboard --logdir {work}/runs')}). "
             + (
-                f"The epoch kept in `best.pt` was chosen on **{chosen}**. "
+                f"The epoch kept in `best.pt` was chosen on **{rp.lit(chosen)}**. "
                 + _selection_details(metrics)
                 if chosen
                 else "No selection split: `best.pt` holds the last epoch."
@@ -1054,7 +1055,7 @@ def write_run_report(sc: StageConfigs) -> tuple[Path, Path]:
         )
         if chosen and chosen in sc.evaluate:
             r.note(
-                f"The model was chosen on `{chosen}`: its `{chosen}` figures below are "
+                f"The model was chosen on {rp.code(chosen)}: its {rp.code(chosen)} figures below are "
                 "OPTIMISTIC (measured on the split that picked the epoch)."
             )
         r.image(rp.plot_training_curves(metrics, figs / "training_curves.png"), "training curves")
@@ -1096,8 +1097,10 @@ def write_run_report(sc: StageConfigs) -> tuple[Path, Path]:
         ):
             if (out / png).exists():
                 r.image(out / png, cap)
+        if "changed" in fig:
+            rp.changed_section(r, fig, out, figs)
         r.paragraph(
-            f"Details (alignment, chosen weights, classes): `{_rel(out / 'report.md', work)}`."
+            f"Details (alignment, chosen weights, classes): {rp.code(_rel(out / 'report.md', work))}."
         )
     return r.write(work, "report")
 
@@ -1110,10 +1113,16 @@ def _choice_paragraph(choice: dict[str, Any]) -> str:
         for name, c in cands.items()
         if c.get("selection_top1") is not None
     )
-    text = f"**Audio model kept: {choice.get('chosen')}** (`predict.model_choice = {choice.get('mode')}`). "
+    from avfuse.report import code, lit
+
+    mode = choice.get("mode")
+    text = (
+        f"**Audio model kept: {lit(choice.get('chosen'))}** "
+        f"({code(f'predict.model_choice = {mode}')}). "
+    )
     if figs:
         text += (
-            f"Top-1 on `{choice.get('selection_split')}` ({choice.get('selection_videos')} videos, "
+            f"Top-1 on {code(choice.get('selection_split'))} ({choice.get('selection_videos')} videos, "
             f"the split that chose `best.pt`, never the evaluated one): {figs}; the ensemble's "
             "figure is cross-validated there. "
         )
@@ -1124,7 +1133,7 @@ def _choice_paragraph(choice: dict[str, Any]) -> str:
             f"{ens['temperature_network']:.2f} (network) and {ens['temperature_baseline']:.2f} "
             "(baseline). "
         )
-    return text + f"Rule: {choice.get('reason')}."
+    return text + f"Rule: {lit(choice.get('reason'))}."
 
 
 def _selection_split(metrics_jsonl: Path) -> str:

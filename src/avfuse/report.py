@@ -15,10 +15,12 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
@@ -51,13 +53,107 @@ def _fmt(v: Any) -> str:
 
 
 def markdown_table(df: pd.DataFrame) -> str:
-    """GitHub-flavoured Markdown table of ``df`` (index dropped; floats to 2 decimals, NaN as n/a)."""
-    cols = [str(c) for c in df.columns]
+    """GitHub-flavoured Markdown table of ``df`` (index dropped; floats to 2 decimals, NaN as
+    n/a); every cell and header is plain text (:func:`md_escape`)."""
+    cols = [md_escape(str(c)) for c in df.columns]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
     for row in df.itertuples(index=False):
-        cells = [_fmt(v).replace("|", "\\|") for v in row]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(md_escape(_fmt(v)) for v in row) + " |")
     return "\n".join(lines)
+
+
+# Characters that make Markdown markup anywhere in a line, backslash-escaped in plain text:
+# code, emphasis, links and images, table cells, strikethrough, and the ":" and "@" of
+# autolinked URLs and e-mail addresses; & < > become entities (a raw-HTML tag or an <autolink>
+# needs a literal "<"), and control characters and line breaks a space (a line break could
+# start a heading, a list or an HTML block). Other punctuation only means something at the
+# start of a line, which a value never is.
+_MD_PUNCT = set("\\`*_[]!|~:@")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
+_WWW = re.compile(r"(?i)\b(www)\.")  # GFM autolinks bare www. names
+
+
+def md_escape(text: str) -> str:
+    """``text`` as literal Markdown: no markup, link, image, autolink or HTML can come of it."""
+    text = _CONTROL.sub(" ", str(text))
+    out = []
+    for ch in text:
+        if ch in "&<>":
+            out.append(html.escape(ch))
+        elif ch in _MD_PUNCT:
+            out.append("\\" + ch)
+        else:
+            out.append(ch)
+    return _WWW.sub(r"\1\\.", "".join(out))
+
+
+def lit(value: object) -> str:
+    """A value (a class, file or split name) as literal text inside a report paragraph, whose
+    only markup is `code` and **bold** (see :func:`code`)."""
+    return re.sub(r"([\\`*])", r"\\\1", _CONTROL.sub(" ", str(value)))
+
+
+def code(value: object) -> str:
+    """A value as a code span of a report paragraph, whatever characters it holds."""
+    return f"`{lit(value)}`"
+
+
+def _tokens(text: str) -> list[tuple[str, str]]:
+    """A paragraph's mini-markup as ``(kind, text)``: ``text``, ``code``, ``bold`` (a toggle).
+
+    Backslash escapes any character (how :func:`lit` protects values); control characters
+    become spaces.
+    """
+    text = _CONTROL.sub(" ", text)
+    out: list[tuple[str, str]] = []
+    buf: list[str] = []
+    in_code = False
+    i = 0
+
+    def flush(kind: str) -> None:
+        if buf or kind == "code":
+            out.append((kind, "".join(buf)))
+        buf.clear()
+
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text):
+            buf.append(text[i + 1])
+            i += 2
+            continue
+        if ch == "`":
+            flush("code" if in_code else "text")
+            in_code = not in_code
+        elif not in_code and text.startswith("**", i):
+            flush("text")
+            out.append(("bold", ""))
+            i += 1
+        else:
+            buf.append(ch)
+        i += 1
+    flush("code" if in_code else "text")
+    return out
+
+
+def _md_code(text: str) -> str:
+    # A fence longer than any run of backticks inside, padded so edge backticks stay content.
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") or longest else ""
+    return f"{fence}{pad}{text}{pad}{fence}" if text else ""
+
+
+def inline_markdown(text: str) -> str:
+    """A paragraph's mini-markup as Markdown; everything outside the markup is escaped."""
+    parts = []
+    for kind, val in _tokens(text):
+        if kind == "code":
+            parts.append(_md_code(val))
+        elif kind == "bold":
+            parts.append("**")
+        else:
+            parts.append(md_escape(val))
+    return "".join(parts)
 
 
 def html_table(df: pd.DataFrame) -> str:
@@ -372,20 +468,26 @@ class Report:
         """Link a PNG; it must sit in (or below) the folder the report is written to."""
         self.blocks.append(("image", (Path(png), caption)))
 
+    def media_table(self, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """A table whose cells are plain text or :class:`Audio` players (links in Markdown)."""
+        self.blocks.append(("media", (list(columns), [list(r) for r in rows])))
+
     def to_markdown(self, folder: Path) -> str:
-        out = [f"# {self.title}", ""]
+        out = [f"# {md_escape(self.title)}", ""]
         for kind, val in self.blocks:
             if kind == "heading":
-                out += ["#" * val[0] + " " + val[1], ""]
+                out += ["#" * val[0] + " " + md_escape(val[1]), ""]
             elif kind == "paragraph":
-                out += [val, ""]
+                out += [inline_markdown(val), ""]
             elif kind == "note":
-                out += [f"> **Note:** {val}", ""]
+                out += [f"> **Note:** {inline_markdown(val)}", ""]
             elif kind == "table":
                 out += [markdown_table(val), ""]
             elif kind == "image":
-                rel = _rel(val[0], folder)
-                out += [f"![{val[1]}]({rel})", "", f"*{val[1]}*", ""]
+                cap = md_escape(val[1])
+                out += [f"![{cap}]({_url(val[0], folder)})", "", f"*{cap}*", ""]
+            elif kind == "media":
+                out += [_media_markdown(val, folder), ""]
         return "\n".join(out)
 
     def to_html(self, folder: Path) -> str:
@@ -400,11 +502,13 @@ class Report:
             elif kind == "table":
                 body.append(html_table(val))
             elif kind == "image":
-                rel = html.escape(_rel(val[0], folder))
+                rel = html.escape(_url(val[0], folder))
                 cap = html.escape(val[1])
                 body.append(
                     f'<figure><img src="{rel}" alt="{cap}"><figcaption>{cap}</figcaption></figure>'
                 )
+            elif kind == "media":
+                body.append(_media_html(val, folder))
         return _HTML.format(title=html.escape(self.title), body="\n".join(body))
 
     def write(self, folder: str | Path, stem: str = "report") -> tuple[Path, Path]:
@@ -418,6 +522,54 @@ class Report:
         return md, page
 
 
+@dataclass(frozen=True)
+class Audio:
+    """A sound file in (or below) the report's folder, shown as a player."""
+
+    path: Path
+    mime: str = "audio/ogg"
+
+
+def _url(path: Path, folder: Path) -> str:
+    """A relative link to ``path`` from ``folder``, every component percent-encoded."""
+    return quote(_rel(Path(path), folder), safe="/")
+
+
+def _media_markdown(val: tuple[list[str], list[list[Any]]], folder: Path) -> str:
+    cols, rows = val
+    head = "| " + " | ".join(md_escape(c) for c in cols) + " |"
+    lines = [head, "|" + "|".join(" --- " for _ in cols) + "|"]
+    for row in rows:
+        cells = [
+            f"[listen]({_url(c.path, folder)})" if isinstance(c, Audio) else md_escape(_fmt(c))
+            for c in row
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _media_html(val: tuple[list[str], list[list[Any]]], folder: Path) -> str:
+    cols, rows = val
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = []
+    for row in rows:
+        cells = []
+        for c in row:
+            if isinstance(c, Audio):
+                src = html.escape(_url(c.path, folder))
+                mime = html.escape(c.mime)
+                cells.append(
+                    f'<td><audio controls preload="metadata"><source src="{src}" '
+                    f'type="{mime}"><a href="{src}">listen</a></audio></td>'
+                )
+            else:
+                cells.append(f"<td>{html.escape(_fmt(c))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return (
+        f'<table class="media"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    )
+
+
 def _rel(path: Path, folder: Path) -> str:
     try:
         return path.resolve().relative_to(folder.resolve()).as_posix()
@@ -427,11 +579,17 @@ def _rel(path: Path, folder: Path) -> str:
 
 def _inline_html(text: str) -> str:
     # The paragraphs we write use only `code` and **bold** inline markup.
-    out = html.escape(text)
-    parts = out.split("`")
-    out = "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
-    parts = out.split("**")
-    return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+    parts = []
+    bold = False
+    for kind, val in _tokens(text):
+        if kind == "code":
+            parts.append(f"<code>{html.escape(val)}</code>")
+        elif kind == "bold":
+            parts.append("</b>" if bold else "<b>")
+            bold = not bold
+        else:
+            parts.append(html.escape(val))
+    return "".join(parts) + ("</b>" if bold else "")
 
 
 _HTML = """<!doctype html>
@@ -481,7 +639,7 @@ def write_fusion_report(folder: Path, figures: dict[str, Any]) -> tuple[Path, Pa
     folder = Path(folder)
     opt = figures["optimistic"]
     tag = " (OPTIMISTIC)" if opt else ""
-    r = Report(f"Audio + video late fusion, split {figures['split']}{tag}")
+    r = Report(f"Audio + video late fusion, split {figures['split']}{tag}")  # escaped there
     if opt:
         r.note(
             "the fusion weight was tuned on the very videos it is evaluated on "
@@ -505,6 +663,8 @@ def write_fusion_report(folder: Path, figures: dict[str, Any]) -> tuple[Path, Pa
     _fusion_metric_tables(r, figures["metrics"], opt)
     _fusion_accuracy_plots(r, folder, figures)
     _fusion_class_gain(r, folder, figures["per_class"])
+    if "changed" in figures:
+        changed_section(r, figures, folder, folder)
     _fusion_alignment(r, counts)
     r.paragraph("Full figures: `fusion.json`.")
     return r.write(folder)
@@ -625,7 +785,7 @@ def _fusion_alignment(r: Report, counts: dict[str, Any]) -> None:
     )
     v = counts["video"]
     r.paragraph(
-        f"Video scores read as `{v['kind']}` from `{v['source']}`; class columns "
+        f"Video scores read as {code(v['kind'])} from {code(v['source'])}; class columns "
         + (
             "matched by name"
             if v["classes"]["by_name"]
@@ -636,3 +796,77 @@ def _fusion_alignment(r: Report, counts: dict[str, Any]) -> None:
         f"{counts['not_on_disk_without_video_scores']} videos of the split are not on disk and "
         "have no video scores; they are left out."
     )
+
+
+# --------------------------------------------------------------------------- what audio changed
+
+_KIND_TEXT = {"fixed": "fixed by audio", "broken": "broken by audio", "changed": "still wrong"}
+
+
+def _top_text(top: list[list[Any]] | None) -> str:
+    if not top:
+        return "no audio"
+    return " · ".join(f"{name} {p:.2f}" for name, p in top)
+
+
+def plot_audio_errors(errors: Mapping[str, Any], png: str | Path) -> Path:
+    """Confusion counts of audio-only errors: true class (rows) against predicted (columns),
+    for the classes with most errors (``audio_error_matrix`` of :mod:`avfuse.fuse`)."""
+    names = list(errors["classes"])
+    m = np.asarray(errors["matrix"], dtype=float).reshape(len(names), len(names) + 1)
+    size = 2.5 + 0.45 * len(names)
+    fig = Figure(figsize=(size + 1.2, size))
+    ax = fig.add_subplot()
+    im = ax.imshow(m, cmap="Oranges", aspect="auto", vmin=0)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="videos")
+    for (i, j), val in np.ndenumerate(m):
+        if val:
+            ax.text(j, i, f"{int(val)}", ha="center", va="center", fontsize=8)
+    short = [n if len(n) <= 22 else n[:21] + "…" for n in names]
+    ax.set_xticks(range(len(names) + 1), [*short, "other"], rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), short, fontsize=8)
+    ax.set_xlabel("audio model's top-1")
+    ax.set_ylabel("true class")
+    ax.set_title("audio-only errors, classes with most of them", fontsize=10)
+    return _save(fig, png)
+
+
+def changed_section(r: Report, figures: Mapping[str, Any], fusion_dir: Path, png_dir: Path) -> None:
+    """'What audio changed': the videos whose fused top-1 differs from the video model's, with
+    a player of each sound track where ``fusion.json``'s rows name an excerpt in
+    ``fusion_dir``, and the audio-only confusions (PNG written to ``png_dir``)."""
+    ch = figures["changed"]
+    counts = ch["counts"]
+    rows = ch["rows"]
+    r.heading("What audio changed")
+    with_links = any(row.get("audio_file") for row in rows)
+    r.paragraph(
+        f"Of the evaluated videos, audio **fixed {counts['fixed']}** (the video model was wrong, "
+        f"fusion is right), **broke {counts['broken']}** (the reverse) and moved "
+        f"{counts['changed']} from one wrong class to another. Listed: up to "
+        f"{max(1, len(rows))} of them, fixed first, each kind by the fused decision's "
+        "confidence; top-3 classes with their probabilities. "
+        + (
+            "Each sound is a short excerpt of the video's track (Ogg Opus, in `audio/` beside "
+            "the fusion report)."
+            if with_links
+            else "Audio excerpts are not included."
+        )
+    )
+    if rows:
+        cols = ["video", "true class", "change"]
+        cols += ["sound"] if with_links else []
+        cols += ["video top-3", "audio top-3", "fused top-3"]
+        table = []
+        for row in rows:
+            cells: list[Any] = [row["video_id"], row["true"], _KIND_TEXT.get(row["kind"], "")]
+            if with_links:
+                f = row.get("audio_file")
+                cells.append(Audio(fusion_dir / f) if f else "no excerpt")
+            cells += [_top_text(row["video"]), _top_text(row["audio"]), _top_text(row["fused"])]
+            table.append(cells)
+        r.media_table(cols, table)
+    errors = figures.get("audio_errors") or {}
+    if errors.get("classes"):
+        png = plot_audio_errors(errors, png_dir / "audio_errors.png")
+        r.image(png, "audio-only errors: true class against the audio model's top-1")
