@@ -107,6 +107,22 @@ def test_the_id_scheme_itself_cannot_merge_two_files(tmp_path: Path) -> None:
     assert np.allclose(freqs, [440, 700, 1000], atol=10)
 
 
+def test_a_file_named_like_a_disambiguated_id_is_kept_too(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    _video(root / "train" / "a" / "Clip.mp4", 440.0)
+    _video(root / "train" / "a" / "clip.mp4", 700.0)
+    work = tmp_path / "w"
+    taken = sorted(scan(ScanConfig(root=root, work=work))["video_id"])
+    # Files named exactly like the ids the collision gave: all four videos stay, distinct.
+    for i, vid in enumerate(taken):
+        _video(root / "train" / "a" / f"{vid.rsplit('/', 1)[1]}.mp4", 1000.0 + 200 * i)
+    df = scan(ScanConfig(root=root, work=work))
+    assert len(df) == 4 and len({v.casefold() for v in df["video_id"]}) == 4
+    done = _extract(work)
+    freqs = sorted(peak_frequency(load_audio(work / rel), 16000) for _, rel in done.values())
+    assert np.allclose(freqs, [440, 700, 1000, 1200], atol=10)
+
+
 def test_extract_refuses_a_manifest_with_duplicate_ids(tmp_path: Path) -> None:
     import pandas as pd
 
@@ -134,6 +150,18 @@ def test_hidden_media_files_are_listed_not_silently_skipped(tmp_path: Path) -> N
     assert list(df["video_id"]) == ["train/a/x"]
     warned = _warnings(work)
     assert [(Path(w["path"]).name, w["kind"]) for w in warned] == [(".secret.mp4", "hidden")]
+
+
+def test_hidden_folders_are_listed_not_made_classes(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    _video(root / "train" / "a" / "x.mp4", 440.0)
+    _video(root / "train" / ".trash" / "old.mp4", 700.0)
+    _video(root / "train" / "a" / ".ipynb_checkpoints" / "x-checkpoint.mp4", 440.0)
+    work = tmp_path / "w"
+    df = scan(ScanConfig(root=root, work=work))
+    assert list(df["video_id"]) == ["train/a/x"] and set(df["label"]) == {"a"}
+    warned = sorted((Path(w["path"]).name, w["kind"]) for w in _warnings(work))
+    assert warned == [(".ipynb_checkpoints", "hidden"), (".trash", "hidden")]
 
 
 def _kinetics(path: Path, rows: list[tuple[str, str, int, int, str]]) -> Path:

@@ -254,6 +254,13 @@ def _walk_tree(top: Path, exts: set[str], skip: Path, found: _Scanned, check_nam
                 found.warn(e.path, "unreadable", error_reason(exc))
                 continue
             if is_dir:
+                if name.startswith(".") and check_names:
+                    # Hidden (.git, .ipynb_checkpoints, a trash folder): not split, class or
+                    # part of an id; listed so nothing inside is lost unseen.
+                    found.warn(
+                        e.path, "hidden", "a hidden folder (name starts with '.'); not scanned"
+                    )
+                    continue
                 real = os.path.realpath(e.path) if e.is_symlink() else os.path.join(dreal, e.name)
                 if real == skip_real:
                     found.warn(e.path, "work_folder", "the work folder itself is not scanned")
@@ -485,36 +492,40 @@ def _assign_ids(rows: list[dict[str, object]], root: Path, found: _Scanned) -> N
     precomposed and decomposed), names differing only in letter case (one file on a
     case-insensitive work folder), or the scheme itself (``a.mp4`` beside ``a.mp4.mkv``). Every
     member of such a group keeps its video, under its path without extension plus ``~`` and 8
-    hex digits of a hash of its file's path as stored on disk: stable across runs, different within the group. Each
-    is listed in the scan warnings (kind ``id_collision``).
+    hex digits of a hash of its file's path as stored on disk: stable across runs, different
+    within the group (a file already named like such an id gets a longer hash). Each is listed
+    in the scan warnings (kind ``id_collision``).
     """
     stems = [posixpath.splitext(str(r["rel"]))[0] for r in rows]
     counts = Counter(stems)
     ids = [
         stem if counts[stem] == 1 else str(r["rel"]) for r, stem in zip(rows, stems, strict=True)
     ]
-    groups: dict[str, list[int]] = {}
-    for i, vid in enumerate(ids):
-        groups.setdefault(nfc(vid).casefold(), []).append(i)
-    for members in groups.values():
-        if len(members) < 2:
-            continue
-        first = ids[members[0]]
-        for i in members:
-            ids[i] = f"{stems[i]}~{_path_hash(rows[i], root)}"
-        for i in members:
-            others = ", ".join(
-                _shown(str(rows[j]["path"] or rows[j]["rel"])) for j in members if j != i
-            )
-            found.warn(
-                str(rows[i]["path"] or rows[i]["rel"]),
-                "id_collision",
-                f"same video id {first!r} as {others} (names equal after Unicode normalisation "
-                f"or letter case, or by the id scheme); kept as {ids[i]!r}",
-            )
-    dup = [k for k, n in Counter(nfc(v).casefold() for v in ids).items() if n > 1]
-    if dup:  # two paths with one hash: refuse rather than lose a video
+    first: dict[int, tuple[str, list[int]]] = {}  # row -> (the id it first met on, the group)
+    for digits in (8, 16, 40):
+        groups: dict[str, list[int]] = {}
+        for i, vid in enumerate(ids):
+            groups.setdefault(nfc(vid).casefold(), []).append(i)
+        colliding = [m for m in groups.values() if len(m) > 1]
+        if not colliding:
+            break
+        for members in colliding:
+            for i in members:
+                first.setdefault(i, (ids[members[0]], members))
+                ids[i] = f"{stems[i]}~{_path_hash(rows[i], root)[:digits]}"
+    else:
+        dup = [k for k, n in Counter(nfc(v).casefold() for v in ids).items() if n > 1]
         raise UnsafeNameError(f"video ids that cannot be told apart: {dup[:5]!r}; rename the files")
+    for i, (met, members) in sorted(first.items()):
+        others = ", ".join(
+            _shown(str(rows[j]["path"] or rows[j]["rel"])) for j in members if j != i
+        )
+        found.warn(
+            str(rows[i]["path"] or rows[i]["rel"]),
+            "id_collision",
+            f"same video id {met!r} as {others} (names equal after Unicode normalisation "
+            f"or letter case, or by the id scheme); kept as {ids[i]!r}",
+        )
     for r, vid in zip(rows, ids, strict=True):
         r["video_id"] = vid
 
@@ -522,9 +533,8 @@ def _assign_ids(rows: list[dict[str, object]], root: Path, found: _Scanned) -> N
 def _path_hash(row: dict[str, object], root: Path) -> str:
     path = str(row["path"])
     raw = os.fsencode(os.path.relpath(path, root)) if path else str(row["rel"]).encode()
-    return hashlib.sha1(raw + b"\0" + str(row["rel"]).encode(), usedforsecurity=False).hexdigest()[
-        :8
-    ]
+    digest = hashlib.sha1(raw + b"\0" + str(row["rel"]).encode(), usedforsecurity=False)
+    return digest.hexdigest()
 
 
 def _write_warnings(path: Path, warnings: list[dict[str, str]]) -> None:
