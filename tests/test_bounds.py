@@ -477,3 +477,23 @@ def test_deeply_nested_json_in_a_store_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(CorruptStoreError, match="nested too deeply") as info:
         FeatureStore(root)
     assert str(root / "store.json") in str(info.value)
+
+
+def test_pickle_memo_index_cannot_allocate(tmp_path: Path) -> None:
+    """``LONG_BINPUT 2^30``: ten bytes that make the C unpickler zero a 16 GB memo table. Run
+    under an address-space limit, so that a loader without the bound fails instead of
+    exhausting the machine."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "memo.pkl"
+    path.write_bytes(b"\x80\x02]r" + (1 << 30).to_bytes(4, "little") + b".")
+    code = (
+        "import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30)); "
+        "from avfuse.safe_pickle import load_pickle; print(load_pickle(sys.argv[1]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-500:]
+    assert out.stdout.strip() == "[]"
