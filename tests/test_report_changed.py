@@ -237,3 +237,31 @@ def test_report_paragraphs_escape_values_and_keep_their_markup(tmp_path: Path) -
     _assert_inert(h, tmp_path)
     assert "/d/`odd`<img src=x onerror=1>" in " ".join(h.text)
     assert ("b", {}) in h.tags
+
+
+def test_run_report_lists_the_changes_with_working_players(tmp_path: Path) -> None:
+    from avfuse.pipeline import FuseSection, RunConfig, stage_configs, write_run_report
+
+    d = make_work(tmp_path, ["dog", "cat", "rain <i>"], n=60, seed=2)
+    root = tmp_path / "data [x](javascript:alert(1)) <img src=y onerror=z>"
+    root.mkdir()
+    fz = FuseSection(
+        video_scores=(d["work"] / "video_val.csv",),
+        weight_selection="optimistic",
+        method="logprob",
+        bootstrap=50,
+    )
+    sc = stage_configs(RunConfig(root=root, work=d["work"], fuse=fz))
+    assert sc.fuse is not None
+    res = fuse(sc.fuse)
+    md, page = write_run_report(sc)
+    h = parse(page.read_text())
+    _assert_inert(h, d["work"])
+    sources = [a["src"] for t, a in h.tags if t == "source"]
+    assert len(sources) == len(res.figures["changed"]["rows"]) > 0
+    for src in sources:
+        assert src is not None and src.startswith("fusion/audio/")
+        assert _decoded_seconds(d["work"] / src) > 0.5
+    rendered = _render_markdown(md.read_text())
+    _assert_inert(rendered, d["work"])
+    assert str(root.resolve()) in " ".join(rendered.text)

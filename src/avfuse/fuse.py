@@ -740,10 +740,10 @@ def _write_outputs(
     # a kill never leaves a new fusion.json beside an old report.
     with atomic_dir(out) as tmp:
         fused_name = sf.save(tmp / f"fused_{split}.npz").name
+        if cfg.audio_links:  # first: fusion.json records each excerpt's file
+            _write_excerpts(cfg, tmp, figures["changed"]["rows"])
         write_json(tmp / "fusion.json", {"config": to_dict(cfg), **figures})
         save_config(cfg, tmp / "config.toml")
-        if cfg.audio_links:
-            _write_excerpts(cfg, tmp, figures["changed"]["rows"])
         md, page = write_fusion_report(tmp, figures)
     return FuseResult(out, out / fused_name, out / md.name, out / page.name, figures, optimistic)
 
@@ -838,7 +838,7 @@ def changed_videos(
                     "fused": top(top_f, i),
                 }
             )
-    return {"counts": {k: int(m.sum()) for k, m in kinds.items()}, "rows": rows}
+    return {"counts": {k: int(m.sum()) for k, m in kinds.items()}, "limit": limit, "rows": rows}
 
 
 def audio_error_matrix(

@@ -604,6 +604,9 @@ img {{ max-width: 100%; }}
 figcaption {{ font-size: 0.9em; color: #555; }}
 .note {{ background: #fff3cd; border: 1px solid #e0c36c; padding: 0.6em; }}
 code {{ background: #f3f3f3; padding: 0 3px; }}
+table.media {{ font-size: 0.85em; }}
+table.media td {{ text-align: left; vertical-align: middle; }}
+table.media audio {{ width: 170px; height: 32px; }}
 </style></head>
 <body>
 {body}
@@ -843,9 +846,9 @@ def changed_section(r: Report, figures: Mapping[str, Any], fusion_dir: Path, png
     r.paragraph(
         f"Of the evaluated videos, audio **fixed {counts['fixed']}** (the video model was wrong, "
         f"fusion is right), **broke {counts['broken']}** (the reverse) and moved "
-        f"{counts['changed']} from one wrong class to another. Listed: up to "
-        f"{max(1, len(rows))} of them, fixed first, each kind by the fused decision's "
-        "confidence; top-3 classes with their probabilities. "
+        f"{counts['changed']} from one wrong class to another. Listed: {len(rows)} of them "
+        f"(at most {ch.get('limit', len(rows))} of each kind), fixed first, each kind by the "
+        "fused decision's confidence; top-3 classes with their probabilities. "
         + (
             "Each sound is a short excerpt of the video's track (Ogg Opus, in `audio/` beside "
             "the fusion report)."
