@@ -17,7 +17,7 @@ import torch
 
 from avfuse import cli
 from avfuse.checkpoint import FORMAT, load_checkpoint
-from avfuse.config import read_mapping
+from avfuse.config import apply_overrides, read_mapping
 from avfuse.io import write_table
 from avfuse.model_config import TrainConfig
 from avfuse.models import build_model, load_init
@@ -497,3 +497,26 @@ def test_pickle_memo_index_cannot_allocate(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr[-500:]
     assert out.stdout.strip() == "[]"
+
+
+def test_csv_rows_are_bounded_before_pandas_reads_them(tmp_path: Path) -> None:
+    bounds = ScoreBounds.for_dataset(10, 3)  # at most 10020 rows
+    wide = tmp_path / "wide.csv"
+    wide.write_text("video_id,a,b,c\n" + "v,0,0,1\n" * 10_100)
+    with pytest.raises(VideoScoreError, match="10100 data lines, over the 10020"):
+        read_one(wide, bounds=bounds)
+    long = tmp_path / "long.csv"  # a line per (video, class): bounded by rows x columns
+    long.write_text("video_id,class,score\n" + "".join(f"v{i},a,0.5\n" for i in range(10_100)))
+    assert len(read_one(long, bounds=bounds).ids) == 10_100
+    ann = tmp_path / "ids.txt"
+    ann.write_text("v\n" * 10_100)
+    np.save(tmp_path / "s.npy", np.zeros((10_100, 3), np.float32))
+    assert len(read_one(tmp_path / "s.npy", ids_file=ann).ids) == 10_100  # default bounds
+
+
+@pytest.mark.parametrize(
+    "override", ["batch_size=100000000", "windows_per_video=0", "windows_per_video=100000000"]
+)
+def test_allocation_sizes_in_settings_are_bounded(override: str) -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        apply_overrides(TrainConfig(work=Path("w")), [override])

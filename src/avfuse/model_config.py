@@ -31,6 +31,8 @@ HELDOUT = "heldout"
 # hop, longer than any clip of a video data set; a window of 10^9 would allocate gigabytes per
 # batch before a single frame is read.
 MAX_WINDOW = 1 << 16
+# Largest batch: a batch is allocated whole, and 65536 windows is already ~1.6 GB of input.
+MAX_BATCH = 1 << 16
 # Widest channel multiplier: 16x the published networks is already far beyond their size.
 MAX_WIDTH = 16.0
 CARVE = "carve"
@@ -113,7 +115,10 @@ class TrainConfig(Config):
         default="linear", metadata={"help": "head over embeddings (with --from-embeddings)"}
     )
     epochs: int = field(default=30, metadata={"help": "training epochs", "min": 1})
-    batch_size: int = field(default=64, metadata={"help": "windows per step and process", "min": 1})
+    batch_size: int = field(
+        default=64,
+        metadata={"help": "windows per step and process", "min": 1, "max": MAX_BATCH},
+    )
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate at base_batch_size"})
     base_batch_size: int = field(
         default=64, metadata={"help": "effective batch size the lr is given for"}
@@ -132,7 +137,8 @@ class TrainConfig(Config):
     mixup_alpha: float = field(default=0.0, metadata={"help": "mixup Beta(alpha, alpha); 0 = off"})
     grad_clip: float = field(default=5.0, metadata={"help": "max gradient norm; 0 = off"})
     windows_per_video: int = field(
-        default=4, metadata={"help": "random windows drawn per video per epoch"}
+        default=4,
+        metadata={"help": "random windows drawn per video per epoch", "min": 1, "max": 1 << 12},
     )
     balanced: bool = field(default=False, metadata={"help": "class-balanced video sampling"})
     min_steps: int = field(
@@ -236,7 +242,9 @@ class PredictConfig(Config):
             "max": MAX_WINDOW,
         },
     )
-    batch_size: int = field(default=256, metadata={"help": "windows per forward pass", "min": 1})
+    batch_size: int = field(
+        default=256, metadata={"help": "windows per forward pass", "min": 1, "max": MAX_BATCH}
+    )
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
     output: Path | None = field(
         default=None, metadata={"help": "score file (default WORK/scores/audio_SPLIT.npz)"}
@@ -315,9 +323,16 @@ class EmbedConfig(Config):
     splits: tuple[str, ...] = field(
         default=(), metadata={"help": "splits to embed (comma-separated; default all)"}
     )
-    batch_size: int = field(default=64, metadata={"help": "windows per forward pass"})
+    batch_size: int = field(
+        default=64, metadata={"help": "windows per forward pass", "min": 1, "max": MAX_BATCH}
+    )
     chunk_videos: int = field(
-        default=256, metadata={"help": "videos per committed chunk (the resume granularity)"}
+        default=256,
+        metadata={
+            "help": "videos per committed chunk (the resume granularity)",
+            "min": 1,
+            "max": 1 << 20,
+        },
     )
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "device"})
     amp: Literal["auto", "off", "bf16", "fp16"] = field(

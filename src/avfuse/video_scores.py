@@ -152,9 +152,10 @@ def _short(exc: BaseException, n: int = 160) -> str:
     return text if len(text) <= n else text[:n] + "..."
 
 
-def check_lines(path: Path, max_bytes: int) -> None:
+def check_lines(path: Path, max_bytes: int) -> int:
     """Refuse a text file with a line over ``max_bytes`` (scanned in 1 MB blocks, vectorised),
-    before a parser holds such a line, or a cell of it, in memory."""
+    before a parser holds such a line, or a cell of it, in memory. Returns the line count, for
+    the caller to bound the rows a parser would build."""
     line_no, run = 1, 0  # run: bytes of the current line seen so far
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 20):
@@ -177,6 +178,7 @@ def check_lines(path: Path, max_bytes: int) -> None:
             f"{path}: line {line_no} is over {max_bytes} bytes (a cell or header far larger "
             "than any score table needs)"
         )
+    return line_no - (run == 0)
 
 
 @dataclass
@@ -465,7 +467,11 @@ def read_annotations(path: str | Path) -> tuple[list[str], RowLabels | None]:
     """
     path = Path(path)
     try:
-        check_lines(path, ScoreBounds().line_bytes)
+        bounds = ScoreBounds()
+        if check_lines(path, bounds.line_bytes) > bounds.rows + 1:
+            raise VideoScoreError(
+                f"{path}: over {bounds.rows} lines, more videos than any data set"
+            )
         text = path.read_text("utf-8-sig")
     except OSError as exc:
         raise VideoScoreError(f"{path}: cannot read annotations ({exc})") from exc
@@ -610,7 +616,7 @@ def _load_csv(path: Path, bounds: ScoreBounds) -> VideoScores:
     sep = "\t" if path.suffix.lower() == ".tsv" else ","
     # Lines (so cells) bounded before any parser holds one; the header's width before pandas
     # builds a frame of 10^6 columns.
-    check_lines(path, bounds.line_bytes)
+    n_lines = check_lines(path, bounds.line_bytes)
     # pandas silently turns one extra field per row into an index column: check the widths.
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
@@ -635,6 +641,12 @@ def _load_csv(path: Path, bounds: ScoreBounds) -> VideoScores:
     long_layout = bool(
         _find(hcols, _CLASS_COLUMNS) and _find(hcols, _SCORE_COLUMNS) and len(hcols) <= 4
     )
+    # Bounded before pandas builds a frame: a long table has a line per (video, class).
+    most = bounds.cells if long_layout else bounds.rows
+    if n_lines - 1 > most:
+        raise VideoScoreError(
+            f"{path}: {n_lines - 1} data lines, over the {most} the data set can need"
+        )
     usecols = None
     if hcols and not long_layout and len(set(hcols)) == len(hcols):
         # Wide: pandas reads only the id / meta columns as text; the class columns are parsed
@@ -649,8 +661,8 @@ def _load_csv(path: Path, bounds: ScoreBounds) -> VideoScores:
         raise VideoScoreError(f"{path}: empty CSV file") from exc
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
         raise VideoScoreError(f"{path}: malformed CSV ({_short(exc)})") from None
-    if len(df) > bounds.rows:
-        raise VideoScoreError(f"{path}: {len(df)} rows, over the {bounds.rows} the data set needs")
+    if len(df) > most:
+        raise VideoScoreError(f"{path}: {len(df)} rows, over the {most} the data set needs")
     if df.empty:
         raise VideoScoreError(f"{path}: CSV has a header but no rows (empty file)")
     cols = hcols if usecols is not None else [str(c) for c in df.columns]
