@@ -225,13 +225,19 @@ def test_report_paragraphs_escape_values_and_keep_their_markup(tmp_path: Path) -
     r.paragraph(
         f"root {rp.code('/d/`odd`<img src=x onerror=1>')} and **bold** {rp.lit('*[a](b)*')}"
     )
-    r.table(pd.DataFrame({"class": ["[x](javascript:alert(1))", "a|b"], "n": [1, 2]}))
+    r.table(
+        pd.DataFrame(
+            {"class": ["[x](javascript:alert(1))", "a|b", "_em_ no_audio"], "n": [1, 2, 3]}
+        )
+    )
     md, page = r.write(tmp_path)
     rendered = _render_markdown(md.read_text())
     _assert_inert(rendered, tmp_path)
     words = " ".join(rendered.text)
     assert "/d/`odd`<img src=x onerror=1>" in words and "*[a](b)*" in words
-    assert "[x](javascript:alert(1))" in words and "a|b" in words
+    assert "[x](javascript:alert(1))" in words and "a|b" in words and "_em_ no_audio" in words
+    assert not [t for t, _ in rendered.tags if t == "em"]
+    assert "| no_audio |" in rp.markdown_table(pd.DataFrame({"s": ["no_audio"]}))  # readable
     assert ("strong", {}) in rendered.tags and ("code", {}) in rendered.tags
     h = parse(page.read_text())
     _assert_inert(h, tmp_path)

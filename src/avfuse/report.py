@@ -77,9 +77,11 @@ def md_escape(text: str) -> str:
     """``text`` as literal Markdown: no markup, link, image, autolink or HTML can come of it."""
     text = _CONTROL.sub(" ", str(text))
     out = []
-    for ch in text:
+    for i, ch in enumerate(text):
         if ch in "&<>":
             out.append(html.escape(ch))
+        elif ch == "_" and 0 < i < len(text) - 1 and (text[i - 1] + text[i + 1]).isalnum():
+            out.append(ch)  # inside a word (no_audio) an underscore never makes emphasis
         elif ch in _MD_PUNCT:
             out.append("\\" + ch)
         else:
