@@ -520,3 +520,28 @@ def test_csv_rows_are_bounded_before_pandas_reads_them(tmp_path: Path) -> None:
 def test_allocation_sizes_in_settings_are_bounded(override: str) -> None:
     with pytest.raises(ValueError, match="out of range"):
         apply_overrides(TrainConfig(work=Path("w")), [override])
+
+
+def test_a_spec_describing_a_network_larger_than_its_weights_is_refused_unbuilt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from avfuse import scoring
+
+    small = build_model("resnet", 2, 0.25, 0.0, n_mels=64, frames=96)
+    spec = {"name": "resnet", "width": 16.0, "dropout": 0.0, "n_mels": 64, "frames": 96}
+    ckpt = _checkpoint(model=small.state_dict(), model_spec=spec, classes=["a", "b"])
+    built: list[bool] = []
+    real = scoring.build_model
+
+    def counting(*a: Any, **k: Any) -> Any:
+        built.append(torch.empty(0).device.type != "meta")
+        return real(*a, **k)
+
+    monkeypatch.setattr(scoring, "build_model", counting)
+    with pytest.raises(ValueError, match="describes a network of .* bytes, its weights hold"):
+        scoring.model_from_checkpoint(ckpt)
+    assert built == [False]  # only the meta-device probe was built
+    spec_ok = {**spec, "width": 0.25}
+    model, _, _ = scoring.model_from_checkpoint({**ckpt, "model_spec": spec_ok})
+    assert built == [False, False, True]
+    assert torch.equal(model.state_dict()["fc.weight"], small.state_dict()["fc.weight"])

@@ -92,7 +92,10 @@ def _predict(cfg: PredictConfig) -> PredictResult | None:
     window = cfg.window or checkpoint_window(ckpt)
     hop = cfg.hop or max(window, 1)
     store.check_frontend(ckpt["frontend_hash"], what=f"checkpoint {ckpt_path}")
-    model, norm, classes = model_from_checkpoint(ckpt)
+    try:
+        model, norm, classes = model_from_checkpoint(ckpt)
+    except (ValueError, RuntimeError, KeyError, TypeError) as exc:  # load_state_dict: Runtime
+        raise ValueError(f"{ckpt_path}: {' '.join(str(exc).split())[:300]}") from None
     if isinstance(model, VGGish) and window != checkpoint_window(ckpt):
         raise ValueError(
             f"VGGish was trained on {checkpoint_window(ckpt)}-frame windows and takes only those"

@@ -72,19 +72,49 @@ def checkpoint_store(work: Path, ckpt: dict[str, Any]) -> FeatureStore:
 
 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[nn.Module, NormStats, list[str]]:
-    """(model with the checkpoint's weights, normalisation statistics, class list)."""
+    """(model with the checkpoint's weights, normalisation statistics, class list).
+
+    The network the checkpoint's ``model_spec`` describes is first built on the ``meta``
+    device (no memory): one needing more bytes than the checkpoint's weights hold is refused
+    before it is allocated (a spec of absurd sizes is a memory bomb, whatever its fields).
+    """
     spec = ckpt["model_spec"]
-    model = build_model(
-        spec["name"],
-        len(ckpt["classes"]),
-        spec["width"],
-        spec["dropout"],
-        n_mels=int(spec.get("n_mels", 64)),
-        frames=int(spec.get("frames", WINDOW)),
-        arch=spec.get("arch"),
-    )
+
+    def build() -> nn.Module:
+        return build_model(
+            spec["name"],
+            len(ckpt["classes"]),
+            spec["width"],
+            spec["dropout"],
+            n_mels=int(spec.get("n_mels", 64)),
+            frames=int(spec.get("frames", WINDOW)),
+            arch=spec.get("arch"),
+        )
+
+    _check_model_size(build, ckpt["model"])
+    model = build()
     model.load_state_dict(ckpt["model"])
     return model, NormStats.from_state(ckpt["norm"]), list(ckpt["classes"])
+
+
+def _tensor_bytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def _check_model_size(build: Any, state: Any) -> None:
+    """Refuse a network that needs more memory than ``state`` (its weights) could fill."""
+    try:
+        with torch.device("meta"):
+            probe = build()
+    except Exception:  # a model that cannot be built on meta: the real build reports it
+        return
+    need = _tensor_bytes([*probe.parameters(), *probe.buffers()])
+    have = _tensor_bytes(state.values())
+    if need > 2 * have + (1 << 20):
+        raise ValueError(
+            f"the checkpoint's model_spec describes a network of {need} bytes, its weights "
+            f"hold {have}: a damaged or hostile spec"
+        )
 
 
 # --------------------------------------------------------------------------- scoring
