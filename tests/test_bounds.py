@@ -538,7 +538,7 @@ def test_a_spec_describing_a_network_larger_than_its_weights_is_refused_unbuilt(
         return real(*a, **k)
 
     monkeypatch.setattr(scoring, "build_model", counting)
-    with pytest.raises(ValueError, match="describes a network of .* bytes, its weights hold"):
+    with pytest.raises(ValueError, match=r"describes a network of .* bytes, its weights hold"):
         scoring.model_from_checkpoint(ckpt)
     assert built == [False]  # only the meta-device probe was built
     spec_ok = {**spec, "width": 0.25}
