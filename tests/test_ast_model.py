@@ -286,3 +286,14 @@ def test_store_of_another_front_end_is_named(folder: Path) -> None:
     # AudioSet's statistics, where the folder states its own.
     msg = ast_model.frontend_mismatch(FrontendConfig.ast().hash(), folder)
     assert msg is not None and "mean=-5.5, std=3.25" in msg
+
+
+def test_frontend_toml_reads_back_as_the_folders_front_end(folder: Path, tmp_path: Path) -> None:
+    from avfuse.config import from_dict, read_mapping
+    from avfuse.features import FeaturesConfig
+
+    path = tmp_path / "ast.toml"
+    path.write_text(ast_model.frontend_toml(folder))
+    cfg = from_dict(FeaturesConfig, {**read_mapping(path), "work": str(tmp_path)})
+    assert cfg.frontend == ast_model.frontend_for(folder)
+    assert (cfg.frontend.norm_mean, cfg.frontend.norm_std) == (-5.5, 3.25)

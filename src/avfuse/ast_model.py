@@ -170,6 +170,16 @@ def frontend_for(folder: str | Path | None = None) -> FrontendConfig:
     return fe if n_mels == 128 else FrontendConfig(**{**_fields(fe), "n_mels": n_mels})
 
 
+def frontend_toml(folder: str | Path | None = None) -> str:
+    """The ``[frontend]`` table of :func:`frontend_for`, for ``avfuse features --config``."""
+    fe = frontend_for(folder)
+    lines = ["[frontend]"]
+    for key, value in fe.to_dict().items():
+        text = json.dumps(value)  # TOML spells these scalars as JSON does, booleans included
+        lines.append(f"{key} = {text}")
+    return "\n".join(lines) + "\n"
+
+
 def frontend_mismatch(store_hash: str, folder: str | Path | None) -> str | None:
     """Why a feature store's front end is not the one ``folder``'s checkpoint expects, or
     ``None`` when its hash is :func:`frontend_for`'s."""
@@ -355,6 +365,7 @@ __all__ = [
     "AST_BASE",
     "base_arch",
     "frontend_for",
+    "frontend_toml",
     "read_arch",
     "read_state",
     "to_module_names",
