@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,34 @@ from typing import Any
 import pytest
 
 from tests import media
+
+# AVFUSE_TEST_THREADS=N runs the suite with N torch threads (CI runs the training tests at 16
+# on a 2-core machine: oneDNN defects show up with many threads, not with the core count).
+# OMP_NUM_THREADS carries it into the subprocesses tests start.
+_THREADS = os.environ.get("AVFUSE_TEST_THREADS", "")
+if _THREADS:
+    os.environ["OMP_NUM_THREADS"] = _THREADS
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
+    if _THREADS:
+        import torch
+
+        torch.set_num_threads(int(_THREADS))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not gpu:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU")
+    for item in gpu:
+        item.add_marker(skip)
 
 
 @pytest.fixture

@@ -133,7 +133,7 @@ def _identity_norm(store: FeatureStore):  # type: ignore[no-untyped-def]
 def test_every_video_with_sound_is_scored_and_figures_cover_the_split(work: Path) -> None:
     res = train(TrainConfig(work, name="cov", val_split="carve", **TINY))  # type: ignore[arg-type]
     assert res is not None
-    out = predict(PredictConfig(work, run="cov", amp="off"))
+    out = predict(PredictConfig(work, run="cov", amp="off", device="cpu"))
     assert out is not None
     sf = ScoreFile.load(out.path)
     st = dict(zip(sf.ids.tolist(), sf.status.tolist()))

@@ -137,6 +137,7 @@ def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
             run="ddp",
             checkpoint="last",
             amp="off",
+            device="cpu",
             batch_size=32,
             output=work / "scores" / "single.npz",
         )

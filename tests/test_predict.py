@@ -105,7 +105,7 @@ def test_score_videos_aggregates_windows_per_video(work: Path, aggregation: str)
 
 
 def test_predict_writes_every_video_of_the_split(work: Path) -> None:
-    res = predict(PredictConfig(work, run="p", checkpoint="last", amp="off"))
+    res = predict(PredictConfig(work, run="p", checkpoint="last", amp="off", device="cpu"))
     assert res is not None
     sf = ScoreFile.load(work / "scores" / "audio_val.npz")
     man = read_table(work / "manifest.parquet")
@@ -144,6 +144,27 @@ def test_predict_refuses_other_frontend(work: Path) -> None:
     try:
         write_json(meta_path, {**meta, "frontend_hash": "0123456789abcdef"})
         with pytest.raises(FrontendMismatchError, match="0123456789abcdef"):
-            predict(PredictConfig(work, run="p", checkpoint="last", amp="off"))
+            predict(PredictConfig(work, run="p", checkpoint="last", amp="off", device="cpu"))
     finally:
         write_json(meta_path, meta)
+
+
+@pytest.mark.cuda
+def test_predict_on_cuda_matches_cpu(work: Path) -> None:
+    # cuDNN convolutions in float32 may run in TF32 (10-bit mantissa, ~5e-4 relative per
+    # product): probabilities agree to a few 1e-3, not to the 1e-4 of two CPU runs.
+    runs = {}
+    for device in ("cpu", "cuda"):
+        out = work / "scores" / f"on_{device}.npz"
+        predict(
+            PredictConfig(work, run="p", checkpoint="last", amp="off", device=device, output=out)  # type: ignore[arg-type]
+        )
+        runs[device] = ScoreFile.load(out)
+    a, b = runs["cpu"], runs["cuda"]
+    assert a.ids.tolist() == b.ids.tolist() and (a.n_windows == b.n_windows).all()
+    good = a.has_scores
+    assert (b.has_scores == good).all()
+    np.testing.assert_allclose(b.scores[good], a.scores[good], rtol=0, atol=5e-3)
+    margin = np.sort(a.scores[good], 1)
+    clear = margin[:, -1] - margin[:, -2] > 1e-2
+    assert (a.scores[good].argmax(1) == b.scores[good].argmax(1))[clear].all()

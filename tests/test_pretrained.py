@@ -36,7 +36,7 @@ torchvggish = pytest.importorskip("torchvggish.torchvggish")
 # min_steps 0 (as in test_train): these tests check loading, shapes and plumbing, which one
 # epoch shows; the 300-step floor of small datasets made each run ~5 s.
 TINY: dict[str, Any] = {k: v for k, v in TRAIN_TINY.items() if k != "model"} | dict(
-    windows_per_video=2, channels_last=False, epochs=1
+    windows_per_video=2, channels_last="off", epochs=1
 )
 
 
@@ -335,7 +335,7 @@ def test_embed_then_head_end_to_end(tmp_path: Path) -> None:
         width=0.125,
         device="cpu",
         amp="off",
-        channels_last=False,
+        channels_last="off",
         progress=False,
         chunk_videos=4,
     )

@@ -101,6 +101,7 @@ def test_overfits_tiny_dataset(easy: Path) -> None:
             checkpoint="last",
             split="train",
             amp="off",
+            device="cpu",
             output=easy / "scores" / "overfit_train.npz",
         )
     )
@@ -120,7 +121,8 @@ def test_run_folder_and_checkpoint_round_trip(easy: Path) -> None:
     assert res is not None
     run = easy / "runs" / "rt"
     saved = load_config(TrainConfig, run / "config.toml")
-    assert saved == dataclasses.replace(cfg, device="cpu", amp="off")
+    # panns has no convolution the channels-last guard covers: auto = on
+    assert saved == dataclasses.replace(cfg, device="cpu", amp="off", channels_last="on")
 
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2, 3]
@@ -151,7 +153,12 @@ def test_run_folder_and_checkpoint_round_trip(easy: Path) -> None:
     assert all(torch.equal(model.state_dict()[k], v) for k, v in best["model"].items())
     out = predict(
         PredictConfig(
-            easy, run="rt", checkpoint="best", amp="off", output=easy / "scores" / "rt_val.npz"
+            easy,
+            run="rt",
+            checkpoint="best",
+            amp="off",
+            device="cpu",
+            output=easy / "scores" / "rt_val.npz",
         )
     )
     assert out is not None

@@ -19,6 +19,8 @@ the documentation come from one place. Metadata keys understood here:
                 holds its default: a field added later keeps the hashes of earlier configs
 ``min``/``max`` inclusive bounds of a number field, checked with the ``Literal`` values
 ``above``       exclusive lower bound (a width multiplier must be > 0, and 0 is not a size)
+``legacy``      ``{old value: new value}`` applied when reading a dict (files, checkpoints), so a
+                setting whose type changed keeps old files loading
 
 Config classes derive from :class:`Config`, which checks every field when an instance is made
 (directly, by ``dataclasses.replace`` or by :func:`from_dict`): a ``Literal`` field must hold one
@@ -300,8 +302,24 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
             f"missing required key(s) for {cls.__name__}{' at ' + where if where else ''}: "
             f"{', '.join(required)}"
         )
-    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+    legacy = {
+        f.name: f.metadata["legacy"]
+        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        if "legacy" in f.metadata
+    }
+    kwargs = {
+        k: _coerce(hints[k], _renamed(legacy.get(k), v), f"{where}.{k}" if where else k)
+        for k, v in data.items()
+    }
     return cls(**kwargs)
+
+
+def _renamed(table: dict[Any, Any] | None, value: Any) -> Any:
+    """``value`` through a field's ``legacy`` table (same type only: ``1`` is not ``true``)."""
+    for old, new in (table or {}).items():
+        if type(value) is type(old) and value == old:
+            return new
+    return value
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:

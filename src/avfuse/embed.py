@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from avfuse import distributed as D
+from avfuse.accel import resolve_channels_last, set_memory_format
 from avfuse.ast_model import frontend_mismatch
 from avfuse.config import save_config, to_dict
 from avfuse.data import EvalWindows, NormStats, WindowDataset, store_window
@@ -200,8 +201,8 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
     dim = embed_dim(model)
     # Inference only: batch norms folded into the convolutions (~1.3x on CPU).
     model = fuse_for_inference(model)
-    mem = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model.to(device, memory_format=mem)  # type: ignore[call-overload]
+    channels_last = resolve_channels_last(cfg.channels_last, device, model)
+    set_memory_format(model, device, channels_last)
 
     frontend = {
         "name": "embedding",
@@ -242,7 +243,7 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
             batch_size=cfg.batch_size,
             device=device,
             amp_dtype=amp_dtype,
-            channels_last=cfg.channels_last,
+            channels_last=channels_last,
         )
         for vid in chunk:
             writer.add(vid, z[vid] if cfg.per_window else z[vid].mean(0, keepdims=True))

@@ -26,6 +26,14 @@ ModelName = Literal["vggish", "resnet", "panns", "cnn14", "cnn10", "ast"]
 # steps left a generated two-class set (14 clips a class, half under 1 s) at chance, while 300
 # steps reached 11 of 12 val videos (benchmarks/bench_short_clips.py).
 MIN_STEPS = 300
+TriState = Literal["auto", "on", "off"]
+# Configs and checkpoints written before channels_last had an "auto" stored a boolean.
+BOOL_TO_TRI_STATE = {True: "on", False: "off"}
+CHANNELS_LAST_HELP = (
+    "channels-last memory format; auto: on for CUDA, and on CPU unless the model has a strided "
+    "1x1 convolution over fewer than 16 channels (oneDNN corrupts memory there; forced on, "
+    "those convolutions stay contiguous)"
+)
 HELDOUT = "heldout"
 # Longest window any setting or checkpoint may ask for: 65536 frames are 11 minutes at the 10 ms
 # hop, longer than any clip of a video data set; a window of 10^9 would allocate gigabytes per
@@ -161,7 +169,9 @@ class TrainConfig(Config):
         default="auto",
         metadata={"help": "mixed precision; auto: bf16 on GPUs/CPUs that support it"},
     )
-    channels_last: bool = field(default=True, metadata={"help": "channels-last memory format"})
+    channels_last: TriState = field(
+        default="auto", metadata={"help": CHANNELS_LAST_HELP, "legacy": BOOL_TO_TRI_STATE}
+    )
     seed: int = field(default=0, metadata={"help": "random seed"})
     deterministic: bool = field(
         default=False, metadata={"help": "deterministic algorithms (bit-exact resume; slower)"}
@@ -338,7 +348,9 @@ class EmbedConfig(Config):
     amp: Literal["auto", "off", "bf16", "fp16"] = field(
         default="auto", metadata={"help": "mixed precision (auto: bf16 where native)"}
     )
-    channels_last: bool = field(default=True, metadata={"help": "channels-last memory format"})
+    channels_last: TriState = field(
+        default="auto", metadata={"help": CHANNELS_LAST_HELP, "legacy": BOOL_TO_TRI_STATE}
+    )
     progress: bool = field(default=True, metadata={"help": "progress bar"})
     force: bool = field(
         default=False,

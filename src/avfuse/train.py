@@ -67,6 +67,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from avfuse import distributed as D
+from avfuse.accel import resolve_channels_last, set_memory_format
 from avfuse.ast_model import frontend_mismatch
 from avfuse.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from avfuse.checkpoint import load_checkpoint
@@ -711,8 +712,11 @@ def _train(
         else:
             norm = compute_norm_stats(store, sel.train_ids, cfg.norm_videos, cfg.seed)
     model, spec = _build(cfg, store, len(classes), window, ckpt, last_path)
-    mem = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model.to(device, memory_format=mem)  # type: ignore[call-overload]
+    channels_last = resolve_channels_last(cfg.channels_last, device, model)
+    cfg = dataclasses.replace(cfg, channels_last="on" if channels_last else "off")
+    guarded = set_memory_format(model, device, channels_last)
+    if guarded:
+        log.info("channels-last on CPU: %s kept contiguous (oneDNN defect)", ", ".join(guarded))
     dataset = WindowDataset(
         store, sel.train_ids, sel.train_labels, norm, window=window, short_clips=cfg.short_clips
     )
@@ -953,7 +957,7 @@ class _Run:
         elif cfg.specaugment:
             x = spec_augment(x, rng, cfg.time_mask, cfg.freq_mask, cfg.num_masks)
         x = x.unsqueeze(1)
-        if cfg.channels_last:
+        if cfg.channels_last == "on":
             x = x.contiguous(memory_format=torch.channels_last)
         lam, perm = 1.0, None
         if cfg.mixup_alpha > 0:
@@ -1101,7 +1105,7 @@ class _Run:
             batch_size=self.batch_size * 4,
             device=self.device,
             amp_dtype=self.amp_dtype,
-            channels_last=cfg.channels_last,
+            channels_last=cfg.channels_last == "on",
             progress=cfg.progress,
             short_clips=cfg.short_clips,
         )
