@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ CUDA = torch.device("cuda", 0)
 SIXTEEN_THREADS = """
 import sys, torch
 torch.set_num_threads(16)
+from collections.abc import Callable
 from pathlib import Path
 from avfuse.checkpoint import load_checkpoint
 from avfuse.train import TrainConfig, train
@@ -150,3 +152,168 @@ def test_train_steps_on_cuda(tmp_path: Path) -> None:
     assert ck["global_step"] > 0
     weights = [v for v in ck["model"].values() if v.is_floating_point()]
     assert all(torch.isfinite(v).all() for v in weights)
+
+
+# ------------------------------------------------------------------------- devices under torchrun
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch: pytest.MonkeyPatch) -> Callable[..., list[object]]:
+    """``fake_gpus(count, local_rank, world_size)``: a host with ``count`` GPUs as seen by a
+    torchrun rank; returns the list that records ``set_device`` and the group's backend."""
+    from avfuse import distributed as D
+
+    calls: list[object] = []
+
+    def setup(count: int, local_rank: int, world_size: int = 1) -> list[object]:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(torch.device(d)))
+        monkeypatch.setattr(D.dist, "is_initialized", lambda: False)
+        monkeypatch.setattr(
+            D.dist, "init_process_group", lambda backend: calls.append(f"group:{backend}")
+        )
+        monkeypatch.setattr(D.atexit, "register", lambda f: None)
+        monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+        monkeypatch.setenv("RANK", str(local_rank))
+        monkeypatch.setenv("WORLD_SIZE", str(world_size))
+        monkeypatch.delenv(D.SHARE_GPUS_ENV, raising=False)
+        return calls
+
+    return setup
+
+
+def test_each_local_rank_binds_its_own_gpu_everywhere(
+    fake_gpus: Callable[..., list[object]],
+) -> None:
+    from avfuse import distributed as D
+
+    calls = fake_gpus(count=2, local_rank=1, world_size=2)
+    assert D.resolve_device("cuda") == torch.device("cuda", 1)
+    assert D.resolve_device("auto") == torch.device("cuda", 1)
+    D.init(D.resolve_device("auto"))
+    assert calls == [torch.device("cuda", 1), "group:nccl"]
+    calls.clear()
+    D.init("cuda")  # a bare type resolves by the same rule
+    assert calls[0] == torch.device("cuda", 1)
+
+
+def test_fewer_gpus_than_local_ranks_is_refused(fake_gpus: Callable[..., list[object]]) -> None:
+    from avfuse import distributed as D
+
+    calls = fake_gpus(count=1, local_rank=1, world_size=2)
+    with pytest.raises(RuntimeError, match=r"local rank 1 .* 1 GPU"):
+        D.resolve_device("cuda")
+    with pytest.raises(RuntimeError, match="nproc_per_node=1"):
+        D.init("cuda")
+    assert calls == []  # nothing bound, no group joined
+
+
+def test_sharing_gpus_on_purpose_is_logged(
+    fake_gpus: Callable[..., list[object]],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from avfuse import distributed as D
+
+    calls = fake_gpus(count=1, local_rank=1, world_size=2)
+    monkeypatch.setenv(D.SHARE_GPUS_ENV, "1")
+    with caplog.at_level("WARNING"):
+        assert D.resolve_device("cuda") == torch.device("cuda", 0)
+    assert "shares cuda:0" in caplog.text
+    D.init(D.resolve_device("cuda"))
+    # NCCL refuses two ranks on one GPU: a shared GPU runs the group on gloo
+    assert calls == [torch.device("cuda", 0), "group:gloo"]
+
+
+# ------------------------------------------------------------------------- throughput settings
+
+
+def _tiny(work: Path, name: str, **kw: object) -> TrainConfig:
+    opts: dict[str, object] = dict(
+        model="panns",
+        width=0.125,
+        batch_size=8,
+        epochs=2,
+        windows_per_video=4,
+        num_workers=0,
+        amp="off",
+        device="cpu",
+        progress=False,
+        min_steps=0,
+        val_split="",
+        deterministic=True,
+        checkpoint_every=0,
+    )
+    return TrainConfig(work, name=name, **{**opts, **kw})  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.synthetic import make_synthetic_work
+
+    work = tmp_path_factory.mktemp("small")
+    make_synthetic_work(work, n_classes=2, videos_per_class=4, frames_range=(100, 200), seed=3)
+    return work
+
+
+def test_data_wait_share_is_the_loader_part_of_the_epoch(
+    small: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+    import types
+
+    import avfuse.train as T
+
+    # A clock that only moves when a batch is read (3 units) or a step is taken (1 unit).
+    clock = [0.0]
+    monkeypatch.setattr(T, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    class SlowData(T.WindowDataset):
+        def __getitems__(self, items):  # type: ignore[no-untyped-def]
+            clock[0] += 3.0
+            return super().__getitems__(items)
+
+    step = T._Run.step
+
+    def timed_step(self, x, y):  # type: ignore[no-untyped-def]
+        clock[0] += 1.0
+        return step(self, x, y)
+
+    monkeypatch.setattr(T, "WindowDataset", SlowData)
+    monkeypatch.setattr(T._Run, "step", timed_step)
+    T.train(_tiny(small, "wait"))
+    lines = [
+        json.loads(x) for x in (small / "runs" / "wait" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [m["epoch"] for m in lines] == [1, 2]
+    for m in lines:
+        assert m["data_wait_share"] == pytest.approx(0.75)
+
+
+def test_normalising_on_the_device_trains_the_same_weights(small: Path) -> None:
+    from avfuse.checkpoint import load_checkpoint
+    from avfuse.train import train
+
+    for name, where in (("host", "off"), ("dev", "on")):
+        train(_tiny(small, name, device_normalize=where, fused_optimizer=where))
+    a = load_checkpoint(small / "runs" / "host" / "last.pt")["model"]
+    b = load_checkpoint(small / "runs" / "dev" / "last.pt")["model"]
+    for k, v in a.items():
+        torch.testing.assert_close(b[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_batch_size_auto_is_64_on_cpu(small: Path) -> None:
+    from avfuse.accel import default_batch_size
+    from avfuse.config import load_config
+
+    assert default_batch_size(0, CUDA) == 256 and default_batch_size(12, CUDA) == 12
+    from avfuse.train import train
+
+    # 8 train videos x 16 windows = 128 windows: two steps of the automatic 64 per epoch
+    train(_tiny(small, "auto_batch", batch_size=0, windows_per_video=16, epochs=1))
+    saved = load_config(TrainConfig, small / "runs" / "auto_batch" / "config.toml")
+    assert saved.batch_size == 64
+    from avfuse.checkpoint import load_checkpoint
+
+    assert load_checkpoint(small / "runs" / "auto_batch" / "last.pt")["global_step"] == 2

@@ -88,3 +88,28 @@ def set_memory_format(model: nn.Module, device: torch.device, channels_last: boo
         conv.weight.data = conv.weight.data.clone(memory_format=torch.contiguous_format)
         conv.register_forward_pre_hook(_contiguous_input)
     return guarded
+
+
+# Steps from which torch.compile's one-off cost (~1 min for Cnn14) is worth paying by default.
+COMPILE_MIN_STEPS = 2000
+CPU_BATCH, CUDA_BATCH = 64, 256
+
+
+def on_for_cuda(setting: str, device: torch.device) -> bool:
+    """A tri-state whose ``auto`` means "on CUDA only"."""
+    if setting not in TRI_STATE:
+        raise ValueError(f"unknown setting {setting!r} (auto, on or off)")
+    return device.type == "cuda" if setting == "auto" else setting == "on"
+
+
+def resolve_compile(setting: str, device: torch.device, total_steps: int) -> bool:
+    if setting == "auto":
+        return device.type == "cuda" and total_steps >= COMPILE_MIN_STEPS
+    return on_for_cuda(setting, device)
+
+
+def default_batch_size(batch_size: int, device: torch.device) -> int:
+    """``0`` (auto) -> 64 on CPU, 256 on CUDA: a GPU at batch 64 waits on kernel launches."""
+    if batch_size > 0:
+        return batch_size
+    return CUDA_BATCH if device.type == "cuda" else CPU_BATCH

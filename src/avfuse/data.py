@@ -150,10 +150,14 @@ class WindowDataset(Dataset[tuple[torch.Tensor, int, int]]):
         norm: NormStats,
         window: int = WINDOW,
         short_clips: ShortClips = "repeat",
+        raw: bool = False,
     ) -> None:
         if short_clips not in SHORT_CLIPS:
             raise ValueError(f"short_clips={short_clips!r} is not one of {SHORT_CLIPS}")
         self.store = store
+        # raw: batches of __getitems__ keep the store's dtype, unstandardised (the trainer
+        # standardises them on the GPU after a copy of half the bytes for a float16 store).
+        self.raw = raw
         self.short_clips = short_clips
         self.floor = silence_level(store)
         self.ids = list(ids)
@@ -170,7 +174,7 @@ class WindowDataset(Dataset[tuple[torch.Tensor, int, int]]):
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, int]:  # type: ignore[override]
         pos, start = int(item[0]), int(item[1])
         raw = _window(self.store, self.ids[pos], start, self.window, self.short_clips, self.floor)
-        x = self.norm.apply(raw)
+        x = np.ascontiguousarray(raw) if self.raw else self.norm.apply(raw)
         return torch.from_numpy(x), int(self.labels[pos]), pos
 
     def __getitems__(self, items: Sequence[tuple[int, int]]) -> list[tuple[torch.Tensor, int, int]]:
@@ -188,7 +192,7 @@ class WindowDataset(Dataset[tuple[torch.Tensor, int, int]]):
             x[sel] = self.store.windows([self.ids[p] for p in pos[sel]], starts[sel], self.window)
         for i in np.flatnonzero(~fits):  # shorter than a window: the one padding rule
             x[i] = _window(self.store, self.ids[pos[i]], int(starts[i]), self.window)
-        t = torch.from_numpy(self.norm.apply(x))
+        t = torch.from_numpy(x if self.raw else self.norm.apply(x))
         return [(t[i], int(self.labels[p]), int(p)) for i, p in enumerate(pos)]
 
 

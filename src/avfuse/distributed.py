@@ -60,18 +60,22 @@ def env() -> DistEnv:
     )
 
 
-def init(device_type: str) -> DistEnv:
+def init(device: torch.device | str) -> DistEnv:
     """Join the process group if launched by torchrun (idempotent); returns this rank's env.
 
-    ``device_type`` is ``"cuda"`` or ``"cpu"``: NCCL needs one GPU per process, so with CUDA the
-    process binds to ``cuda:LOCAL_RANK`` first.
+    ``device`` is this rank's device from :func:`resolve_device` (a bare ``"cuda"``/``"cpu"``
+    is resolved here): with CUDA the process binds to that very GPU before NCCL starts, so the
+    group, the model and every collective use one device.
     """
+    device = resolve_device(device) if isinstance(device, str) else device
     e = env()
+    if device.type == "cuda":
+        # Also in a single process: collectives and current-device allocations follow it.
+        torch.cuda.set_device(device)
     if e.world_size <= 1 or not dist.is_available() or dist.is_initialized():
         return e
-    if device_type == "cuda":
-        torch.cuda.set_device(e.local_rank)
-    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    nccl = device.type == "cuda" and not _sharing_gpus()
+    dist.init_process_group(backend="nccl" if nccl else "gloo")
     atexit.register(destroy)
     return env()
 
@@ -82,7 +86,7 @@ def destroy() -> None:
 
 
 @contextlib.contextmanager
-def process_group(device_type: str) -> Iterator[DistEnv]:
+def process_group(device: torch.device | str) -> Iterator[DistEnv]:
     """Be in the process group for the ``with`` body (under torchrun); returns this rank's env.
 
     The group is joined once per process and left when the process exits (:func:`init`
@@ -90,7 +94,7 @@ def process_group(device_type: str) -> Iterator[DistEnv]:
     group under torchrun after leaving it reuses the launcher's rendezvous keys and blocks
     forever, and a script that runs train and then predict must be able to do so.
     """
-    yield init(device_type)
+    yield init(device)
 
 
 def is_main() -> bool:
@@ -111,10 +115,17 @@ def all_gather_object(obj: T) -> list[T]:
     return out
 
 
-def all_reduce_sum(values: list[float], device: torch.device | str = "cpu") -> list[float]:
-    """Element-wise sum of ``values`` over ranks (used for epoch loss/accuracy totals)."""
+def all_reduce_sum(values: list[float], device: torch.device | str | None = None) -> list[float]:
+    """Element-wise sum of ``values`` over ranks (used for epoch loss/accuracy totals).
+
+    ``device`` defaults to where the group's backend reduces: this rank's GPU under NCCL
+    (which has no CPU tensors), the CPU under gloo.
+    """
     if not _initialized():
         return list(values)
+    if device is None:
+        nccl = dist.get_backend() == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu"
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return [float(v) for v in t.cpu().tolist()]
@@ -147,17 +158,48 @@ def save_on_main(obj: Any, path: str | Path) -> None:
 # --------------------------------------------------------------------------- devices and AMP
 
 
+SHARE_GPUS_ENV = "AVFUSE_SHARE_GPUS"
+
+
+def _sharing_gpus() -> bool:
+    return os.environ.get(SHARE_GPUS_ENV, "").lower() in ("1", "true", "yes")
+
+
 def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA if present (this rank's GPU under torchrun), else CPU."""
+    """This process's device for ``device`` (auto, cpu, cuda): the one rule of every stage.
+
+    ``auto`` is CUDA if present, else CPU. CUDA is ``cuda:LOCAL_RANK``: under torchrun each
+    local rank has its own GPU. With fewer GPUs than local ranks this refuses, naming both
+    counts, unless ``AVFUSE_SHARE_GPUS=1`` asks to share them on purpose (rank r on
+    ``cuda:r % count``, with a warning; the group then runs on gloo, as NCCL refuses two ranks
+    of one group on one GPU): slower, for trying a multi-process launch on a small machine.
+    """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("device=cuda requested but no CUDA device is available")
-        return torch.device("cuda", env().local_rank % max(torch.cuda.device_count(), 1))
-    if device != "cpu":
+    if device == "cpu":
+        return torch.device("cpu")
+    if device != "cuda":
         raise ValueError(f"unknown device {device!r} (auto, cpu or cuda)")
-    return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("device=cuda requested but no CUDA device is available")
+    local, count = env().local_rank, torch.cuda.device_count()
+    if local < count:
+        return torch.device("cuda", local)
+    if not _sharing_gpus():
+        raise RuntimeError(
+            f"local rank {local} needs cuda:{local} but this host has {count} GPU(s): start "
+            f"at most {count} process(es) per node (torchrun --nproc_per_node={count}), or set "
+            f"{SHARE_GPUS_ENV}=1 to share the GPUs on purpose"
+        )
+    shared = torch.device("cuda", local % count)
+    logging.getLogger(__name__).warning(
+        "%s=1: local rank %d shares %s (%d GPU(s) for more local ranks)",
+        SHARE_GPUS_ENV,
+        local,
+        shared,
+        count,
+    )
+    return shared
 
 
 def cpu_supports_bf16() -> bool:

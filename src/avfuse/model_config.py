@@ -124,8 +124,13 @@ class TrainConfig(Config):
     )
     epochs: int = field(default=30, metadata={"help": "training epochs", "min": 1})
     batch_size: int = field(
-        default=64,
-        metadata={"help": "windows per step and process", "min": 1, "max": MAX_BATCH},
+        default=0,
+        metadata={
+            "help": "windows per step and process; 0 = auto: 64 on CPU, 256 on CUDA (the lr "
+            "scales with it per lr_scaling)",
+            "min": 0,
+            "max": MAX_BATCH,
+        },
     )
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate at base_batch_size"})
     base_batch_size: int = field(
@@ -171,6 +176,23 @@ class TrainConfig(Config):
     )
     channels_last: TriState = field(
         default="auto", metadata={"help": CHANNELS_LAST_HELP, "legacy": BOOL_TO_TRI_STATE}
+    )
+    compile: TriState = field(
+        default="auto",
+        metadata={
+            "help": "torch.compile the model; auto: on CUDA for runs of >= 2000 steps (compiling "
+            "takes ~1 min, a short run would only wait for it)"
+        },
+    )
+    fused_optimizer: TriState = field(
+        default="auto", metadata={"help": "fused AdamW (one kernel per step); auto: on CUDA"}
+    )
+    device_normalize: TriState = field(
+        default="auto",
+        metadata={
+            "help": "standardise bands on the device, after the copy of the stored windows "
+            "(half the bytes for a float16 store); auto: on CUDA"
+        },
     )
     seed: int = field(default=0, metadata={"help": "random seed"})
     deterministic: bool = field(

@@ -78,14 +78,14 @@ def predict(cfg: PredictConfig) -> PredictResult | None:
     Raises :class:`avfuse.store.FrontendMismatchError` if the store's front end differs from
     the checkpoint's. Returns ``None`` on ranks other than 0.
     """
-    with D.process_group(D.resolve_device(cfg.device).type):
+    with D.process_group(D.resolve_device(cfg.device)):
         return _predict(cfg)
 
 
 def _predict(cfg: PredictConfig) -> PredictResult | None:
     work = Path(cfg.work)
     device = D.resolve_device(cfg.device)
-    e = D.init(device.type)
+    e = D.init(device)
     ckpt_path = resolve_checkpoint(work, cfg.run, cfg.checkpoint)
     ckpt = load_checkpoint(ckpt_path)
     store = checkpoint_store(work, ckpt)

@@ -3,7 +3,8 @@
 ``avfuse train WORK --model resnet --epochs 30`` writes ``WORK/runs/NAME/``::
 
     config.toml     the full resolved TrainConfig (device and AMP as actually used)
-    metrics.jsonl   one line per epoch: loss, train accuracy, video-level val top-1/top-5, lr, samples/s
+    metrics.jsonl   one line per epoch: loss, train accuracy, video-level val top-1/top-5, lr,
+                    samples/s and ``data_wait_share`` (share of the epoch spent waiting for data)
     tb/             TensorBoard event files
     last.pt         checkpoint after the latest epoch (and every ``checkpoint_every`` steps)
     best.pt         checkpoint with the best video-level top-1 on the selection split
@@ -67,7 +68,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from avfuse import distributed as D
-from avfuse.accel import resolve_channels_last, set_memory_format
+from avfuse.accel import (
+    default_batch_size,
+    on_for_cuda,
+    resolve_channels_last,
+    resolve_compile,
+    set_memory_format,
+)
 from avfuse.ast_model import frontend_mismatch
 from avfuse.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from avfuse.checkpoint import load_checkpoint
@@ -221,18 +228,24 @@ def spec_augment(
     an out-of-distribution value. Mask positions come from ``rng`` (saved in checkpoints).
     """
     b, t, f = x.shape
-    keep = torch.ones(b, t, f, dtype=torch.bool)
-    ar_t, ar_f = torch.arange(t), torch.arange(f)
+    dev = x.device
+    keep = torch.ones(b, t, f, dtype=torch.bool, device=dev)
+    ar_t, ar_f = torch.arange(t, device=dev), torch.arange(f, device=dev)
+
+    def draw(width: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # Drawn on the host (the RNG state is checkpointed), masks built where x lives.
+        w = rng.integers(0, width + 1, b)
+        s = rng.integers(0, np.maximum(size - w, 0) + 1)
+        return torch.from_numpy(s).to(dev), torch.from_numpy(s + w).to(dev)
+
     for _ in range(num_masks):
         if time_mask > 0:
-            w = torch.from_numpy(rng.integers(0, time_mask + 1, b))
-            s = torch.from_numpy(rng.integers(0, np.maximum(t - w.numpy(), 0) + 1))
-            keep &= ~((ar_t[None] >= s[:, None]) & (ar_t[None] < (s + w)[:, None]))[:, :, None]
+            s, e = draw(time_mask, t)
+            keep &= ~((ar_t[None] >= s[:, None]) & (ar_t[None] < e[:, None]))[:, :, None]
         if freq_mask > 0:
-            w = torch.from_numpy(rng.integers(0, freq_mask + 1, b))
-            s = torch.from_numpy(rng.integers(0, np.maximum(f - w.numpy(), 0) + 1))
-            keep &= ~((ar_f[None] >= s[:, None]) & (ar_f[None] < (s + w)[:, None]))[:, None, :]
-    return x * keep.to(x.device, x.dtype)
+            s, e = draw(freq_mask, f)
+            keep &= ~((ar_f[None] >= s[:, None]) & (ar_f[None] < e[:, None]))[:, None, :]
+    return x * keep.to(x.dtype)
 
 
 def param_groups(
@@ -438,7 +451,7 @@ def train(
     ``set_epoch(epoch, skip)`` and yield ``(video_pos, start)`` over the training ids sorted by
     video_id). ``executor`` is unused (training parallelism is DataLoader workers and DDP).
     """
-    with D.process_group(D.resolve_device(cfg.device).type):
+    with D.process_group(D.resolve_device(cfg.device)):
         return _train(cfg, executor, on_step, sampler)
 
 
@@ -673,10 +686,15 @@ def _train(
     del executor
     work = Path(cfg.work)
     device = D.resolve_device(cfg.device)
-    e = D.init(device.type)
+    e = D.init(device)
     amp_dtype = D.resolve_amp(cfg.amp, device)
     # The saved config records what actually ran, not "auto".
-    cfg = dataclasses.replace(cfg, device=device.type, amp=D.amp_name(amp_dtype))  # type: ignore[arg-type]
+    cfg = dataclasses.replace(
+        cfg,
+        device=device.type,  # type: ignore[arg-type]
+        amp=D.amp_name(amp_dtype),  # type: ignore[arg-type]
+        batch_size=default_batch_size(cfg.batch_size, device),
+    )
     run_dir = WorkDir(work).run(cfg.name)
     last_path = WorkDir(work).checkpoint(cfg.name, "last")
     seed_everything(cfg.seed + e.rank, cfg.deterministic)
@@ -718,7 +736,13 @@ def _train(
     if guarded:
         log.info("channels-last on CPU: %s kept contiguous (oneDNN defect)", ", ".join(guarded))
     dataset = WindowDataset(
-        store, sel.train_ids, sel.train_labels, norm, window=window, short_clips=cfg.short_clips
+        store,
+        sel.train_ids,
+        sel.train_labels,
+        norm,
+        window=window,
+        short_clips=cfg.short_clips,
+        raw=on_for_cuda(cfg.device_normalize, device),
     )
     sampler, batch_size, wpv, steps_per_epoch = _make_sampler(
         cfg, dataset, sel, store, window, e, sampler
@@ -815,10 +839,22 @@ class _Run:
         self.eff_batch, self.lr = effective_lr(
             dataclasses.replace(cfg, batch_size=batch_size), e.world_size
         )
+        fused = on_for_cuda(cfg.fused_optimizer, device)
         self.optimizer = torch.optim.AdamW(
             param_groups(model, cfg.weight_decay, self.lr, cfg.backbone_lr_mult, cfg.layer_decay),
             lr=self.lr,
+            fused=fused or None,
         )
+        # Windows arrive unstandardised (the store's dtype) when normalised here, on the device.
+        self.norm_t: tuple[torch.Tensor, torch.Tensor] | None = None
+        if on_for_cuda(cfg.device_normalize, device):
+            self.norm_t = (
+                torch.from_numpy(self.norm.mean).to(device),
+                torch.from_numpy(self.norm.std).to(device),
+            )
+        self.compiled = resolve_compile(cfg.compile, device, total_steps)
+        if self.compiled:
+            self.net = torch.compile(self.net)  # type: ignore[assignment]
         warmup = round(cfg.warmup_epochs * steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, total_steps, warmup)
@@ -944,11 +980,14 @@ class _Run:
             except (RuntimeError, OSError) as exc:
                 raise _save_error(p, exc) from exc
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-        """One optimizer step on a batch; returns (loss, correct)."""
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on a batch; returns (loss, correct) as 0-d tensors on the device
+        (reading them waits for the device: the caller does so only where it must)."""
         cfg, rng = self.cfg, self.aug_rng
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
+        if self.norm_t is not None:
+            x = (x.float() - self.norm_t[0]) / self.norm_t[1]
         if cfg.specaugment and self.raw_inputs:
             # Unstandardised log-mel: masks take each band's window mean, as zero does
             # after standardisation (PANNs mask after bn0), not an out-of-range 0.
@@ -980,7 +1019,7 @@ class _Run:
         self.scaler.update()
         self.scheduler.step()
         self.global_step += 1
-        return float(loss.detach()), float((logits.detach().argmax(1) == y).sum())
+        return loss.detach(), (logits.detach().argmax(1) == y).sum()
 
     def epoch(
         self, epoch: int, skip: int, loader: DataLoader, on_step: Callable[[int], None] | None
@@ -990,7 +1029,11 @@ class _Run:
         self.net.train()
         if cfg.freeze_backbone:
             backbone_eval(self.model)
-        sums = [0.0, 0.0, 0.0]  # loss * n, correct, n
+        # loss * n and correct stay on the device: a float() per step would make the host wait
+        # for the GPU after every step instead of queueing the next one.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct_sum = torch.zeros((), dtype=torch.int64, device=self.device)
+        count, waited = 0, 0.0
         t0 = time.perf_counter()
         bar = tqdm(
             loader,
@@ -1001,51 +1044,60 @@ class _Run:
             leave=False,
         )
         step_in_epoch = skip
-        for x, y, _ in bar:
-            lv, correct = self.step(x, y)
+        batches = iter(bar)
+        while True:
+            t_wait = time.perf_counter()
+            batch = next(batches, None)
+            waited += time.perf_counter() - t_wait
+            if batch is None:
+                break
+            x, y, _ = batch
+            loss, correct = self.step(x, y)
             step_in_epoch += 1
-            if not math.isfinite(lv):
-                # Every later step would train on NaN weights and save them as the model.
-                cause = (
-                    "the batch holds NaN or infinite features (recompute them with --force)"
-                    if not bool(torch.isfinite(x).all())
-                    else "the learning rate may be too high (lower --lr)"
-                )
-                raise TrainingDivergedError(
-                    f"{self.run_dir}: training stopped at epoch {epoch + 1} step "
-                    f"{step_in_epoch}, loss {lv}: {cause}; checkpoints written before are kept"
-                )
-            n = len(y)
-            sums[0] += lv * n
-            sums[1] += correct
-            sums[2] += n
-            if e.is_main:
-                dt = time.perf_counter() - t0
-                bar.set_postfix(
-                    loss=f"{lv:.3f}", sps=f"{sums[2] * e.world_size / max(dt, 1e-9):.0f}"
-                )
-                if self.writer is not None and self.global_step % 10 == 0:
-                    self.writer.add_scalar("train/loss_step", lv, self.global_step)
-                    lr = self.scheduler.get_last_lr()[0]
-                    self.writer.add_scalar("train/lr", lr, self.global_step)
-            if (
+            due = (
                 cfg.checkpoint_every > 0
                 and self.global_step % cfg.checkpoint_every == 0
                 and step_in_epoch < self.steps_per_epoch
+            )
+            # Reading the loss waits for the device: on a GPU every 10 steps, before a
+            # checkpoint and at the epoch's end, so a NaN still stops the run before it is saved.
+            if (
+                self.device.type != "cuda"
+                or self.global_step % 10 == 0
+                or due
+                or step_in_epoch == self.steps_per_epoch
             ):
+                self._check_finite(float(loss), x, epoch, step_in_epoch)
+            n = len(y)
+            loss_sum += loss.double() * n
+            correct_sum += correct
+            count += n
+            if e.is_main and self.global_step % 10 == 0:
+                lv = float(loss)
+                dt = time.perf_counter() - t0
+                bar.set_postfix(loss=f"{lv:.3f}", sps=f"{count * e.world_size / max(dt, 1e-9):.0f}")
+                if self.writer is not None:
+                    self.writer.add_scalar("train/loss_step", lv, self.global_step)
+                    lr = self.scheduler.get_last_lr()[0]
+                    self.writer.add_scalar("train/lr", lr, self.global_step)
+            if due:
                 self.checkpoint(epoch, step_in_epoch, [self.last_path])
             if on_step is not None:
                 on_step(self.global_step)
         bar.close()
+        sums = [float(loss_sum), float(correct_sum), float(count)]
         elapsed = time.perf_counter() - t0
-        loss_sum, correct, count = D.all_reduce_sum(sums)
+        total_loss, n_correct, count_all = D.all_reduce_sum(sums)
         self.last_metrics = {
             "epoch": epoch + 1,
             "step": self.global_step,
-            "loss": loss_sum / max(count, 1),
-            "train_acc": correct / max(count, 1),
+            "loss": total_loss / max(count_all, 1),
+            "train_acc": n_correct / max(count_all, 1),
             "lr": self.scheduler.get_last_lr()[0],
-            "samples_per_s": count / max(elapsed, 1e-9),
+            "samples_per_s": count_all / max(elapsed, 1e-9),
+            # Share of the epoch's wall time this process spent waiting for the DataLoader
+            # (rank 0's): near 0 when the model is the bottleneck, near 1 when data is.
+            "data_wait_share": waited / max(elapsed, 1e-9),
             "val_top1": None,
             "val_top5": None,
             "selection_split": self.sel.label,
@@ -1089,6 +1141,20 @@ class _Run:
             self.log_epoch(epoch, validate, improved)
         paths = [self.last_path] + ([self.best_path] if improved or final else [])
         self.checkpoint(epoch + 1, 0, paths)
+
+    def _check_finite(self, lv: float, x: torch.Tensor, epoch: int, step_in_epoch: int) -> None:
+        if math.isfinite(lv):
+            return
+        # Every later step would train on NaN weights and save them as the model.
+        cause = (
+            "the batch holds NaN or infinite features (recompute them with --force)"
+            if not bool(torch.isfinite(x).all())
+            else "the learning rate may be too high (lower --lr)"
+        )
+        raise TrainingDivergedError(
+            f"{self.run_dir}: training stopped at epoch {epoch + 1} step "
+            f"{step_in_epoch}, loss {lv}: {cause}; checkpoints written before are kept"
+        )
 
     def validate(self) -> dict[str, float]:
         """Video-level top-1/top-5/mAP and mean log-likelihood of the true class (with its
@@ -1138,7 +1204,8 @@ class _Run:
             else ""
         )
         log.info(
-            "epoch %d/%d: loss %.4f train acc %.2f%%%s lr %.2e %.0f samples/s%s",
+            "epoch %d/%d: loss %.4f train acc %.2f%%%s lr %.2e %.0f samples/s, %.0f%% of it "
+            "waiting for data%s",
             epoch + 1,
             self.cfg.epochs,
             m["loss"],
@@ -1146,6 +1213,7 @@ class _Run:
             val,
             m["lr"],
             m["samples_per_s"],
+            100 * m["data_wait_share"],
             " *" if improved else "",
         )
 
