@@ -12,7 +12,14 @@ Prints, side by side:
    trained from scratch (``avfuse.train``) vs logistic regression on per-video log-mel
    statistics (mean and std per band), the baseline a practitioner would try first.
 
+4. ``--parts sweep``: training samples/s per batch size (64 to 1024 on CUDA), the achieved
+   TFLOP/s from FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode``, and their share
+   of the bf16 matrix-product rate measured in the same run (the card's usable peak).
+5. ``--parts e2e``: ``avfuse train`` from a generated store against the model alone at the same
+   batch, per epoch, with the share of time spent waiting for data.
+
     .venv/bin/python -m benchmarks.bench_train            # ~2 minutes on 2 CPU cores
+    .venv/bin/python -m benchmarks.bench_train --device cuda --parts sweep,e2e --models cnn14
     .venv/bin/python -m benchmarks.bench_train --models resnet --steps 10 --epochs 12 --acc-width 0.5
     .venv/bin/python -m benchmarks.bench_train --models ast --parts models --steps 2 --ast-batch 2
 """
@@ -112,6 +119,142 @@ def model_rates(
     return tr, inf
 
 
+def matmul_rate(device: torch.device, n: int, repeats: int) -> float:
+    """The card's (or CPU's) bf16 matrix-product rate in FLOP/s: ``repeats`` n x n products."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    _sync(device)
+    return 2.0 * n**3 * repeats / (time.perf_counter() - t0)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_flops_per_sample(name: str, device: torch.device, frames: int = 96) -> float:
+    """FLOPs of one training step (forward + backward) per window, counted by torch's
+    FlopCounterMode (convolutions and matrix products) at batch 4."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_model(name, num_classes=400, frames=frames).to(device)
+    x = torch.randn(4, 1, frames, 64, device=device)
+    with FlopCounterMode(display=False) as counter:
+        model(x).float().logsumexp(1).sum().backward()
+    return counter.get_total_flops() / 4
+
+
+def sweep_rate(
+    name: str, device: torch.device, batch: int, steps: int, bf16: bool, compile_model: bool
+) -> float:
+    """Training samples/s at ``batch`` (channels-last, fused AdamW on CUDA, optional bf16 and
+    torch.compile): the model alone, on batches already on the device."""
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=400).to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
+    net = torch.compile(model) if compile_model else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
+    x = torch.randn(batch, 1, 96, 64, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 400, (batch,), device=device)
+    loss_fn = nn.CrossEntropyLoss()
+    dtype = torch.bfloat16 if bf16 else torch.float32
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=bf16):
+            out = net(x)
+        loss = loss_fn(out.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):  # compilation, autotuning, allocator growth
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def sweep_section(args: argparse.Namespace, device: torch.device) -> dict[int, float]:
+    """Samples/s, achieved TFLOP/s and share of the measured bf16 matrix rate per batch size."""
+    n = 8192 if device.type == "cuda" else 1024
+    peak = matmul_rate(device, n, 50 if device.type == "cuda" else 5)
+    print(f"bf16 matrix products ({n} x {n}): {peak / 1e12:.1f} TFLOP/s measured")
+    bf16 = device.type == "cuda" or D.cpu_supports_bf16()
+    rates: dict[int, float] = {}
+    for name in args.models.split(","):
+        per_sample = train_flops_per_sample(name, device)
+        mode = ("bf16" if bf16 else "fp32") + "/cl" + (" compiled" if args.compile else "")
+        print(
+            f"{name} training, {mode}: {per_sample / 1e9:.2f} GFLOP per 96x64 window "
+            "(forward + backward, counted)"
+        )
+        print(f"  {'batch':>6} {'samples/s':>10} {'TFLOP/s':>9} {'of bf16 matmul':>15}")
+        for batch in (int(b) for b in args.batches.split(",")):
+            try:
+                r = sweep_rate(name, device, batch, args.steps, bf16, args.compile)
+            except torch.OutOfMemoryError:
+                print(f"  {batch:6d}  out of memory")
+                break
+            rates[batch] = r
+            achieved = r * per_sample
+            print(f"  {batch:6d} {r:10.0f} {achieved / 1e12:9.1f} {achieved / peak:14.1%}")
+        best = max(rates, key=lambda b: rates[b])
+        print(f"  best batch {best}: {rates[best] / rates[min(rates)]:.2f}x batch {min(rates)}\n")
+    return rates
+
+
+def e2e_section(args: argparse.Namespace, device: torch.device) -> None:
+    """``avfuse train`` from a generated store against the model alone at the same batch."""
+    name, batch = args.models.split(",")[0], args.e2e_batch
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        make_synthetic_work(
+            work, n_classes=10, videos_per_class=args.e2e_videos, frames_range=(300, 1000)
+        )
+        t0 = time.perf_counter()
+        res = train(
+            TrainConfig(
+                work,
+                name="e2e",
+                model=name,  # type: ignore[arg-type]
+                epochs=args.e2e_epochs,
+                batch_size=batch,
+                windows_per_video=16,
+                num_workers=args.workers,
+                device=args.device,  # type: ignore[arg-type]
+                progress=False,
+                val_split="",
+                eval_every=0,
+                checkpoint_every=0,
+                min_steps=0,
+                compile="on" if args.compile else "off",
+            )
+        )
+        wall = time.perf_counter() - t0
+        assert res is not None
+        lines = (work / "runs" / "e2e" / "metrics.jsonl").read_text().splitlines()
+    import json
+
+    epochs = [json.loads(x) for x in lines]
+    pure = sweep_rate(name, device, batch, args.steps, True, args.compile)
+    print(f"avfuse train {name} batch {batch}, {args.workers} workers ({wall:.0f} s in all):")
+    for m in epochs:
+        print(
+            f"  epoch {m['epoch']}: {m['samples_per_s']:8.0f} samples/s "
+            f"({m['samples_per_s'] / pure:5.1%} of the model alone, {pure:.0f}/s), "
+            f"{m['data_wait_share']:5.1%} waiting for data"
+        )
+    print()
+
+
 def stats_features(store: FeatureStore, ids: list[str]) -> np.ndarray:
     """(videos, 2 * n_mels): per-band mean and std of each video's whole log-mel sequence."""
     rows = []
@@ -154,11 +297,24 @@ def main() -> None:
     ap.add_argument("--videos", type=int, default=16, help="videos per class and split")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--parts", default="loader,models,accuracy", help="sections to run")
+    ap.add_argument(
+        "--parts",
+        default="",
+        help="sections: loader, models, accuracy, sweep (batch sizes, TFLOP/s), e2e (avfuse "
+        "train vs the model alone); default loader,models,accuracy (+ sweep,e2e on CUDA)",
+    )
+    ap.add_argument("--batches", default="", help="sweep batch sizes (default 64..1024 on CUDA)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile in sweep and e2e")
+    ap.add_argument("--e2e-batch", type=int, default=256)
+    ap.add_argument("--e2e-videos", type=int, default=200, help="videos per class (10 classes)")
+    ap.add_argument("--e2e-epochs", type=int, default=3)
     ap.add_argument("--ast-batch", type=int, default=2, help="batch of the ast model")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     device = D.resolve_device(args.device)
+    cuda = device.type == "cuda"
+    args.parts = args.parts or ("loader,models,accuracy" + (",sweep,e2e" if cuda else ""))
+    args.batches = args.batches or ("64,128,256,512,1024" if cuda else "16,32,64")
     bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else D.cpu_supports_bf16()
     print(
         f"device {device}, {torch.get_num_threads()} threads, native bf16: {bf16}, "
@@ -187,6 +343,10 @@ def main() -> None:
             models_section(args, device, bf16)
         if "accuracy" in parts:
             accuracy_section(args, work, store, train_ids)
+    if "sweep" in parts:
+        sweep_section(args, device)
+    if "e2e" in parts:
+        e2e_section(args, device)
 
 
 def loader_section(store: FeatureStore, train_ids: list[str], workers: int) -> None:
