@@ -326,6 +326,10 @@ class EvalWindows(Dataset[tuple[torch.Tensor, int, int]]):
         v, s = self.items[i]
         return self.base[(int(v), int(s))]
 
+    def __getitems__(self, idx: Sequence[int]) -> list[tuple[torch.Tensor, int, int]]:
+        """A batch with one gather from the store (:meth:`WindowDataset.__getitems__`)."""
+        return self.base.__getitems__([(int(v), int(s)) for v, s in (self.items[i] for i in idx)])
+
 
 class WholeClips(Dataset[tuple[torch.Tensor, int, int]]):
     """One window per video, the whole clip: ``ds[i] -> (x (frames_i, n_mels), label, i)``.

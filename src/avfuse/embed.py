@@ -110,23 +110,34 @@ def embed_windows(
     ``hop`` frames, collected back by video position.
     """
     device = torch.device(device)
+    cuda = device.type == "cuda"
+    # raw: the store's own dtype crosses to the device (half the bytes of float32 for a
+    # float16 store); the identity standardisation is then a cast there.
     base = WindowDataset(
-        store, ids, np.full(len(ids), -1), NormStats.identity(store.n_mels), window
+        store, ids, np.full(len(ids), -1), NormStats.identity(store.n_mels), window, raw=True
     )
     ds = EvalWindows(base, hop=hop)
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, generator=torch.Generator())
-    parts: list[list[np.ndarray]] = [[] for _ in ids]
+    loader = DataLoader(
+        ds, batch_size=batch_size, shuffle=False, generator=torch.Generator(), pin_memory=cuda
+    )
+    out: list[torch.Tensor] = []
+    where: list[torch.Tensor] = []
     model.eval()
     for x, _, pos in loader:
-        x = x.to(device).unsqueeze(1)
+        x = x.to(device, non_blocking=True).float().unsqueeze(1)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(
             device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
         ):
             z = model.embed(x)  # type: ignore[operator]
-        z = z.float().cpu().numpy()
-        for p, row in zip(pos.tolist(), z, strict=True):
+        # Kept on the device: one copy back per chunk, not a wait for the GPU per batch.
+        out.append(z.float())
+        where.append(pos)
+    parts: list[list[np.ndarray]] = [[] for _ in ids]
+    if out:
+        z_all = torch.cat(out).cpu().numpy()
+        for p, row in zip(torch.cat(where).tolist(), z_all, strict=True):
             parts[p].append(row)
     return {vid: np.stack(parts[i]).astype(np.float32) for i, vid in enumerate(ids)}
 
@@ -240,7 +251,7 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
             chunk,
             window=window,
             hop=hop,
-            batch_size=cfg.batch_size,
+            batch_size=cfg.batch_size or (512 if device.type == "cuda" else 64),
             device=device,
             amp_dtype=amp_dtype,
             channels_last=channels_last,

@@ -356,7 +356,12 @@ class EmbedConfig(Config):
         default=(), metadata={"help": "splits to embed (comma-separated; default all)"}
     )
     batch_size: int = field(
-        default=64, metadata={"help": "windows per forward pass", "min": 1, "max": MAX_BATCH}
+        default=0,
+        metadata={
+            "help": "windows per forward pass; 0 = auto: 64 on CPU, 512 on CUDA",
+            "min": 0,
+            "max": MAX_BATCH,
+        },
     )
     chunk_videos: int = field(
         default=256,
