@@ -317,3 +317,8 @@ def test_batch_size_auto_is_64_on_cpu(small: Path) -> None:
     from avfuse.checkpoint import load_checkpoint
 
     assert load_checkpoint(small / "runs" / "auto_batch" / "last.pt")["global_step"] == 2
+
+
+def test_boolean_channels_last_in_code_still_works() -> None:
+    assert TrainConfig(Path("w"), channels_last=False).channels_last == "off"  # type: ignore[arg-type]
+    assert EmbedConfig(Path("w"), channels_last=True).channels_last == "on"  # type: ignore[arg-type]

@@ -19,8 +19,8 @@ the documentation come from one place. Metadata keys understood here:
                 holds its default: a field added later keeps the hashes of earlier configs
 ``min``/``max`` inclusive bounds of a number field, checked with the ``Literal`` values
 ``above``       exclusive lower bound (a width multiplier must be > 0, and 0 is not a size)
-``legacy``      ``{old value: new value}`` applied when reading a dict (files, checkpoints), so a
-                setting whose type changed keeps old files loading
+``legacy``      ``{old value: new value}`` applied when a config is made or read (files,
+                checkpoints, code), so a setting whose type changed keeps old uses working
 
 Config classes derive from :class:`Config`, which checks every field when an instance is made
 (directly, by ``dataclasses.replace`` or by :func:`from_dict`): a ``Literal`` field must hold one
@@ -85,6 +85,7 @@ class Config:
             return
 
         def __post_init__(self: Any) -> None:
+            _apply_legacy(self)
             check_fields(self)
             own(self)
 
@@ -92,7 +93,20 @@ class Config:
         cls.__post_init__ = __post_init__  # type: ignore[method-assign]
 
     def __post_init__(self) -> None:
+        _apply_legacy(self)
         check_fields(self)
+
+
+def _apply_legacy(cfg: Any) -> None:
+    """Replace old-typed values of ``legacy`` fields (``channels_last=False`` -> ``"off"``), so
+    code written against the old type keeps working, as old files do through :func:`from_dict`."""
+    for f in dataclasses.fields(cfg):
+        table = f.metadata.get("legacy")
+        if table is not None:
+            value = getattr(cfg, f.name)
+            new = _renamed(table, value)
+            if new is not value:
+                object.__setattr__(cfg, f.name, new)
 
 
 def _literal_values(tp: Any) -> tuple[tuple[Any, ...], bool]:
