@@ -50,7 +50,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 import tomli_w
 import yaml
 
-from avfuse.io import atomic_write
+from avfuse.io import atomic_write, require_regular_file
 
 T = TypeVar("T")
 
@@ -421,6 +421,7 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
     deeper than :data:`MAX_DEPTH`.
     """
     path = Path(path)
+    require_regular_file(path)
     with open(path, "rb") as fh:
         raw = fh.read(MAX_CONFIG_BYTES + 1)
     if len(raw) > MAX_CONFIG_BYTES:

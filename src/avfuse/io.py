@@ -272,6 +272,27 @@ def write_csv(df: pd.DataFrame, path: str | Path, **to_csv: Any) -> Path:
     return path
 
 
+def require_regular_file(path: str | Path) -> None:
+    """Refuse a path a user named that is not a regular file (after links), before opening it.
+
+    Opening a FIFO for reading waits for a writer forever and a device (``/dev/zero``) never
+    ends; ``stat`` answers at once. Raises ``OSError`` naming the file and what it is.
+    """
+    st = os.stat(path)
+    if stat.S_ISREG(st.st_mode):
+        return
+    kind = (
+        "a folder"
+        if stat.S_ISDIR(st.st_mode)
+        else "a FIFO (named pipe)"
+        if stat.S_ISFIFO(st.st_mode)
+        else "a socket"
+        if stat.S_ISSOCK(st.st_mode)
+        else "a device"
+    )
+    raise OSError(f"{_shown_path(path)} is {kind}, not a regular file")
+
+
 def read_regular_text(path: str | Path, encoding: str = "utf-8") -> str:
     """The text of a file a user named, which must be a regular file.
 

@@ -48,6 +48,8 @@ from typing import Any
 
 import numpy as np
 
+from avfuse.io import require_regular_file
+
 # torch is imported where a tensor or a checkpoint is met: reading a score dump of plain numpy
 # arrays (avfuse fuse) must not pay torch's start-up time and ~220 MB.
 
@@ -467,6 +469,7 @@ def load_torch(path: str | Path, *, allow_numpy_rng: bool = True, finite: bool =
 
     path = Path(path)
     extra = _numpy_rng_globals() if allow_numpy_rng else []
+    require_regular_file(path)
     try:
         check_declared_sizes(path)
         with torch.serialization.safe_globals(extra):  # type: ignore[arg-type]

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from avfuse.io import atomic_write, write_csv
+from avfuse.io import atomic_write, require_regular_file, write_csv
 
 # Row statuses that carry scores; every other status has a NaN row.
 SCORED_STATUSES = ("ok", "padded")
@@ -78,6 +78,7 @@ class ScoreFile:
         # The arrays' headers first: a small compressed file may declare gigabytes.
         from avfuse.video_scores import ScoreBounds, check_npy
 
+        require_regular_file(path)
         check_npy(Path(path), ScoreBounds())
         with np.load(path, allow_pickle=False) as z:
             lacking = [k for k in ("ids", "classes", "scores", "n_windows", "status") if k not in z]

@@ -47,7 +47,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from avfuse.io import csv_uncell
+from avfuse.io import csv_uncell, require_regular_file
 from avfuse.labels import class_key, kinetics_clip_name, match_class_names, nfc, read_label_map
 from avfuse.safe_pickle import CorruptPickleError, UnsafePickleError, load_pickle
 from avfuse.scores import SCORED_STATUSES
@@ -910,6 +910,7 @@ def read_one(
     bounds = bounds or ScoreBounds()
     if not path.exists():
         raise VideoScoreError(f"{path}: file not found")
+    require_regular_file(path)
     if path.stat().st_size == 0:
         raise VideoScoreError(f"{path}: empty file")
     kind = detect_format(path) if fmt == "auto" else fmt

@@ -1,0 +1,75 @@
+"""User-named inputs of every kind, beyond the ones each stage was first hardened against:
+pipes and devices in place of config, score and checkpoint files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    # A reader that opens a FIFO waits for a writer forever: the timeout turns that hang into
+    # a failure instead of a stuck suite.
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO)])),
+        timeout=120,
+    )
+
+
+_READERS = """
+import json, sys
+from avfuse.config import read_mapping
+from avfuse.safe_pickle import load_torch
+from avfuse.scores import ScoreFile
+from avfuse.video_scores import read_one
+out = {}
+for name, fn in [("config", read_mapping), ("checkpoint", load_torch),
+                 ("scores", ScoreFile.load), ("video", read_one)]:
+    try:
+        fn(sys.argv[1])
+        out[name] = "read"
+    except (OSError, ValueError) as exc:
+        out[name] = str(exc)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_every_reader_refuses_a_pipe_or_device_at_once(tmp_path: Path, kind: str) -> None:
+    if kind == "fifo":
+        path = tmp_path / "named.pipe"
+        os.mkfifo(path)
+    else:
+        path = tmp_path / "zero.toml"
+        path.symlink_to("/dev/zero")
+    out = _python(_READERS, str(path))
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout)
+    assert set(seen) == {"config", "checkpoint", "scores", "video"}
+    for name, message in seen.items():
+        assert path.name in message and "not a regular file" in message, (name, message)
+        assert ("FIFO" if kind == "fifo" else "device") in message, (name, message)
+
+
+def test_run_with_a_pipe_as_config_is_one_line_exit_2(tmp_path: Path) -> None:
+    fifo = tmp_path / "run.toml"
+    os.mkfifo(fifo)
+    out = _python(
+        "import sys; from avfuse.cli import main; sys.exit(main(sys.argv[1:]))",
+        "run",
+        "--config",
+        str(fifo),
+    )
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "run.toml" in lines[0] and "not a regular file" in lines[0]
