@@ -545,3 +545,21 @@ def test_a_spec_describing_a_network_larger_than_its_weights_is_refused_unbuilt(
     model, _, _ = scoring.model_from_checkpoint({**ckpt, "model_spec": spec_ok})
     assert built == [False, False, True]
     assert torch.equal(model.state_dict()["fc.weight"], small.state_dict()["fc.weight"])
+
+
+def test_label_map_is_bounded_before_it_is_read(tmp_path: Path) -> None:
+    scores = tmp_path / "s.npy"
+    np.save(scores, np.zeros((2, 3), np.float32))
+    ids = tmp_path / "ids.txt"
+    ids.write_text("v0\nv1\n")
+    big = tmp_path / "labels.txt"
+    big.write_text("".join(f"c{i}\n" for i in range(5000)))
+    with pytest.raises(VideoScoreError, match="5000 lines, over the 1003 classes"):
+        read_one(scores, ids_file=ids, label_map=big, bounds=ScoreBounds.for_dataset(2, 3))
+    long = tmp_path / "long.txt"
+    long.write_text("a\nb\n" + "c" * (1 << 20) + "\n")
+    with pytest.raises(VideoScoreError, match="line 3 is over"):
+        read_one(scores, ids_file=ids, label_map=long)
+    ok = tmp_path / "ok.txt"
+    ok.write_text("a\nb\nc\n")
+    assert read_one(scores, ids_file=ids, label_map=ok).classes == ["a", "b", "c"]

@@ -933,6 +933,13 @@ def read_one(
             vs.labels = ann_labels
         vs.notes = [n for n in vs.notes if n != "unnamed rows"] + [f"ids from {ids_file}"]
     if label_map is not None:
+        # One class a line: bounded like the columns it names, before it is read whole.
+        n_lines = check_lines(Path(label_map), 4 * bounds.text)
+        if n_lines > bounds.columns:
+            raise VideoScoreError(
+                f"{label_map}: {n_lines} lines, over the {bounds.columns} classes a label map "
+                "of this data set can name"
+            )
         names = read_label_map(label_map)
         if vs.classes is None:
             if len(names) != vs.scores.shape[1]:
