@@ -73,3 +73,58 @@ def test_run_with_a_pipe_as_config_is_one_line_exit_2(tmp_path: Path) -> None:
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "run.toml" in lines[0] and "not a regular file" in lines[0]
+
+
+# A count or rate that is negative (or zero where zero means nothing) is refused by name
+# before any stage runs, through every path a value can take.
+_OUT_OF_RANGE = [
+    ("fuse", "grid=0"),
+    ("fuse", "bootstrap=0"),
+    ("fuse", "seed=-1"),
+    ("fuse", "stack_l2=-1"),
+    ("evaluate", "top_confused=-1"),
+    ("evaluate", "baseline_max_train=-5"),
+    ("extract", "sample_rate=0"),
+    ("extract", "batch_size=0"),
+    ("extract", "num_workers=-2"),
+    ("features", "shard_mb=0"),
+    ("train", "lr=0"),
+    ("train", "lr=-0.1"),
+    ("train", "label_smoothing=1.5"),
+    ("train", "num_masks=-1"),
+    ("train", "base_batch_size=0"),
+    ("train", "mixup_alpha=-1"),
+    ("predict", "num_workers=-1"),
+    ("demo", "classes=0"),
+    ("demo", "classes=99"),
+    ("demo", "fps=0"),
+    ("demo", "seconds=-1"),
+    ("demo", "epochs=0"),
+]
+
+
+@pytest.mark.parametrize(("command", "setting"), _OUT_OF_RANGE)
+@pytest.mark.parametrize("route", ["set", "toml", "json"])
+def test_out_of_range_counts_are_refused_by_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, setting: str, route: str
+) -> None:
+    from avfuse.cli import main
+
+    key, value = setting.split("=")
+    args = [command, str(tmp_path / "missing-work")]
+    if command == "demo":
+        args = [command, "-o", str(tmp_path / "missing-work")]
+    if route == "set":
+        args += ["--set", setting]
+    else:
+        conf = tmp_path / f"c.{route}"
+        number = float(value) if "." in value else int(value)
+        if route == "json":
+            conf.write_text(json.dumps({key: number}), "utf-8")
+        else:
+            conf.write_text(f"{key} = {number}\n", "utf-8")
+        args += ["--config", str(conf)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and key in err[0] and "out of range" in err[0], err
+    assert not (tmp_path / "missing-work").exists()

@@ -59,7 +59,10 @@ def num_workers_field() -> Any:
     """The ``num_workers`` field every parallel stage shares."""
     return dataclasses.field(
         default=None,
-        metadata={"help": "worker processes (default: all cores; 0: run in this process)"},
+        metadata={
+            "min": 0,
+            "help": "worker processes (default: all cores; 0: run in this process)",
+        },
     )
 
 

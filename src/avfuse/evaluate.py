@@ -46,7 +46,7 @@ class EvaluateConfig(Config):
         metadata={"help": "split to evaluate (default: the split of the scored videos; val)"},
     )
     top_confused: int = field(
-        default=20, metadata={"help": "how many most-confused class pairs to list"}
+        default=20, metadata={"min": 0, "help": "how many most-confused class pairs to list"}
     )
     baseline: bool = field(
         default=True,
@@ -60,7 +60,8 @@ class EvaluateConfig(Config):
     baseline_max_train: int = field(
         default=20000,
         metadata={
-            "help": "fit the baseline on at most this many training videos (seeded); 0 = all"
+            "min": 0,
+            "help": "fit the baseline on at most this many training videos (seeded); 0 = all",
         },
     )
 

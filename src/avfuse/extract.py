@@ -105,14 +105,14 @@ class ExtractConfig(Config):
             "positional": True,
         }
     )
-    sample_rate: int = field(default=16000, metadata={"help": "output sample rate in Hz"})
+    sample_rate: int = field(default=16000, metadata={"min": 1, "help": "output sample rate in Hz"})
     format: Literal["flac", "wav"] = field(
         default="flac", metadata={"help": "output file format (both lossless 16-bit)"}
     )
     num_workers: int | None = num_workers_field()
     scheduler: str | None = scheduler_field()
     batch_size: int = field(
-        default=32, metadata={"help": "videos per task (smaller on small datasets)"}
+        default=32, metadata={"min": 1, "help": "videos per task (smaller on small datasets)"}
     )
     splits: tuple[str, ...] = field(
         default=(), metadata={"help": "only these splits (default: all)"}

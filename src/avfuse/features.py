@@ -130,11 +130,12 @@ class FeaturesConfig(Config):
         default="float16", metadata={"help": "dtype of the stored features"}
     )
     shard_mb: float = field(
-        default=256, metadata={"help": "target size of one shard file (MB); one batch per shard"}
+        default=256,
+        metadata={"above": 0, "help": "target size of one shard file (MB); one batch per shard"},
     )
     batch_size: int = field(
         default=0,
-        metadata={"help": "max videos per task (0: as many as fill one shard)"},
+        metadata={"min": 0, "help": "max videos per task (0: as many as fill one shard)"},
     )
     num_workers: int | None = num_workers_field()
     scheduler: str | None = scheduler_field()

@@ -129,7 +129,9 @@ class FuseConfig(Config):
         },
     )
     folds: int = field(default=5, metadata={"help": "folds for weight_selection=cv", "min": 2})
-    grid: int = field(default=21, metadata={"help": "audio weights tried, evenly in [0, 1]"})
+    grid: int = field(
+        default=21, metadata={"min": 2, "help": "audio weights tried, evenly in [0, 1]"}
+    )
     heldout_audio: Path | None = field(
         default=None, metadata={"help": "audio score file of held-out videos"}
     )
@@ -145,12 +147,12 @@ class FuseConfig(Config):
         metadata={"help": "fit a softmax temperature per model on the fitting data"},
     )
     stack_l2: float = field(
-        default=1.0, metadata={"help": "L2 strength on the stacker's per-class terms"}
+        default=1.0, metadata={"min": 0, "help": "L2 strength on the stacker's per-class terms"}
     )
     bootstrap: int = field(
-        default=2000, metadata={"help": "bootstrap resamples for the CIs", "min": 0}
+        default=2000, metadata={"help": "bootstrap resamples for the CIs", "min": 1}
     )
-    seed: int = field(default=0, metadata={"help": "seed for folds and bootstrap"})
+    seed: int = field(default=0, metadata={"min": 0, "help": "seed for folds and bootstrap"})
     tolerance: float = field(
         default=0.005,
         metadata={

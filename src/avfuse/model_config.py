@@ -96,7 +96,7 @@ class TrainConfig(Config):
         default=False, metadata={"help": "train the classifier head only (linear probe)"}
     )
     backbone_lr_mult: float = field(
-        default=1.0, metadata={"help": "backbone learning rate = lr x this (head: lr)"}
+        default=1.0, metadata={"min": 0, "help": "backbone learning rate = lr x this (head: lr)"}
     )
     layer_decay: float = field(
         default=1.0,
@@ -132,23 +132,27 @@ class TrainConfig(Config):
             "max": MAX_BATCH,
         },
     )
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate at base_batch_size"})
+    lr: float = field(
+        default=1e-3, metadata={"above": 0, "help": "peak learning rate at base_batch_size"}
+    )
     base_batch_size: int = field(
-        default=64, metadata={"help": "effective batch size the lr is given for"}
+        default=64, metadata={"min": 1, "help": "effective batch size the lr is given for"}
     )
     lr_scaling: Literal["linear", "sqrt", "none"] = field(
         default="linear",
         metadata={"help": "scale lr by (effective batch / base_batch_size) this way"},
     )
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
-    warmup_epochs: float = field(default=1.0, metadata={"help": "linear warm-up length"})
-    label_smoothing: float = field(default=0.1, metadata={"help": "0 = off"})
+    weight_decay: float = field(default=0.05, metadata={"min": 0, "help": "AdamW weight decay"})
+    warmup_epochs: float = field(default=1.0, metadata={"min": 0, "help": "linear warm-up length"})
+    label_smoothing: float = field(default=0.1, metadata={"min": 0, "max": 0.99, "help": "0 = off"})
     specaugment: bool = field(default=True, metadata={"help": "SpecAugment time/freq masks"})
-    time_mask: int = field(default=16, metadata={"help": "max frames per time mask"})
-    freq_mask: int = field(default=8, metadata={"help": "max bands per frequency mask"})
-    num_masks: int = field(default=2, metadata={"help": "masks of each kind per window"})
-    mixup_alpha: float = field(default=0.0, metadata={"help": "mixup Beta(alpha, alpha); 0 = off"})
-    grad_clip: float = field(default=5.0, metadata={"help": "max gradient norm; 0 = off"})
+    time_mask: int = field(default=16, metadata={"min": 0, "help": "max frames per time mask"})
+    freq_mask: int = field(default=8, metadata={"min": 0, "help": "max bands per frequency mask"})
+    num_masks: int = field(default=2, metadata={"min": 0, "help": "masks of each kind per window"})
+    mixup_alpha: float = field(
+        default=0.0, metadata={"min": 0, "help": "mixup Beta(alpha, alpha); 0 = off"}
+    )
+    grad_clip: float = field(default=5.0, metadata={"min": 0, "help": "max gradient norm; 0 = off"})
     windows_per_video: int = field(
         default=4,
         metadata={"help": "random windows drawn per video per epoch", "min": 1, "max": 1 << 12},
@@ -157,8 +161,9 @@ class TrainConfig(Config):
     min_steps: int = field(
         default=MIN_STEPS,
         metadata={
+            "min": 0,
             "help": "at least this many optimizer steps over the run: small datasets draw more "
-            "windows per video per epoch (0 = epochs x windows_per_video only)"
+            "windows per video per epoch (0 = epochs x windows_per_video only)",
         },
     )
     short_clips: ShortClips = field(
@@ -168,7 +173,7 @@ class TrainConfig(Config):
             "silence) or drop (do not train on them); predict follows the checkpoint's choice"
         },
     )
-    num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes"})
+    num_workers: int = field(default=2, metadata={"min": 0, "help": "DataLoader worker processes"})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "device"})
     amp: Literal["auto", "off", "bf16", "fp16"] = field(
         default="auto",
@@ -194,7 +199,7 @@ class TrainConfig(Config):
             "(half the bytes for a float16 store); auto: on CUDA"
         },
     )
-    seed: int = field(default=0, metadata={"help": "random seed"})
+    seed: int = field(default=0, metadata={"min": 0, "help": "random seed"})
     deterministic: bool = field(
         default=False, metadata={"help": "deterministic algorithms (bit-exact resume; slower)"}
     )
@@ -232,10 +237,12 @@ class TrainConfig(Config):
         default=0, metadata={"help": "hop between validation windows; 0 = the window", "min": 0}
     )
     checkpoint_every: int = field(
-        default=500, metadata={"help": "also write last.pt every N steps; 0 = per epoch only"}
+        default=500,
+        metadata={"min": 0, "help": "also write last.pt every N steps; 0 = per epoch only"},
     )
     norm_videos: int = field(
-        default=5000, metadata={"help": "training videos sampled for band statistics; 0 = all"}
+        default=5000,
+        metadata={"min": 0, "help": "training videos sampled for band statistics; 0 = all"},
     )
     progress: bool = field(default=True, metadata={"help": "progress bars"})
 
@@ -277,7 +284,7 @@ class PredictConfig(Config):
     batch_size: int = field(
         default=256, metadata={"help": "windows per forward pass", "min": 1, "max": MAX_BATCH}
     )
-    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+    num_workers: int = field(default=0, metadata={"min": 0, "help": "DataLoader worker processes"})
     output: Path | None = field(
         default=None, metadata={"help": "score file (default WORK/scores/audio_SPLIT.npz)"}
     )

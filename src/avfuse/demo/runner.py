@@ -25,24 +25,35 @@ class DemoConfig(Config):
     root: Path | None = field(
         default=None, metadata={"help": "where the dataset is generated (default WORK/dataset)"}
     )
-    seed: int = field(default=0, metadata={"help": "seed of the generated dataset"})
+    seed: int = field(default=0, metadata={"min": 0, "help": "seed of the generated dataset"})
     classes: int = field(
-        default=len(CATALOGUE), metadata={"help": f"number of classes (1-{len(CATALOGUE)})"}
+        default=len(CATALOGUE),
+        metadata={
+            "min": 1,
+            "max": len(CATALOGUE),
+            "help": f"number of classes (1-{len(CATALOGUE)})",
+        },
     )
-    train_per_class: int = field(default=30, metadata={"help": "training videos per class"})
-    val_per_class: int = field(default=10, metadata={"help": "validation videos per class"})
+    train_per_class: int = field(
+        default=30, metadata={"min": 1, "help": "training videos per class"}
+    )
+    val_per_class: int = field(
+        default=10, metadata={"min": 0, "help": "validation videos per class"}
+    )
     heldout_per_class: int = field(
         default=10,
         metadata={
+            "min": 0,
             "help": "held-out videos per class for choosing fusion weights "
-            "(0: cross-validation on val instead)"
+            "(0: cross-validation on val instead)",
         },
     )
-    seconds: float = field(default=3.5, metadata={"help": "mean clip length (+-0.5 s)"})
-    size: int = field(default=64, metadata={"help": "frame width and height (pixels)"})
-    fps: int = field(default=10, metadata={"help": "frames per second"})
+    seconds: float = field(default=3.5, metadata={"above": 0, "help": "mean clip length (+-0.5 s)"})
+    size: int = field(default=64, metadata={"min": 16, "help": "frame width and height (pixels)"})
+    fps: int = field(default=10, metadata={"min": 1, "help": "frames per second"})
     no_audio_fraction: float = field(
-        default=0.03, metadata={"help": "share of videos per split without an audio track"}
+        default=0.03,
+        metadata={"min": 0, "max": 1, "help": "share of videos per split without an audio track"},
     )
     short_fraction: float = field(
         default=0.05,
@@ -62,12 +73,17 @@ class DemoConfig(Config):
         },
     )
     unreadable: int = field(default=2, metadata={"help": "unreadable training files", "min": 0})
-    epochs: int = field(default=15, metadata={"help": "audio model training epochs"})
+    epochs: int = field(default=15, metadata={"min": 1, "help": "audio model training epochs"})
     model: str = field(default="resnet", metadata={"help": "audio model architecture"})
-    width: float = field(default=0.25, metadata={"help": "audio model width multiplier"})
+    width: float = field(
+        default=0.25, metadata={"above": 0, "help": "audio model width multiplier"}
+    )
     num_workers: int | None = field(
         default=None,
-        metadata={"help": "processes for generation, extraction, features (default all cores)"},
+        metadata={
+            "min": 0,
+            "help": "processes for generation, extraction, features (default all cores)",
+        },
     )
     run_config: Path | None = field(
         default=None,
