@@ -128,3 +128,68 @@ def test_out_of_range_counts_are_refused_by_name(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and key in err[0] and "out of range" in err[0], err
     assert not (tmp_path / "missing-work").exists()
+
+
+def _scan_warnings(work: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(work / "scan_warnings.csv", newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.parametrize("pair", [("a", "a."), ("a", "a.."), ("cat/x", "cat./x")])
+def test_ids_equal_but_for_trailing_dots_are_told_apart(
+    tmp_path: Path, pair: tuple[str, str]
+) -> None:
+    from avfuse.manifest import ScanConfig, scan
+
+    root = tmp_path / "data"
+    paths = []
+    for i, name in enumerate(pair):
+        p = (
+            root / "train" / f"{name}.mp4"
+            if "/" in name
+            else root / "train" / "cat" / f"{name}.mp4"
+        )
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(bytes([i]) * 64)
+        paths.append(str(p))
+    (root / "train" / "dog").mkdir()
+    (root / "train" / "dog" / "d.mp4").write_bytes(b"d" * 64)
+    work = tmp_path / "w"
+    df = scan(ScanConfig(root=root, work=work))
+    ids = dict(zip(df["path"], df["video_id"], strict=True))
+    assert set(paths) <= set(ids)
+    # Windows and SMB drop trailing dots: the two ids must differ in more than those.
+    keys = {"/".join(p.rstrip(". ") for p in ids[x].casefold().split("/")) for x in paths}
+    assert len(keys) == 2, [ids[x] for x in paths]
+    warned = {w["path"] for w in _scan_warnings(work) if w["kind"] == "id_collision"}
+    assert set(paths) <= warned
+
+
+def test_a_kinetics_clip_under_two_labels_keeps_each_labels_file_and_is_reported(
+    tmp_path: Path,
+) -> None:
+    from avfuse.manifest import ScanConfig, scan
+
+    root = tmp_path / "data"
+    clip = "abc_000001_000011.mp4"
+    for label in ("cat", "dog"):
+        f = root / "train" / label / clip
+        f.parent.mkdir(parents=True)
+        f.write_bytes(label.encode() * 32)
+    (root / "train" / "cat" / "other_000001_000011.mp4").write_bytes(b"o" * 64)
+    ann = tmp_path / "train.csv"
+    ann.write_text(
+        "label,youtube_id,time_start,time_end,split\n"
+        "cat,abc,1,11,train\ndog,abc,1,11,train\ncat,other,1,11,train\n",
+        "utf-8",
+    )
+    work = tmp_path / "w"
+    df = scan(ScanConfig(root=root, work=work, annotations=(ann,)))
+    abc = df[df["video_id"].str.contains("abc_")]
+    assert sorted(abc["label"]) == ["cat", "dog"]
+    for label, path in zip(abc["label"], abc["path"], strict=True):
+        assert Path(path).read_bytes() == label.encode() * 32
+    conflict = [w for w in _scan_warnings(work) if w["kind"] == "label_conflict"]
+    assert [w["path"] for w in conflict] == [f"{ann}:3"]

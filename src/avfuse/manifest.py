@@ -15,7 +15,7 @@ Layout of a work folder (``WORK``)::
 ``video_id`` is the path below the dataset root without its extension, with ``/`` separators:
 ``val/abseiling/ZzW2b8ZfnHM_000060_000070``. Two files with one stem in two classes are two
 videos; if two files in one folder differ only by extension, both keep their extension in the id.
-Ids that would still meet (names equal after Unicode normalisation or letter case) get a
+Ids that would still meet (names equal after Unicode normalisation, letter case or trailing dots and spaces) get a
 ``~HASH`` suffix from the file's path on disk, with a scan warning: no video is ever dropped.
 """
 
@@ -449,6 +449,7 @@ def _from_csv(root: Path, cfg: ScanConfig, found: _Scanned) -> list[dict[str, ob
     aliases = _aliases(cfg)
     rows: list[dict[str, object]] = []
     first: dict[tuple[str, str | None, str], str] = {}
+    labelled: dict[tuple[str, str], tuple[str | None, str]] = {}
     used: set[str] = set()
     for csv_path in cfg.annotations:
         for split, label, stem, where in _csv_records(Path(csv_path), cfg):
@@ -459,11 +460,22 @@ def _from_csv(root: Path, cfg: ScanConfig, found: _Scanned) -> list[dict[str, ob
                 found.warn(where, "duplicate_row", f"the same clip as {first[key]}")
                 continue
             first[key] = where
-            # Prefer a file under ROOT/SPLIT/... (the split as written or as aliased), then any.
+            other = labelled.setdefault((split, stem), (label, where))
+            if other[0] != label:
+                found.warn(
+                    where,
+                    "label_conflict",
+                    f"the same clip as {other[1]} under another label ({other[0]!r}); "
+                    "kept under both",
+                )
+            # Prefer a file under ROOT/SPLIT/... (the split as written or as aliased), then one
+            # in a folder named like its label (a clip filed under two labels keeps each
+            # file), then any.
             cands = sorted(
                 index.get(stem, []),
                 key=lambda f: (
                     not f[1][:-1] or _split_name(f[1][0], aliases) != split,
+                    len(f[1]) < 2 or nfc(f[1][-2]) != label,
                     f[0],
                 ),
             )
@@ -490,7 +502,8 @@ def _assign_ids(rows: list[dict[str, object]], root: Path, found: _Scanned) -> N
 
     Two files may still meet in one id: names equal after Unicode normalisation (``café``
     precomposed and decomposed), names differing only in letter case (one file on a
-    case-insensitive work folder), or the scheme itself (``a.mp4`` beside ``a.mp4.mkv``). Every
+    case-insensitive work folder), names differing only in trailing dots or spaces of a path
+    part (``a.`` and ``a`` are one file on Windows and SMB shares), or the scheme itself (``a.mp4`` beside ``a.mp4.mkv``). Every
     member of such a group keeps its video, under its path without extension plus ``~`` and 8
     hex digits of a hash of its file's path as stored on disk: stable across runs, different
     within the group (a file already named like such an id gets a longer hash). Each is listed
@@ -505,16 +518,17 @@ def _assign_ids(rows: list[dict[str, object]], root: Path, found: _Scanned) -> N
     for digits in (8, 16, 40):
         groups: dict[str, list[int]] = {}
         for i, vid in enumerate(ids):
-            groups.setdefault(nfc(vid).casefold(), []).append(i)
+            groups.setdefault(_id_key(vid), []).append(i)
         colliding = [m for m in groups.values() if len(m) > 1]
         if not colliding:
             break
         for members in colliding:
+            met = ids[members[0]]
             for i in members:
-                first.setdefault(i, (ids[members[0]], members))
+                first.setdefault(i, (met, members))
                 ids[i] = f"{stems[i]}~{_path_hash(rows[i], root)[:digits]}"
     else:
-        dup = [k for k, n in Counter(nfc(v).casefold() for v in ids).items() if n > 1]
+        dup = [k for k, n in Counter(_id_key(v) for v in ids).items() if n > 1]
         raise UnsafeNameError(f"video ids that cannot be told apart: {dup[:5]!r}; rename the files")
     for i, (met, members) in sorted(first.items()):
         others = ", ".join(
@@ -524,10 +538,17 @@ def _assign_ids(rows: list[dict[str, object]], root: Path, found: _Scanned) -> N
             str(rows[i]["path"] or rows[i]["rel"]),
             "id_collision",
             f"same video id {met!r} as {others} (names equal after Unicode normalisation "
-            f"or letter case, or by the id scheme); kept as {ids[i]!r}",
+            f"or letter case, trailing dots or spaces, or by the id scheme); kept as {ids[i]!r}",
         )
     for r, vid in zip(rows, ids, strict=True):
         r["video_id"] = vid
+
+
+def _id_key(vid: str) -> str:
+    """What two ids must differ in to stay two files on every file system a work folder may
+    live on: Unicode normalisation and letter case (macOS, Windows, SMB) and trailing dots and
+    spaces of each path part (Windows and SMB drop them: ``a.`` and ``a`` are one file)."""
+    return "/".join(part.rstrip(". ") or part for part in nfc(vid).casefold().split("/"))
 
 
 def _path_hash(row: dict[str, object], root: Path) -> str:
