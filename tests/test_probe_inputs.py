@@ -193,3 +193,23 @@ def test_a_kinetics_clip_under_two_labels_keeps_each_labels_file_and_is_reported
         assert Path(path).read_bytes() == label.encode() * 32
     conflict = [w for w in _scan_warnings(work) if w["kind"] == "label_conflict"]
     assert [w["path"] for w in conflict] == [f"{ann}:3"]
+
+
+def test_escape_sequences_in_names_never_reach_the_terminal(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    for rel in ("train/cat/a.mp4", "train/dog/b.mp4", "train/dog/x\x1b[2J\x1b[31mRED.mp4"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x" * 64)
+    cli = "import sys; from avfuse.cli import main; sys.exit(main(sys.argv[1:]))"
+    scan = _python(cli, "scan", str(root), "-o", str(tmp_path / "w"))
+    assert scan.returncode == 0, scan.stderr
+    bad = tmp_path / "c\x1b]0;title\x07\u202e.toml"
+    bad.write_text("\x1b[31m = 1\n", "utf-8")
+    err = _python(cli, "run", "--config", str(bad))
+    assert err.returncode == 2
+    for out in (scan, err):
+        text = out.stdout + out.stderr
+        assert not any(c in text for c in "\x1b\x07\u202e"), text
+    # The names stay recognisable, written as escapes.
+    assert "x\\x1b[2J\\x1b[31mRED.mp4" in scan.stderr
+    assert "c\\x1b]0;title\\x07\\u202e.toml" in err.stderr

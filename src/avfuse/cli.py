@@ -17,6 +17,7 @@ from typing import Any
 
 from avfuse import __version__
 from avfuse.config import add_arguments, apply_overrides, from_arguments, read_mapping
+from avfuse.io import TerminalSafeFormatter, terminal_safe
 from avfuse.lock import work_lock
 
 # subcommand -> (module, config class, function, one-line help)
@@ -85,6 +86,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if ns.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    for handler in logging.getLogger().handlers:
+        # Log lines quote file and class names from the data: no escape sequence of theirs
+        # reaches the terminal.
+        if type(handler.formatter) is logging.Formatter:
+            handler.setFormatter(TerminalSafeFormatter(handler.formatter._fmt))
     cls, fn = _load(ns.command)
     try:
         base = read_mapping(ns.config) if ns.config else None
@@ -114,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     summary = getattr(result, "summary", None)
     if callable(summary):
-        print(summary())
+        print(terminal_safe(summary()))
     return 0
 
 
@@ -135,8 +141,9 @@ CLEAN_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, RuntimeErr
 
 
 def one_line(exc: BaseException) -> str:
-    """The exception's message on one line (whitespace folded); its type if it has none."""
-    return " ".join(str(exc).split()) or type(exc).__name__
+    """The exception's message on one line (whitespace folded, control characters escaped);
+    its type if it has none."""
+    return terminal_safe(" ".join(str(exc).split())) or type(exc).__name__
 
 
 def check_command(command: str, cfg: Any) -> None:

@@ -272,6 +272,41 @@ def write_csv(df: pd.DataFrame, path: str | Path, **to_csv: Any) -> Path:
     return path
 
 
+# Bidirectional overrides and isolates reorder what a terminal or editor shows (a name can
+# read as another); they are escaped with the C0/C1 controls.
+_BIDI = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` with every control character but newline and tab written as an escape.
+
+    Names from the data reach the console in log lines, summaries and error messages: an
+    escape sequence in a file name (``\\x1b[2J``, ``\\x1b]0;title\\x07``) would otherwise clear
+    the screen, recolour the rest of the output or set the window title.
+    """
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in "\n\t" or (ch.isprintable() and ch not in _BIDI):
+            out.append(ch)
+        elif code < 0x100:
+            out.append(f"\\x{code:02x}")
+        elif code < 0x10000:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return "".join(out)
+
+
+class TerminalSafeFormatter(logging.Formatter):
+    """A log formatter whose lines carry no terminal control sequences (:func:`terminal_safe`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return terminal_safe(super().format(record))
+
+
 def require_regular_file(path: str | Path) -> None:
     """Refuse a path a user named that is not a regular file (after links), before opening it.
 

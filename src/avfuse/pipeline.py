@@ -61,6 +61,7 @@ from avfuse.io import (
     read_json,
     read_table,
     table_metadata,
+    terminal_safe,
     write_json,
     write_table,
 )
@@ -879,7 +880,7 @@ def _run_extract(
     from avfuse.extract import extract
 
     res = extract(dataclasses.replace(sc.extract, force=sc.extract.force or redo), ex)
-    print(res.summary())
+    print(terminal_safe(res.summary()))
     return _by_count(res.counts)
 
 
@@ -889,7 +890,7 @@ def _run_features(
     from avfuse.features import compute_features
 
     res = compute_features(dataclasses.replace(sc.features, force=sc.features.force or redo), ex)
-    print(res.summary())
+    print(terminal_safe(res.summary()))
     return _by_count(res.counts)
 
 
@@ -903,7 +904,7 @@ def _run_train(
     res = train(dataclasses.replace(sc.train, resume=resume and last.exists()))
     if res is None:
         return "(not rank 0)"
-    print(res.summary())
+    print(terminal_safe(res.summary()))
     return f"{res.epochs} epochs; {res.selection_summary()}"
 
 
@@ -925,7 +926,7 @@ def _run_predict(
     for split, predict_cfg in sc.predict.items():
         res = predict(predict_cfg)
         if res is not None:
-            print(res.summary())
+            print(terminal_safe(res.summary()))
             parts.append(f"{split} {int(res.scores.has_scores.sum())}/{len(res.scores.ids)}")
             chosen = chosen or _choice_text(res.scores.meta.get("model_choice"))
     return "scored " + ", ".join(parts) + (f"; {chosen}" if chosen else "")
@@ -950,7 +951,7 @@ def _run_evaluate(
     parts = []
     for split, ec in sc.evaluate.items():
         res = evaluate(ec)
-        print(res.summary())
+        print(terminal_safe(res.summary()))
         m, cov = res.metrics, res.coverage
         text = (
             f"{split} scored {cov['scored']}/{cov['videos']}: audio top-1 {m['top1_all']:.1%} "
@@ -973,7 +974,7 @@ def _run_fuse(
 
     assert sc.fuse is not None
     res = fuse(sc.fuse, ex)
-    print(res.summary())
+    print(terminal_safe(res.summary()))
     m = res.figures["metrics"]["all"]
     return f"fused top-1 {m['fused']['top1']:.1%} (video {m['video']['top1']:.1%})"
 
