@@ -490,6 +490,8 @@ class EpochSelector:
 
     def update(self, epoch: int, top1: float, loglik: float, loglik_se: float) -> bool:
         """Record the validation of ``epoch`` (1-based); True when ``best.pt`` takes it."""
+        # Plain floats: the state goes into checkpoints loaded with weights_only=True.
+        top1, loglik, loglik_se = float(top1), float(loglik), float(loglik_se)
         previous = self.best_top1
         self.best_top1 = max(self.best_top1, top1)
         if loglik > self.best_loglik:
