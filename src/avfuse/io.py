@@ -328,17 +328,26 @@ def require_regular_file(path: str | Path) -> None:
     raise OSError(f"{_shown_path(path)} is {kind}, not a regular file")
 
 
-def read_regular_text(path: str | Path, encoding: str = "utf-8") -> str:
+def read_regular_text(
+    path: str | Path, encoding: str = "utf-8", max_bytes: int | None = None
+) -> str:
     """The text of a file a user named, which must be a regular file.
 
     Opened without blocking and checked before reading: a FIFO would block the read forever
-    and a device (``/dev/zero``) would never end. Raises ``OSError`` naming the file.
+    and a device (``/dev/zero``) would never end. A file over ``max_bytes`` is refused before
+    it is read. Raises ``OSError`` naming the file.
     """
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, f"{_shown_path(path)} is not a regular file")
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise OSError(
+                errno.EFBIG,
+                f"{_shown_path(path)} is {st.st_size >> 20} MiB, over the {max_bytes >> 20} MiB "
+                "such a file can need",
+            )
         os.set_blocking(fd, True)
         with os.fdopen(fd, "rb", closefd=False) as fh:
             data = fh.read()

@@ -66,7 +66,14 @@ def match_class_names(names: Sequence[str], classes: Sequence[str]) -> list[int]
     return out
 
 
-_INDEXED = re.compile(r"^(\d+)[\s,:]+(.+)$")
+_INDEXED = re.compile(r"^(\d{1,9})[\s,:]+(.+)$")
+
+
+# A label map of 100,000 classes of 100 characters each is 10 MB; a larger file is not one.
+MAX_LABEL_MAP_BYTES = 32 << 20
+# Class names are words (the longest Kinetics name has 46 characters); reports and file
+# names cannot hold a page-long one.
+MAX_CLASS_NAME = 256
 
 
 def read_label_map(path: str | Path) -> list[str]:
@@ -78,7 +85,7 @@ def read_label_map(path: str | Path) -> list[str]:
     """
     path = Path(path)
     try:
-        text = read_regular_text(path, "utf-8-sig")
+        text = read_regular_text(path, "utf-8-sig", MAX_LABEL_MAP_BYTES)
     except (OSError, UnicodeDecodeError) as exc:
         raise ClassNameError(f"{path}: cannot read the label map ({exc})") from exc
     lines = [nfc(ln.strip()) for ln in text.splitlines()]
@@ -88,12 +95,20 @@ def read_label_map(path: str | Path) -> list[str]:
     split = [_INDEXED.match(ln) for ln in lines]
     if all(split) and [int(m[1]) for m in split if m] == list(range(len(lines))):
         lines = [m[2].strip() for m in split if m]
+    long = [n for n in lines if len(n) > MAX_CLASS_NAME]
+    if long:
+        raise ClassNameError(
+            f"{path}: {len(long)} class name(s) over {MAX_CLASS_NAME} characters "
+            f"(e.g. {long[0][:60]!r}...)"
+        )
     bad = [n for n in lines if any(unicodedata.category(ch)[0] == "C" for ch in n)]
     if bad:
-        raise ClassNameError(f"{path}: class names with control characters: {bad[:5]!r}")
+        shown = [n[:60] + ("..." if len(n) > 60 else "") for n in bad[:5]]
+        raise ClassNameError(f"{path}: class names with control characters: {shown!r}")
     dup = [n for n, c in Counter(lines).items() if c > 1]
     if dup:
-        raise ClassNameError(f"{path}: duplicated class names: {dup[:5]}")
+        shown = [n[:60] + ("..." if len(n) > 60 else "") for n in dup[:5]]
+        raise ClassNameError(f"{path}: duplicated class names: {shown}")
     return lines
 
 

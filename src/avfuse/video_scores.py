@@ -467,6 +467,7 @@ def read_annotations(path: str | Path) -> tuple[list[str], RowLabels | None]:
     """
     path = Path(path)
     try:
+        require_regular_file(path)
         bounds = ScoreBounds()
         if check_lines(path, bounds.line_bytes) > bounds.rows + 1:
             raise VideoScoreError(
