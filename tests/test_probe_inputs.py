@@ -235,3 +235,23 @@ def test_a_hostile_label_map_is_refused_in_one_short_line_naming_it(
         read_label_map(path)
     message = str(err.value)
     assert str(path) in message and len(message) < 1000, message[:300]
+
+
+@pytest.mark.parametrize("which", ["train.init", "predict.checkpoint"])
+def test_run_keys_stages_by_the_checkpoint_files_they_read(tmp_path: Path, which: str) -> None:
+    from avfuse.config import apply_overrides
+    from avfuse.pipeline import RunConfig, stage_configs, stage_keys
+
+    ckpt = tmp_path / "weights.pt"
+    ckpt.write_bytes(b"first weights")
+    cfg = apply_overrides(
+        RunConfig(root=tmp_path / "data", work=tmp_path / "w"), [f'{which}="{ckpt}"']
+    )
+    k0 = stage_keys(stage_configs(cfg))
+    assert stage_keys(stage_configs(cfg)) == k0  # nothing changed: nothing to redo
+    ckpt.write_bytes(b"other weights, same path")
+    os.utime(ckpt, ns=(10**18, 10**18))
+    k1 = stage_keys(stage_configs(cfg))
+    changed = [s for s in k0 if k0[s]["key"] != k1[s]["key"]]
+    stage = which.split(".")[0]
+    assert changed[0] == stage and "fuse" in changed and "features" not in changed

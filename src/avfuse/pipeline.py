@@ -349,6 +349,15 @@ def _file_stamp(paths: Any) -> list[Any]:
     return out
 
 
+def _input_stamp(path: str | Path) -> list[Any]:
+    """Size and modification time of an input file, or of every file in an input folder (a
+    Hugging Face model folder)."""
+    p = Path(path)
+    if p.is_dir():
+        return _file_stamp(sorted(f for f in p.iterdir() if f.is_file()))
+    return _file_stamp([p])
+
+
 def stage_keys(sc: StageConfigs) -> dict[str, dict[str, str]]:
     """Per stage: ``key`` (skip when unchanged) and ``config`` (force when it changed).
 
@@ -356,18 +365,28 @@ def stage_keys(sc: StageConfigs) -> dict[str, dict[str, str]]:
     rescan with new videos lets extract and features add them incrementally instead of
     recomputing everything.
     """
+    train: Any = _semantic("train", sc.train)
+    if sc.train.from_embeddings:
+        # Embeddings rebuilt with other weights (or resumed, or repaired) are other inputs.
+        train = {
+            "config": train,
+            "embeddings": store_stamp(WorkDir(sc.scan.work).embeddings(sc.train.from_embeddings)),
+        }
+    if sc.train.init is not None:
+        # New weights saved over the same --init path train another model.
+        train = {"config": train, "init": _input_stamp(sc.train.init)}
+    predict: Any = _semantic("predict", sc.predict)
+    named = {s: p.checkpoint for s, p in sorted(sc.predict.items())}
+    if any(c not in ("best", "last") for c in named.values()):
+        # A checkpoint named by path is an input the run does not make: its file is keyed.
+        stamps = {s: _input_stamp(c) for s, c in named.items() if c not in ("best", "last")}
+        predict = {"config": predict, "checkpoints": stamps}
     own: dict[str, Any] = {
         "scan": _semantic("scan", sc.scan),
         "extract": _semantic("extract", sc.extract),
         "features": _semantic("features", sc.features),
-        "train": _semantic("train", sc.train)
-        if not sc.train.from_embeddings
-        else {
-            "config": _semantic("train", sc.train),
-            # Embeddings rebuilt with other weights (or resumed, or repaired) are other inputs.
-            "embeddings": store_stamp(WorkDir(sc.scan.work).embeddings(sc.train.from_embeddings)),
-        },
-        "predict": _semantic("predict", sc.predict),
+        "train": train,
+        "predict": predict,
         "evaluate": _semantic("evaluate", sc.evaluate),
         "fuse": None
         if sc.fuse is None
