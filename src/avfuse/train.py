@@ -4,10 +4,12 @@
 
     config.toml     the full resolved TrainConfig (device and AMP as actually used)
     metrics.jsonl   one line per epoch: loss, train accuracy, video-level val top-1/top-5, lr,
-                    samples/s and ``data_wait_share`` (share of the epoch spent waiting for data)
+                    samples/s and ``data_wait_share`` (share of the epoch spent waiting for data);
+                    the selection record: ``val_loglik``, ``selection_n``,
+                    ``selection_saturated``, ``best_epoch``, ``best_reason``
     tb/             TensorBoard event files
     last.pt         checkpoint after the latest epoch (and every ``checkpoint_every`` steps)
-    best.pt         checkpoint with the best video-level top-1 on the selection split
+    best.pt         checkpoint of the validated epoch ``selection`` keeps (see below)
 
 Model selection. ``best.pt`` is chosen on ``val_split``. Its default, ``auto``, never looks at
 the split that is evaluated afterwards: it takes the manifest's ``heldout`` split if there is
