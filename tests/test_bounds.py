@@ -107,8 +107,8 @@ def test_non_finite_boolean_and_absurd_numbers_are_refused(
     (tmp_path / "w").mkdir()
     rc = cli.main(["train", str(tmp_path / "w"), "--set", override])
     line = _one_error_line(capsys)
-    if says is None:  # a number written as text is still that number: fails later, on the store
-        assert "feature store" in line
+    if says is None:  # a number written as text is still that number: fails later, on WORK
+        assert "epochs" not in line and "not an avfuse work folder" in line
         return
     assert rc == 2
     assert says in line
@@ -133,6 +133,7 @@ def test_config_file_need_not_repeat_work_given_on_the_command_line(
     path = tmp_path / "c.toml"
     path.write_text("epochs = 5\n", "utf-8")
     (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "manifest.parquet").touch()  # a work folder, its store not yet built
     assert cli.main(["train", str(tmp_path / "w"), "--config", str(path)]) == 2
     line = _one_error_line(capsys)
     assert "missing required" not in line and "feature store" in line

@@ -188,6 +188,7 @@ def test_ctrl_c_in_train_says_resume(
 
     monkeypatch.setattr(avfuse.train, "train", interrupted)
     (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "manifest.parquet").touch()  # a work folder (train itself is faked)
     assert cli.main(["train", str(tmp_path / "w")]) == 130
     line = capsys.readouterr().err.strip()
     assert "--resume" in line and "\n" not in line

@@ -255,3 +255,18 @@ def test_run_keys_stages_by_the_checkpoint_files_they_read(tmp_path: Path, which
     changed = [s for s in k0 if k0[s]["key"] != k1[s]["key"]]
     stage = which.split(".")[0]
     assert changed[0] == stage and "fuse" in changed and "features" not in changed
+
+
+@pytest.mark.parametrize("command", ["extract", "features", "train", "predict", "evaluate"])
+def test_a_stage_pointed_at_a_folder_that_is_no_work_folder_leaves_it_untouched(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    from avfuse.cli import main
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "holiday.jpg").write_bytes(b"jpeg")
+    assert main([command, str(folder)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(folder) in err[0] and "not an avfuse work folder" in err[0]
+    assert sorted(p.name for p in folder.iterdir()) == ["holiday.jpg"]

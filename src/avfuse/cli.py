@@ -17,8 +17,9 @@ from typing import Any
 
 from avfuse import __version__
 from avfuse.config import add_arguments, apply_overrides, from_arguments, read_mapping
-from avfuse.io import TerminalSafeFormatter, terminal_safe
+from avfuse.io import LOCK_NAME, TerminalSafeFormatter, terminal_safe
 from avfuse.lock import work_lock
+from avfuse.workdir import WorkDir
 
 # subcommand -> (module, config class, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
@@ -155,6 +156,12 @@ def check_command(command: str, cfg: Any) -> None:
         raise FileNotFoundError(
             f"work folder {work} does not exist: run `avfuse scan ROOT -o {work}` first"
         )
+    if work is not None and command not in CREATE_WORK and not _is_work_folder(Path(work)):
+        # A mistyped path to someone's existing folder must not get a lock file planted in it.
+        raise FileNotFoundError(
+            f"{work} is not an avfuse work folder (no {WorkDir(work).manifest.name}): run "
+            f"`avfuse scan ROOT -o {work}` first"
+        )
     for section in (cfg, *(getattr(cfg, name, None) for name in ("train", "predict"))):
         device = getattr(section, "device", None)
         if isinstance(device, str) and device.startswith("cuda"):
@@ -165,6 +172,11 @@ def check_command(command: str, cfg: Any) -> None:
                     f"device={device} requested but no CUDA device is available "
                     "(use --device cpu or auto)"
                 )
+
+
+def _is_work_folder(work: Path) -> bool:
+    """Whether a scan wrote ``work`` (its manifest) or an avfuse command locked it before."""
+    return WorkDir(work).manifest.exists() or (work / LOCK_NAME).exists()
 
 
 # The commands that may create their work folder; every other one refuses a missing folder
