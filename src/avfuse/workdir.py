@@ -7,10 +7,27 @@ these paths (:attr:`WorkDir.written` lists every top-level entry a run writes).
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["WorkDir"]
+__all__ = ["WorkDir", "folder_name"]
+
+
+def folder_name(kind: str, name: str) -> str:
+    """``name`` if it is one plain folder name, else ``ValueError``: names from the command line
+    and config files (run and embedding names) never decide a path outside their folder."""
+    if (
+        not name
+        or len(name) > 128
+        or name.startswith(".")
+        or any(c in "/\\" or unicodedata.category(c)[0] == "C" for c in name)
+    ):
+        raise ValueError(
+            f"invalid {kind} name {name!r}: one folder name (no / or \\, no leading '.', no "
+            "control characters, at most 128 characters)"
+        )
+    return name
 
 
 @dataclass(frozen=True)
@@ -88,7 +105,7 @@ class WorkDir:
 
     # embeddings
     def embeddings(self, name: str) -> Path:
-        return self.root / "embeddings" / name
+        return self.root / "embeddings" / folder_name("embedding", name)
 
     # train
     @property
@@ -96,7 +113,7 @@ class WorkDir:
         return self.root / "runs"
 
     def run(self, name: str) -> Path:
-        return self.runs / name
+        return self.runs / folder_name("run", name)
 
     def checkpoint(self, run: str, which: str = "best") -> Path:
         return self.run(run) / f"{which}.pt"
