@@ -294,3 +294,33 @@ def test_run_and_embedding_names_never_leave_their_folder(
         assert len(err) == 1 and "invalid run name" in err[0], err
     assert sorted(p.name for p in (tmp_path / "deep").iterdir()) == ["w"]
     assert WorkDir(work).run("ñame-2.b") == work / "runs" / "ñame-2.b"
+
+
+def test_fuse_output_naming_someones_folder_is_refused_and_left_whole(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from avfuse.cli import main
+    from avfuse.io import atomic_dir
+
+    mine = tmp_path / "Documents"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "thesis.txt").write_text("years of work", "utf-8")
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "manifest.parquet").touch()
+    args = ["fuse", str(work), "--video-scores", str(tmp_path / "v.csv"), "--output", str(mine)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(mine) in err[0] and "refusing to replace" in err[0], err
+    with pytest.raises(FileExistsError), atomic_dir(mine, "fusion.json") as tmp:
+        (tmp / "fusion.json").write_text("{}", "utf-8")
+    assert (mine / "thesis.txt").read_text("utf-8") == "years of work"
+    assert sorted(p.name for p in mine.iterdir()) == ["sub", "thesis.txt"]
+    # An earlier fusion output (or an empty folder) is replaced as before.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with atomic_dir(empty, "fusion.json") as tmp:
+        (tmp / "fusion.json").write_text("{}", "utf-8")
+    with atomic_dir(empty, "fusion.json") as tmp:
+        (tmp / "fusion.json").write_text('{"second": 1}', "utf-8")
+    assert json.loads((empty / "fusion.json").read_text("utf-8")) == {"second": 1}

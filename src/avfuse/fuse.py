@@ -52,7 +52,7 @@ from avfuse.fusion import (
     video_above_chance,
     weight_curves,
 )
-from avfuse.io import atomic_dir, write_json
+from avfuse.io import atomic_dir, check_replaceable, write_json
 from avfuse.manifest import load_classes, load_manifest
 from avfuse.metrics import ROW_BLOCK, per_class_accuracy
 from avfuse.report import describe_choice, write_fusion_report
@@ -76,6 +76,11 @@ from avfuse.workdir import WorkDir
 log = logging.getLogger(__name__)
 
 Selection = Literal["cv", "heldout", "optimistic"]
+
+
+# The file that marks a folder as a fusion output: only such a folder (or an empty one) is
+# replaced by a new fusion.
+FUSION_MARKER = "fusion.json"
 
 
 @dataclass(frozen=True)
@@ -466,6 +471,7 @@ def fuse(cfg: FuseConfig, executor: Executor | None = None) -> FuseResult:
     del executor
     work = Path(cfg.work)
     out = Path(cfg.output) if cfg.output else WorkDir(work).fusion
+    check_replaceable(out, FUSION_MARKER)  # before any work: a clear refusal, nothing lost
     classes = load_classes(work)
     manifest = load_manifest(work, stages=False)
     _refuse_bad_inputs(cfg)
@@ -740,11 +746,11 @@ def _write_outputs(
     )
     # All outputs appear together: written into a fresh folder that then replaces ``out``, so
     # a kill never leaves a new fusion.json beside an old report.
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, FUSION_MARKER) as tmp:
         fused_name = sf.save(tmp / f"fused_{split}.npz").name
         if cfg.audio_links:  # first: fusion.json records each excerpt's file
             _write_excerpts(cfg, tmp, figures["changed"]["rows"])
-        write_json(tmp / "fusion.json", {"config": to_dict(cfg), **figures})
+        write_json(tmp / FUSION_MARKER, {"config": to_dict(cfg), **figures})
         save_config(cfg, tmp / "config.toml")
         md, page = write_fusion_report(tmp, figures)
     return FuseResult(out, out / fused_name, out / md.name, out / page.name, figures, optimistic)

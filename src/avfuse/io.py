@@ -195,15 +195,32 @@ def _recover_dir(path: Path) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
+def check_replaceable(path: str | Path, marker: str) -> None:
+    """Refuse to replace folder ``path`` unless it is missing, empty, or holds ``marker`` (a
+    file only the writer of such a folder makes): an ``--output`` naming someone's existing
+    folder must not have its contents deleted."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"output folder {_shown_path(path)} is a file, not a folder")
+    if path.is_dir() and not (path / marker).exists() and any(path.iterdir()):
+        raise FileExistsError(
+            f"output folder {_shown_path(path)} exists and was not written by avfuse (no "
+            f"{marker}): refusing to replace its contents; name a new or empty folder"
+        )
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
+def atomic_dir(path: str | Path, marker: str | None = None) -> Iterator[Path]:
     """Yield a new temporary folder next to ``path``; on success it replaces folder ``path``.
 
     Readers see the old folder or the new one, never a mix: the old folder stays until the new
     one is complete, then two renames swap them (a kill between them is undone by the next
     call). On an exception the temporary folder is removed and ``path`` is left untouched.
+    With ``marker``, an existing folder is replaced only as :func:`check_replaceable` allows.
     """
     path = Path(path)
+    if marker is not None:
+        check_replaceable(path, marker)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"output folder {path} is a file, not a folder")
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
