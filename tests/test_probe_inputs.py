@@ -324,3 +324,18 @@ def test_fuse_output_naming_someones_folder_is_refused_and_left_whole(
     with atomic_dir(empty, "fusion.json") as tmp:
         (tmp / "fusion.json").write_text('{"second": 1}', "utf-8")
     assert json.loads((empty / "fusion.json").read_text("utf-8")) == {"second": 1}
+
+
+def test_demo_force_cleans_only_a_folder_a_scan_wrote(tmp_path: Path) -> None:
+    from avfuse.demo.runner import _clean_work
+
+    theirs = tmp_path / "home"
+    (theirs / "audio").mkdir(parents=True)
+    (theirs / "audio" / "song.flac").write_bytes(b"fLaC")
+    (theirs / "report.md").write_text("my report", "utf-8")
+    _clean_work(theirs)
+    assert (theirs / "audio" / "song.flac").read_bytes() == b"fLaC"
+    assert (theirs / "report.md").read_text("utf-8") == "my report"
+    (theirs / "manifest.parquet").touch()  # a work folder: its outputs are the demo's to redo
+    _clean_work(theirs)
+    assert not (theirs / "audio").exists() and not (theirs / "report.md").exists()

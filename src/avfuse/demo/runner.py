@@ -172,7 +172,11 @@ _DEMO_OUTPUTS = ("video_model",)
 
 
 def _clean_work(work: Path) -> None:
-    """Remove the demo's outputs from ``work`` (only names the pipeline writes)."""
+    """Remove the demo's outputs from ``work`` (only names the pipeline writes), and only from
+    a folder a scan wrote: ``-o`` naming someone's folder must not lose their ``audio/`` or
+    ``report.md``."""
+    if not WorkDir(work).manifest.exists():
+        return
     for p in (*WorkDir(work).written, *(work / n for n in _DEMO_OUTPUTS)):
         if p.is_symlink():
             p.unlink()  # the link only: never what it points to
