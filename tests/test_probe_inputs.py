@@ -339,3 +339,22 @@ def test_demo_force_cleans_only_a_folder_a_scan_wrote(tmp_path: Path) -> None:
     (theirs / "manifest.parquet").touch()  # a work folder: its outputs are the demo's to redo
     _clean_work(theirs)
     assert not (theirs / "audio").exists() and not (theirs / "report.md").exists()
+
+
+@pytest.mark.parametrize(("start", "end"), [("1e300", "11"), ("5", "5"), ("12", "2"), ("1", "1e9")])
+def test_kinetics_times_that_name_no_clip_are_refused_naming_the_line(
+    tmp_path: Path, start: str, end: str
+) -> None:
+    from avfuse.manifest import AnnotationError, ScanConfig, scan
+
+    root = tmp_path / "data"
+    (root / "train" / "cat").mkdir(parents=True)
+    (root / "train" / "cat" / "abc_000001_000011.mp4").write_bytes(b"x" * 64)
+    ann = tmp_path / "train.csv"
+    ann.write_text(
+        "label,youtube_id,time_start,time_end,split\n"
+        f"cat,abc,1,11,train\ncat,abd,{start},{end},train\n",
+        "utf-8",
+    )
+    with pytest.raises(AnnotationError, match=f"{ann}:3: time_"):
+        scan(ScanConfig(root=root, work=tmp_path / "w", annotations=(ann,)))

@@ -365,6 +365,9 @@ def _walk(root: Path, cfg: ScanConfig, found: _Scanned) -> list[dict[str, object
 _CSV_REQUIRED = ("youtube_id", "time_start", "time_end")
 
 
+MAX_CLIP_TIME = 1e6
+
+
 def _csv_time(value: str, column: str, where: str) -> float:
     text = value.strip()
     if not text:
@@ -373,7 +376,9 @@ def _csv_time(value: str, column: str, where: str) -> float:
         t = float(text)
     except ValueError:
         raise AnnotationError(f"{where}: {column} {text!r} is not a number") from None
-    if not math.isfinite(t) or t < 0:
+    # A clip of a video over 10^6 s (11 days) long is no clip of any real video; larger values
+    # would name files no downloader writes.
+    if not math.isfinite(t) or t < 0 or t > MAX_CLIP_TIME:
         raise AnnotationError(f"{where}: {column} {text!r} is not a time in seconds")
     return t
 
@@ -422,6 +427,8 @@ def _csv_records(csv_path: Path, cfg: ScanConfig) -> list[tuple[str, str | None,
                 raise AnnotationError(f"{where}: youtube_id {yt!r} {problem}")
             t0 = _csv_time(row[cols["time_start"]], "time_start", where)
             t1 = _csv_time(row[cols["time_end"]], "time_end", where)
+            if t1 <= t0:
+                raise AnnotationError(f"{where}: time_end {t1:g} is not after time_start {t0:g}")
             label = nfc(row[cols["label"]]) if "label" in cols else ""
             if label and (problem := name_problem(label)):
                 raise AnnotationError(f"{where}: label {label!r} {problem}")
