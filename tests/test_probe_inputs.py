@@ -100,7 +100,19 @@ _OUT_OF_RANGE = [
     ("demo", "fps=0"),
     ("demo", "seconds=-1"),
     ("demo", "epochs=0"),
+    ("demo", "seconds=1000000"),
+    ("demo", "fps=100000"),
 ]
+
+
+def test_demo_refuses_an_odd_frame_size_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from avfuse.cli import main
+
+    assert main(["demo", "-o", str(tmp_path / "w"), "--size", "17", "--classes", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "size" in err[0] and "even" in err[0], err
 
 
 @pytest.mark.parametrize(("command", "setting"), _OUT_OF_RANGE)

@@ -48,9 +48,14 @@ class DemoConfig(Config):
             "(0: cross-validation on val instead)",
         },
     )
-    seconds: float = field(default=3.5, metadata={"above": 0, "help": "mean clip length (+-0.5 s)"})
-    size: int = field(default=64, metadata={"min": 16, "help": "frame width and height (pixels)"})
-    fps: int = field(default=10, metadata={"min": 1, "help": "frames per second"})
+    seconds: float = field(
+        default=3.5, metadata={"above": 0.5, "max": 600, "help": "mean clip length (+-0.5 s)"}
+    )
+    size: int = field(
+        default=64,
+        metadata={"min": 16, "max": 1024, "help": "frame width and height (pixels, even)"},
+    )
+    fps: int = field(default=10, metadata={"min": 1, "max": 120, "help": "frames per second"})
     no_audio_fraction: float = field(
         default=0.03,
         metadata={"min": 0, "max": 1, "help": "share of videos per split without an audio track"},
@@ -194,6 +199,9 @@ def demo(cfg: DemoConfig) -> DemoResult:
     """
     from avfuse.pipeline import run
 
+    if cfg.size % 2:
+        # H.264 stores colour at half resolution: the encoder refuses odd frame sizes.
+        raise ValueError(f"DemoConfig.size: {cfg.size} must be even (H.264 frames)")
     work = Path(cfg.work)
     root = Path(cfg.root) if cfg.root else work / "dataset"
     per_split = {"train": cfg.train_per_class, "val": cfg.val_per_class}
