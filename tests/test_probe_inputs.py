@@ -370,3 +370,32 @@ def test_kinetics_times_that_name_no_clip_are_refused_naming_the_line(
     )
     with pytest.raises(AnnotationError, match=f"{ann}:3: time_"):
         scan(ScanConfig(root=root, work=tmp_path / "w", annotations=(ann,)))
+
+
+@pytest.mark.parametrize("name", ["clip.mp4 ", "clip.mp4.", "clip.MP4 . "])
+def test_a_media_file_with_a_mangled_extension_is_listed_not_silently_skipped(
+    tmp_path: Path, name: str
+) -> None:
+    from avfuse.manifest import ScanConfig, scan
+
+    root = tmp_path / "data"
+    for rel in ("train/cat/a.mp4", "train/dog/b.mp4", f"train/dog/{name}"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x" * 64)
+    work = tmp_path / "w"
+    scan(ScanConfig(root=root, work=work))
+    warned = {w["path"]: w for w in _scan_warnings(work)}
+    assert str(root / "train" / "dog" / name) in warned
+
+
+def test_scan_warnings_csv_holds_no_terminal_escape(tmp_path: Path) -> None:
+    from avfuse.manifest import ScanConfig, scan
+
+    root = tmp_path / "data"
+    for rel in ("train/cat/a.mp4", "train/dog/b.mp4", "train/dog/x\x1b[2Jy.mp4"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x" * 64)
+    work = tmp_path / "w"
+    scan(ScanConfig(root=root, work=work))
+    text = (work / "scan_warnings.csv").read_text("utf-8")
+    assert "\x1b" not in text and "x\\x1b[2Jy.mp4" in text

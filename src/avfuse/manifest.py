@@ -48,6 +48,7 @@ from avfuse.io import (
     read_regular_text,
     read_table,
     table_metadata,
+    terminal_safe,
     write_table,
 )
 from avfuse.labels import kinetics_clip_name, match_class_names, nfc, read_label_map
@@ -284,6 +285,14 @@ def _walk_tree(top: Path, exts: set[str], skip: Path, found: _Scanned, check_nam
                 subdirs.append((e.path, real, (*drel, name)))
             elif is_file:
                 if ext not in exts:
+                    if os.path.splitext(name.rstrip(". \t"))[1].lower() in exts:
+                        # "clip.mp4 " or "clip.mp4.": a video whose name was mangled in a
+                        # copy; listed so it is not lost unseen.
+                        found.warn(
+                            e.path,
+                            "unsafe_name",
+                            f"extension {ext!r} has trailing dots or spaces; not listed",
+                        )
                     continue
                 if name.startswith("."):
                     # Hidden: macOS "._" resource forks and editors' temporaries, not videos.
@@ -569,7 +578,8 @@ def _write_warnings(path: Path, warnings: list[dict[str, str]]) -> None:
     with atomic_write(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=["path", "kind", "reason"])
         w.writeheader()
-        w.writerows({k: csv_cell(v) for k, v in row.items()} for row in warnings)
+        # Read in terminals and spreadsheets: no escape sequence of a file name reaches one.
+        w.writerows({k: csv_cell(terminal_safe(v)) for k, v in row.items()} for row in warnings)
 
 
 def scan(cfg: ScanConfig) -> pd.DataFrame:
