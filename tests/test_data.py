@@ -64,6 +64,26 @@ def test_short_video_is_repeat_padded(tmp_path) -> None:
     assert eval_windows(np.array([40])).tolist() == [[0, 0]]
 
 
+def test_batch_path_pads_short_clips_by_the_dataset_policy(tmp_path) -> None:
+    # The DataLoader calls __getitems__ for whole batches: it must pad as __getitem__ does.
+    w = ShardWriter(tmp_path, n_mels=4, dtype="float32")
+    short = np.arange(40 * 4, dtype=np.float32).reshape(40, 4)
+    w.add("a", short)
+    w.add("b", np.ones((120, 4), np.float32))
+    write_meta(tmp_path, frontend={}, frontend_hash="h", classes=["c"], dtype="float32", n_mels=4)
+    commit_index(tmp_path, w.close())
+    store = FeatureStore(tmp_path)
+    identity = NormStats(np.zeros(4, np.float32), np.ones(4, np.float32))
+    ds = WindowDataset(store, ["a", "b"], [0, 0], identity, short_clips="zeros", raw=True)
+    batch = ds.__getitems__([(0, 0), (1, 3)])
+    single = ds[(0, 0)][0].numpy()
+    np.testing.assert_array_equal(batch[0][0].numpy(), single)
+    np.testing.assert_array_equal(single[:40], short)
+    # zeros: the 56 frames after the clip are one constant (the front end's silence), not a loop
+    assert np.unique(single[40:]).size == 1 and single[40, 0] != short[0, 0]
+    np.testing.assert_array_equal(batch[1][0].numpy(), np.ones((96, 4), np.float32))
+
+
 def test_train_sampler_covers_every_frame_and_stays_in_bounds() -> None:
     frames = np.array([96, 150, 400, 1000])
     s = TrainWindowSampler(frames, windows_per_video=20, seed=3)

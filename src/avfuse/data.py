@@ -191,7 +191,14 @@ class WindowDataset(Dataset[tuple[torch.Tensor, int, int]]):
             sel = np.flatnonzero(fits)
             x[sel] = self.store.windows([self.ids[p] for p in pos[sel]], starts[sel], self.window)
         for i in np.flatnonzero(~fits):  # shorter than a window: the one padding rule
-            x[i] = _window(self.store, self.ids[pos[i]], int(starts[i]), self.window)
+            x[i] = _window(
+                self.store,
+                self.ids[pos[i]],
+                int(starts[i]),
+                self.window,
+                self.short_clips,
+                self.floor,
+            )
         t = torch.from_numpy(x if self.raw else self.norm.apply(x))
         return [(t[i], int(self.labels[p]), int(p)) for i, p in enumerate(pos)]
 
