@@ -203,14 +203,17 @@ def _baseline_metrics(
     return {
         **out,
         "train_videos": fitted.train_videos,
-        "n": int(usable.sum()),
-        "top1": sub["top1"],
-        "top5": sub["top5"],
-        "mAP": sub["mAP"],
-        "top1_all": allv["top1_all"],
-        "top5_all": allv["top5_all"],
-        "mean_class_accuracy_all": allv["mean_class_accuracy_all"],
-        "mean_class_accuracy": allv["mean_class_accuracy"],
+        **_figures(int(usable.sum()), sub, allv),
+    }
+
+
+def _figures(n: int, sub: dict[str, Any], allv: dict[str, Any]) -> dict[str, Any]:
+    """The figures every audio model gets: over its ``n`` scored videos and over all of them."""
+    keys_all = ("top1_all", "top5_all", "mean_class_accuracy_all", "mean_class_accuracy")
+    return {
+        "n": n,
+        **{k: sub[k] for k in ("top1", "top5", "mAP")},
+        **{k: allv[k] for k in keys_all},
     }
 
 
@@ -244,14 +247,7 @@ def _candidate_metrics(
         allv = over_all_videos(full, labels, have, len(classes))
         out[name] = {
             "chosen": name == choice.get("chosen"),
-            "n": int(have.sum()),
-            "top1": sub["top1"],
-            "top5": sub["top5"],
-            "mAP": sub["mAP"],
-            "top1_all": allv["top1_all"],
-            "top5_all": allv["top5_all"],
-            "mean_class_accuracy_all": allv["mean_class_accuracy_all"],
-            "mean_class_accuracy": allv["mean_class_accuracy"],
+            **_figures(int(have.sum()), sub, allv),
             "selection_top1": (sel_figs.get(name) or {}).get("top1"),
             "selection_mean_log_likelihood": (sel_figs.get(name) or {}).get("mean_log_likelihood"),
         }
