@@ -240,6 +240,33 @@ def test_rerun_redoes_only_what_changed(
     assert {state[s]["state"] for s in STAGES[3:]} == {"stale"}
 
 
+def test_a_stage_rerun_by_hand_makes_the_run_redo_what_follows(
+    setup: tuple[RunConfig, Path],
+) -> None:
+    cfg, _ = setup
+    work = Path(cfg.work)
+    run(cfg)
+    assert set(_statuses(run(cfg)).values()) == {"skipped"}
+    before = _mtimes(work)
+    # The user recomputes the features outside `avfuse run`: no setting changed, the store did.
+    from avfuse.features import compute_features
+
+    compute_features(dataclasses.replace(stage_configs(cfg).features, force=True))
+    st = _statuses(run(cfg))
+    assert [s for s in STAGES if st[s] == "ran"] == [
+        "train",
+        "predict",
+        "evaluate",
+        "fuse",
+        "report",
+    ]
+    assert st["features"] == "skipped"
+    after = _mtimes(work)
+    assert after["runs/audio/best.pt"] > before["runs/audio/best.pt"]
+    # ... and once redone, nothing more: the run's own outputs are not mistaken for a change.
+    assert set(_statuses(run(cfg)).values()) == {"skipped"}
+
+
 def test_run_level_scheduler_reaches_extract_and_features_unless_overridden(
     tmp_path: Path,
 ) -> None:

@@ -439,6 +439,11 @@ def _outputs(name: str, sc: StageConfigs) -> list[Path]:
     return [w.report_md, w.report_html]
 
 
+def _outputs_stamp(name: str, sc: StageConfigs) -> str:
+    """Sizes and modification times of a stage's outputs, as one digest."""
+    return _digest(_file_stamp(_outputs(name, sc)))
+
+
 def _intact(name: str, sc: StageConfigs) -> bool:
     """Whether a stage's outputs can be read as they stand: the feature store's index and
     shard sizes (headers only) for ``features``; other stages' files are checked by existence."""
@@ -827,6 +832,7 @@ def _run_locked(
         log.info("the dataset under %s changed since the last run: rescanning", sc.scan.root)
     outcomes: list[StageOutcome] = []
     last = STAGES.index(cfg.stop_after)
+    changed_outside = False
 
     for i, name in enumerate(STAGES):
         if i > last:
@@ -839,8 +845,19 @@ def _run_locked(
         complete = all(p.exists() for p in _outputs(name, sc)) and _intact(name, sc)
         forced = name in cfg.force or "all" in cfg.force or (name == "scan" and dataset_changed)
         same_key = rec.get("key") == keys[name]["key"]
-        if rec.get("state") == "done" and same_key and complete and not forced:
+        if (
+            rec.get("state") == "done"
+            and same_key
+            and complete
+            and not forced
+            and not changed_outside
+        ):
             outcomes.append(StageOutcome(name, "skipped", detail="up to date"))
+            if rec.get("outputs") not in (None, _outputs_stamp(name, sc)):
+                # Rerun by hand (`avfuse features --force`, a new best.pt): what was made
+                # from the old outputs is out of date, though no setting changed.
+                log.info("%s's outputs changed since the last run: the stages after it run", name)
+                changed_outside = True
             if name == "scan" and recorded != fingerprint:  # first run that fingerprints
                 write_table(listing, files, {"fingerprint": fingerprint})
                 _save_state(work, state, fingerprint)
@@ -874,6 +891,11 @@ def _run_locked(
             continue
         _save_state(work, state)
 
+    # What every finished stage's outputs are now, so the next run notices a stage rerun by hand.
+    for name in STAGES:
+        if (state.get(name) or {}).get("state") == "done":
+            state[name]["outputs"] = _outputs_stamp(name, sc)
+    _save_state(work, state)
     del listing  # ~70 MB at 420k files: not held while the summary reads the stage tables
     return _result(work, sc, outcomes)
 
