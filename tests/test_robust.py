@@ -687,6 +687,10 @@ def test_full_disk_from_the_cli_is_one_line_naming_the_folder(tmp_path: Path) ->
     assert "rerun" in line
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_ctrl_c_exits_130_and_a_rerun_resumes(tmp_path: Path, workers: str) -> None:
     work = _scanned(tmp_path)
@@ -715,6 +719,9 @@ def test_ctrl_c_exits_130_and_a_rerun_resumes(tmp_path: Path, workers: str) -> N
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        # A suite started in the background (`make test &`) inherits an ignored SIGINT, which
+        # Python then keeps ignoring: give the run the terminal's default, as a user's shell does.
+        preexec_fn=_default_sigint,
     )
     parts = work / "extract" / "parts"
     deadline = time.monotonic() + 60
