@@ -892,10 +892,14 @@ def _run_locked(
         _save_state(work, state)
 
     # What every finished stage's outputs are now, so the next run notices a stage rerun by hand.
+    stamped = False
     for name in STAGES:
-        if (state.get(name) or {}).get("state") == "done":
-            state[name]["outputs"] = _outputs_stamp(name, sc)
-    _save_state(work, state)
+        rec = state.get(name) or {}
+        if rec.get("state") == "done" and rec.get("outputs") != (now := _outputs_stamp(name, sc)):
+            rec["outputs"] = now
+            stamped = True
+    if stamped:  # a run that changed nothing leaves pipeline.json as it was
+        _save_state(work, state)
     del listing  # ~70 MB at 420k files: not held while the summary reads the stage tables
     return _result(work, sc, outcomes)
 
