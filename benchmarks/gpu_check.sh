@@ -34,7 +34,11 @@
 #     --platform manylinux2014_x86_64 -d .whl \
 #     av soxr tomli-w librosa audioread soundfile pooch decorator platformdirs standard-aifc \
 #     standard-sunau audioop-lts torchlibrosa panns-inference torchvggish \
-#     dask distributed partd locket tblib zict tornado
+#     dask distributed partd locket tblib zict tornado \
+#     transformers safetensors huggingface-hub tokenizers regex hf-xet typer shellingham
+#
+# (transformers and its needs serve the AST tests; check `unzip -p .whl/transformers-*.whl
+# '*/METADATA' | grep ^Requires-Dist` for the version fetched.)
 #
 # (pure-Python ones are "py3-none-any" and match any platform; if pip finds no build of a
 # compiled one, add --platform manylinux_2_N_x86_64 for its N). This script installs whatever
