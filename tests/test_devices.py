@@ -296,11 +296,26 @@ def test_normalising_on_the_device_trains_the_same_weights(small: Path) -> None:
     from avfuse.train import train
 
     for name, where in (("host", "off"), ("dev", "on")):
-        train(_tiny(small, name, device_normalize=where, fused_optimizer=where))
+        train(_tiny(small, name, device_normalize=where))
     a = load_checkpoint(small / "runs" / "host" / "last.pt")["model"]
     b = load_checkpoint(small / "runs" / "dev" / "last.pt")["model"]
     for k, v in a.items():
-        torch.testing.assert_close(b[k], v, rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(b[k], v, msg=k)
+
+
+def test_the_fused_optimizer_takes_the_same_step(small: Path) -> None:
+    # One step (8 windows, batch 8): AdamW turns last-bit differences of near-zero gradients
+    # into steps of +-lr, so only the first step can be compared, at any thread count.
+    from avfuse.checkpoint import load_checkpoint
+    from avfuse.train import train
+
+    for name, where in (("unfused", "off"), ("fused", "on")):
+        train(_tiny(small, name, fused_optimizer=where, epochs=1, windows_per_video=1))
+    a = load_checkpoint(small / "runs" / "unfused" / "last.pt")
+    b = load_checkpoint(small / "runs" / "fused" / "last.pt")
+    assert a["global_step"] == b["global_step"] == 1
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_batch_size_auto_is_64_on_cpu(small: Path) -> None:
