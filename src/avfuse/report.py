@@ -277,6 +277,23 @@ def curve_labels(df: pd.DataFrame) -> dict[str, str]:
     return {c: split + c[3:] for c in df.columns if str(c).startswith("val_")}
 
 
+def _scored_row(
+    split: str, model: str, m: Mapping[str, Any], n: Any, videos: Any
+) -> dict[str, Any]:
+    """A results-table row from a candidate's or the baseline's metrics."""
+    return {
+        "split": split,
+        "model": model,
+        "scored / videos": f"{n} / {videos}",
+        "top-1 % (all)": 100 * m["top1_all"],
+        "top-5 % (all)": 100 * m["top5_all"],
+        "mean class % (all)": 100 * m["mean_class_accuracy_all"],
+        "top-1 % (scored)": 100 * m["top1"],
+        "top-5 % (scored)": 100 * m["top5"],
+        "mAP (scored)": m["mAP"],
+    }
+
+
 def audio_results_table(results: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
     """One row per (split, model) from ``evaluate`` metrics JSONs (``{split: metrics}``).
 
@@ -303,34 +320,12 @@ def audio_results_table(results: Mapping[str, Mapping[str, Any]]) -> pd.DataFram
         if cands:
             rows.pop()  # the kept audio model is one of the candidates
         for name, c in cands.items():
-            rows.append(
-                {
-                    "split": split,
-                    "model": name + (" (chosen)" if c["chosen"] else ""),
-                    "scored / videos": f"{c['n']} / {cov.get('videos')}",
-                    "top-1 % (all)": 100 * c["top1_all"],
-                    "top-5 % (all)": 100 * c["top5_all"],
-                    "mean class % (all)": 100 * c["mean_class_accuracy_all"],
-                    "top-1 % (scored)": 100 * c["top1"],
-                    "top-5 % (scored)": 100 * c["top5"],
-                    "mAP (scored)": c["mAP"],
-                }
-            )
+            model = name + (" (chosen)" if c["chosen"] else "")
+            rows.append(_scored_row(split, model, c, c["n"], cov.get("videos")))
         b = m.get("baseline") or {}
         if b.get("top1_all") is not None and not cands:
-            rows.append(
-                {
-                    "split": split,
-                    "model": f"baseline ({b.get('name', 'log-mel statistics')})",
-                    "scored / videos": f"{b.get('n')} / {cov.get('videos')}",
-                    "top-1 % (all)": 100 * b["top1_all"],
-                    "top-5 % (all)": 100 * b["top5_all"],
-                    "mean class % (all)": 100 * b["mean_class_accuracy_all"],
-                    "top-1 % (scored)": 100 * b["top1"],
-                    "top-5 % (scored)": 100 * b["top5"],
-                    "mAP (scored)": b["mAP"],
-                }
-            )
+            model = f"baseline ({b.get('name', 'log-mel statistics')})"
+            rows.append(_scored_row(split, model, b, b.get("n"), cov.get("videos")))
     return pd.DataFrame(rows)
 
 
