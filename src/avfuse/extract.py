@@ -59,6 +59,7 @@ from avfuse.io import (
     check_inside_work,
     committed_from,
     error_reason,
+    file_kind,
     inputs_key,
     isin_ids,
     raise_if_disk_full,
@@ -180,19 +181,6 @@ def decode_time_limit(size_bytes: int) -> float:
     return DECODE_BASE_S + DECODE_S_PER_MB * size_bytes / 1e6
 
 
-def _file_kind(mode: int) -> str:
-    for test, kind in (
-        (stat.S_ISFIFO, "a FIFO (named pipe)"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISDIR, "a folder"),
-    ):
-        if test(mode):
-            return kind
-    return "a special file"
-
-
 def _extract_one(
     task: dict[str, str],
     work: Path,
@@ -218,7 +206,7 @@ def _extract_one(
         return _record(
             vid,
             "unreadable",
-            f"{_file_kind(st.st_mode)}, not a regular file",
+            f"{file_kind(st.st_mode)}, not a regular file",
             sample_rate,
             **source,
         )

@@ -324,6 +324,20 @@ class TerminalSafeFormatter(logging.Formatter):
         return terminal_safe(super().format(record))
 
 
+def file_kind(mode: int) -> str:
+    """What a ``st_mode`` that is not a regular file names, for a message: "a folder", ..."""
+    for test, kind in (
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISDIR, "a folder"),
+    ):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
 def require_regular_file(path: str | Path) -> None:
     """Refuse a path a user named that is not a regular file (after links), before opening it.
 
@@ -331,18 +345,8 @@ def require_regular_file(path: str | Path) -> None:
     ends; ``stat`` answers at once. Raises ``OSError`` naming the file and what it is.
     """
     st = os.stat(path)
-    if stat.S_ISREG(st.st_mode):
-        return
-    kind = (
-        "a folder"
-        if stat.S_ISDIR(st.st_mode)
-        else "a FIFO (named pipe)"
-        if stat.S_ISFIFO(st.st_mode)
-        else "a socket"
-        if stat.S_ISSOCK(st.st_mode)
-        else "a device"
-    )
-    raise OSError(f"{_shown_path(path)} is {kind}, not a regular file")
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(f"{_shown_path(path)} is {file_kind(st.st_mode)}, not a regular file")
 
 
 def read_regular_text(
