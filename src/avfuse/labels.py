@@ -76,6 +76,11 @@ MAX_LABEL_MAP_BYTES = 32 << 20
 MAX_CLASS_NAME = 256
 
 
+def _clipped(names: list[str]) -> list[str]:
+    """The first five of ``names``, each cut to 60 characters, for an error message."""
+    return [n[:60] + ("..." if len(n) > 60 else "") for n in names[:5]]
+
+
 def read_label_map(path: str | Path) -> list[str]:
     """Class names in model-index order from a label map.
 
@@ -103,12 +108,10 @@ def read_label_map(path: str | Path) -> list[str]:
         )
     bad = [n for n in lines if any(unicodedata.category(ch)[0] == "C" for ch in n)]
     if bad:
-        shown = [n[:60] + ("..." if len(n) > 60 else "") for n in bad[:5]]
-        raise ClassNameError(f"{path}: class names with control characters: {shown!r}")
+        raise ClassNameError(f"{path}: class names with control characters: {_clipped(bad)!r}")
     dup = [n for n, c in Counter(lines).items() if c > 1]
     if dup:
-        shown = [n[:60] + ("..." if len(n) > 60 else "") for n in dup[:5]]
-        raise ClassNameError(f"{path}: duplicated class names: {shown}")
+        raise ClassNameError(f"{path}: duplicated class names: {_clipped(dup)}")
     return lines
 
 
