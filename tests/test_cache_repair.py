@@ -16,7 +16,8 @@ import torch
 from avfuse import cli
 from avfuse.config import apply_overrides
 from avfuse.embed import EmbedConfig, embed
-from avfuse.io import write_json
+from avfuse.io import read_json, write_json
+from avfuse.models import Cnn10
 from avfuse.pipeline import RunConfig, _intact, stage_configs, stage_keys
 from avfuse.store import CorruptStoreError, FeatureStore, store_problem
 from avfuse.train import TrainConfig, train
@@ -39,6 +40,17 @@ def _rows(store: FeatureStore) -> dict[str, np.ndarray]:
     return {v: np.asarray(store[v]).copy() for v in store.ids}
 
 
+def _copy(work0: Path, tmp_path: Path) -> Path:
+    """A private copy of a module-scoped work folder, for a test that changes it."""
+    work = tmp_path / "w"
+    shutil.copytree(work0, work)
+    return work
+
+
+def _cnn10_weights(seed: int, path: Path) -> Path:
+    return _save_released(_randomise(Cnn10(3, width=0.125), seed), path)
+
+
 # --------------------------------------------------------------------------- embeddings
 
 
@@ -46,9 +58,7 @@ def _rows(store: FeatureStore) -> dict[str, np.ndarray]:
 def embedded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, EmbedConfig]:
     tmp = tmp_path_factory.mktemp("emb")
     work = _work(tmp / "w", n_mels=64, example_frames=None, frames=(96, 300))
-    init = _save_released(
-        _randomise(__import__("avfuse.models").models.Cnn10(3, width=0.125), 8), tmp / "i.pth"
-    )
+    init = _cnn10_weights(8, tmp / "i.pth")
     cfg = EmbedConfig(
         work,
         model="cnn10",
@@ -68,8 +78,7 @@ def test_truncated_embedding_shard_names_embed_and_a_plain_rerun_repairs_it(
     embedded: tuple[Path, EmbedConfig], tmp_path: Path
 ) -> None:
     work0, cfg0 = embedded
-    work = tmp_path / "w"
-    shutil.copytree(work0, work)
+    work = _copy(work0, tmp_path)
     cfg = EmbedConfig(**{**cfg0.__dict__, "work": work})
     root = work / "embeddings" / "cnn10"
     before = _rows(FeatureStore(root))
@@ -98,13 +107,10 @@ def test_embed_force_redoes_everything_and_replaces_other_settings(
     embedded: tuple[Path, EmbedConfig], tmp_path: Path
 ) -> None:
     work0, cfg0 = embedded
-    work = tmp_path / "w"
-    shutil.copytree(work0, work)
+    work = _copy(work0, tmp_path)
     root = work / "embeddings" / "cnn10"
     before = _rows(FeatureStore(root))
-    other = _save_released(
-        _randomise(__import__("avfuse.models").models.Cnn10(3, width=0.125), 9), tmp_path / "o.pth"
-    )
+    other = _cnn10_weights(9, tmp_path / "o.pth")
     cfg = EmbedConfig(**{**cfg0.__dict__, "work": work, "init": other})
     with pytest.raises(ValueError, match="pass --force"):
         embed(cfg)
@@ -119,14 +125,13 @@ def test_run_keys_training_by_the_embeddings_it_reads(
     embedded: tuple[Path, EmbedConfig], tmp_path: Path
 ) -> None:
     work0, _ = embedded
-    work = tmp_path / "w"
-    shutil.copytree(work0, work)
+    work = _copy(work0, tmp_path)
     cfg = apply_overrides(
         RunConfig(root=tmp_path / "data", work=work), ['train.from_embeddings="cnn10"']
     )
     k0 = stage_keys(stage_configs(cfg))
     meta_path = work / "embeddings" / "cnn10" / "store.json"
-    meta = __import__("json").loads(meta_path.read_text())
+    meta = read_json(meta_path)
     write_json(meta_path, {**meta, "frontend_hash": "other-weights"})  # rebuilt elsewhere
     k1 = stage_keys(stage_configs(cfg))
     changed = [s for s in k0 if k0[s]["key"] != k1[s]["key"]]
@@ -140,8 +145,7 @@ def test_from_embeddings_refuses_settings_it_would_ignore_and_records_none(
     embedded: tuple[Path, EmbedConfig], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     work0, _ = embedded
-    work = tmp_path / "w"
-    shutil.copytree(work0, work)
+    work = _copy(work0, tmp_path)
     for extra in (["--model", "cnn14"], ["--window", "64"]):
         rc = cli.main(["train", str(work), "--from-embeddings", "cnn10", *extra])
         assert rc == 2
@@ -255,8 +259,7 @@ def _state(work: Path) -> tuple[dict[str, np.ndarray], list[list[object]]]:
 def test_a_damaged_table_or_log_part_is_rebuilt_by_a_plain_rerun(
     featured: Path, tmp_path: Path, damaged: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    work = tmp_path / "w"
-    shutil.copytree(featured, work)
+    work = _copy(featured, tmp_path)
     want_rows, want_table = _state(work)
     if damaged == "log part":
         target = sorted((work / "features" / "parts").glob("part-*.parquet"))[0]
@@ -275,8 +278,7 @@ def test_a_damaged_table_or_log_part_is_rebuilt_by_a_plain_rerun(
 def test_a_damaged_extract_table_is_named_with_the_command_that_rebuilds_it(
     featured: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    work = tmp_path / "w"
-    shutil.copytree(featured, work)
+    work = _copy(featured, tmp_path)
     (work / "extract.parquet").write_bytes(b"garbage")
     assert cli.main(["features", str(work), "--num-workers", "0", "--force"]) == 2
     line = _one_error_line(capsys)
@@ -289,8 +291,7 @@ def test_a_full_disk_while_writing_a_shard_is_one_line_naming_the_folder(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    work = tmp_path / "w"
-    shutil.copytree(featured, work)
+    work = _copy(featured, tmp_path)
 
     def short_write(fh: object, arr: np.ndarray, *a: object, **k: object) -> None:
         raise OSError(f"{arr.nbytes} requested and 4096 written")
