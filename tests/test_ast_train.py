@@ -21,20 +21,11 @@ from avfuse.store import FeatureStore
 from avfuse.train import TrainConfig, param_groups, resolve_normalize, train
 from tests.synthetic import make_synthetic_work
 from tests.test_ast_model import save_folder
+from tests.test_train import TINY
 
-RUN = dict(
-    model="ast",
-    batch_size=4,
-    windows_per_video=2,
-    epochs=2,
-    num_workers=0,
-    amp="off",
-    device="cpu",
-    progress=False,
-    deterministic=True,
-    min_steps=0,
-    dropout=0.0,
-    channels_last=False,
+# The tiny training settings of test_train, at the model's own width.
+RUN = {k: v for k, v in TINY.items() if k != "width"} | dict(
+    model="ast", batch_size=4, windows_per_video=2, epochs=2, dropout=0.0, channels_last=False
 )
 
 
