@@ -231,14 +231,12 @@ def _choose(
     for i, v in enumerate(ids):
         p_net[i] = table[v][0]
     p_base = fitted.predict_proba(store, ids) if fitted is not None else None
-    cands = ch.candidate_scores(choice, p_net, p_base)
-    for name, scores in cands.items():
-        rows = dict(table)
-        rows.update({v: (scores[i], table[v][1], table[v][2]) for i, v in enumerate(ids)})
+    cands = {
+        name: {**table, **{v: (scores[i], table[v][1], table[v][2]) for i, v in enumerate(ids)}}
+        for name, scores in ch.candidate_scores(choice, p_net, p_base).items()
+    }
+    for name, rows in cands.items():
         cand_meta = {**meta, "candidate": name}
         ScoreFile.from_rows(classes, rows, cand_meta).save(ch.candidate_path(out, name))
-    chosen = cands[choice.chosen]
-    rows = dict(table)
-    rows.update({v: (chosen[i], table[v][1], table[v][2]) for i, v in enumerate(ids)})
     meta["audio_model"] = choice.chosen
-    return rows
+    return cands[choice.chosen]
