@@ -48,13 +48,25 @@ def test_features_on_local_cluster_match_local_run(tmp_path: Path, client: Any) 
 
 
 def crash_once(tasks: list[dict[str, Any]], **kw: Any) -> list[dict[str, Any]]:
-    """Write this batch's shards, then kill the worker process before it returns (once)."""
-    out = features._feature_batch_real(tasks, **kw)  # type: ignore[attr-defined]
+    """Write this batch's shards, then kill the worker process before it returns (once).
+
+    Runs only in worker processes, where ``features._feature_batch`` is still the real
+    function (the test replaces it in the client process only), so a worker the nanny
+    restarts finds it too. The marker is created with O_EXCL: when two workers reach this
+    point together, exactly one of them dies.
+    """
+    real = features._feature_batch
+    if real is crash_once:
+        raise RuntimeError("crash_once must run in a worker process")
+    out = real(tasks, **kw)
     marker = Path(kw["store"]).parent / "crashed-once"
-    if not marker.exists():
-        marker.write_text(str(os.getpid()))
-        os._exit(1)
-    return out
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return out
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    os._exit(1)
 
 
 def test_run_survives_a_worker_dying(
@@ -63,15 +75,6 @@ def test_run_survives_a_worker_dying(
     local = make_work(tmp_path / "local")
     remote = make_work(tmp_path / "cluster")
     compute_features(FeaturesConfig(work=local, num_workers=0, batch_size=2, progress=False))
-    # Workers unpickle crash_once from this module and find the real function under another name.
-    monkeypatch.setattr(features, "_feature_batch_real", features._feature_batch, raising=False)
-    client.run(
-        lambda: setattr(
-            __import__("avfuse.features").features,
-            "_feature_batch_real",
-            __import__("avfuse.features").features._feature_batch,
-        )
-    )
     monkeypatch.setattr(features, "_feature_batch", crash_once)
     before = set(client.scheduler_info()["workers"])
     res = compute_features(
