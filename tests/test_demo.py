@@ -12,6 +12,7 @@ import pytest
 
 from avfuse import demo
 from avfuse.io import read_json
+from avfuse.workdir import DATASET_INFO
 
 SPLITS = {"train": 3, "val": 2}
 
@@ -112,7 +113,7 @@ def test_second_call_reuses_and_other_settings_refuse(dataset: demo.DatasetInfo)
     assert again.generated == 0
     # The settings it reports are the ones recorded next to the files (the demo's video-model
     # stamp compares against them).
-    assert again.settings == read_json(dataset.root / demo.DATASET_INFO)["settings"]
+    assert again.settings == read_json(dataset.root / DATASET_INFO)["settings"]
     assert again.settings["per_split"] == SPLITS and again.settings["seed"] == 3
     with pytest.raises(ValueError, match="other settings"):
         demo.generate_dataset(dataset.root, seed=4, classes=4, per_split=SPLITS, num_workers=0)
@@ -313,7 +314,7 @@ def test_short_clips_and_muted_tracks(dataset: demo.DatasetInfo) -> None:
     loud = [_dbfs(_decode_audio(dataset.root / s.rel)[0]) for s in by_defect[""][:4]]
     assert min(loud) > -45.0
     # demo_dataset.json records every file's defect, as the files are.
-    info = read_json(dataset.root / demo.DATASET_INFO)
+    info = read_json(dataset.root / DATASET_INFO)
     recorded = {f["video"]: f["defect"] for f in info["files"]}
     assert recorded == {s.rel: s.defect for s in dataset.specs}
     assert all((dataset.root / rel).is_file() for rel in recorded)

@@ -103,7 +103,7 @@ def test_report_markdown_and_html(tmp_path: Path) -> None:
     r.paragraph("Method `mean`, **all videos**.")
     r.table(pd.DataFrame({"model": ["fused"], "top-1 %": [72.5]}))
     r.image(png, "accuracy against weight")
-    md, page = r.write(tmp_path)
+    md, page = r.write(tmp_path / "report.md", tmp_path / "report.html")
     text = md.read_text()
     assert text.startswith("# Fusion &lt;val&gt;\n")  # Markdown carries no raw HTML
     assert "> **Note:** tuned on the test set" in text

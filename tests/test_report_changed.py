@@ -230,7 +230,7 @@ def test_report_paragraphs_escape_values_and_keep_their_markup(tmp_path: Path) -
             {"class": ["[x](javascript:alert(1))", "a|b", "_em_ no_audio"], "n": [1, 2, 3]}
         )
     )
-    md, page = r.write(tmp_path)
+    md, page = r.write(tmp_path / "report.md", tmp_path / "report.html")
     rendered = _render_markdown(md.read_text())
     _assert_inert(rendered, tmp_path)
     words = " ".join(rendered.text)

@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 
 from avfuse.io import PathEscapeError, RecordLog, atomic_write, write_json
-from avfuse.lock import LOCK_NAME, WorkFolderBusyError, work_lock
+from avfuse.lock import WorkFolderBusyError, work_lock
 from avfuse.manifest import ScanConfig, scan
+from avfuse.workdir import LOCK_NAME
 from tests.media import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]

@@ -29,6 +29,7 @@ import numpy as np
 
 from avfuse.fusion import fit_temperature, stratified_folds, temper, to_log_probs
 from avfuse.metrics import true_rank
+from avfuse.workdir import ScoreLayout
 
 CANDIDATES = ("network", "baseline", "ensemble")
 Candidate = Literal["network", "baseline", "ensemble"]
@@ -46,8 +47,7 @@ def candidate_path(scores_path: str | Path, name: str) -> Path:
     ``audio_val.baseline.npz``."""
     if name not in CANDIDATES:
         raise ValueError(f"unknown audio model candidate {name!r}")
-    p = Path(scores_path)
-    return p.with_name(p.name.removesuffix(".npz") + f".{name}.npz")
+    return ScoreLayout(scores_path).candidate(name)
 
 
 @dataclass(frozen=True)

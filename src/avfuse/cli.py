@@ -17,7 +17,7 @@ from typing import Any
 
 from avfuse import __version__
 from avfuse.config import add_arguments, apply_overrides, from_arguments, read_mapping
-from avfuse.io import LOCK_NAME, TerminalSafeFormatter, terminal_safe
+from avfuse.io import TerminalSafeFormatter, terminal_safe
 from avfuse.lock import work_lock
 from avfuse.workdir import WorkDir
 
@@ -176,7 +176,7 @@ def check_command(command: str, cfg: Any) -> None:
 
 def _is_work_folder(work: Path) -> bool:
     """Whether a scan wrote ``work`` (its manifest) or an avfuse command locked it before."""
-    return WorkDir(work).manifest.exists() or (work / LOCK_NAME).exists()
+    return WorkDir(work).manifest.exists() or WorkDir(work).lock.exists()
 
 
 # The commands that may create their work folder; every other one refuses a missing folder

@@ -40,9 +40,6 @@ from avfuse.model_config import EmbedConfig
 from avfuse.models import build_model, embed_dim, fuse_for_inference, load_init, model_arch
 from avfuse.scoring import valid_embedding_name, video_status
 from avfuse.store import (
-    INDEX,
-    META,
-    SHARDS,
     FeatureStore,
     ShardWriter,
     check_shards,
@@ -51,7 +48,7 @@ from avfuse.store import (
     remove_unreferenced_shards,
     write_meta,
 )
-from avfuse.workdir import WorkDir
+from avfuse.workdir import StoreLayout, WorkDir
 
 log = D.get_logger(__name__)
 
@@ -150,38 +147,42 @@ def _open_output(
     are dropped (their videos are embedded again), as is an unreadable index (every video
     is); unreferenced shards are removed. ``force`` starts afresh."""
     if force:
-        for name in (META, INDEX):
+        for path in (StoreLayout(root).meta, StoreLayout(root).index):
             with contextlib.suppress(FileNotFoundError):
-                (root / name).unlink()
+                path.unlink()
         remove_unreferenced_shards(root, set())
-    if not (root / META).exists():
+    if not StoreLayout(root).meta.exists():
         return []
     try:
-        old = read_json(root / META)
+        old = read_json(StoreLayout(root).meta)
     except (ValueError, OSError) as exc:
-        log.warning("%s unreadable (%s): embedding every video again", root / META, exc)
+        log.warning("%s unreadable (%s): embedding every video again", StoreLayout(root).meta, exc)
         old = {"frontend_hash": frontend_hash}
         with contextlib.suppress(FileNotFoundError):
-            (root / INDEX).unlink()
+            StoreLayout(root).index.unlink()
     if old.get("frontend_hash") != frontend_hash:
         raise ValueError(
             f"{root} holds embeddings of other settings ({old.get('frontend', {})}); "
             "pass --force to replace them, or choose another --name"
         )
     rows: list[dict[str, Any]] = []
-    if (root / INDEX).exists():
+    if StoreLayout(root).index.exists():
         try:
             rows = [
                 {str(k): v for k, v in r.items()}
-                for r in read_table(root / INDEX).to_dict("records")
+                for r in read_table(StoreLayout(root).index).to_dict("records")
             ]
         except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-            log.warning("%s unreadable (%s): embedding every video again", root / INDEX, exc)
+            log.warning(
+                "%s unreadable (%s): embedding every video again", StoreLayout(root).index, exc
+            )
     if rows:
         index = pd.DataFrame(rows)
         bad = check_shards(root, needed_rows(index), int(meta["n_mels"]), "float32")
         for name, why in sorted(bad.items()):
-            log.warning("shard %s: %s; embedding its videos again", root / SHARDS / name, why)
+            log.warning(
+                "shard %s: %s; embedding its videos again", StoreLayout(root).shard(name), why
+            )
         rows = [r for r in rows if str(r["shard"]) not in bad]
     removed = remove_unreferenced_shards(root, {str(r["shard"]) for r in rows})
     if removed:
@@ -264,6 +265,6 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
         bar.update(len(chunk))
     bar.close()
     commit_index(root, rows + writer.close())
-    save_config(cfg, root / "embed.toml")
+    save_config(cfg, StoreLayout(root).embed_config)
     log.info("embedding config %s", to_dict(cfg))
     return EmbedResult(root, len(todo), skipped, dim, status)

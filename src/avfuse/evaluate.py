@@ -29,7 +29,7 @@ from avfuse.io import error_reason, write_csv, write_json
 from avfuse.manifest import load_classes, load_manifest
 from avfuse.metrics import metrics
 from avfuse.scores import SCORED_STATUSES, ScoreFile
-from avfuse.workdir import WorkDir
+from avfuse.workdir import ScoreLayout, WorkDir
 
 
 @dataclass(frozen=True)
@@ -259,10 +259,6 @@ def _default_scores(work: Path, split: str | None) -> Path:
     return WorkDir(work).scores(split or "val")
 
 
-def _sidecar(scores_path: Path, suffix: str) -> Path:
-    return scores_path.with_name(scores_path.name.removesuffix(".npz") + suffix)
-
-
 def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     """Score file + manifest labels -> metrics JSON, per-class CSV and confused pairs."""
     work = Path(cfg.work)
@@ -334,8 +330,8 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
         "status_counts": {str(k): int(v) for k, v in joined["status"].value_counts().items()},
     }
     extra = scored_ids - set(universe["video_id"])
-    metrics_path = _sidecar(path, ".metrics.json")
-    per_class_path = _sidecar(path, ".per_class.csv")
+    beside = ScoreLayout(path)
+    metrics_path, per_class_path = beside.metrics, beside.per_class
     pc = m.pop("per_class")
     write_json(
         metrics_path,
@@ -360,6 +356,6 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
         }
     )
     write_csv(per_class, per_class_path, float_format="%.6g")
-    save_config(cfg, _sidecar(path, ".evaluate.toml"))
+    save_config(cfg, beside.evaluate_config)
     m["per_class"] = pc
     return EvaluateResult(path, split, m, coverage, metrics_path, per_class_path)

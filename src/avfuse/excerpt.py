@@ -17,7 +17,6 @@ import soxr
 from avfuse.io import atomic_write
 
 MIME = "audio/ogg"
-SUFFIX = ".ogg"
 _OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
 
 
@@ -49,4 +48,4 @@ def write_excerpt(
     return path
 
 
-__all__ = ["MIME", "SUFFIX", "write_excerpt"]
+__all__ = ["MIME", "write_excerpt"]

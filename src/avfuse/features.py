@@ -76,9 +76,6 @@ from avfuse.manifest import load_classes, load_manifest
 from avfuse.melspec import FrontendConfig, log_mel
 from avfuse.parallel import executor_context, executor_width, map_batches
 from avfuse.store import (
-    INDEX,
-    META,
-    SHARDS,
     FrontendMismatchError,
     ShardWriter,
     check_shards,
@@ -88,7 +85,7 @@ from avfuse.store import (
     store_problem,
     write_meta,
 )
-from avfuse.workdir import WorkDir
+from avfuse.workdir import StoreLayout, WorkDir
 
 log = logging.getLogger(__name__)
 
@@ -326,11 +323,11 @@ def _check_previous(store: Path, cfg: FeaturesConfig) -> None:
     """Refuse to mix front ends or dtypes in one store (``force`` starts afresh instead)."""
     want = (cfg.frontend.hash(), cfg.dtype)
     meta: Any = None
-    if (store / META).exists():
+    if StoreLayout(store).meta.exists():
         try:
-            meta = read_json(store / META)
+            meta = read_json(StoreLayout(store).meta)
         except (ValueError, OSError) as exc:  # rewritten by this run's commit
-            log.warning("%s is unreadable (%s): rewriting it", store / META, exc)
+            log.warning("%s is unreadable (%s): rewriting it", StoreLayout(store).meta, exc)
     if isinstance(meta, dict):
         have = (str(meta.get("frontend_hash")), str(meta.get("dtype")))
         if have != want:
@@ -354,11 +351,12 @@ def _check_previous(store: Path, cfg: FeaturesConfig) -> None:
 
 def _clear(store: Path) -> None:
     check_inside_work(store, folder=True)  # never delete through a link out of WORK
-    for name in (META, INDEX):
+    layout = StoreLayout(store)
+    for path in (layout.meta, layout.index):
         with contextlib.suppress(FileNotFoundError):
-            (store / name).unlink()
-    shutil.rmtree(store / SHARDS, ignore_errors=True)
-    shutil.rmtree(store / "parts", ignore_errors=True)
+            path.unlink()
+    shutil.rmtree(layout.shards, ignore_errors=True)
+    shutil.rmtree(layout.parts, ignore_errors=True)
 
 
 def _plan_tasks(
@@ -487,7 +485,7 @@ def _done_ids(store: Path, prior: pd.DataFrame, cfg: FeaturesConfig) -> pd.Serie
     out (this one stores it)."""
     if not len(prior):
         return pd.Series([], dtype=str)
-    shard_dir = store / SHARDS
+    shard_dir = StoreLayout(store).shards
     present = {p.name for p in shard_dir.iterdir()} if shard_dir.exists() else set()
     present -= set(_damaged_shards(store, prior, cfg))
     status = prior["feature_status"].astype(str)
@@ -507,12 +505,12 @@ def _damaged_shards(store: Path, prior: pd.DataFrame, cfg: FeaturesConfig) -> di
     )
     bad = check_shards(store, rows, cfg.frontend.n_mels, cfg.dtype)
     for name, why in sorted(bad.items()):
-        log.warning("shard %s: %s; recomputing its videos", store / SHARDS / name, why)
+        log.warning("shard %s: %s; recomputing its videos", StoreLayout(store).shard(name), why)
     return bad
 
 
-def _dir_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.glob("*.npy")) if folder.exists() else 0
+def _dir_bytes(store: StoreLayout) -> int:
+    return sum(p.stat().st_size for p in store.shard_files())
 
 
 def compute_features(cfg: FeaturesConfig, executor: Executor | None = None) -> FeaturesResult:
@@ -585,7 +583,7 @@ def compute_features(cfg: FeaturesConfig, executor: Executor | None = None) -> F
         skipped=n_done,
         elapsed_s=time.perf_counter() - t0,
         num_shards=len(shards),
-        store_bytes=_dir_bytes(store / SHARDS),
+        store_bytes=_dir_bytes(StoreLayout(store)),
         counts=dict(Counter(table["feature_status"].astype(str).tolist())),
         stored_frames=int(table.loc[stored, "num_frames"].sum()),
         _table=table,
@@ -623,7 +621,7 @@ def _nothing_to_do(work: Path, cfg: FeaturesConfig, rlog: RecordLog) -> bool:
         return False  # the full run sets the damaged part aside and redoes its videos
     if not set(cols) <= set(part.schema_arrow.names):
         return False
-    shard_dir = wd.store / SHARDS
+    shard_dir = StoreLayout(wd.store).shards
     present = pa.array(
         sorted(p.name for p in shard_dir.iterdir()) if shard_dir.exists() else [], pa.string()
     )
@@ -666,7 +664,9 @@ def _fast_result(work: Path, cfg: FeaturesConfig, elapsed: float) -> FeaturesRes
         stored = pc.is_in(status, value_set=pa.array(STORED))
         frames += int(pc.sum(b.column("num_frames").filter(stored)).as_py() or 0)
     shards: set[str] = set()
-    for b in pq.ParquetFile(wd.store / INDEX).iter_batches(batch_size=_BLOCK, columns=["shard"]):
+    for b in pq.ParquetFile(StoreLayout(wd.store).index).iter_batches(
+        batch_size=_BLOCK, columns=["shard"]
+    ):
         shards.update(pc.unique(b.column("shard")).to_pylist())
     return FeaturesResult(
         work=work,
@@ -675,7 +675,7 @@ def _fast_result(work: Path, cfg: FeaturesConfig, elapsed: float) -> FeaturesRes
         skipped=sum(counts.get(s, 0) for s in STORED),
         elapsed_s=elapsed,
         num_shards=len(shards),
-        store_bytes=_dir_bytes(wd.store / SHARDS),
+        store_bytes=_dir_bytes(StoreLayout(wd.store)),
         counts=counts,
         stored_frames=frames,
     )
@@ -707,7 +707,7 @@ def _commit(
             "frames": ok["num_frames"] if len(ok) else pd.Series([], dtype="int64"),
         }
     )
-    shard_dir = store / SHARDS
+    shard_dir = StoreLayout(store).shards
     missing = set(index_rows["shard"].unique().tolist()) - (
         {p.name for p in shard_dir.iterdir()} if shard_dir.exists() else set()
     )

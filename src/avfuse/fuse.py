@@ -71,16 +71,11 @@ from avfuse.video_scores import (
     normalize_id,
     read_video_scores,
 )
-from avfuse.workdir import WorkDir
+from avfuse.workdir import FusionLayout, WorkDir
 
 log = logging.getLogger(__name__)
 
 Selection = Literal["cv", "heldout", "optimistic"]
-
-
-# The file that marks a folder as a fusion output: only such a folder (or an empty one) is
-# replaced by a new fusion.
-FUSION_MARKER = "fusion.json"
 
 
 @dataclass(frozen=True)
@@ -471,7 +466,7 @@ def fuse(cfg: FuseConfig, executor: Executor | None = None) -> FuseResult:
     del executor
     work = Path(cfg.work)
     out = Path(cfg.output) if cfg.output else WorkDir(work).fusion
-    check_replaceable(out, FUSION_MARKER)  # before any work: a clear refusal, nothing lost
+    check_replaceable(out, FusionLayout.MARKER)  # before any work: a clear refusal, nothing lost
     classes = load_classes(work)
     manifest = load_manifest(work, stages=False)
     _refuse_bad_inputs(cfg)
@@ -746,12 +741,13 @@ def _write_outputs(
     )
     # All outputs appear together: written into a fresh folder that then replaces ``out``, so
     # a kill never leaves a new fusion.json beside an old report.
-    with atomic_dir(out, FUSION_MARKER) as tmp:
-        fused_name = sf.save(tmp / f"fused_{split}.npz").name
+    with atomic_dir(out, FusionLayout.MARKER) as tmp:
+        files = FusionLayout(tmp)
+        fused_name = sf.save(files.scores(split)).name
         if cfg.audio_links:  # first: fusion.json records each excerpt's file
             _write_excerpts(cfg, tmp, figures["changed"]["rows"])
-        write_json(tmp / FUSION_MARKER, {"config": to_dict(cfg), **figures})
-        save_config(cfg, tmp / "config.toml")
+        write_json(files.figures, {"config": to_dict(cfg), **figures})
+        save_config(cfg, files.config)
         md, page = write_fusion_report(tmp, figures)
     return FuseResult(out, out / fused_name, out / md.name, out / page.name, figures, optimistic)
 
@@ -904,7 +900,7 @@ def _write_excerpts(cfg: FuseConfig, folder: Path, rows: list[dict[str, Any]]) -
     """An Ogg Opus excerpt per listed video with audio, ``folder/audio/changed_NNN.ogg``
     (numbered: names never come from the data); ``row["audio_file"]`` is its relative path."""
     from avfuse.audio import decode_audio
-    from avfuse.excerpt import SUFFIX, write_excerpt
+    from avfuse.excerpt import write_excerpt
 
     sources = _sound_sources(Path(cfg.work), [r["video_id"] for r in rows if r["has_audio"]])
     for i, row in enumerate(rows):
@@ -915,6 +911,6 @@ def _write_excerpts(cfg: FuseConfig, folder: Path, rows: list[dict[str, Any]]) -
         if not len(dec.samples):
             log.warning("%s: no sound to excerpt (%s)", src, dec.reason or dec.status)
             continue
-        rel = f"audio/changed_{i:03d}{SUFFIX}"
+        rel = FusionLayout.excerpt(i)
         write_excerpt(dec.samples, dec.sample_rate, folder / rel, cfg.excerpt_seconds)
         row["audio_file"] = rel

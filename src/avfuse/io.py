@@ -36,6 +36,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from avfuse.workdir import LOCK_NAME
+
 # Arrow's default pool (mimalloc) keeps what a Parquet read decoded through: reading the
 # 420k-row manifest cost twice the RSS (~120 MB against ~60 MB) of the system allocator, which
 # hands it back. Bookkeeping tables are read once per run, so the faster pool buys nothing.
@@ -93,10 +95,6 @@ def raise_if_disk_full(exc: BaseException, folder: str | Path) -> None:
         raise exc
     if is_disk_full(exc):
         raise DiskFullError(folder, error_reason(exc)) from exc
-
-
-# Marks a work folder: every stage that writes one holds this lock file (avfuse.lock).
-LOCK_NAME = ".avfuse.lock"
 
 
 class PathEscapeError(ValueError):

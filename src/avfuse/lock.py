@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from avfuse.io import LOCK_NAME
+from avfuse.workdir import WorkDir
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def _me() -> Holder:
 
 
 def lock_path(work: str | Path) -> Path:
-    return Path(work) / LOCK_NAME
+    return WorkDir(work).lock
 
 
 def _read_record(path: Path) -> Holder | None:
@@ -334,7 +334,6 @@ def work_lock(work: str | Path, create: bool = False) -> Iterator[Path]:
 
 
 __all__ = [
-    "LOCK_NAME",
     "Holder",
     "LockFileError",
     "WorkFolderBusyError",

@@ -69,7 +69,7 @@ from avfuse.lock import work_lock
 from avfuse.manifest import ScanConfig
 from avfuse.model_config import PredictConfig, TrainConfig
 from avfuse.store import store_problem, store_stamp
-from avfuse.workdir import WorkDir
+from avfuse.workdir import FusionLayout, ScoreLayout, WorkDir
 
 log = logging.getLogger(__name__)
 
@@ -213,12 +213,11 @@ def _audio_scores(work: Path, split: str) -> Path:
 
 def _metrics_path(ec: EvaluateConfig) -> Path:
     """The metrics file ``evaluate`` writes next to its scores file."""
-    p = Path(ec.scores or "")
-    return p.with_name(p.name.removesuffix(".npz") + ".metrics.json")
+    return ScoreLayout(ec.scores or "").metrics
 
 
-def _fusion_dir(fc: FuseConfig) -> Path:
-    return Path(fc.output or WorkDir(fc.work).fusion)
+def _fusion_dir(fc: FuseConfig) -> FusionLayout:
+    return FusionLayout(fc.output or WorkDir(fc.work).fusion)
 
 
 @dataclass(frozen=True)
@@ -435,7 +434,7 @@ def _outputs(name: str, sc: StageConfigs) -> list[Path]:
         if sc.fuse is None:
             return []
         out = _fusion_dir(sc.fuse)
-        return [out / "fusion.json", out / "report.md"]
+        return [out.figures, out.report_md]
     return [w.report_md, w.report_html]
 
 
@@ -695,21 +694,17 @@ def _saved_configs(name: str, sc: StageConfigs) -> list[tuple[type[Any], Path, A
         return [(TrainConfig, w.run_config(sc.train.name), sc.train)]
     if name == "predict":
         return [
-            (PredictConfig, _sidecar(Path(p.output or _audio_scores(work, p.split)), ".predict"), p)
+            (PredictConfig, ScoreLayout(p.output or _audio_scores(work, p.split)).predict_config, p)
             for p in sc.predict.values()
         ]
     if name == "evaluate":
         return [
-            (EvaluateConfig, _sidecar(Path(e.scores or ""), ".evaluate"), e)
+            (EvaluateConfig, ScoreLayout(e.scores or "").evaluate_config, e)
             for e in sc.evaluate.values()
         ]
     if name == "fuse" and sc.fuse is not None:
-        return [(FuseConfig, _fusion_dir(sc.fuse) / "config.toml", sc.fuse)]
+        return [(FuseConfig, _fusion_dir(sc.fuse).config, sc.fuse)]
     return []
-
-
-def _sidecar(scores: Path, kind: str) -> Path:
-    return scores.with_name(scores.name.removesuffix(".npz") + f"{kind}.toml")
 
 
 def _training_finished(sc: StageConfigs) -> bool:
@@ -1054,7 +1049,7 @@ _FUSION_SCOPES = (("all", "all videos"), ("with_audio", "videos with audio"))
 def _fusion_figures(sc: StageConfigs) -> dict[str, Any] | None:
     if sc.fuse is None:
         return None
-    path = _fusion_dir(sc.fuse) / "fusion.json"
+    path = _fusion_dir(sc.fuse).figures
     return read_json(path) if path.exists() else None
 
 
@@ -1066,8 +1061,8 @@ def write_run_report(sc: StageConfigs) -> tuple[Path, Path]:
     from avfuse.manifest import load_manifest
 
     work = Path(sc.scan.work)
-    figs = WorkDir(work).figures
-    figs.mkdir(parents=True, exist_ok=True)
+    wd = WorkDir(work)
+    wd.figures.mkdir(parents=True, exist_ok=True)
     r = rp.Report("avfuse run report")
     man = load_manifest(work)
     r.paragraph(
@@ -1078,20 +1073,20 @@ def write_run_report(sc: StageConfigs) -> tuple[Path, Path]:
     r.heading("Stage outcomes")
     table = rp.status_table(man)
     r.table(table)
-    r.image(rp.plot_status_counts(table, figs / "status_counts.png"), "videos per stage status")
+    r.image(rp.plot_status_counts(table, wd.status_counts_plot), "videos per stage status")
     bad = man[man.get("status", pd.Series("ok", index=man.index)).astype(str) != "ok"]
     if len(bad) and "reason" in bad:
         r.paragraph("Videos whose sound track could not be used (first 10):")
         r.table(bad[["video_id", "status", "reason"]].head(10))
 
-    metrics = WorkDir(work).run_metrics(sc.train.name)
+    metrics = wd.run_metrics(sc.train.name)
     if metrics.exists():
         r.heading("Audio model training")
         chosen = _selection_split(metrics)
         r.paragraph(
             f"Model {rp.code(sc.train.model)}, {sc.train.epochs} epochs; run folder "
-            f"{rp.code(f'runs/{sc.train.name}')} (TensorBoard: "
-            f"{rp.code(f'tensorboard --logdir {work}/runs')}). "
+            f"{rp.code(wd.run(sc.train.name).relative_to(wd.root).as_posix())} (TensorBoard: "
+            f"{rp.code(f'tensorboard --logdir {wd.runs}')}). "
             + (
                 f"The epoch kept in `best.pt` was chosen on **{rp.lit(chosen)}**. "
                 + _selection_details(metrics)
@@ -1104,7 +1099,7 @@ def write_run_report(sc: StageConfigs) -> tuple[Path, Path]:
                 f"The model was chosen on {rp.code(chosen)}: its {rp.code(chosen)} figures below are "
                 "OPTIMISTIC (measured on the split that picked the epoch)."
             )
-        r.image(rp.plot_training_curves(metrics, figs / "training_curves.png"), "training curves")
+        r.image(rp.plot_training_curves(metrics, wd.training_curves_plot), "training curves")
 
     results = {}
     for split, ec in sc.evaluate.items():
@@ -1137,18 +1132,18 @@ def write_run_report(sc: StageConfigs) -> tuple[Path, Path]:
                 f"gain {100 * g[0]:+.1f} points (95% CI {100 * g[1]:+.1f} to {100 * g[2]:+.1f})."
             )
         for png, cap in (
-            ("accuracy.png", "video-only, audio-only and fused accuracy with the gain's 95% CI"),
-            ("class_gain.png", "per-class top-1 change from adding audio"),
-            ("weight_curve.png", "top-1 against the audio weight"),
+            (out.accuracy_plot, "video-only, audio-only and fused accuracy with the gain's 95% CI"),
+            (out.class_gain_plot, "per-class top-1 change from adding audio"),
+            (out.weight_curve_plot, "top-1 against the audio weight"),
         ):
-            if (out / png).exists():
-                r.image(out / png, cap)
+            if png.exists():
+                r.image(png, cap)
         if "changed" in fig:
-            rp.changed_section(r, fig, out, figs)
+            rp.changed_section(r, fig, out.root, wd.audio_errors_plot)
         r.paragraph(
-            f"Details (alignment, chosen weights, classes): {rp.code(_rel(out / 'report.md', work))}."
+            f"Details (alignment, chosen weights, classes): {rp.code(_rel(out.report_md, work))}."
         )
-    return r.write(work, "report")
+    return r.write(wd.report_md, wd.report_html)
 
 
 def _choice_paragraph(choice: dict[str, Any]) -> str:
@@ -1289,7 +1284,7 @@ def _result(work: Path, sc: StageConfigs, outcomes: list[StageOutcome]) -> RunRe
     report = WorkDir(work).report_md
     fusion_report = None
     if sc.fuse is not None:
-        fusion_report = _fusion_dir(sc.fuse) / "report.md"
+        fusion_report = _fusion_dir(sc.fuse).report_md
     return RunResult(
         work,
         outcomes,

@@ -43,7 +43,7 @@ from avfuse.scoring import (
     score_videos_distributed,
     video_status,
 )
-from avfuse.workdir import WorkDir
+from avfuse.workdir import ScoreLayout, WorkDir
 
 log = D.get_logger(__name__)
 
@@ -185,8 +185,8 @@ def _predict(cfg: PredictConfig) -> PredictResult | None:
             ch.candidate_path(out, name).unlink(missing_ok=True)
     sf = ScoreFile.from_rows(classes, table, meta)
     sf.save(out)
-    csv_path = sf.to_csv(out.with_suffix(".csv"))
-    save_config(cfg, out.with_name(out.name.removesuffix(".npz") + ".predict.toml"))
+    csv_path = sf.to_csv(ScoreLayout(out).csv)
+    save_config(cfg, ScoreLayout(out).predict_config)
     D.barrier()
     log.info("wrote %s", out)
     return PredictResult(out, csv_path, sf)

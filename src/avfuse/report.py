@@ -28,6 +28,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from avfuse.io import atomic_write
+from avfuse.workdir import FusionLayout
 
 _COLORS = {"video": "#4C72B0", "audio": "#DD8452", "fused": "#55A868", "loss": "#C44E52"}
 
@@ -508,14 +509,16 @@ class Report:
                 body.append(_media_html(val, folder))
         return _HTML.format(title=html.escape(self.title), body="\n".join(body))
 
-    def write(self, folder: str | Path, stem: str = "report") -> tuple[Path, Path]:
-        """Write ``folder/stem.md`` and ``folder/stem.html``; returns both paths."""
-        folder = Path(folder)
-        md, page = folder / f"{stem}.md", folder / f"{stem}.html"
+    def write(self, md: str | Path, page: str | Path) -> tuple[Path, Path]:
+        """Write the Markdown file ``md`` and the HTML page ``page``, both in one folder (the
+        one their relative links start from); returns both paths."""
+        md, page = Path(md), Path(page)
+        if md.parent != page.parent:
+            raise ValueError(f"{md} and {page}: a report's two files share one folder")
         with atomic_write(md) as tmp:
-            tmp.write_text(self.to_markdown(folder), "utf-8")
+            tmp.write_text(self.to_markdown(md.parent), "utf-8")
         with atomic_write(page) as tmp:
-            tmp.write_text(self.to_html(folder), "utf-8")
+            tmp.write_text(self.to_html(page.parent), "utf-8")
         return md, page
 
 
@@ -636,7 +639,7 @@ _ID_COUNTS = ("matched", "missing", "extra", "duplicates")  # IdMatch.counts() k
 
 def write_fusion_report(folder: Path, figures: dict[str, Any]) -> tuple[Path, Path]:
     """Markdown + HTML report with three plots from ``fusion.json``-style ``figures``."""
-    folder = Path(folder)
+    out = FusionLayout(folder)
     opt = figures["optimistic"]
     tag = " (OPTIMISTIC)" if opt else ""
     r = Report(f"Audio + video late fusion, split {figures['split']}{tag}")  # escaped there
@@ -661,13 +664,13 @@ def write_fusion_report(folder: Path, figures: dict[str, Any]) -> tuple[Path, Pa
     )
     r.paragraph(f"Chosen: {describe_choice(figures['chosen'])}.")
     _fusion_metric_tables(r, figures["metrics"], opt)
-    _fusion_accuracy_plots(r, folder, figures)
-    _fusion_class_gain(r, folder, figures["per_class"])
+    _fusion_accuracy_plots(r, out, figures)
+    _fusion_class_gain(r, out, figures["per_class"])
     if "changed" in figures:
-        changed_section(r, figures, folder, folder)
+        changed_section(r, figures, out.root, out.audio_errors_plot)
     _fusion_alignment(r, counts)
-    r.paragraph("Full figures: `fusion.json`.")
-    return r.write(folder)
+    r.paragraph(f"Full figures: `{out.figures.name}`.")
+    return r.write(out.report_md, out.report_html)
 
 
 def _fusion_metric_tables(r: Report, metrics: dict[str, Any], opt: bool) -> None:
@@ -700,7 +703,7 @@ def _fusion_metric_tables(r: Report, metrics: dict[str, Any], opt: bool) -> None
             r.paragraph("Audio-only on all videos counts a video without audio as a miss.")
 
 
-def _fusion_accuracy_plots(r: Report, folder: Path, figures: dict[str, Any]) -> None:
+def _fusion_accuracy_plots(r: Report, out: FusionLayout, figures: dict[str, Any]) -> None:
     """The accuracy bars and the accuracy-against-weight curves."""
     m = figures["metrics"]["all"]
     vals = {
@@ -708,7 +711,7 @@ def _fusion_accuracy_plots(r: Report, folder: Path, figures: dict[str, Any]) -> 
         for k in (1, 5)
     }
     ci = {f"top-{k}": tuple(100 * x for x in m[f"gain_top{k}"]) for k in (1, 5)}
-    bars = plot_accuracy_bars(vals, folder / "accuracy.png", ci)  # type: ignore[arg-type]
+    bars = plot_accuracy_bars(vals, out.accuracy_plot, ci)  # type: ignore[arg-type]
     r.heading("Accuracy")
     r.image(bars, "video-only, audio-only and fused accuracy, all videos; gain with 95% CI")
 
@@ -726,7 +729,7 @@ def _fusion_accuracy_plots(r: Report, folder: Path, figures: dict[str, Any]) -> 
     png = plot_weight_curve(
         np.asarray(cv["weights"]),
         curves,
-        folder / "weight_curve.png",
+        out.weight_curve_plot,
         marks,
         title=f"top-1 against the audio weight ({cv['method']})",
     )
@@ -744,7 +747,7 @@ def _fusion_accuracy_plots(r: Report, folder: Path, figures: dict[str, Any]) -> 
     r.image(png, "top-1 accuracy against the audio weight")
 
 
-def _fusion_class_gain(r: Report, folder: Path, pc: dict[str, Any]) -> None:
+def _fusion_class_gain(r: Report, out: FusionLayout, pc: dict[str, Any]) -> None:
     """Per-class top-1 change (plot + the 10 best and 10 worst classes), if any class has videos."""
     n = np.asarray(pc["n"])
     present = n > 0
@@ -754,7 +757,7 @@ def _fusion_class_gain(r: Report, folder: Path, pc: dict[str, Any]) -> None:
     gain = 100 * (ft - vt)
     if not len(cls):
         return
-    png = plot_class_gain(cls, gain, folder / "class_gain.png", counts=[int(k) for k in n[present]])
+    png = plot_class_gain(cls, gain, out.class_gain_plot, counts=[int(k) for k in n[present]])
     r.heading("Classes that gain and lose most from audio")
     r.image(png, "per-class top-1 change, fused minus video-only (points)")
     order = np.argsort(-gain, kind="stable")
@@ -831,10 +834,12 @@ def plot_audio_errors(errors: Mapping[str, Any], png: str | Path) -> Path:
     return _save(fig, png)
 
 
-def changed_section(r: Report, figures: Mapping[str, Any], fusion_dir: Path, png_dir: Path) -> None:
+def changed_section(
+    r: Report, figures: Mapping[str, Any], fusion_dir: Path, errors_png: Path
+) -> None:
     """'What audio changed': the videos whose fused top-1 differs from the video model's, with
     a player of each sound track where ``fusion.json``'s rows name an excerpt in
-    ``fusion_dir``, and the audio-only confusions (PNG written to ``png_dir``)."""
+    ``fusion_dir``, and the audio-only confusions (a PNG written to ``errors_png``)."""
     ch = figures["changed"]
     counts = ch["counts"]
     rows = ch["rows"]
@@ -868,5 +873,5 @@ def changed_section(r: Report, figures: Mapping[str, Any], fusion_dir: Path, png
         r.media_table(cols, table)
     errors = figures.get("audio_errors") or {}
     if errors.get("classes"):
-        png = plot_audio_errors(errors, png_dir / "audio_errors.png")
+        png = plot_audio_errors(errors, errors_png)
         r.image(png, "audio-only errors: true class against the audio model's top-1")

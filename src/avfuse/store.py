@@ -41,10 +41,7 @@ from avfuse.io import (
     write_json,
     write_table,
 )
-
-META = "store.json"
-INDEX = "index.parquet"
-SHARDS = "shards"
+from avfuse.workdir import StoreLayout
 
 
 class FrontendMismatchError(ValueError):
@@ -96,7 +93,7 @@ def check_shards(
 
     ``rows``: shard name -> rows the index needs from it (max ``offset + frames``).
     """
-    shard_dir = Path(root) / SHARDS
+    shard_dir = StoreLayout(root).shards
     out = {}
     for name, n in rows.items():
         why = shard_problem(shard_dir / name, int(n), n_mels, dtype)
@@ -120,25 +117,25 @@ def read_committed(root: str | Path) -> tuple[dict[str, Any], pd.DataFrame]:
     """
     root = Path(root)
     fix = rebuild_command(root)
-    if not (root / META).exists() or not (root / INDEX).exists():
+    if not StoreLayout(root).meta.exists() or not StoreLayout(root).index.exists():
         what = "embedding store" if fix == "avfuse embed" else "feature store"
         raise FileNotFoundError(f"{root} is not a committed {what} (run `{fix}` first)")
     try:
-        meta = read_json(root / META)
+        meta = read_json(StoreLayout(root).meta)
         if not isinstance(meta, dict):
             raise ValueError("not a JSON object")
     except (ValueError, OSError) as exc:
         raise CorruptStoreError(
-            f"{root / META}: unreadable ({_reason(exc)}); run `{fix}` again to rewrite it"
+            f"{StoreLayout(root).meta}: unreadable ({_reason(exc)}); run `{fix}` again to rewrite it"
         ) from None
     try:
-        index = read_table(root / INDEX)
+        index = read_table(StoreLayout(root).index)
         missing = {"video_id", "shard", "offset", "frames"} - set(index.columns)
         if missing:
             raise ValueError(f"no column(s) {', '.join(sorted(missing))}")
     except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid is a ValueError
         raise CorruptStoreError(
-            f"{root / INDEX}: unreadable ({_reason(exc)}); run `{fix}` again to rebuild it"
+            f"{StoreLayout(root).index}: unreadable ({_reason(exc)}); run `{fix}` again to rebuild it"
         ) from None
     return meta, index
 
@@ -159,11 +156,11 @@ def store_problem(root: str | Path) -> str:
     try:
         bad = check_shards(root, needed_rows(index), int(meta["n_mels"]), meta["dtype"])
     except (KeyError, TypeError, ValueError) as exc:
-        return f"{Path(root) / META}: unusable ({_reason(exc)})"
+        return f"{StoreLayout(root).meta}: unusable ({_reason(exc)})"
     if bad:
         name, why = next(iter(sorted(bad.items())))
         return (
-            f"shard {Path(root) / SHARDS / name}: {why}; run `{rebuild_command(root)}` again "
+            f"shard {StoreLayout(root).shard(name)}: {why}; run `{rebuild_command(root)}` again "
             "to recompute its videos"
         )
     return ""
@@ -175,8 +172,8 @@ def store_stamp(root: str | Path) -> list[Any]:
     mtime (a resumed or repaired store has another index). Empty for a missing store."""
     root = Path(root)
     try:
-        meta = read_json(root / META)
-        st = (root / INDEX).stat()
+        meta = read_json(StoreLayout(root).meta)
+        st = StoreLayout(root).index.stat()
     except (OSError, ValueError):
         return []
     fh = meta.get("frontend_hash") if isinstance(meta, dict) else None
@@ -202,7 +199,7 @@ class ShardWriter:
         max_mb: float = 256,
         prefix: str | None = None,
     ) -> None:
-        self.dir = Path(root) / SHARDS
+        self.dir = StoreLayout(root).shards
         self.dir.mkdir(parents=True, exist_ok=True)
         self.n_mels = n_mels
         self.dtype = np.dtype(dtype)
@@ -227,7 +224,7 @@ class ShardWriter:
     def flush(self) -> None:
         if not self._buf:
             return
-        name = f"shard-{self.prefix}-{self._count:05d}.npy"
+        name = StoreLayout.shard_name(self.prefix, self._count)
         offset = 0
         for vid, f in self._buf:
             self.index_rows.append(
@@ -263,7 +260,7 @@ def write_meta(
     n_mels: int,
 ) -> None:
     write_json(
-        Path(root) / META,
+        StoreLayout(root).meta,
         {
             "format": "avfuse-feature-store/1",
             "avfuse_version": __version__,
@@ -286,13 +283,13 @@ def commit_index(
     df = df.drop_duplicates("video_id", keep="last").sort_values("video_id").reset_index(drop=True)
     df["offset"] = df["offset"].astype("int64")
     df["frames"] = df["frames"].astype("int64")
-    write_table(df, Path(root) / INDEX)
+    write_table(df, StoreLayout(root).index)
     return df
 
 
 def remove_unreferenced_shards(root: str | Path, keep: set[str]) -> int:
     n = 0
-    shard_dir = Path(root) / SHARDS
+    shard_dir = StoreLayout(root).shards
     if shard_dir.exists():
         check_inside_work(shard_dir, folder=True)  # never delete through a link out of WORK
         for p in shard_dir.iterdir():
@@ -336,7 +333,7 @@ class FeatureStore:
         if bad:
             name, why = next(iter(sorted(bad.items())))
             raise CorruptStoreError(
-                f"feature store {self.root}: shard {self.root / SHARDS / name}: {why}"
+                f"feature store {self.root}: shard {StoreLayout(self.root).shard(name)}: {why}"
                 + (f" (and {len(bad) - 1} more shard(s))" if len(bad) > 1 else "")
                 + f"; run `{rebuild_command(self.root)}` again to recompute the affected videos",
                 sorted(bad),
@@ -345,15 +342,15 @@ class FeatureStore:
     def __getstate__(self) -> dict[str, Any]:
         # Only the path (and a stamp of the committed index): each DataLoader worker reopens
         # the store itself instead of receiving the whole look-up table (~30 MB at 420k videos).
-        st = (self.root / INDEX).stat()
+        st = StoreLayout(self.root).index.stat()
         return {"root": str(self.root), "index_stamp": (st.st_size, st.st_mtime_ns)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["root"])  # type: ignore[misc]
-        st = (self.root / INDEX).stat()
+        st = StoreLayout(self.root).index.stat()
         if (st.st_size, st.st_mtime_ns) != tuple(state["index_stamp"]):
             raise RuntimeError(
-                f"{self.root / INDEX} was recommitted after this store was opened: reopen it"
+                f"{StoreLayout(self.root).index} was recommitted after this store was opened: reopen it"
             )
 
     def blocks(self, ids: Iterable[str], block_mb: float = 1.0) -> np.ndarray:
@@ -403,7 +400,7 @@ class FeatureStore:
     def _map(self, shard: int) -> np.ndarray:
         m = self._maps[shard]
         if m is None:
-            mapped = np.load(self.root / SHARDS / self._shard_names[shard], mmap_mode="r")
+            mapped = np.load(StoreLayout(self.root).shard(self._shard_names[shard]), mmap_mode="r")
             # A plain ndarray over the mapping (it keeps the map alive): slicing an np.memmap
             # runs its Python __array_finalize__, a third of a window read's time.
             m = mapped.view(np.ndarray)

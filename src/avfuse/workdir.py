@@ -3,6 +3,10 @@
 Stages talk through these files, so a stage never needs another stage's module to find what
 it reads; ``pipeline`` recognises finished stages and ``demo`` cleans a work folder through
 these paths (:attr:`WorkDir.written` lists every top-level entry a run writes).
+
+Folders that may sit outside ``WORK`` have their own layout here too: a feature or embedding
+store (:class:`StoreLayout`), a fusion output folder (:class:`FusionLayout`), the files beside a
+score file (:class:`ScoreLayout`) and the demo's stand-in video model (:class:`VideoModelLayout`).
 """
 
 from __future__ import annotations
@@ -10,8 +14,23 @@ from __future__ import annotations
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-__all__ = ["WorkDir", "folder_name"]
+__all__ = [
+    "DATASET_INFO",
+    "LOCK_NAME",
+    "FusionLayout",
+    "ScoreLayout",
+    "StoreLayout",
+    "VideoModelLayout",
+    "WorkDir",
+    "folder_name",
+]
+
+# Marks a work folder: every stage that writes one holds this lock file.
+LOCK_NAME = ".avfuse.lock"
+# What the demo generator records about the dataset it wrote, in the dataset's root folder.
+DATASET_INFO = "demo_dataset.json"
 
 
 def folder_name(kind: str, name: str) -> str:
@@ -93,19 +112,23 @@ class WorkDir:
 
     @property
     def features_parts(self) -> Path:
-        return self.store / "parts"
+        return StoreLayout(self.store).parts
 
     @property
     def store_meta(self) -> Path:
-        return self.store / "store.json"
+        return StoreLayout(self.store).meta
 
     @property
     def features_config(self) -> Path:
-        return self.store / "config.toml"
+        return StoreLayout(self.store).config
 
     # embeddings
+    @property
+    def embeddings_dir(self) -> Path:
+        return self.root / "embeddings"
+
     def embeddings(self, name: str) -> Path:
-        return self.root / "embeddings" / folder_name("embedding", name)
+        return self.embeddings_dir / folder_name("embedding", name)
 
     # train
     @property
@@ -136,10 +159,10 @@ class WorkDir:
         return self.scores_dir / f"{model}_{split}.npz"
 
     def metrics(self, split: str, model: str = "audio") -> Path:
-        return self.scores_dir / f"{model}_{split}.metrics.json"
+        return ScoreLayout(self.scores(split, model)).metrics
 
     def per_class(self, split: str, model: str = "audio") -> Path:
-        return self.scores_dir / f"{model}_{split}.per_class.csv"
+        return ScoreLayout(self.scores(split, model)).per_class
 
     # fuse
     @property
@@ -173,8 +196,29 @@ class WorkDir:
         return self.root / "figures"
 
     @property
+    def status_counts_plot(self) -> Path:
+        return self.figures / "status_counts.png"
+
+    @property
+    def training_curves_plot(self) -> Path:
+        return self.figures / "training_curves.png"
+
+    @property
+    def audio_errors_plot(self) -> Path:
+        return self.figures / "audio_errors.png"
+
+    @property
     def lock(self) -> Path:
-        return self.root / ".avfuse.lock"
+        return self.root / LOCK_NAME
+
+    # demo (beside a run's outputs: the generated dataset and the stand-in video model)
+    @property
+    def demo_dataset(self) -> Path:
+        return self.root / "dataset"
+
+    @property
+    def video_model(self) -> Path:
+        return self.root / "video_model"
 
     @property
     def written(self) -> tuple[Path, ...]:
@@ -191,7 +235,7 @@ class WorkDir:
             self.audio_dir,
             self.features_table,
             self.store,
-            self.root / "embeddings",
+            self.embeddings_dir,
             self.runs,
             self.scores_dir,
             self.fusion,
@@ -202,3 +246,170 @@ class WorkDir:
             self.run_settings,
             self.dataset_files,
         )
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """Files of a feature store (``WORK/features``) or an embedding store
+    (``WORK/embeddings/NAME``): ``StoreLayout(p).index == p / "index.parquet"``."""
+
+    root: Path
+
+    def __init__(self, root: str | Path) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def meta(self) -> Path:
+        return self.root / "store.json"
+
+    @property
+    def index(self) -> Path:
+        return self.root / "index.parquet"
+
+    @property
+    def shards(self) -> Path:
+        return self.root / "shards"
+
+    def shard(self, name: str) -> Path:
+        """A shard the index names (``name`` as the index records it)."""
+        return self.shards / name
+
+    @staticmethod
+    def shard_name(prefix: str, number: int) -> str:
+        """The ``number``-th shard a writer with ``prefix`` starts."""
+        return f"shard-{prefix}-{number:05d}.npy"
+
+    def shard_files(self) -> list[Path]:
+        """The shard files present (committed or not), sorted."""
+        return sorted(self.shards.glob("*.npy")) if self.shards.exists() else []
+
+    @property
+    def parts(self) -> Path:
+        """The features stage's record log."""
+        return self.root / "parts"
+
+    @property
+    def config(self) -> Path:
+        """The features stage's settings."""
+        return self.root / "config.toml"
+
+    @property
+    def embed_config(self) -> Path:
+        """The settings an embedding store was written with."""
+        return self.root / "embed.toml"
+
+
+@dataclass(frozen=True)
+class ScoreLayout:
+    """The files beside a score file ``NAME.npz`` (``WORK/scores/audio_val.npz`` or any
+    ``--output``): ``ScoreLayout(Path("a/audio_val.npz")).metrics ==
+    Path("a/audio_val.metrics.json")``."""
+
+    path: Path
+
+    def __init__(self, path: str | Path) -> None:
+        object.__setattr__(self, "path", Path(path))
+
+    def _beside(self, suffix: str) -> Path:
+        return self.path.with_name(self.path.name.removesuffix(".npz") + suffix)
+
+    @property
+    def csv(self) -> Path:
+        """The same scores as CSV (the score file's suffix replaced)."""
+        return self.path.with_suffix(".csv")
+
+    @property
+    def metrics(self) -> Path:
+        return self._beside(".metrics.json")
+
+    @property
+    def per_class(self) -> Path:
+        return self._beside(".per_class.csv")
+
+    @property
+    def predict_config(self) -> Path:
+        return self._beside(".predict.toml")
+
+    @property
+    def evaluate_config(self) -> Path:
+        return self._beside(".evaluate.toml")
+
+    def candidate(self, name: str) -> Path:
+        """A candidate model's scores: ``audio_val.npz`` -> ``audio_val.baseline.npz``."""
+        return self._beside(f".{name}.npz")
+
+
+@dataclass(frozen=True)
+class FusionLayout:
+    """Files of a fusion output folder (``WORK/fusion`` or ``--output``)."""
+
+    # Marks a folder as a fusion output: only such a folder (or an empty one) is replaced.
+    MARKER: ClassVar[str] = "fusion.json"
+
+    root: Path
+
+    def __init__(self, root: str | Path) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def figures(self) -> Path:
+        return self.root / self.MARKER
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.toml"
+
+    def scores(self, split: str) -> Path:
+        return self.root / f"fused_{split}.npz"
+
+    @property
+    def report_md(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def report_html(self) -> Path:
+        return self.root / "report.html"
+
+    @property
+    def accuracy_plot(self) -> Path:
+        return self.root / "accuracy.png"
+
+    @property
+    def weight_curve_plot(self) -> Path:
+        return self.root / "weight_curve.png"
+
+    @property
+    def class_gain_plot(self) -> Path:
+        return self.root / "class_gain.png"
+
+    @property
+    def audio_errors_plot(self) -> Path:
+        return self.root / "audio_errors.png"
+
+    @staticmethod
+    def excerpt(number: int) -> str:
+        """The ``number``-th sound excerpt (Ogg Opus) relative to the folder, as
+        ``fusion.json`` records it (numbered: names never come from the data)."""
+        return f"audio/changed_{number:03d}.ogg"
+
+
+@dataclass(frozen=True)
+class VideoModelLayout:
+    """The demo's stand-in video model folder (``WORK/video_model``)."""
+
+    root: Path
+
+    def __init__(self, root: str | Path) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def model(self) -> Path:
+        return self.root / "video_model.npz"
+
+    def scores(self, split: str) -> Path:
+        return self.root / f"video_{split}.csv"
+
+    @property
+    def stamp(self) -> Path:
+        """Accuracy, failures and the dataset settings the model was trained for."""
+        return self.root / "video_baseline.json"

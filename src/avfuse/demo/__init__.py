@@ -47,7 +47,6 @@ from avfuse.demo.baseline import (
 )
 from avfuse.demo.dataset import (
     CATALOGUE,
-    DATASET_INFO,
     HISS_DBFS,
     SPLIT_CODES,
     DatasetInfo,
@@ -61,7 +60,6 @@ from avfuse.demo.synth import HARD_AUDIO_SHARE, HARD_VIDEO_SHARE, render, synthe
 
 __all__ = [
     "CATALOGUE",
-    "DATASET_INFO",
     "FEATURE_SIZE",
     "GRID",
     "HARD_AUDIO_SHARE",

@@ -17,6 +17,7 @@ import numpy as np
 
 from avfuse.io import atomic_write, write_json
 from avfuse.parallel import batched, executor_context, map_batches
+from avfuse.workdir import VideoModelLayout
 
 FEATURE_SIZE = 48  # frames are resized to this square before features are taken
 GRID = 4  # regions per side for colour and motion statistics
@@ -200,7 +201,8 @@ def train_video_baseline(
     y = np.asarray([k for _, k in train])
     model = fit_logistic(x, y, classes)
     out.mkdir(parents=True, exist_ok=True)
-    model_path = out / "video_model.npz"
+    layout = VideoModelLayout(out)
+    model_path = layout.model
     model.save(model_path)
     score_files: dict[str, Path] = {}
     accuracy: dict[str, float] = {}
@@ -211,7 +213,7 @@ def train_video_baseline(
         logits = model.logits(np.stack([feats[v] for v, _, _ in rows]))
         df = pd.DataFrame(logits.astype(np.float32), columns=classes)
         df.insert(0, "filename", [Path(p).name for _, p, _ in rows])
-        path = out / f"video_{split}.csv"
+        path = layout.scores(split)
         # Stands in for another tool's score file, with names the demo made: written plainly.
         with atomic_write(path) as tmp:
             df.to_csv(tmp, index=False, float_format="%.5f")
@@ -219,7 +221,7 @@ def train_video_baseline(
         truth = np.asarray([cls_index.get(lab, -1) for _, _, lab in rows])
         accuracy[split] = float(np.mean(logits.argmax(axis=1) == truth))
     write_json(
-        out / "video_baseline.json",
+        layout.stamp,
         {"accuracy": accuracy, "failed": failed, "train_videos": len(train), "classes": classes},
     )
     return VideoBaselineResult(model_path, score_files, accuracy, failed)

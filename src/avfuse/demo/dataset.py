@@ -17,6 +17,7 @@ import numpy as np
 from avfuse.demo.synth import render, synthesize_audio
 from avfuse.io import atomic_write, read_json, write_json
 from avfuse.parallel import batched, executor_context, map_batches
+from avfuse.workdir import DATASET_INFO
 
 SPLIT_CODES = {"train": 0, "val": 1, "heldout": 2}
 # RMS level of the hiss on a muted track: the noise floor of a muted or badly gated upload.
@@ -24,7 +25,6 @@ HISS_DBFS = -90.0
 # Short clips (0.3-0.9 s) and muted tracks are concentrated in this share of the classes, as in
 # real data where some classes are short events and some uploads are mostly muted.
 FEW_CLASSES_SHARE = 0.25
-DATASET_INFO = "demo_dataset.json"
 # Videos per class and split when no ``per_split`` is given.
 _PER_SPLIT = {"train": 30, "val": 10, "heldout": 10}
 

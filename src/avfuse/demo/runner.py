@@ -10,9 +10,9 @@ from typing import Any
 
 from avfuse.config import Config
 from avfuse.demo.baseline import VideoBaselineResult, train_video_baseline
-from avfuse.demo.dataset import CATALOGUE, DATASET_INFO, DatasetInfo, generate_dataset
+from avfuse.demo.dataset import CATALOGUE, DatasetInfo, generate_dataset
 from avfuse.io import read_json, write_json
-from avfuse.workdir import WorkDir
+from avfuse.workdir import DATASET_INFO, VideoModelLayout, WorkDir
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ def demo_run_config(cfg: DemoConfig, video_dir: Path) -> Any:
     workers: dict[str, Any] = {} if cfg.num_workers is None else {"num_workers": cfg.num_workers}
     by_heldout: dict[str, Any] = {"val_split": "heldout"} if heldout else {}
     heldout_video: dict[str, Any] = (
-        {"heldout_video": (video_dir / "video_heldout.csv",)} if heldout else {}
+        {"heldout_video": (VideoModelLayout(video_dir).scores("heldout"),)} if heldout else {}
     )
     force: dict[str, Any] = {"force": ("all",)} if cfg.force else {}
     train = dataclasses.replace(
@@ -151,7 +151,7 @@ def demo_run_config(cfg: DemoConfig, video_dir: Path) -> Any:
     )
     fuse = dataclasses.replace(
         base.fuse,
-        video_scores=(video_dir / "video_val.csv",),
+        video_scores=(VideoModelLayout(video_dir).scores("val"),),
         weight_selection="heldout" if heldout else "cv",
         bootstrap=1000,
         **heldout_video,
@@ -172,17 +172,14 @@ def demo_run_config(cfg: DemoConfig, video_dir: Path) -> Any:
     return run_cfg
 
 
-# What the demo writes besides a run's outputs (the dataset is kept: it is reused by seed).
-_DEMO_OUTPUTS = ("video_model",)
-
-
 def _clean_work(work: Path) -> None:
     """Remove the demo's outputs from ``work`` (only names the pipeline writes), and only from
     a folder a scan wrote: ``-o`` naming someone's folder must not lose their ``audio/`` or
     ``report.md``."""
     if not WorkDir(work).manifest.exists():
         return
-    for p in (*WorkDir(work).written, *(work / n for n in _DEMO_OUTPUTS)):
+    # Besides a run's outputs, the video model (the dataset is kept: it is reused by seed).
+    for p in (*WorkDir(work).written, WorkDir(work).video_model):
         if p.is_symlink():
             p.unlink()  # the link only: never what it points to
         elif p.is_dir():
@@ -203,7 +200,7 @@ def demo(cfg: DemoConfig) -> DemoResult:
         # H.264 stores colour at half resolution: the encoder refuses odd frame sizes.
         raise ValueError(f"DemoConfig.size: {cfg.size} must be even (H.264 frames)")
     work = Path(cfg.work)
-    root = Path(cfg.root) if cfg.root else work / "dataset"
+    root = Path(cfg.root) if cfg.root else WorkDir(work).demo_dataset
     per_split = {"train": cfg.train_per_class, "val": cfg.val_per_class}
     if cfg.heldout_per_class > 0:
         per_split["heldout"] = cfg.heldout_per_class
@@ -234,17 +231,17 @@ def demo(cfg: DemoConfig) -> DemoResult:
     )
     print(info.summary())
 
-    video_dir = work / "video_model"
-    stamp = video_dir / "video_baseline.json"
+    video_dir = WorkDir(work).video_model
+    stamp = VideoModelLayout(video_dir).stamp
     dataset_settings = info.settings
     splits: list[str] = [s for s in ("val", "heldout") if s in per_split]
     video: VideoBaselineResult | None = None
     if stamp.exists() and not cfg.force:
         old = read_json(stamp)
-        files: dict[str, Path] = {s: video_dir / f"video_{s}.csv" for s in splits}
+        files: dict[str, Path] = {s: VideoModelLayout(video_dir).scores(s) for s in splits}
         if old.get("dataset") == dataset_settings and all(p.exists() for p in files.values()):
             video = VideoBaselineResult(
-                video_dir / "video_model.npz", files, old["accuracy"], old["failed"]
+                VideoModelLayout(video_dir).model, files, old["accuracy"], old["failed"]
             )
     if video is None:
         video = train_video_baseline(
