@@ -16,8 +16,9 @@ import pandas as pd
 import pytest
 
 from avfuse.extract import ExtractConfig, extract
-from avfuse.io import COMPACTED, RecordLog, read_table
+from avfuse.io import RecordLog, read_table
 from avfuse.manifest import ScanConfig, scan
+from avfuse.workdir import RecordLogLayout
 from tests.media import write_tone_video
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +39,7 @@ def test_compact_keeps_the_newest_record_of_each_video_in_one_part(tmp_path) -> 
     assert len(rlog.parts()) == 6
 
     df = rlog.compact()
-    assert len(rlog.parts()) == 1 and COMPACTED in rlog.parts()[0].name
+    assert len(rlog.parts()) == 1 and RecordLogLayout.is_compacted(rlog.parts()[0])
     assert dict(zip(df["video_id"], df["value"])) == expected
     again = rlog.read()
     assert dict(zip(again["video_id"], again["value"])) == expected
@@ -91,6 +92,7 @@ def test_sigkill_mid_compaction_then_rerun_records_every_video_once(tmp_path, po
         import os, pathlib, signal
         from avfuse import io
         from avfuse.extract import ExtractConfig, extract
+        from avfuse.workdir import RecordLogLayout
         calls = [0]
         def hit():
             calls[0] += 1
@@ -99,7 +101,7 @@ def test_sigkill_mid_compaction_then_rerun_records_every_video_once(tmp_path, po
         if {what!r} == "replace":
             real_replace = os.replace
             def replace(src, dst):
-                if io.COMPACTED in str(dst):
+                if RecordLogLayout.COMPACTED in str(dst):
                     hit()
                 return real_replace(src, dst)
             io.os.replace = replace

@@ -267,7 +267,9 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     classes = load_classes(work)
     missing = [c for c in classes if c not in sf.classes]
     if missing:
-        raise ValueError(f"{path}: score file lacks classes of {work}/classes.txt: {missing[:5]}")
+        raise ValueError(
+            f"{path}: score file lacks classes of {WorkDir(work).classes}: {missing[:5]}"
+        )
     # Columns by name: a score file may order (or extend) classes differently.
     col = {c: i for i, c in enumerate(sf.classes)}
     scores = sf.scores[:, [col[c] for c in classes]]

@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from avfuse.workdir import LOCK_NAME
+from avfuse.workdir import LOCK_NAME, RecordLogLayout
 
 # Arrow's default pool (mimalloc) keeps what a Parquet read decoded through: reading the
 # 420k-row manifest cost twice the RSS (~120 MB against ~60 MB) of the system allocator, which
@@ -46,8 +46,6 @@ if "ARROW_DEFAULT_MEMORY_POOL" not in os.environ:
     pa.set_memory_pool(pa.system_memory_pool())
 
 TMP_MARK = ".tmp-"
-# Suffix of a record-log part that replaced many ("~" sorts after the "." of a plain part).
-COMPACTED = "~compact"
 
 
 def error_reason(exc: BaseException, limit: int = 300) -> str:
@@ -434,7 +432,7 @@ def _read_part_or_set_aside(path: Path, columns: list[str] | None = None) -> pa.
     try:
         return _read_part(path, columns)
     except pa.ArrowInvalid as exc:
-        aside = path.with_name(path.name + ".corrupt")
+        aside = RecordLogLayout.set_aside(path)
         with contextlib.suppress(OSError):
             os.replace(path, aside)
         log.warning(
@@ -492,14 +490,13 @@ class RecordLog:
             return None
         check_inside_work(self.folder, folder=True)  # before creating anything there
         self.folder.mkdir(parents=True, exist_ok=True)
-        # Name sorts by time, so "newest wins" is a plain sort on the file name.
-        name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
-        return write_table(pd.DataFrame(rows), self.folder / name)
+        part = RecordLogLayout(self.folder).part(time.time_ns(), uuid.uuid4().hex[:8])
+        return write_table(pd.DataFrame(rows), part)
 
     def parts(self) -> list[Path]:
         if not self.folder.exists():
             return []
-        return sorted(p for p in self.folder.glob("part-*.parquet") if TMP_MARK not in p.name)
+        return [p for p in RecordLogLayout(self.folder).parts() if TMP_MARK not in p.name]
 
     def read(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
         """The log, newest record per key; ``columns`` (the key always included) reads fewer."""
@@ -538,7 +535,7 @@ class RecordLog:
         keys = table.column(self.key)
         # A compacted part alone (the usual state) holds each key once by construction; else
         # count in Arrow first: hashing 420k ids in pandas costs ~100 MB.
-        compacted = len(parts) == 1 and COMPACTED in parts[0].name
+        compacted = len(parts) == 1 and RecordLogLayout.is_compacted(parts[0])
         if not compacted and pc.count_distinct(keys).as_py() < len(keys):
             newest_last = ~keys.to_pandas().duplicated(keep="last").to_numpy()
             table = table.filter(pa.array(newest_last))
@@ -568,8 +565,7 @@ class RecordLog:
         table = self._read_arrow(parts, None)
         if len(parts) <= 1 or table is None:
             return table
-        newest = parts[-1].name.removesuffix(".parquet").split(COMPACTED)[0]
-        target = self.folder / f"{newest}{COMPACTED}.parquet"
+        target = RecordLogLayout(self.folder).compacted(parts[-1])
         write_table(table, target)
         for p in parts:
             if p != target:

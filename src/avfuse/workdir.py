@@ -20,6 +20,7 @@ __all__ = [
     "DATASET_INFO",
     "LOCK_NAME",
     "FusionLayout",
+    "RecordLogLayout",
     "ScoreLayout",
     "StoreLayout",
     "VideoModelLayout",
@@ -246,6 +247,44 @@ class WorkDir:
             self.run_settings,
             self.dataset_files,
         )
+
+
+@dataclass(frozen=True)
+class RecordLogLayout:
+    """Part files of a record log (``WORK/extract/parts``, ``WORK/features/parts``).
+
+    A part's name sorts by the time it was written, so "newest wins" is a plain sort on names.
+    """
+
+    # Ends the name of a part that replaced many ("~" sorts after the "." of a plain part).
+    COMPACTED: ClassVar[str] = "~compact"
+
+    root: Path
+
+    def __init__(self, root: str | Path) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    def part(self, time_ns: int, tag: str) -> Path:
+        """A new part written at ``time_ns`` (``tag`` tells apart parts of one nanosecond)."""
+        return self.root / f"part-{time_ns:020d}-{tag}.parquet"
+
+    def parts(self) -> list[Path]:
+        """Every part file present, oldest first (temporaries included: callers drop them)."""
+        return sorted(self.root.glob("part-*.parquet"))
+
+    def compacted(self, newest: Path) -> Path:
+        """The part that replaces every part up to ``newest`` and sorts where it does."""
+        stem = newest.name.removesuffix(".parquet").split(self.COMPACTED)[0]
+        return self.root / f"{stem}{self.COMPACTED}.parquet"
+
+    @classmethod
+    def is_compacted(cls, part: Path) -> bool:
+        return cls.COMPACTED in part.name
+
+    @staticmethod
+    def set_aside(part: Path) -> Path:
+        """Where an unreadable part goes: out of the log (its name no longer matches a part)."""
+        return part.with_name(part.name + ".corrupt")
 
 
 @dataclass(frozen=True)

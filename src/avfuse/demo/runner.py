@@ -114,7 +114,7 @@ class DemoResult:
     def summary(self) -> str:
         lines = [self.dataset.summary(), self.video.summary(), self.run.summary()]
         if self.run.report:
-            lines.append(f"open {Path(self.run.report).with_suffix('.html')} to see the report")
+            lines.append(f"open {WorkDir(self.run.work).report_html} to see the report")
         return "\n".join(lines)
 
 
@@ -158,7 +158,7 @@ def demo_run_config(cfg: DemoConfig, video_dir: Path) -> Any:
     )
     run_cfg = dataclasses.replace(
         base,
-        root=Path(cfg.root) if cfg.root else work / "dataset",
+        root=Path(cfg.root) if cfg.root else WorkDir(work).demo_dataset,
         work=work,
         train=train,
         extract=dataclasses.replace(base.extract, **workers),
