@@ -420,7 +420,8 @@ def _plan_tasks(
     ):
         vid = str(vid)
         if merged != "both":
-            skipped.append(_skip(vid, "not in extract.parquet (run `avfuse extract` again)"))
+            missing = f"not in {ext_path.name} (run `avfuse extract` again)"
+            skipped.append(_skip(vid, missing))
             continue
         status = str(status)
         reason = reason if isinstance(reason, str) else ""

@@ -910,7 +910,7 @@ def _run_scan(
     df = scan(sc.scan)
     counts = df["split"].value_counts().sort_index()
     n_warn = len(df.attrs.get("scan_warnings", ()))
-    warned = f", {n_warn} warnings in scan_warnings.csv" if n_warn else ""
+    warned = f", {n_warn} warnings in {WorkDir(sc.scan.work).scan_warnings.name}" if n_warn else ""
     return f"{len(df)} videos ({', '.join(f'{k} {v}' for k, v in counts.items())}){warned}"
 
 
@@ -1067,7 +1067,7 @@ def write_run_report(sc: StageConfigs) -> tuple[Path, Path]:
     man = load_manifest(work)
     r.paragraph(
         f"Dataset {rp.code(sc.scan.root)}, work folder {rp.code(work)}: {len(man)} videos, "
-        f"{man['label'].nunique()} classes. Settings of this run: `run.toml`."
+        f"{man['label'].nunique()} classes. Settings of this run: `{wd.run_settings.name}`."
     )
 
     r.heading("Stage outcomes")
