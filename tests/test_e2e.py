@@ -148,7 +148,7 @@ def test_second_demo_redoes_nothing(result: demo.DemoResult) -> None:
 
 
 def test_the_layout_owner_names_what_a_run_wrote(result: demo.DemoResult) -> None:
-    from avfuse.workdir import WorkDir
+    from avfuse.workdir import ScoreLayout, WorkDir
 
     w = WorkDir(result.run.work)
     on_disk = {p.name for p in w.root.iterdir()}
@@ -160,5 +160,5 @@ def test_the_layout_owner_names_what_a_run_wrote(result: demo.DemoResult) -> Non
         assert p.is_file(), p
     for p in (w.store_meta, w.features_config, w.features_table, w.pipeline_state):
         assert p.is_file(), p
-    assert w.scores("val").is_file() and w.metrics("val").is_file()
+    assert w.scores("val").is_file() and ScoreLayout(w.scores("val")).metrics.is_file()
     assert w.report_md.is_file() and w.run_settings.is_file() and w.dataset_files.is_file()

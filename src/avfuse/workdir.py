@@ -159,11 +159,7 @@ class WorkDir:
     def scores(self, split: str, model: str = "audio") -> Path:
         return self.scores_dir / f"{model}_{split}.npz"
 
-    def metrics(self, split: str, model: str = "audio") -> Path:
-        return ScoreLayout(self.scores(split, model)).metrics
-
-    def per_class(self, split: str, model: str = "audio") -> Path:
-        return ScoreLayout(self.scores(split, model)).per_class
+    # The files beside a score file: ``ScoreLayout(WorkDir(w).scores("val")).metrics``.
 
     # fuse
     @property
