@@ -216,3 +216,19 @@ def test_load_manifest_joins_stage_tables_by_id(tmp_path) -> None:
     assert "status" not in load_manifest(work, stages=False)
     with pytest.raises(FileNotFoundError, match="avfuse scan"):
         load_manifest(tmp_path / "nowhere")
+
+
+def test_the_scored_statuses_are_spelled_once_in_the_package() -> None:
+    """Which feature statuses carry frames (and so scores) is one rule: a second spelling of
+    the pair anywhere in ``src/avfuse`` could drift from it."""
+    import ast
+
+    src = Path(__file__).resolve().parents[1] / "src" / "avfuse"
+    spelled = []
+    for path in sorted(src.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+            if isinstance(node, ast.Tuple | ast.List | ast.Set):
+                values = {e.value for e in node.elts if isinstance(e, ast.Constant)}
+                if len(node.elts) == 2 and values == {"ok", "padded"}:
+                    spelled.append(f"{path.relative_to(src)}:{node.lineno}")
+    assert len(spelled) == 1 and spelled[0].startswith("manifest.py:"), spelled

@@ -35,7 +35,7 @@ from avfuse.ast_model import frontend_mismatch
 from avfuse.config import save_config, to_dict
 from avfuse.data import EvalWindows, NormStats, WindowDataset, store_window
 from avfuse.io import read_json, read_table
-from avfuse.manifest import load_classes, load_manifest
+from avfuse.manifest import SCORED_STATUSES, load_classes, load_manifest
 from avfuse.model_config import EmbedConfig
 from avfuse.models import build_model, embed_dim, fuse_for_inference, load_init, model_arch
 from avfuse.scoring import valid_embedding_name, video_status
@@ -52,11 +52,6 @@ from avfuse.workdir import StoreLayout, WorkDir
 
 log = D.get_logger(__name__)
 
-# Statuses of the videos embedded: a clip shorter than one window is embedded from its window
-# padded by repetition (as predict scores it); leaving it out would drop every 10 s clip from
-# a model of 10.24 s windows (AST).
-EMBEDDED = ("ok", "padded")
-
 
 @dataclass
 class EmbedResult:
@@ -67,7 +62,7 @@ class EmbedResult:
     status: dict[str, str]
 
     def summary(self) -> str:
-        bad = sum(s not in EMBEDDED for s in self.status.values())
+        bad = sum(s not in SCORED_STATUSES for s in self.status.values())
         return (
             f"embedded {self.embedded} videos ({self.skipped} already done, {bad} unusable), "
             f"{self.dim}-d -> {self.root}"
@@ -240,8 +235,11 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
         man = man[man["split"].isin(list(cfg.splits))]
     status = video_status(man, store, window)
     done = {str(r["video_id"]) for r in rows}
-    todo = sorted(v for v, s in status.items() if s in EMBEDDED and v not in done)
-    skipped = sum(1 for v, s in status.items() if s in EMBEDDED and v in done)
+    # A clip shorter than one window is embedded from its window padded by repetition (as
+    # predict scores it): leaving it out would drop every 10 s clip from a model of 10.24 s
+    # windows (AST).
+    todo = sorted(v for v, s in status.items() if s in SCORED_STATUSES and v not in done)
+    skipped = sum(1 for v, s in status.items() if s in SCORED_STATUSES and v in done)
     writer = ShardWriter(root, n_mels=dim, dtype="float32", max_mb=256)
     bar = tqdm(total=len(todo), desc="embed", unit="video", disable=not cfg.progress)
     for i in range(0, len(todo), max(1, cfg.chunk_videos)):

@@ -26,9 +26,9 @@ import pandas as pd
 
 from avfuse.config import Config, save_config
 from avfuse.io import error_reason, write_csv, write_json
-from avfuse.manifest import load_classes, load_manifest
+from avfuse.manifest import SCORED_STATUSES, load_classes, load_manifest
 from avfuse.metrics import metrics
-from avfuse.scores import SCORED_STATUSES, ScoreFile
+from avfuse.scores import ScoreFile
 from avfuse.workdir import ScoreLayout, WorkDir
 
 

@@ -72,7 +72,7 @@ from avfuse.io import (
     remove_stale_temporaries,
     write_table,
 )
-from avfuse.manifest import load_classes, load_manifest
+from avfuse.manifest import SCORED_STATUSES, load_classes, load_manifest
 from avfuse.melspec import FrontendConfig, log_mel
 from avfuse.parallel import executor_context, executor_width, map_batches
 from avfuse.store import (
@@ -90,8 +90,6 @@ from avfuse.workdir import StoreLayout, WorkDir
 log = logging.getLogger(__name__)
 
 STATUSES = ("ok", "padded", "too_short", "silent", "not_extracted", "error")
-# Statuses whose frames are in the store (a padded clip is stored unpadded).
-STORED = ("ok", "padded")
 COLUMNS = ("video_id", "feature_status", "feature_reason", "num_frames")
 # Length assumed for a video whose duration is unknown (--from-video): Kinetics clips are 10 s.
 _ASSUMED_SECONDS = 10.0
@@ -297,7 +295,7 @@ class FeaturesResult:
         counts = self.counts
         n = sum(counts.values())
         order = [s for s in STATUSES if s in counts] + sorted(set(counts) - set(STATUSES))
-        n_stored = sum(counts.get(s, 0) for s in STORED)
+        n_stored = sum(counts.get(s, 0) for s in SCORED_STATUSES)
         rate = self.computed / self.elapsed_s if self.elapsed_s > 0 else 0.0
         lines = [
             f"features: {n_stored} of {n} videos in {self.store} "
@@ -310,7 +308,7 @@ class FeaturesResult:
             cols = ["video_id", "feature_status", "feature_reason"]
             t = pq.read_table(WorkDir(self.work).features_table, columns=cols)
             bad = t.filter(
-                pc.invert(pc.is_in(t.column("feature_status"), value_set=pa.array(STORED)))
+                pc.invert(pc.is_in(t.column("feature_status"), value_set=pa.array(SCORED_STATUSES)))
             )
             for vid, st, why in zip(*(bad.column(c).slice(0, 5).to_pylist() for c in cols)):
                 lines.append(f"  {vid}: {st}: {why}")
@@ -490,7 +488,7 @@ def _done_ids(store: Path, prior: pd.DataFrame, cfg: FeaturesConfig) -> pd.Serie
     present = {p.name for p in shard_dir.iterdir()} if shard_dir.exists() else set()
     present -= set(_damaged_shards(store, prior, cfg))
     status = prior["feature_status"].astype(str)
-    lost = status.isin(STORED) & ~prior["shard"].astype(str).isin(present)
+    lost = status.isin(SCORED_STATUSES) & ~prior["shard"].astype(str).isin(present)
     short = (status == "too_short") & (pd.to_numeric(prior["num_frames"]).fillna(0) > 0)
     return prior["video_id"].astype(str)[~((status == "error") | lost | short)]
 
@@ -576,7 +574,7 @@ def compute_features(cfg: FeaturesConfig, executor: Executor | None = None) -> F
     table, shards = _commit(
         work, store, cfg, manifest, classes, logged, skipped, _inputs_key(work, cfg, rlog)
     )
-    stored = table["feature_status"].isin(STORED)
+    stored = table["feature_status"].isin(SCORED_STATUSES)
     return FeaturesResult(
         work=work,
         store=store,
@@ -633,7 +631,7 @@ def _nothing_to_do(work: Path, cfg: FeaturesConfig, rlog: RecordLog) -> bool:
         frames = pc.fill_null(b.column("num_frames").cast(pa.int64()), 0)
         # The rules of compute_features: an error is retried, a stored video whose shard is
         # gone is redone, and so is a too_short clip an older version left out.
-        stored = pc.is_in(status, value_set=pa.array(STORED))
+        stored = pc.is_in(status, value_set=pa.array(SCORED_STATUSES))
         lost = pc.and_(stored, pc.invert(pc.is_in(shard, value_set=present)))
         short = pc.and_(pc.equal(status, "too_short"), pc.greater(frames, 0))
         if pc.any(pc.or_(pc.or_(pc.equal(status, "error"), lost), short)).as_py():
@@ -662,7 +660,7 @@ def _fast_result(work: Path, cfg: FeaturesConfig, elapsed: float) -> FeaturesRes
         status = b.column("feature_status").cast(pa.string())
         for d in pc.value_counts(status).to_pylist():
             counts[str(d["values"])] = counts.get(str(d["values"]), 0) + int(d["counts"])
-        stored = pc.is_in(status, value_set=pa.array(STORED))
+        stored = pc.is_in(status, value_set=pa.array(SCORED_STATUSES))
         frames += int(pc.sum(b.column("num_frames").filter(stored)).as_py() or 0)
     shards: set[str] = set()
     for b in pq.ParquetFile(StoreLayout(wd.store).index).iter_batches(
@@ -673,7 +671,7 @@ def _fast_result(work: Path, cfg: FeaturesConfig, elapsed: float) -> FeaturesRes
         work=work,
         store=wd.store,
         computed=0,
-        skipped=sum(counts.get(s, 0) for s in STORED),
+        skipped=sum(counts.get(s, 0) for s in SCORED_STATUSES),
         elapsed_s=elapsed,
         num_shards=len(shards),
         store_bytes=_dir_bytes(StoreLayout(wd.store)),
@@ -698,7 +696,7 @@ def _commit(
         # Upstream decides for videos that now have no audio; the log for the rest.
         vid = logged["video_id"]
         logged = logged[isin_ids(vid, ids) & ~isin_ids(vid, skip_ids)]
-    ok = logged[logged["feature_status"].isin(STORED)] if len(logged) else logged
+    ok = logged[logged["feature_status"].isin(SCORED_STATUSES)] if len(logged) else logged
     # Columns, not a dict per row: ~400 MB at 420k videos.
     index_rows = pd.DataFrame(
         {
@@ -751,7 +749,6 @@ def _commit(
 __all__ = [
     "COLUMNS",
     "STATUSES",
-    "STORED",
     "FeaturesConfig",
     "FeaturesResult",
     "compute_features",

@@ -73,6 +73,11 @@ VIDEO_EXTENSIONS = (
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a")
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + AUDIO_EXTENSIONS
 NO_LABEL = -1
+# Feature statuses of the videos whose frames are in the feature store (a padded clip is
+# stored unpadded and scored from one window padded by repetition): the videos a model trains
+# on, embeds and scores. A score file's rows carry the same statuses; every other status has no
+# features and a NaN score row.
+SCORED_STATUSES = ("ok", "padded")
 # Kinetics-700 calls its validation split "validate"; other datasets spell the splits out.
 SPLIT_ALIASES = {
     "validate": "val",

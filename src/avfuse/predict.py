@@ -29,12 +29,11 @@ from avfuse import choice as ch
 from avfuse import distributed as D
 from avfuse.checkpoint import load_checkpoint
 from avfuse.config import save_config
-from avfuse.manifest import load_classes, load_manifest
+from avfuse.manifest import SCORED_STATUSES, load_classes, load_manifest
 from avfuse.model_config import PredictConfig
 from avfuse.models import VGGish
 from avfuse.scores import ScoreFile
 from avfuse.scoring import (
-    SCORED,
     checkpoint_short_clips,
     checkpoint_store,
     checkpoint_window,
@@ -114,7 +113,7 @@ def _predict(cfg: PredictConfig) -> PredictResult | None:
     status = video_status(
         rows, store, window if window > 0 else checkpoint_window(ckpt), short_clips=short_clips
     )
-    ok_ids = sorted(v for v, s in status.items() if s in SCORED)
+    ok_ids = sorted(v for v, s in status.items() if s in SCORED_STATUSES)
     kw = {
         "hop": hop,
         "window": window,
@@ -133,7 +132,9 @@ def _predict(cfg: PredictConfig) -> PredictResult | None:
         sel = man[man["video_id"].astype(str).isin(set(ckpt.get("selection_videos") or ()))]
         sel_status = video_status(sel, store, max(window, 1), short_clips=short_clips)
         # A boolean array, not a list: an empty list would select columns instead of rows.
-        sel = sel[np.array([sel_status[str(v)] in SCORED for v in sel["video_id"]], dtype=bool)]
+        sel = sel[
+            np.array([sel_status[str(v)] in SCORED_STATUSES for v in sel["video_id"]], dtype=bool)
+        ]
         sel = sel[sel["label_index"] >= 0].sort_values("video_id")
         sel_ids = sel["video_id"].astype(str).tolist()
         todo = [v for v in sel_ids if v not in scored]
@@ -145,7 +146,7 @@ def _predict(cfg: PredictConfig) -> PredictResult | None:
     table: dict[str, tuple[np.ndarray | None, int, str]] = {}
     non_finite: list[str] = []
     for vid, st in status.items():
-        if st in SCORED:
+        if st in SCORED_STATUSES:
             s, n = scored[vid]
             if not np.isfinite(s).all():
                 non_finite.append(vid)

@@ -26,9 +26,7 @@ import numpy as np
 import pandas as pd
 
 from avfuse.io import atomic_write, require_regular_file, write_csv
-
-# Row statuses that carry scores; every other status has a NaN row.
-SCORED_STATUSES = ("ok", "padded")
+from avfuse.manifest import SCORED_STATUSES
 
 
 @dataclass

@@ -29,6 +29,7 @@ from avfuse.data import (
     WholeClips,
     WindowDataset,
 )
+from avfuse.manifest import SCORED_STATUSES
 from avfuse.model_config import SHORT_CLIPS, Aggregation, ShortClips
 from avfuse.models import VGGish, build_model
 from avfuse.store import FeatureStore
@@ -229,10 +230,6 @@ def score_videos_distributed(
     return merged
 
 
-# Score-file statuses of rows that carry scores.
-SCORED = ("ok", "padded")
-
-
 def video_status(
     manifest_rows: Any,
     store: FeatureStore,
@@ -250,7 +247,7 @@ def video_status(
         feat = getattr(rec, "feature_status", None)
         if isinstance(ext, str) and ext not in USABLE:
             out[vid] = ext
-        elif isinstance(feat, str) and feat not in SCORED:
+        elif isinstance(feat, str) and feat not in SCORED_STATUSES:
             out[vid] = feat
         elif vid not in store:
             out[vid] = "not_in_store"

@@ -90,7 +90,7 @@ from avfuse.data import (
     store_window,
 )
 from avfuse.io import DiskFullError, atomic_write, check_inside_work, is_disk_full
-from avfuse.manifest import load_classes, load_manifest
+from avfuse.manifest import SCORED_STATUSES, load_classes, load_manifest
 from avfuse.metrics import metrics as score_metrics
 from avfuse.model_config import CARVE, HELDOUT, TrainConfig
 from avfuse.models import (
@@ -388,7 +388,7 @@ def _usable_ids(
     status = video_status(rows, store, window, short_clips=short_clips)
     # A boolean mask, not a list: an empty list would select columns instead of rows.
     keep = np.fromiter(
-        (status[str(v)] in ("ok", "padded") for v in rows["video_id"]), bool, len(rows)
+        (status[str(v)] in SCORED_STATUSES for v in rows["video_id"]), bool, len(rows)
     )
     rows = rows[keep].sort_values("video_id")
     return rows["video_id"].astype(str).tolist(), rows["label_index"].to_numpy(np.int64)

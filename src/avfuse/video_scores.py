@@ -49,8 +49,8 @@ import pandas as pd
 
 from avfuse.io import csv_uncell, require_regular_file
 from avfuse.labels import class_key, kinetics_clip_name, match_class_names, nfc, read_label_map
+from avfuse.manifest import SCORED_STATUSES
 from avfuse.safe_pickle import CorruptPickleError, UnsafePickleError, load_pickle
-from avfuse.scores import SCORED_STATUSES
 
 Format = Literal["auto", "npz", "npy", "csv", "pkl"]
 
