@@ -13,12 +13,12 @@ import pandas as pd
 import pytest
 import torch
 
-from avfuse import cli
+from avfuse import cli, features
 from avfuse.config import apply_overrides
 from avfuse.embed import EmbedConfig, embed
-from avfuse.io import read_json, write_json
+from avfuse.io import read_json, write_json, write_table
 from avfuse.models import Cnn10
-from avfuse.pipeline import RunConfig, _intact, stage_configs, stage_keys
+from avfuse.pipeline import RunConfig, stage_configs, stage_keys
 from avfuse.store import CorruptStoreError, FeatureStore, store_problem
 from avfuse.train import TrainConfig, train
 from tests.test_pretrained import _randomise, _save_released, _work
@@ -164,10 +164,13 @@ def test_from_embeddings_refuses_settings_it_would_ignore_and_records_none(
 def test_run_does_not_call_a_truncated_feature_store_up_to_date(tmp_path: Path) -> None:
     work = _work(tmp_path / "w", n_mels=64, example_frames=None, frames=(96, 300))
     sc = stage_configs(RunConfig(root=tmp_path / "data", work=work))
-    assert store_problem(work / "features") == "" and _intact("features", sc)
+    assert not features.is_done(sc.features)  # the store without the stage's table
+    ids = FeatureStore(work / "features").ids
+    write_table(pd.DataFrame({"video_id": ids, "feature_status": "ok"}), work / "features.parquet")
+    assert store_problem(work / "features") == "" and features.is_done(sc.features)
     shard = sorted((work / "features" / "shards").iterdir())[0]
     _truncate(shard)
-    assert not _intact("features", sc)
+    assert not features.is_done(sc.features)
     assert str(shard) in store_problem(work / "features")
     for name in ("index.parquet", "store.json"):
         shutil.rmtree(work)

@@ -21,7 +21,11 @@ from avfuse.extract import (
     ExtractConfig,
     decode_audio,
     extract,
+    finished_settings,
+    invalidate,
+    is_done,
     load_audio,
+    outputs,
     write_audio,
 )
 from avfuse.io import TMP_MARK, read_table
@@ -343,6 +347,39 @@ def test_extract_resumes_and_force_redoes(dataset) -> None:
     forced = extract(ExtractConfig(work=work, num_workers=0, progress=False, force=True))
     assert (forced.processed, forced.skipped) == (len(expect), 0)
     _check_outputs(work, expect)
+
+
+def test_invalidated_videos_are_decoded_again_and_nothing_else(dataset) -> None:
+    """``invalidate`` is how the orchestrator has chosen videos redone (a replaced file): the
+    next run decodes exactly those, and the table holds their fresh, complete records."""
+    work, expect = dataset
+    cfg = ExtractConfig(work=work, num_workers=0, progress=False)
+    extract(cfg)
+    chosen = ["train/abseiling/v1", "val/zumba/silent film"]
+    assert invalidate(work, chosen, "the video file changed") == 2
+    again = extract(cfg)
+    assert (again.processed, again.skipped) == (2, len(expect) - 2)
+    table = _check_outputs(work, expect)  # statuses as decoded, not the invalidation's error
+    assert not table["reason"].str.contains("the video file changed").any()
+
+
+def test_is_done_and_finished_settings_follow_the_files(dataset) -> None:
+    work, _ = dataset
+    cfg = ExtractConfig(work=work, num_workers=0, progress=False)
+    assert outputs(cfg) == [work / "extract.parquet"]
+    assert not is_done(cfg) and finished_settings(cfg) is None
+    extract(cfg)
+    assert is_done(cfg) and finished_settings(cfg) == cfg
+    # Settings saved after the table: a later run started and may not have finished.
+    saved = work / "extract.toml"
+    later = (work / "extract.parquet").stat().st_mtime_ns + 10**9
+    os.utime(saved, ns=(later, later))
+    assert finished_settings(cfg) is None
+    os.utime(saved, ns=(later - 2 * 10**9, later - 2 * 10**9))
+    assert finished_settings(cfg) == cfg
+    saved.write_text("sample_rate = [")  # unreadable settings vouch for nothing
+    os.utime(saved, ns=(later - 2 * 10**9, later - 2 * 10**9))
+    assert finished_settings(cfg) is None
 
 
 def test_a_rerun_with_nothing_to_do_leaves_the_table_and_a_rescan_rewrites_it(dataset) -> None:

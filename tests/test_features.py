@@ -19,7 +19,7 @@ from avfuse.features import FeaturesConfig, compute_features
 from avfuse.io import read_table, write_table
 from avfuse.manifest import ScanConfig, load_classes, scan
 from avfuse.melspec import FrontendConfig, log_mel
-from avfuse.store import FeatureStore, FrontendMismatchError
+from avfuse.store import FeatureStore, FrontendMismatchError, store_problem
 
 SR = 16000
 REPO = Path(__file__).resolve().parents[1]
@@ -184,6 +184,24 @@ def test_a_finished_rerun_writes_nothing_and_changed_inputs_recommit(work: Path)
         v for v, st in read_table(table).set_index("video_id")["feature_status"].items()
         if st in ("ok", "padded")
     )  # fmt: skip
+
+
+def test_a_damaged_shard_of_a_padded_clip_is_recomputed(work: Path) -> None:
+    """A padded clip's frames are stored like any other: a rerun finds its damaged shard and
+    recomputes it (a shard holding only padded clips used to go unchecked, left broken)."""
+    cfg = FeaturesConfig(work=work, num_workers=0, shard_mb=1e-6, batch_size=1, progress=False)
+    compute_features(cfg)
+    index = read_table(work / "features" / "index.parquet").set_index("video_id")
+    shard = work / "features" / "shards" / index.loc["train/run/c", "shard"]
+    assert (index["shard"] == shard.name).sum() == 1  # the padded clip alone in its shard
+    shard.write_bytes(shard.read_bytes()[:-100])
+    assert str(shard) in store_problem(work / "features")
+    again = compute_features(cfg)
+    assert again.computed == 1 and store_problem(work / "features") == ""
+    got = FeatureStore(work / "features")["train/run/c"]
+    np.testing.assert_allclose(
+        got.astype(np.float32), expected(work, "train/run/c"), rtol=2e-3, atol=4e-3
+    )
 
 
 def test_float32_store_is_exact(work: Path) -> None:

@@ -63,20 +63,20 @@ def test_json_and_table_round_trip(tmp_path) -> None:
 
 def test_record_log_newest_record_wins(tmp_path) -> None:
     log = RecordLog(tmp_path / "parts")
-    assert len(log.read()) == 0 and log.parts() == []
+    assert log.read().num_rows == 0 and log.parts() == []
     assert log.write([]) is None
     log.write([{"video_id": "a", "status": "unreadable"}, {"video_id": "b", "status": "ok"}])
     log.write([{"video_id": "a", "status": "ok"}, {"video_id": "c", "status": "no_audio"}])
     assert len(log.parts()) == 2
-    df = log.read().set_index("video_id")
+    df = log.read().to_pandas().set_index("video_id")
     assert df["status"].to_dict() == {"a": "ok", "b": "ok", "c": "no_audio"}
 
     # A part being written when the process died is not read.
     (tmp_path / "parts" / f".part-9{TMP_MARK}1-x.parquet").write_bytes(b"garbage")
-    assert sorted(log.read()["video_id"]) == ["a", "b", "c"]
+    assert sorted(log.read().column("video_id").to_pylist()) == ["a", "b", "c"]
 
     log.clear()
-    assert len(log.read()) == 0 and log.parts() == []
+    assert log.read().num_rows == 0 and log.parts() == []
 
 
 def test_record_log_reads_columns_across_parts_of_different_shapes(tmp_path) -> None:
@@ -85,20 +85,21 @@ def test_record_log_reads_columns_across_parts_of_different_shapes(tmp_path) -> 
     log.write([{"video_id": f"v{i}", "status": "ok", "n": i} for i in range(5)])
     log.write([{"video_id": "v1", "status": "error", "n": None, "reason": "boom"}])
     log.write([{"video_id": "v7", "status": "ok"}])  # no "n", no "reason"
-    df = log.read(["status", "reason"]).set_index("video_id")
+    df = log.read(["status", "reason"]).to_pandas().set_index("video_id")
     assert list(df.columns) == ["status", "reason"]
     assert df["status"].to_dict() == {
         "v0": "ok", "v2": "ok", "v3": "ok", "v4": "ok", "v1": "error", "v7": "ok"
     }  # fmt: skip
     assert df.loc["v1", "reason"] == "boom" and pd.isna(df.loc["v7", "reason"])
-    full = log.read().set_index("video_id")
+    full = log.read().to_pandas().set_index("video_id")
     assert full.loc["v3", "n"] == 3 and pd.isna(full.loc["v7", "n"])
     compacted = log.compact()
     assert len(log.parts()) == 1
-    pd.testing.assert_frame_equal(log.read(), compacted)
-    arrow = log.read_arrow(["status"])
-    assert arrow is not None and arrow.column_names == ["video_id", "status"]
-    assert RecordLog(tmp_path / "empty").read(["status"]).columns.tolist() == ["video_id", "status"]
+    assert log.read().equals(compacted)
+    assert log.read(["status"]).column_names == ["video_id", "status"]
+    empty = RecordLog(tmp_path / "empty")
+    assert empty.read(["status"]).column_names == ["video_id", "status"]
+    assert empty.read().num_rows == empty.compact().num_rows == 0
 
 
 def test_error_reason_is_one_bounded_line_naming_the_type() -> None:

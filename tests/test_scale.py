@@ -38,18 +38,18 @@ def test_compact_keeps_the_newest_record_of_each_video_in_one_part(tmp_path) -> 
         expected.update({r["video_id"]: r["value"] for r in rows})
     assert len(rlog.parts()) == 6
 
-    df = rlog.compact()
+    df = rlog.compact().to_pandas()
     assert len(rlog.parts()) == 1 and RecordLogLayout.is_compacted(rlog.parts()[0])
     assert dict(zip(df["video_id"], df["value"])) == expected
-    again = rlog.read()
+    again = rlog.read().to_pandas()
     assert dict(zip(again["video_id"], again["value"])) == expected
 
     # A part logged after the compaction still wins; compacting again folds it in.
     rlog.write([{"video_id": "v00", "value": -1}])
-    assert rlog.read().set_index("video_id").loc["v00", "value"] == -1
+    assert rlog.read().to_pandas().set_index("video_id").loc["v00", "value"] == -1
     rlog.compact()
     assert len(rlog.parts()) == 1
-    final = rlog.read()
+    final = rlog.read().to_pandas()
     assert final["video_id"].is_unique
     assert dict(zip(final["video_id"], final["value"])) == {**expected, "v00": -1}
 
@@ -125,7 +125,7 @@ def test_sigkill_mid_compaction_then_rerun_records_every_video_once(tmp_path, po
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     parts = RecordLog(work / "extract" / "parts")
     assert len(parts.parts()) >= 2  # killed before the compaction finished
-    logged = parts.read()
+    logged = parts.read().to_pandas()
     assert sorted(logged["video_id"]) == sorted(ids)
 
     res = extract(ExtractConfig(work=work, num_workers=0, batch_size=1, progress=False))
@@ -135,7 +135,7 @@ def test_sigkill_mid_compaction_then_rerun_records_every_video_once(tmp_path, po
     table = read_table(work / "extract.parquet")
     assert table["video_id"].is_unique and sorted(table["video_id"]) == sorted(ids)
     assert len(parts.parts()) == 1  # the rerun finished the compaction
-    final = parts.read()
+    final = parts.read().to_pandas()
     assert final["video_id"].is_unique and sorted(final["video_id"]) == sorted(ids)
     pd.testing.assert_frame_equal(
         final.sort_values("video_id").reset_index(drop=True)[list(table.columns)],

@@ -44,6 +44,7 @@ import math
 import tomllib
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
@@ -460,6 +461,26 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
 
 def load_config(cls: type[T], path: str | Path) -> T:
     return from_dict(cls, read_mapping(path))
+
+
+def finished_run_settings(
+    cls: type[T], path: str | Path, outputs: Sequence[Path], saved_at_start: bool = False
+) -> T | None:
+    """The settings a stage saved at ``path`` when its ``outputs`` all exist, else ``None``.
+
+    ``saved_at_start``: the stage saves its settings when it starts, so settings newer than
+    the oldest output belong to a run that may not have finished (the outputs are an older
+    run's): ``None`` too. Unreadable settings are ``None``: they cannot vouch for the outputs.
+    """
+    path = Path(path)
+    try:
+        if not outputs or not all(p.exists() for p in outputs) or not path.exists():
+            return None
+        if saved_at_start and path.stat().st_mtime_ns > min(p.stat().st_mtime_ns for p in outputs):
+            return None
+        return load_config(cls, path)
+    except Exception:
+        return None
 
 
 def config_hash(cfg: Any, length: int = 16) -> str:

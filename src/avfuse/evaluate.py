@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from avfuse.config import Config, save_config
+from avfuse.config import Config, finished_run_settings, save_config
 from avfuse.io import error_reason, write_csv, write_json
 from avfuse.manifest import SCORED_STATUSES, load_classes, load_manifest
 from avfuse.metrics import metrics
@@ -259,10 +259,14 @@ def _default_scores(work: Path, split: str | None) -> Path:
     return WorkDir(work).scores(split or "val")
 
 
+def _scores_path(cfg: EvaluateConfig) -> Path:
+    return Path(cfg.scores) if cfg.scores else _default_scores(Path(cfg.work), cfg.split)
+
+
 def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     """Score file + manifest labels -> metrics JSON, per-class CSV and confused pairs."""
     work = Path(cfg.work)
-    path = Path(cfg.scores) if cfg.scores else _default_scores(work, cfg.split)
+    path = _scores_path(cfg)
     sf = ScoreFile.load(path)
     classes = load_classes(work)
     missing = [c for c in classes if c not in sf.classes]
@@ -361,3 +365,23 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     save_config(cfg, beside.evaluate_config)
     m["per_class"] = pc
     return EvaluateResult(path, split, m, coverage, metrics_path, per_class_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the orchestrator asks of this stage: its outputs and whether they are done.
+
+
+def outputs(cfg: EvaluateConfig) -> list[Path]:
+    """The file a finished evaluation leaves: the metrics beside the score file."""
+    return [ScoreLayout(_scores_path(cfg)).metrics]
+
+
+def is_done(cfg: EvaluateConfig) -> bool:
+    """Whether the metrics are there to be read."""
+    return all(p.exists() for p in outputs(cfg))
+
+
+def finished_settings(cfg: EvaluateConfig) -> EvaluateConfig | None:
+    """The settings that wrote the metrics in place (``None``: none, or unreadable)."""
+    path = ScoreLayout(_scores_path(cfg)).evaluate_config
+    return finished_run_settings(EvaluateConfig, path, outputs(cfg))

@@ -28,6 +28,7 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +53,14 @@ from avfuse.audio import (
     silence_reason,
     write_audio,
 )
-from avfuse.config import Config, load_config, num_workers_field, save_config, scheduler_field
+from avfuse.config import (
+    Config,
+    finished_run_settings,
+    load_config,
+    num_workers_field,
+    save_config,
+    scheduler_field,
+)
 from avfuse.io import (
     INPUTS,
     RecordLog,
@@ -340,11 +348,11 @@ def _check_previous(work: Path, cfg: ExtractConfig) -> None:
         )
 
 
-def _remove_outputs(work: Path, prior: pd.DataFrame, fmt: str) -> None:
+def _remove_outputs(work: Path, prior: pa.Table, fmt: str) -> None:
     # A forced rerun in another format would leave the old files beside the new ones.
-    if not len(prior) or "audio_path" not in prior:
+    if not prior.num_rows or "audio_path" not in prior.column_names:
         return
-    for rel in prior["audio_path"]:
+    for rel in prior.column("audio_path").to_pylist():
         if rel and not str(rel).endswith(f".{fmt}"):
             old = safe_join(work, str(rel))
             check_inside_work(old)
@@ -398,7 +406,7 @@ def extract(cfg: ExtractConfig, executor: Executor | None = None) -> ExtractResu
         if len(rlog.parts()) > 1:
             # A killed run's (or an older version's) many parts: read them once, here, into
             # the one part that the check below streams and the commit reads.
-            rlog.compact_arrow()
+            rlog.compact()
         todo = manifest[~isin_ids(manifest["video_id"], _done_ids(work, rlog))]
     skipped = len(manifest) - len(todo)
     # Paths only for the videos to decode: at 420k finished videos that column is ~50 MB.
@@ -454,8 +462,8 @@ def _done_ids(work: Path, rlog: RecordLog) -> pa.Array:
         batches = part.iter_batches(batch_size=_CHUNK, columns=cols)
         blocks: Any = (pa.Table.from_batches([b]) for b in batches)
     else:
-        whole = rlog.read_arrow(_DONE_COLUMNS)
-        blocks = [] if whole is None else [whole]
+        whole = rlog.read(_DONE_COLUMNS)
+        blocks = [whole] if whole.num_rows else []
     done = [_done_in(work, block) for block in blocks]
     ids = pa.concat_arrays(done) if done else pa.array([], pa.string())
     changed = _changed_sources(work, rlog)
@@ -473,8 +481,8 @@ def _changed_sources(work: Path, rlog: RecordLog) -> list[str]:
     file had another size when it was scanned (it changed between scan and extract). A file
     replaced after an ``ok`` read is caught by a rescan (``avfuse run`` rescans a changed tree).
     """
-    table = rlog.read_arrow(["status", "source_size", "source_mtime_ns"])
-    if table is None:
+    table = rlog.read(["status", "source_size", "source_mtime_ns"])
+    if not table.num_rows:
         return []
     sizes = pq.read_table(WorkDir(work).manifest, columns=["video_id", "size_bytes"])
     table = table.join(sizes.replace_schema_metadata(None), keys="video_id", join_type="left outer")
@@ -582,9 +590,7 @@ def _commit(
     wd = WorkDir(work)
     # Compacting here makes the next run's read one file, however many batches ever ran.
     # Arrow throughout: at 420k videos a pandas table of every column costs ~400 MB.
-    full = rlog.compact_arrow()
-    if full is None:
-        full = pa.table({"video_id": pa.array([], pa.string())})
+    full = rlog.compact()
     full = full.filter(
         pc.is_in(full.column("video_id"), value_set=pa.array(everything["video_id"]))
     )
@@ -636,6 +642,40 @@ def _result(
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# What the orchestrator asks of this stage: its outputs, whether they are done, and redoing
+# chosen videos. The record log's layout stays this module's own.
+
+
+def outputs(cfg: ExtractConfig) -> list[Path]:
+    """The files a finished extraction leaves: ``extract.parquet`` (its sizes and times say
+    whether it was rerun)."""
+    return [WorkDir(cfg.work).extract_table]
+
+
+def is_done(cfg: ExtractConfig) -> bool:
+    """Whether the outputs are there to be read (a rerun finds what is left to decode)."""
+    return all(p.exists() for p in outputs(cfg))
+
+
+def finished_settings(cfg: ExtractConfig) -> ExtractConfig | None:
+    """The settings of the finished extraction whose outputs are in place; ``None`` when there
+    is none, or when a later extraction started and may not have finished."""
+    path = WorkDir(cfg.work).extract_config
+    return finished_run_settings(ExtractConfig, path, outputs(cfg), saved_at_start=True)
+
+
+def invalidate(work: str | Path, video_ids: Sequence[str], reason: str) -> int:
+    """Log ``video_ids`` as failed with ``reason``, so that the next extraction, which retries
+    failed records, decodes exactly these videos again (a video file replaced, say). Returns
+    how many were logged."""
+    ids = [str(v) for v in video_ids]
+    RecordLog(WorkDir(work).extract_parts).write(
+        {"video_id": v, "status": "error", "reason": reason, "audio_path": ""} for v in ids
+    )
+    return len(ids)
+
+
 __all__ = [
     "DecodedAudio",
     "ExtractConfig",
@@ -643,7 +683,11 @@ __all__ = [
     "audio_levels",
     "decode_audio",
     "extract",
+    "finished_settings",
+    "invalidate",
+    "is_done",
     "load_audio",
+    "outputs",
     "silence_reason",
     "write_audio",
 ]

@@ -35,7 +35,7 @@ import shutil
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +57,14 @@ from avfuse.audio import (
     load_audio,
     silence_reason,
 )
-from avfuse.config import Config, load_config, num_workers_field, save_config, scheduler_field
+from avfuse.config import (
+    Config,
+    finished_run_settings,
+    load_config,
+    num_workers_field,
+    save_config,
+    scheduler_field,
+)
 from avfuse.io import (
     INPUTS,
     RecordLog,
@@ -80,7 +87,6 @@ from avfuse.store import (
     ShardWriter,
     check_shards,
     commit_index,
-    needed_rows,
     remove_unreferenced_shards,
     store_problem,
     write_meta,
@@ -358,7 +364,7 @@ def _clear(store: Path) -> None:
 
 
 def _plan_tasks(
-    work: Path, cfg: FeaturesConfig, manifest: pd.DataFrame, done: pd.Series
+    work: Path, cfg: FeaturesConfig, manifest: pd.DataFrame, done: pa.Array
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
     """(tasks to compute, records of videos with no audio to compute from, how many videos
     with audio are ``done`` already). Task dicts are built for the videos to compute only: a
@@ -478,34 +484,68 @@ def _pack(tasks: list[dict[str, Any]], cfg: FeaturesConfig, width: int) -> list[
     return batches
 
 
-def _done_ids(store: Path, prior: pd.DataFrame, cfg: FeaturesConfig) -> pd.Series:
-    """Videos of the log that need no recomputing: an error is retried, a stored video whose
-    shard is gone or damaged is redone, and so is a ``too_short`` clip an older version left
-    out (this one stores it)."""
-    if not len(prior):
-        return pd.Series([], dtype=str)
+def _column(block: Any, name: str, kind: pa.DataType, fill: Any) -> pa.Array:
+    """``block[name]`` as ``kind`` with nulls as ``fill`` (all ``fill`` where the column is
+    missing: a log part an older version wrote)."""
+    if name not in block.column_names:
+        return pa.array([fill] * block.num_rows, kind)
+    col = block.column(name)
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    return pc.fill_null(col.cast(kind), fill)
+
+
+def _done_ids(
+    blocks: Iterable[Any], store: Path, cfg: FeaturesConfig, ids: bool = True
+) -> tuple[pa.Array, int]:
+    """The done rule: ``(videos of the log that need no recomputing, records that do)``.
+
+    ``blocks``: the record log as Arrow tables or record batches (the whole log, or one part
+    streamed a block at a time: Arrow arrays column-wise, cheap at 420k videos). An error is
+    retried; a stored video (``ok`` or ``padded``) whose shard is gone, truncated or damaged
+    is redone (the shards' headers and sizes are read); so is a ``too_short`` clip an older
+    version left out (this one stores it). ``ids=False`` counts without keeping the ids.
+    """
     shard_dir = StoreLayout(store).shards
-    present = {p.name for p in shard_dir.iterdir()} if shard_dir.exists() else set()
-    present -= set(_damaged_shards(store, prior, cfg))
-    status = prior["feature_status"].astype(str)
-    lost = status.isin(SCORED_STATUSES) & ~prior["shard"].astype(str).isin(present)
-    short = (status == "too_short") & (pd.to_numeric(prior["num_frames"]).fillna(0) > 0)
-    return prior["video_id"].astype(str)[~((status == "error") | lost | short)]
-
-
-def _damaged_shards(store: Path, prior: pd.DataFrame, cfg: FeaturesConfig) -> dict[str, str]:
-    """Shards of logged ``ok`` records that are truncated or damaged: their videos are redone
-    (and the shard deleted at commit, since no record refers to it any more)."""
-    if "shard" not in prior or "feature_status" not in prior:
-        return {}
-    ok = prior[prior["feature_status"] == "ok"]
-    rows = needed_rows(
-        pd.DataFrame({"shard": ok["shard"], "offset": ok["offset"], "frames": ok["num_frames"]})
+    present = pa.array(
+        sorted(p.name for p in shard_dir.iterdir()) if shard_dir.exists() else [], pa.string()
     )
-    bad = check_shards(store, rows, cfg.frontend.n_mels, cfg.dtype)
-    for name, why in sorted(bad.items()):
+    kept: list[tuple[pa.Array, pa.Array]] = []
+    ends: dict[str, int] = {}
+    redo = 0
+    for b in blocks:
+        status = _column(b, "feature_status", pa.string(), "")
+        shard = _column(b, "shard", pa.string(), "")
+        frames = _column(b, "num_frames", pa.int64(), 0)
+        stored = pc.is_in(status, value_set=pa.array(SCORED_STATUSES))
+        lost = pc.and_(stored, pc.invert(pc.is_in(shard, value_set=present)))
+        short = pc.and_(pc.equal(status, "too_short"), pc.greater(frames, 0))
+        bad = pc.or_(pc.or_(pc.equal(status, "error"), lost), short)
+        redo += int(pc.sum(bad.cast(pa.int64())).as_py() or 0)
+        # The rows each present shard must hold: the end of its last stored video.
+        held = pc.and_(stored, pc.invert(lost))
+        end = pc.add(_column(b, "offset", pa.int64(), 0), frames)
+        per = pa.table({"shard": shard.filter(held), "end": end.filter(held)})
+        for row in per.group_by("shard").aggregate([("end", "max")]).to_pylist():
+            ends[row["shard"]] = max(ends.get(row["shard"], 0), int(row["end_max"]))
+        if ids:
+            keep = pc.invert(bad)
+            kept.append((_column(b, "video_id", pa.string(), "").filter(keep), shard.filter(keep)))
+    damaged = check_shards(store, ends, cfg.frontend.n_mels, cfg.dtype)
+    for name, why in sorted(damaged.items()) if ids else ():  # counting: the full run says
         log.warning("shard %s: %s; recomputing its videos", StoreLayout(store).shard(name), why)
-    return bad
+    done = pa.array([], pa.string())
+    if kept:
+        done = pa.concat_arrays([v for v, _ in kept])
+        in_damaged = pc.is_in(
+            pa.concat_arrays([sh for _, sh in kept]),
+            value_set=pa.array(sorted(damaged), pa.string()),
+        )
+        redo += int(pc.sum(in_damaged.cast(pa.int64())).as_py() or 0)
+        done = done.filter(pc.invert(in_damaged))
+    elif damaged:
+        redo += len(damaged)  # counted without the ids: one at least per damaged shard
+    return done, redo
 
 
 def _dir_bytes(store: StoreLayout) -> int:
@@ -540,7 +580,7 @@ def compute_features(cfg: FeaturesConfig, executor: Executor | None = None) -> F
         work, stages=False, columns=("video_id", "path") if cfg.from_video else ("video_id",)
     )
     prior = rlog.read()
-    done = _done_ids(store, prior, cfg)
+    done = _done_ids([prior], store, cfg)[0] if prior.num_rows else pa.array([], pa.string())
     todo, skipped, n_done = _plan_tasks(work, cfg, manifest, done)
     del done
     new: list[dict[str, Any]] = []
@@ -563,9 +603,10 @@ def compute_features(cfg: FeaturesConfig, executor: Executor | None = None) -> F
                 new.extend(records)
 
     # The log as a rerun would read it (newest record wins), without reading every part again.
-    logged = prior
+    logged = prior.to_pandas() if prior.num_rows else pd.DataFrame()
+    del prior
     if new:
-        logged = pd.concat([f for f in (prior, pd.DataFrame(new)) if len(f)], ignore_index=True)
+        logged = pd.concat([f for f in (logged, pd.DataFrame(new)) if len(f)], ignore_index=True)
         logged = logged.drop_duplicates("video_id", keep="last").reset_index(drop=True)
     # Before the commit, so the committed table names the log's one part: a kill between the
     # two leaves a compacted log, which the next run commits (its inputs key differs).
@@ -620,31 +661,10 @@ def _nothing_to_do(work: Path, cfg: FeaturesConfig, rlog: RecordLog) -> bool:
         return False  # the full run sets the damaged part aside and redoes its videos
     if not set(cols) <= set(part.schema_arrow.names):
         return False
-    shard_dir = StoreLayout(wd.store).shards
-    present = pa.array(
-        sorted(p.name for p in shard_dir.iterdir()) if shard_dir.exists() else [], pa.string()
-    )
-    ends: dict[str, int] = {}
-    for b in part.iter_batches(batch_size=_BLOCK, columns=cols):
-        status = b.column("feature_status").cast(pa.string())
-        shard = pc.fill_null(b.column("shard").cast(pa.string()), "")
-        frames = pc.fill_null(b.column("num_frames").cast(pa.int64()), 0)
-        # The rules of compute_features: an error is retried, a stored video whose shard is
-        # gone is redone, and so is a too_short clip an older version left out.
-        stored = pc.is_in(status, value_set=pa.array(SCORED_STATUSES))
-        lost = pc.and_(stored, pc.invert(pc.is_in(shard, value_set=present)))
-        short = pc.and_(pc.equal(status, "too_short"), pc.greater(frames, 0))
-        if pc.any(pc.or_(pc.or_(pc.equal(status, "error"), lost), short)).as_py():
-            return False
-        ok = pc.fill_null(pc.equal(status, "ok"), False)
-        end = pc.add(pc.fill_null(b.column("offset").cast(pa.int64()), 0), frames)
-        per = pa.table({"shard": shard.filter(ok), "end": end.filter(ok)})
-        for row in per.group_by("shard").aggregate([("end", "max")]).to_pylist():
-            ends[row["shard"]] = max(ends.get(row["shard"], 0), int(row["end_max"]))
-    # A damaged shard: the full run below says which and redoes its videos. Every video with
-    # usable audio is in the log: the commit that wrote this inputs key computed (and logged)
-    # every one that was not, over the same extract table.
-    return not check_shards(wd.store, ends, cfg.frontend.n_mels, cfg.dtype)
+    blocks = part.iter_batches(batch_size=_BLOCK, columns=cols)
+    # Every video with usable audio is in the log: the commit that wrote this inputs key
+    # computed (and logged) every one that was not, over the same extract table.
+    return _done_ids(blocks, wd.store, cfg, ids=False)[1] == 0
 
 
 _BLOCK = 65536
@@ -746,10 +766,63 @@ def _commit(
     return table, keep
 
 
+# ---------------------------------------------------------------------------------------------
+# What the orchestrator asks of this stage: its outputs, whether they are done, and redoing
+# chosen videos. The record log's layout stays this module's own.
+
+
+def outputs(cfg: FeaturesConfig) -> list[Path]:
+    """The files a finished run leaves: ``features.parquet`` and the store's ``store.json``
+    (their sizes and times say whether it was rerun)."""
+    wd = WorkDir(cfg.work)
+    return [wd.features_table, wd.store_meta]
+
+
+def is_done(cfg: FeaturesConfig) -> bool:
+    """Whether the outputs exist and the store can serve its index as it stands (its index and
+    the shards' headers are read: cheap at any size). Says why, in the log, when it cannot."""
+    if not all(p.exists() for p in outputs(cfg)):
+        return False
+    problem = store_problem(WorkDir(cfg.work).store)
+    if problem:
+        log.warning("features are not up to date: %s", problem)
+    return not problem
+
+
+def finished_settings(cfg: FeaturesConfig) -> FeaturesConfig | None:
+    """The settings of the finished run whose outputs are in place; ``None`` when there is
+    none, or when a later run started and may not have finished."""
+    path = WorkDir(cfg.work).features_config
+    return finished_run_settings(FeaturesConfig, path, outputs(cfg), saved_at_start=True)
+
+
+def invalidate(work: str | Path, video_ids: Sequence[str], reason: str) -> int:
+    """Log ``video_ids`` as failed with ``reason``, so that the next run, which retries failed
+    records, computes exactly these videos again (a video file replaced, say). Returns how
+    many were logged."""
+    ids = [str(v) for v in video_ids]
+    RecordLog(WorkDir(work).features_parts).write(
+        {
+            "video_id": v,
+            "feature_status": "error",
+            "feature_reason": reason,
+            "num_frames": 0,
+            "shard": "",
+            "offset": -1,
+        }
+        for v in ids
+    )
+    return len(ids)
+
+
 __all__ = [
     "COLUMNS",
     "STATUSES",
     "FeaturesConfig",
     "FeaturesResult",
     "compute_features",
+    "finished_settings",
+    "invalidate",
+    "is_done",
+    "outputs",
 ]

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from avfuse.config import Config, save_config, to_dict
+from avfuse.config import Config, finished_run_settings, save_config, to_dict
 from avfuse.fusion import (
     LOG_FLOOR,
     Kind,
@@ -457,6 +457,28 @@ class FuseResult:
 # --------------------------------------------------------------------------- stage
 
 
+def _output_dir(cfg: FuseConfig) -> Path:
+    return Path(cfg.output) if cfg.output else WorkDir(cfg.work).fusion
+
+
+def outputs(cfg: FuseConfig) -> list[Path]:
+    """The files a finished fusion leaves: ``fusion.json`` and the report (written together:
+    the folder is replaced as a whole)."""
+    files = FusionLayout(_output_dir(cfg))
+    return [files.figures, files.report_md]
+
+
+def is_done(cfg: FuseConfig) -> bool:
+    """Whether the outputs are there to be read."""
+    return all(p.exists() for p in outputs(cfg))
+
+
+def finished_settings(cfg: FuseConfig) -> FuseConfig | None:
+    """The settings saved with the fusion in place (``None``: none, or unreadable)."""
+    path = FusionLayout(_output_dir(cfg)).config
+    return finished_run_settings(FuseConfig, path, outputs(cfg))
+
+
 def fuse(cfg: FuseConfig, executor: Executor | None = None) -> FuseResult:
     """Fuse audio and video scores of one split; write scores, figures and a report.
 
@@ -465,7 +487,7 @@ def fuse(cfg: FuseConfig, executor: Executor | None = None) -> FuseResult:
     """
     del executor
     work = Path(cfg.work)
-    out = Path(cfg.output) if cfg.output else WorkDir(work).fusion
+    out = _output_dir(cfg)
     check_replaceable(out, FusionLayout.MARKER)  # before any work: a clear refusal, nothing lost
     classes = load_classes(work)
     manifest = load_manifest(work, stages=False)

@@ -498,20 +498,16 @@ class RecordLog:
             return []
         return [p for p in RecordLogLayout(self.folder).parts() if TMP_MARK not in p.name]
 
-    def read(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
-        """The log, newest record per key; ``columns`` (the key always included) reads fewer."""
-        return self._read(self.parts(), columns)
+    def read(self, columns: Sequence[str] | None = None) -> pa.Table:
+        """The log, newest record per key, as an Arrow table (``.to_pandas()`` for a frame);
+        ``columns`` (the key always included) reads fewer. An empty log is a table of no rows
+        with the key and ``columns`` as strings."""
+        table = self._read_arrow(self.parts(), columns)
+        return self._empty(columns) if table is None else table
 
-    def read_arrow(self, columns: Sequence[str] | None = None) -> pa.Table | None:
-        """:meth:`read` as an Arrow table (``None`` for an empty log): no pandas copy."""
-        return self._read_arrow(self.parts(), columns)
-
-    def _read(self, parts: list[Path], columns: Sequence[str] | None = None) -> pd.DataFrame:
-        table = self._read_arrow(parts, columns)
-        if table is None:
-            cols = [self.key, *(c for c in columns or () if c != self.key)]
-            return pd.DataFrame({c: pd.Series([], dtype=str) for c in cols})
-        return table.to_pandas()
+    def _empty(self, columns: Sequence[str] | None) -> pa.Table:
+        cols = [self.key, *(c for c in columns or () if c != self.key)]
+        return pa.table({c: pa.array([], pa.string()) for c in cols})
 
     def _read_arrow(self, parts: list[Path], columns: Sequence[str] | None) -> pa.Table | None:
         # Arrow tables, joined once and converted once: a DataFrame per part and a pandas concat
@@ -546,13 +542,9 @@ class RecordLog:
         for p in self.parts():
             p.unlink()
 
-    def compact(self) -> pd.DataFrame:
-        """Rewrite the log as one part, so the next read opens one file; returns the log."""
-        table = self.compact_arrow()
-        return self._read([], None) if table is None else table.to_pandas()
-
-    def compact_arrow(self) -> pa.Table | None:
-        """:meth:`compact`, returning the log as an Arrow table (``None`` if empty).
+    def compact(self) -> pa.Table:
+        """Rewrite the log as one part, so the next read opens one file; returns the log as
+        :meth:`read` does.
 
         Crash-safe at every step: the compacted part is written under a temporary name and
         renamed into place, then the parts it covers are deleted. Its name sorts right after
@@ -563,7 +555,9 @@ class RecordLog:
         """
         parts = self.parts()
         table = self._read_arrow(parts, None)
-        if len(parts) <= 1 or table is None:
+        if table is None:
+            return self._empty(None)
+        if len(parts) <= 1:
             return table
         target = RecordLogLayout(self.folder).compacted(parts[-1])
         write_table(table, target)

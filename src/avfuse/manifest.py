@@ -40,7 +40,7 @@ from pathlib import Path
 import pandas as pd
 
 from avfuse import __version__
-from avfuse.config import Config, save_config
+from avfuse.config import Config, finished_run_settings, save_config
 from avfuse.io import (
     atomic_write,
     csv_cell,
@@ -714,3 +714,34 @@ def load_manifest(
 
 def manifest_root(work: str | Path) -> str:
     return table_metadata(WorkDir(work).manifest).get("root", "")
+
+
+def videos_of_files(work: str | Path, root: str | Path, files: set[str]) -> list[str]:
+    """The ``video_id`` of every manifest video whose file is one of ``files`` (POSIX paths
+    relative to the dataset ``root``), in manifest order."""
+    man = load_manifest(work, stages=False, columns=("video_id", "path"))
+    return [
+        str(v)
+        for v, p in zip(man["video_id"], man["path"], strict=True)
+        if isinstance(p, str) and p and Path(os.path.relpath(p, root)).as_posix() in files
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# What the orchestrator asks of the scan: its outputs and whether they are done.
+
+
+def outputs(cfg: ScanConfig) -> list[Path]:
+    """The files a finished scan leaves: the manifest and the class list."""
+    wd = WorkDir(cfg.work)
+    return [wd.manifest, wd.classes]
+
+
+def is_done(cfg: ScanConfig) -> bool:
+    """Whether the outputs are there to be read."""
+    return all(p.exists() for p in outputs(cfg))
+
+
+def finished_settings(cfg: ScanConfig) -> ScanConfig | None:
+    """The settings of the scan whose outputs are in place (``None``: none, or unreadable)."""
+    return finished_run_settings(ScanConfig, WorkDir(cfg.work).scan_config, outputs(cfg))

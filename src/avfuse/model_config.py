@@ -8,11 +8,13 @@ The stages re-export them (``avfuse.train.TrainConfig`` is this module's).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from avfuse.config import Config
+from avfuse.config import Config, finished_run_settings
+from avfuse.workdir import ScoreLayout, WorkDir
 
 # What a clip shorter than one window becomes when its window is cut (the store keeps only its
 # real frames): ``repeat`` loops the clip, ``zeros`` appends digital silence (the front end's
@@ -316,6 +318,56 @@ class PredictConfig(Config):
             "min": 0,
         },
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# What the orchestrator asks of train and predict: their outputs and whether they are done
+# (here, not in the stages, so that asking does not import torch).
+
+
+def train_outputs(cfg: TrainConfig) -> list[Path]:
+    """The file a finished training leaves: the run's ``best.pt``."""
+    return [WorkDir(cfg.work).checkpoint(cfg.name)]
+
+
+def train_is_done(cfg: TrainConfig) -> bool:
+    """Whether the run's checkpoint is there to be read (an unfinished run resumes itself)."""
+    return all(p.exists() for p in train_outputs(cfg))
+
+
+def train_finished_settings(cfg: TrainConfig) -> TrainConfig | None:
+    """The settings of the finished training in the run folder: ``None`` when there is none,
+    or its ``metrics.jsonl`` stops before the configured last epoch (a run cut short)."""
+    wd = WorkDir(cfg.work)
+    try:
+        lines = wd.run_metrics(cfg.name).read_text("utf-8").splitlines()
+        epochs = [json.loads(ln).get("epoch", 0) for ln in lines]
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not epochs or max(epochs) < cfg.epochs:
+        return None
+    return finished_run_settings(TrainConfig, wd.run_config(cfg.name), train_outputs(cfg))
+
+
+def predict_scores(cfg: PredictConfig) -> Path:
+    """The score file predict writes: ``output``, else ``WORK/scores/audio_SPLIT.npz``."""
+    return Path(cfg.output) if cfg.output else WorkDir(cfg.work).scores(cfg.split)
+
+
+def predict_outputs(cfg: PredictConfig) -> list[Path]:
+    """The file a finished predict leaves: its score file."""
+    return [predict_scores(cfg)]
+
+
+def predict_is_done(cfg: PredictConfig) -> bool:
+    """Whether the score file is there to be read."""
+    return all(p.exists() for p in predict_outputs(cfg))
+
+
+def predict_finished_settings(cfg: PredictConfig) -> PredictConfig | None:
+    """The settings that wrote the score file in place (``None``: none, or unreadable)."""
+    path = ScoreLayout(predict_scores(cfg)).predict_config
+    return finished_run_settings(PredictConfig, path, predict_outputs(cfg))
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+import avfuse.evaluate
+import avfuse.extract
+import avfuse.features
+import avfuse.fuse
+import avfuse.manifest
+import avfuse.model_config
 from avfuse.config import Config, dumps, from_dict, to_dict
 from avfuse.evaluate import EvaluateConfig
 from avfuse.extract import ExtractConfig
@@ -68,7 +74,7 @@ from avfuse.io import (
 from avfuse.lock import work_lock
 from avfuse.manifest import ScanConfig
 from avfuse.model_config import PredictConfig, TrainConfig
-from avfuse.store import store_problem, store_stamp
+from avfuse.store import store_stamp
 from avfuse.workdir import FusionLayout, ScoreLayout, WorkDir
 
 log = logging.getLogger(__name__)
@@ -416,26 +422,64 @@ def stage_keys(sc: StageConfigs) -> dict[str, dict[str, str]]:
     return keys
 
 
-def _outputs(name: str, sc: StageConfigs) -> list[Path]:
-    w = WorkDir(sc.scan.work)
-    if name == "scan":
-        return [w.manifest, w.classes]
-    if name == "extract":
-        return [w.extract_table]
-    if name == "features":
-        return [w.features_table, w.store_meta]
-    if name == "train":
-        return [w.checkpoint(sc.train.name)]
-    if name == "predict":
-        return [Path(p.output or _audio_scores(w.root, p.split)) for p in sc.predict.values()]
-    if name == "evaluate":
-        return [_metrics_path(e) for e in sc.evaluate.values()]
+@dataclass(frozen=True)
+class _StageFiles:
+    """What a stage says about its own files; the rules stay in the stage's module."""
+
+    outputs: Callable[[Any], list[Path]]  # the files a finished run leaves
+    is_done: Callable[[Any], bool]  # they exist and can be read as they stand
+    finished_settings: Callable[[Any], Any]  # settings of the finished run that made them
+
+
+def _report_outputs(work: Path) -> list[Path]:
+    return [WorkDir(work).report_md, WorkDir(work).report_html]
+
+
+_FILES: dict[str, _StageFiles] = {
+    "scan": _StageFiles(
+        avfuse.manifest.outputs, avfuse.manifest.is_done, avfuse.manifest.finished_settings
+    ),
+    "extract": _StageFiles(
+        avfuse.extract.outputs, avfuse.extract.is_done, avfuse.extract.finished_settings
+    ),
+    "features": _StageFiles(
+        avfuse.features.outputs, avfuse.features.is_done, avfuse.features.finished_settings
+    ),
+    "train": _StageFiles(
+        avfuse.model_config.train_outputs,
+        avfuse.model_config.train_is_done,
+        avfuse.model_config.train_finished_settings,
+    ),
+    "predict": _StageFiles(
+        avfuse.model_config.predict_outputs,
+        avfuse.model_config.predict_is_done,
+        avfuse.model_config.predict_finished_settings,
+    ),
+    "evaluate": _StageFiles(
+        avfuse.evaluate.outputs, avfuse.evaluate.is_done, avfuse.evaluate.finished_settings
+    ),
+    "fuse": _StageFiles(avfuse.fuse.outputs, avfuse.fuse.is_done, avfuse.fuse.finished_settings),
+    # The run report is this module's own: rewritten by every run that reaches it.
+    "report": _StageFiles(
+        _report_outputs, lambda work: all(p.exists() for p in _report_outputs(work)), lambda _: None
+    ),
+}
+
+
+def _configs(name: str, sc: StageConfigs) -> list[Any]:
+    """The configs the stage runs with (predict and evaluate: one per split; none for an
+    unconfigured fusion; the work folder for the run report)."""
+    if name in ("predict", "evaluate"):
+        return list(getattr(sc, name).values())
     if name == "fuse":
-        if sc.fuse is None:
-            return []
-        out = _fusion_dir(sc.fuse)
-        return [out.figures, out.report_md]
-    return [w.report_md, w.report_html]
+        return [] if sc.fuse is None else [sc.fuse]
+    if name == "report":
+        return [Path(sc.scan.work)]
+    return [getattr(sc, name)]
+
+
+def _outputs(name: str, sc: StageConfigs) -> list[Path]:
+    return [p for cfg in _configs(name, sc) for p in _FILES[name].outputs(cfg)]
 
 
 def _outputs_stamp(name: str, sc: StageConfigs) -> str:
@@ -443,15 +487,9 @@ def _outputs_stamp(name: str, sc: StageConfigs) -> str:
     return _digest(_file_stamp(_outputs(name, sc)))
 
 
-def _intact(name: str, sc: StageConfigs) -> bool:
-    """Whether a stage's outputs can be read as they stand: the feature store's index and
-    shard sizes (headers only) for ``features``; other stages' files are checked by existence."""
-    if name != "features":
-        return True
-    problem = store_problem(WorkDir(sc.scan.work).store)
-    if problem:
-        log.warning("features are not up to date: %s", problem)
-    return not problem
+def _is_done(name: str, sc: StageConfigs) -> bool:
+    """Whether every output of the stage exists and can be read as it stands (the stage's rule)."""
+    return all(_FILES[name].is_done(cfg) for cfg in _configs(name, sc))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -637,41 +675,19 @@ def _changed_paths(old: pd.DataFrame, new: pd.DataFrame) -> set[str]:
 
 
 def _invalidate_replaced(sc: StageConfigs, old: pd.DataFrame, new: pd.DataFrame) -> int:
-    """Mark videos whose file was replaced as failed in the extract and features logs.
-
-    Both stages retry ``error`` records, so a plain rerun redoes exactly these videos; added
-    videos are new to the logs and deleted ones leave the manifest. Returns how many.
-    """
-    from avfuse.io import RecordLog
-    from avfuse.manifest import load_manifest
-
+    """Have extract and features redo the videos whose file was replaced (each stage logs them
+    as failed, and retries failed records), so a plain rerun redoes exactly these videos;
+    added videos are new to the stages and deleted ones leave the manifest. Returns how many."""
     changed = _changed_paths(old, new)
     if not changed:
         return 0
-    work, root = Path(sc.scan.work), Path(sc.scan.root)
-    man = load_manifest(work, stages=False)
-    ids = [
-        str(v)
-        for v, p in zip(man["video_id"], man["path"], strict=True)
-        if isinstance(p, str) and p and Path(os.path.relpath(p, root)).as_posix() in changed
-    ]
+    work = Path(sc.scan.work)
+    ids = avfuse.manifest.videos_of_files(work, Path(sc.scan.root), changed)
     if not ids:
         return 0
     why = "the video file changed since it was processed"
-    RecordLog(WorkDir(work).extract_parts).write(
-        {"video_id": v, "status": "error", "reason": why, "audio_path": ""} for v in ids
-    )
-    RecordLog(WorkDir(work).features_parts).write(
-        {
-            "video_id": v,
-            "feature_status": "error",
-            "feature_reason": why,
-            "num_frames": 0,
-            "shard": "",
-            "offset": -1,
-        }
-        for v in ids
-    )
+    avfuse.extract.invalidate(work, ids, why)
+    avfuse.features.invalidate(work, ids, why)
     log.info("%d video file(s) changed since the last run: they are redone", len(ids))
     return len(ids)
 
@@ -680,65 +696,15 @@ def _invalidate_replaced(sc: StageConfigs, old: pd.DataFrame, new: pd.DataFrame)
 # Recognising finished stages when pipeline.json is lost
 
 
-# Per stage: (config class, file the stage saves its config to); the outputs come from _outputs.
-def _saved_configs(name: str, sc: StageConfigs) -> list[tuple[type[Any], Path, Any]]:
-    w = WorkDir(sc.scan.work)
-    work = w.root
-    if name == "scan":
-        return [(ScanConfig, w.scan_config, sc.scan)]
-    if name == "extract":
-        return [(ExtractConfig, w.extract_config, sc.extract)]
-    if name == "features":
-        return [(FeaturesConfig, w.features_config, sc.features)]
-    if name == "train":
-        return [(TrainConfig, w.run_config(sc.train.name), sc.train)]
-    if name == "predict":
-        return [
-            (PredictConfig, ScoreLayout(p.output or _audio_scores(work, p.split)).predict_config, p)
-            for p in sc.predict.values()
-        ]
-    if name == "evaluate":
-        return [
-            (EvaluateConfig, ScoreLayout(e.scores or "").evaluate_config, e)
-            for e in sc.evaluate.values()
-        ]
-    if name == "fuse" and sc.fuse is not None:
-        return [(FuseConfig, _fusion_dir(sc.fuse).config, sc.fuse)]
-    return []
-
-
-def _training_finished(sc: StageConfigs) -> bool:
-    """Whether ``metrics.jsonl`` of the run folder reached the configured last epoch."""
-    path = WorkDir(sc.train.work).run_metrics(sc.train.name)
-    try:
-        epochs = [json.loads(ln).get("epoch", 0) for ln in path.read_text("utf-8").splitlines()]
-    except (OSError, ValueError, AttributeError):
-        return False
-    return bool(epochs) and max(epochs) >= sc.train.epochs
-
-
 def recognise_stage(name: str, sc: StageConfigs) -> bool:
-    """Whether ``name``'s outputs exist, were written after its saved config, and that config
-    has the settings this run would use (what ``pipeline.json`` would have said)."""
-    from avfuse.config import load_config
-
-    saved = _saved_configs(name, sc)
-    outputs = _outputs(name, sc)
-    if not saved or not outputs or not all(p.exists() for p in outputs):
+    """Whether ``name``'s outputs are a finished run's, whose saved settings are the ones this
+    run would use (what ``pipeline.json`` would have said)."""
+    configs = _configs(name, sc)
+    if not configs:
         return False
-    first_output = min(p.stat().st_mtime_ns for p in outputs)
-    if name == "train" and not _training_finished(sc):
-        return False
-    for cls, path, want in saved:
-        try:
-            # Extract and features save their settings when they start: a later start means
-            # a run that may not have finished (the outputs are an older run's).
-            if not path.exists() or (
-                name in ("extract", "features") and path.stat().st_mtime_ns > first_output
-            ):
-                return False
-            have = load_config(cls, path)
-        except Exception:  # unreadable saved settings: cannot vouch for the outputs
+    for want in configs:
+        have = _FILES[name].finished_settings(want)
+        if have is None:
             return False
         have_s, want_s = _semantic(name, have), _semantic(name, want)
         if isinstance(have_s, dict) and isinstance(want_s, dict):
@@ -837,7 +803,7 @@ def _run_locked(
             outcomes.append(StageOutcome(name, "not configured", detail="no fuse.video_scores"))
             continue
         rec = state.get(name) or {}
-        complete = all(p.exists() for p in _outputs(name, sc)) and _intact(name, sc)
+        complete = _is_done(name, sc)
         forced = name in cfg.force or "all" in cfg.force or (name == "scan" and dataset_changed)
         same_key = rec.get("key") == keys[name]["key"]
         if (

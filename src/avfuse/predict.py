@@ -30,7 +30,7 @@ from avfuse import distributed as D
 from avfuse.checkpoint import load_checkpoint
 from avfuse.config import save_config
 from avfuse.manifest import SCORED_STATUSES, load_classes, load_manifest
-from avfuse.model_config import PredictConfig
+from avfuse.model_config import PredictConfig, predict_scores
 from avfuse.models import VGGish
 from avfuse.scores import ScoreFile
 from avfuse.scoring import (
@@ -42,7 +42,7 @@ from avfuse.scoring import (
     score_videos_distributed,
     video_status,
 )
-from avfuse.workdir import ScoreLayout, WorkDir
+from avfuse.workdir import ScoreLayout
 
 log = D.get_logger(__name__)
 
@@ -178,7 +178,7 @@ def _predict(cfg: PredictConfig) -> PredictResult | None:
         "frontend_hash": ckpt["frontend_hash"],
         "amp": D.amp_name(amp_dtype),
     }
-    out = Path(cfg.output) if cfg.output else WorkDir(work).scores(cfg.split)
+    out = predict_scores(cfg)
     if selection is not None:
         table = _choose(cfg, ckpt, man, store, classes, table, selection, meta, out)
     else:  # candidates of an earlier choice would contradict this file
