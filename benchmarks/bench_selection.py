@@ -46,7 +46,7 @@ def _snapshots(run_dir: Path) -> Any:
         last = run_dir / "last.pt"
         if last.exists() and last.stat().st_mtime_ns != seen.get("mtime"):
             seen["mtime"] = last.stat().st_mtime_ns
-            epoch = int(load_checkpoint(last)["epoch"])
+            epoch = int(load_checkpoint(last).epoch)
             shutil.copyfile(last, run_dir / f"epoch{epoch:03d}.pt")
 
     return hook
@@ -80,7 +80,7 @@ def bench(cfg: TrainConfig, split: str) -> None:
             sel.update(r["epoch"], r["val_top1"], r["val_loglik"], r["val_loglik_se"])
         kept[rule] = (sel.kept_epoch, sel.reason)
     # The replay is the rule training ran: its best.pt is the epoch replayed for it.
-    assert load_checkpoint(run_dir / "best.pt")["epoch"] == kept[cfg.selection][0]
+    assert load_checkpoint(run_dir / "best.pt").epoch == kept[cfg.selection][0]
     sat = next((r["epoch"] for r in recs if r["val_top1"] >= 1.0), None)
     print(
         f"selection split {res.selection_split}: {n} videos ({n / classes:.1f} a class), "

@@ -86,7 +86,7 @@ def main() -> None:
     train(TrainConfig(work=pre, name="pre", window=FRAMES, epochs=args.pre_epochs, val_split="",
                       windows_per_video=1, **common))  # type: ignore[arg-type]  # fmt: skip
     released = tmp / "pretext_cnn10.pth"
-    state = load_checkpoint(pre / "runs" / "pre" / "best.pt")["model"]
+    state = load_checkpoint(pre / "runs" / "pre" / "best.pt").model
     torch.save({"model": state, "sampler": {"epoch": args.pre_epochs}}, released)
     print(f"pretext cnn10 (width {args.width}) on whole clips: {time.perf_counter() - t0:.0f} s")
 

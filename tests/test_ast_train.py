@@ -48,15 +48,15 @@ def test_freeze_backbone_fine_tunes_the_new_head_only(work: Path, folder: Path) 
     assert res is not None
     ckpt = load_checkpoint(res.last_path)
     # The window is the checkpoint's max_length, and the architecture travels with the run.
-    assert ckpt["window"] == 100
-    assert ckpt["model_spec"]["arch"]["hidden_size"] == 64
+    assert ckpt.window == 100
+    assert ckpt.model_spec.arch["hidden_size"] == 64
     src = build_model("ast", 3, n_mels=128, frames=100, arch=model_arch("ast", folder))
     load_init(src, folder)
     for k, v in src.state_dict().items():
         if k.startswith("classifier.dense."):
-            assert not torch.equal(ckpt["model"][k], v), k
+            assert not torch.equal(ckpt.model[k], v), k
         else:
-            assert torch.equal(ckpt["model"][k], v), k
+            assert torch.equal(ckpt.model[k], v), k
 
     # predict rebuilds the model from the checkpoint alone and scores 100-frame windows.
     out = predict(PredictConfig(work, checkpoint="last", split="val", device="cpu", amp="off"))
@@ -119,7 +119,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(folder: Path) -> None:
 def test_grad_checkpointing_option_trains(work: Path, folder: Path) -> None:
     res = train(TrainConfig(work, init=folder, grad_checkpointing=True, **RUN))  # type: ignore[arg-type]
     assert res is not None
-    assert load_checkpoint(res.last_path)["config"]["grad_checkpointing"] is True
+    assert load_checkpoint(res.last_path).config["grad_checkpointing"] is True
     with pytest.raises(ValueError, match="no gradient checkpointing"):
         train(TrainConfig(work, name="cnn", **{**RUN, "model": "cnn10"}, grad_checkpointing=True))  # type: ignore[arg-type]
 
@@ -165,4 +165,4 @@ def test_embed_ast_then_head(work: Path, folder: Path) -> None:
         )
     )
     assert out is not None
-    assert load_checkpoint(out.last_path)["model_spec"]["n_mels"] == 64
+    assert load_checkpoint(out.last_path).model_spec.n_mels == 64

@@ -4,6 +4,7 @@ infinite or a boolean in disguise. Each refusal is one line naming the file."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import pickle
 import zipfile
@@ -16,8 +17,9 @@ import pytest
 import torch
 
 from avfuse import cli
-from avfuse.checkpoint import FORMAT, load_checkpoint
+from avfuse.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
 from avfuse.config import apply_overrides, read_mapping
+from avfuse.data import NormStats
 from avfuse.io import write_table
 from avfuse.model_config import TrainConfig
 from avfuse.models import build_model, load_init
@@ -26,6 +28,7 @@ from avfuse.safe_pickle import CorruptCheckpointError, OversizeError, load_pickl
 from avfuse.scores import ScoreFile
 from avfuse.store import ShardWriter, commit_index
 from avfuse.video_scores import ScoreBounds, VideoScoreError, read_one
+from tests.checkpoints import make_checkpoint
 from tests.synthetic import make_synthetic_work
 
 
@@ -210,18 +213,8 @@ def test_deeply_nested_pickle_is_one_line(tmp_path: Path) -> None:
 
 
 def _checkpoint(**change: Any) -> dict[str, Any]:
-    ckpt = {
-        "format": FORMAT,
-        "model": {"fc.weight": torch.ones(2, 3)},
-        "model_spec": {"name": "resnet", "width": 1.0, "dropout": 0.3, "n_mels": 4, "frames": 8},
-        "config": {"epochs": 1},
-        "classes": ["a", "b"],
-        "norm": {"mean": torch.zeros(4), "std": torch.ones(4)},
-        "frontend_hash": "abc",
-        "window": 8,
-        "epoch": 1,
-    }
-    return ckpt | change
+    """A checkpoint file's dict with entries changed as a damaged or hostile file would."""
+    return make_checkpoint(spec=ModelSpec("resnet", 1.0, 0.3, 4, 8)).to_state() | change
 
 
 def test_checkpoint_zip_with_compressed_records_is_refused_before_loading(tmp_path: Path) -> None:
@@ -239,7 +232,7 @@ def test_checkpoint_zip_with_compressed_records_is_refused_before_loading(tmp_pa
     with pytest.raises(OversizeError, match="declare") as info:
         load_checkpoint(bomb)
     assert str(bomb) in str(info.value)
-    assert load_checkpoint(good)["classes"] == ["a", "b"]
+    assert load_checkpoint(good).classes == ("a", "b")
 
 
 def test_legacy_checkpoint_declaring_huge_storage_is_refused(tmp_path: Path) -> None:
@@ -422,16 +415,15 @@ def test_nan_features_never_give_ok_scores(tmp_path: Path) -> None:
     work = tmp_path / "w"
     vid = _work_with_a_nan_video(work, "val")
     model = build_model("resnet", 2, 0.25, 0.0, n_mels=64, frames=96)
-    ckpt = _checkpoint(
+    ckpt = make_checkpoint(
         model=model.state_dict(),
-        model_spec={"name": "resnet", "width": 0.25, "dropout": 0.0, "n_mels": 64, "frames": 96},
-        classes=["class_00", "class_01"],
-        norm={"mean": torch.full((64,), -4.0), "std": torch.ones(64)},
+        spec=ModelSpec("resnet", 0.25, 0.0, 64, 96),
+        classes=("class_00", "class_01"),
+        norm=NormStats(np.full(64, -4.0, np.float32), np.ones(64, np.float32)),
         frontend_hash="synthetic",
-        window=96,
     )
     path = tmp_path / "c.pt"
-    torch.save(ckpt, path)
+    save_checkpoint(path, ckpt)
     res = predict(PredictConfig(work, checkpoint=str(path), amp="off", device="cpu"))
     assert res is not None
     sf = ScoreFile.load(res.path)
@@ -529,8 +521,8 @@ def test_a_spec_describing_a_network_larger_than_its_weights_is_refused_unbuilt(
     from avfuse import scoring
 
     small = build_model("resnet", 2, 0.25, 0.0, n_mels=64, frames=96)
-    spec = {"name": "resnet", "width": 16.0, "dropout": 0.0, "n_mels": 64, "frames": 96}
-    ckpt = _checkpoint(model=small.state_dict(), model_spec=spec, classes=["a", "b"])
+    spec = ModelSpec("resnet", 16.0, 0.0, 64, 96)
+    ckpt = make_checkpoint(model=small.state_dict(), spec=spec)
     built: list[bool] = []
     real = scoring.build_model
 
@@ -542,8 +534,8 @@ def test_a_spec_describing_a_network_larger_than_its_weights_is_refused_unbuilt(
     with pytest.raises(ValueError, match=r"describes a network of .* bytes, its weights hold"):
         scoring.model_from_checkpoint(ckpt)
     assert built == [False]  # only the meta-device probe was built
-    spec_ok = {**spec, "width": 0.25}
-    model, _, _ = scoring.model_from_checkpoint({**ckpt, "model_spec": spec_ok})
+    spec_ok = dataclasses.replace(spec, width=0.25)
+    model, _, _ = scoring.model_from_checkpoint(dataclasses.replace(ckpt, model_spec=spec_ok))
     assert built == [False, False, True]
     assert torch.equal(model.state_dict()["fc.weight"], small.state_dict()["fc.weight"])
 

@@ -178,13 +178,13 @@ def test_carve_out_is_stratified_seeded_and_never_overlaps_val(tmp_path: Path) -
     res = train(TrainConfig(work, name="c", **TINY))  # type: ignore[arg-type]
     assert res is not None and res.selection_split == "train carve-out"
     ck = load_checkpoint(work / "runs" / "c" / "best.pt")
-    carved = set(ck["selection_videos"])
+    carved = set(ck.selection_videos)
     train_ids = set(man.loc[man["split"] == "train", "video_id"])
     val_ids = set(man.loc[man["split"] == "val", "video_id"])
     assert carved <= train_ids and not carved & val_ids
     per_class = pd.Series([v.split("/")[1] for v in carved]).value_counts()
     assert per_class.to_dict() == {"class_00": 1, "class_01": 1, "class_02": 1}
-    assert ck["config"]["val_split"] == "carve"
+    assert ck.config["val_split"] == "carve"
     ids = sorted(train_ids)
     labels = np.array([int(v.split("/")[1][-2:]) for v in ids])
     again, _ = carve_selection(ids, labels, 0.1, 0)
@@ -198,7 +198,7 @@ def test_carve_out_is_stratified_seeded_and_never_overlaps_val(tmp_path: Path) -
     store = FeatureStore(work / "features")
     kept = [v for v in ids if v not in carved]
     frames = np.concatenate([np.asarray(store[v], np.float64) for v in kept])
-    np.testing.assert_allclose(ck["norm"]["mean"].numpy(), frames.mean(0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ck.norm.mean, frames.mean(0), rtol=1e-4, atol=1e-4)
 
 
 def test_small_dataset_trains_with_a_clamped_batch(tmp_path: Path) -> None:
@@ -209,7 +209,7 @@ def test_small_dataset_trains_with_a_clamped_batch(tmp_path: Path) -> None:
     res = train(TrainConfig(work, name="s", val_split="", **cfg))  # type: ignore[arg-type]
     assert res is not None
     ck = load_checkpoint(work / "runs" / "s" / "last.pt")
-    assert ck["batch_size_used"] == 6 and ck["global_step"] == 2  # one step per epoch
+    assert ck.batch_size_used == 6 and ck.global_step == 2  # one step per epoch
     assert fit_schedule(1, 6, 64, 2, 0, 1) == (1, 6)
     # min_steps: more windows per video, the batch kept, at least min_steps steps.
     wpv, batch = fit_schedule(4, 28, 64, 30, 300, 1)
@@ -370,4 +370,4 @@ def test_one_video_per_class_trains(tmp_path: Path) -> None:
     res = train(TrainConfig(work, name="one", **cfg))  # type: ignore[arg-type]
     assert res is not None and res.selection_split == ""  # nothing to carve from
     ck = load_checkpoint(work / "runs" / "one" / "last.pt")
-    assert ck["batch_size_used"] == 2 and ck["global_step"] == 1
+    assert ck.batch_size_used == 2 and ck.global_step == 1

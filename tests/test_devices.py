@@ -36,9 +36,9 @@ for name, cl in (("auto", "auto"), ("forced", "on")):
                       windows_per_video=4, num_workers=0, amp="off", device="cpu",
                       progress=False, min_steps=0, val_split="", channels_last=cl))
     ck = load_checkpoint(work / "runs" / name / "last.pt")
-    assert ck["global_step"] > 0
-    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
-    print(name, ck["config"]["channels_last"], ck["global_step"])
+    assert ck.global_step > 0
+    assert all(torch.isfinite(v).all() for v in ck.model.values() if v.is_floating_point())
+    print(name, ck.config["channels_last"], ck.global_step)
 """
 
 
@@ -148,9 +148,9 @@ def test_train_steps_on_cuda(tmp_path: Path) -> None:
     )
     assert res is not None
     ck = load_checkpoint(tmp_path / "runs" / "gpu" / "last.pt")
-    assert ck["config"]["device"] == "cuda" and ck["config"]["channels_last"] == "on"
-    assert ck["global_step"] > 0
-    weights = [v for v in ck["model"].values() if v.is_floating_point()]
+    assert ck.config["device"] == "cuda" and ck.config["channels_last"] == "on"
+    assert ck.global_step > 0
+    weights = [v for v in ck.model.values() if v.is_floating_point()]
     assert all(torch.isfinite(v).all() for v in weights)
 
 
@@ -297,8 +297,8 @@ def test_normalising_on_the_device_trains_the_same_weights(small: Path) -> None:
 
     for name, where in (("host", "off"), ("dev", "on")):
         train(_tiny(small, name, device_normalize=where))
-    a = load_checkpoint(small / "runs" / "host" / "last.pt")["model"]
-    b = load_checkpoint(small / "runs" / "dev" / "last.pt")["model"]
+    a = load_checkpoint(small / "runs" / "host" / "last.pt").model
+    b = load_checkpoint(small / "runs" / "dev" / "last.pt").model
     for k, v in a.items():
         torch.testing.assert_close(b[k], v, msg=k)
 
@@ -313,9 +313,9 @@ def test_the_fused_optimizer_takes_the_same_step(small: Path) -> None:
         train(_tiny(small, name, fused_optimizer=where, epochs=1, windows_per_video=1))
     a = load_checkpoint(small / "runs" / "unfused" / "last.pt")
     b = load_checkpoint(small / "runs" / "fused" / "last.pt")
-    assert a["global_step"] == b["global_step"] == 1
-    for k, v in a["model"].items():
-        torch.testing.assert_close(b["model"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert a.global_step == b.global_step == 1
+    for k, v in a.model.items():
+        torch.testing.assert_close(b.model[k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_batch_size_auto_is_64_on_cpu(small: Path) -> None:
@@ -331,7 +331,7 @@ def test_batch_size_auto_is_64_on_cpu(small: Path) -> None:
     assert saved.batch_size == 64
     from avfuse.checkpoint import load_checkpoint
 
-    assert load_checkpoint(small / "runs" / "auto_batch" / "last.pt")["global_step"] == 2
+    assert load_checkpoint(small / "runs" / "auto_batch" / "last.pt").global_step == 2
 
 
 def test_boolean_channels_last_in_code_still_works() -> None:

@@ -124,8 +124,8 @@ def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
     assert [json.loads((work / f"exit{r}.json").read_text()) for r in range(2)] == [False, False]
 
     ck = load_checkpoint(work / "runs" / "ddp" / "last.pt")
-    assert ck["world_size"] == 2 and ck["effective_batch_size"] == 8
-    assert ck["epoch"] == 2 and ck["global_step"] == 8 and len(ck["rng"]) == 2
+    assert ck.world_size == 2 and ck.effective_batch_size == 8
+    assert ck.epoch == 2 and ck.global_step == 8 and len(ck.rng) == 2
     model, _, _ = model_from_checkpoint(ck)
     assert model(torch.randn(2, 96, 64)).shape == (2, 3)
     lines = (work / "runs" / "ddp" / "metrics.jsonl").read_text().splitlines()

@@ -181,7 +181,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _epoch(path: Path) -> int:
     from avfuse.checkpoint import load_checkpoint
 
-    return int(load_checkpoint(path)["epoch"])
+    return int(load_checkpoint(path).epoch)
 
 
 def test_best_checkpoint_only_from_validated_epochs(work: Path) -> None:
@@ -221,9 +221,9 @@ def test_best_checkpoint_without_validation_is_the_final_one(work: Path) -> None
     train(cfg, on_step=lambda step: existed.append(best.exists()))
     assert existed == [False] * 6  # never written mid-run
     a, b = load_checkpoint(best), load_checkpoint(best.with_name("last.pt"))
-    assert a["epoch"] == b["epoch"] == 2
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
+    assert a.epoch == b.epoch == 2
+    for k, v in a.model.items():
+        assert torch.equal(v, b.model[k]), k
 
 
 def test_resume_refuses_changed_schedule(work: Path) -> None:

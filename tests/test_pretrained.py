@@ -255,8 +255,8 @@ def test_every_model_trains_and_predicts_with_80_bands_64_frames(tmp_path: Path,
     res = train(TrainConfig(work, model=name, name=name, **TINY))
     assert res is not None
     ckpt = load_checkpoint(res.last_path)
-    assert ckpt["window"] == 64
-    assert ckpt["model_spec"]["n_mels"] == 80 and ckpt["model_spec"]["frames"] == 64
+    assert ckpt.window == 64
+    assert ckpt.model_spec.n_mels == 80 and ckpt.model_spec.frames == 64
     out = predict(PredictConfig(work, run=name, split="val", device="cpu", amp="off"))
     assert out is not None
     sf = ScoreFile.load(out.path)
@@ -301,7 +301,7 @@ def test_freeze_backbone_trains_only_the_head(tmp_path: Path) -> None:
     init = _save_released(src, tmp_path / "init.pth")
     res = train(TrainConfig(work, model="cnn10", init=init, freeze_backbone=True, **TINY))
     assert res is not None
-    after = load_checkpoint(res.last_path)["model"]
+    after = load_checkpoint(res.last_path).model
     for k, v in src.state_dict().items():
         if k.startswith("fc_audioset"):
             assert not torch.equal(after[k], v), k
@@ -369,7 +369,7 @@ def test_embed_then_head_end_to_end(tmp_path: Path) -> None:
     out = train(tcfg)
     assert out is not None
     ckpt = load_checkpoint(out.best_path)
-    assert ckpt["embeddings"] == "cnn10" and ckpt["model_spec"]["name"] == "linear"
+    assert ckpt.embeddings == "cnn10" and ckpt.model_spec.name == "linear"
     pred = predict(PredictConfig(work, run="head", split="val", device="cpu", amp="off"))
     assert pred is not None
     sf = ScoreFile.load(pred.path)

@@ -133,24 +133,24 @@ def test_run_folder_and_checkpoint_round_trip(easy: Path) -> None:
     best = load_checkpoint(run / "best.pt")
     last = load_checkpoint(run / "last.pt")
     store = FeatureStore(easy / "features")
-    assert best["classes"] == load_classes(easy) == store.classes
-    assert best["frontend_hash"] == store.frontend_hash and best["frontend"] == store.frontend
+    assert list(best.classes) == load_classes(easy) == store.classes
+    assert best.frontend_hash == store.frontend_hash and best.frontend == store.frontend
     train_ids = sorted(v for v in store.ids if v.startswith("train/"))
     ref = compute_norm_stats(store, train_ids)
-    np.testing.assert_allclose(best["norm"]["mean"].numpy(), ref.mean, rtol=1e-6)
-    np.testing.assert_allclose(best["norm"]["std"].numpy(), ref.std, rtol=1e-6)
-    assert best["config"] == to_dict(saved)
+    np.testing.assert_allclose(best.norm.mean, ref.mean, rtol=1e-6)
+    np.testing.assert_allclose(best.norm.std, ref.std, rtol=1e-6)
+    assert best.config == to_dict(saved)
     assert (
-        last["epoch"] == 3 and last["step_in_epoch"] == 0 and last["global_step"] == 3 * 8
+        last.epoch == 3 and last.step_in_epoch == 0 and last.global_step == 3 * 8
     )  # 16 videos x 4 windows / 8
     top = max(lines, key=lambda m: m["val_top1"])  # first epoch reaching the best
-    assert best["epoch"] == top["epoch"] and best["best_top1"] == pytest.approx(top["val_top1"])
+    assert best.epoch == top["epoch"] and best.best_top1 == pytest.approx(top["val_top1"])
     for key in ("optimizer", "scheduler", "scaler", "rng"):
         assert key in last
 
     # The reloaded model scores val exactly as training's validation did for that epoch.
     model, _, _ = model_from_checkpoint(best)
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in best["model"].items())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in best.model.items())
     out = predict(
         PredictConfig(
             easy,
@@ -224,24 +224,24 @@ def test_killed_run_resumes_to_identical_weights(easy: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", script, str(easy)], capture_output=True)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     mid = load_checkpoint(easy / "runs" / "resume" / "last.pt")
-    assert (mid["epoch"], mid["step_in_epoch"], mid["global_step"]) == (1, 2, 10)
+    assert (mid.epoch, mid.step_in_epoch, mid.global_step) == (1, 2, 10)
 
     _train_in_fresh_process(easy, "resume", resume=True)
     a = load_checkpoint(easy / "runs" / "straight" / "last.pt")
     b = load_checkpoint(easy / "runs" / "resume" / "last.pt")
-    assert a["global_step"] == b["global_step"] == 16
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
-    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert a.global_step == b.global_step == 16
+    for k, v in a.model.items():
+        assert torch.equal(v, b.model[k]), k
+    sa, sb = a.optimizer["state"], b.optimizer["state"]
     assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
     lines = (easy / "runs" / "resume" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
     # The same epoch kept for the same reason, from the same selection figures.
-    assert a["selector"] == b["selector"] and a["selector"]["kept_epoch"] in (1, 2)
+    assert a.selector == b.selector and a.selector["kept_epoch"] in (1, 2)
     ba = load_checkpoint(easy / "runs" / "straight" / "best.pt")
     bb = load_checkpoint(easy / "runs" / "resume" / "best.pt")
-    assert ba["epoch"] == bb["epoch"] == a["selector"]["kept_epoch"]
-    assert all(torch.equal(v, bb["model"][k]) for k, v in ba["model"].items())
+    assert ba.epoch == bb.epoch == a.selector["kept_epoch"]
+    assert all(torch.equal(v, bb.model[k]) for k, v in ba.model.items())
     straight = (easy / "runs" / "straight" / "metrics.jsonl").read_text().splitlines()
     keys = ("val_top1", "val_loglik", "best_epoch", "best_reason", "selection_saturated")
     for x, y in zip(straight, lines, strict=True):
@@ -276,7 +276,7 @@ def test_init_from_vggish_state_dict(easy: Path, tmp_path: Path) -> None:
     train(cfg)
     ck = load_checkpoint(easy / "runs" / "init" / "last.pt")
     for k, v in src.backbone_state_dict().items():
-        assert torch.equal(ck["model"][k], v), k
+        assert torch.equal(ck.model[k], v), k
 
 
 # ------------------------------------------------------------------------- model selection
@@ -352,7 +352,7 @@ def test_early_saturated_carve_out_keeps_the_later_better_epoch(
     def look(step: int) -> None:
         # First step of each epoch: copy best.pt as it stood after the epochs before it.
         if (run / "best.pt").exists() and step % steps == 1:
-            epoch = int(load_checkpoint(run / "best.pt")["epoch"])
+            epoch = int(load_checkpoint(run / "best.pt").epoch)
             if epoch not in held:
                 held[epoch] = step
                 (run / f"held{epoch}.pt").write_bytes((run / "best.pt").read_bytes())
@@ -369,7 +369,7 @@ def test_early_saturated_carve_out_keeps_the_later_better_epoch(
     assert res.saturated_at == first
     assert [m["selection_saturated"] for m in lines] == [m["epoch"] >= first for m in lines]
     # Kept: the last epoch, and every record says so from the saturation on.
-    assert int(load_checkpoint(run / "best.pt")["epoch"]) == res.best_epoch == 6
+    assert int(load_checkpoint(run / "best.pt").epoch) == res.best_epoch == 6
     assert all(m["best_epoch"] == m["epoch"] for m in lines if m["epoch"] >= first)
     assert "saturated" in res.best_reason and "saturated" in res.summary()
     # The console says it: the split's size, the saturation, the epoch kept and why.

@@ -15,6 +15,8 @@ contiguous format, which oneDNN then runs in its plain (not blocked-NHWC) kernel
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -88,6 +90,46 @@ def set_memory_format(model: nn.Module, device: torch.device, channels_last: boo
         conv.weight.data = conv.weight.data.clone(memory_format=torch.contiguous_format)
         conv.register_forward_pre_hook(_contiguous_input)
     return guarded
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and how a network runs: the one rule for device, autocast and memory format that
+    training steps, scoring and embedding share (so a model scores as it trained).
+
+    ``amp_dtype`` ``None`` runs float32; ``channels_last`` must match the format
+    :func:`set_memory_format` gave the model.
+    """
+
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch on the device (asynchronous from pinned memory)."""
+        return x.to(self.device, non_blocking=True)
+
+    def model_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Windows (B, T, F) of any float dtype -> the network's input (B, 1, T, F) float32,
+        in the model's memory format."""
+        x = x.float().unsqueeze(1)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(
+            self.device.type,
+            dtype=self.amp_dtype or torch.float32,
+            enabled=self.amp_dtype is not None,
+        )
+
+    def forward(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """``fn`` (a model, or its ``embed``) on windows ``x`` (B, T, F) already on the device,
+        under autocast; returns its output as computed (maybe in the autocast dtype)."""
+        x = self.model_input(x)
+        with self.autocast():
+            return fn(x)
 
 
 # Steps from which torch.compile's one-off cost (~1 min for Cnn14) is worth paying by default.

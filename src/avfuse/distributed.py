@@ -18,7 +18,6 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -143,16 +142,6 @@ def get_logger(name: str) -> logging.Logger:
     if not any(isinstance(f, MainOnlyFilter) for f in logger.filters):
         logger.addFilter(MainOnlyFilter())
     return logger
-
-
-def save_on_main(obj: Any, path: str | Path) -> None:
-    """``torch.save`` atomically, on rank 0 only (the one place checkpoints are written)."""
-    if not is_main():
-        return
-    from avfuse.io import atomic_write
-
-    with atomic_write(path) as tmp:
-        torch.save(obj, tmp)
 
 
 # --------------------------------------------------------------------------- devices and AMP

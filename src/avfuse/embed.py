@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from avfuse import distributed as D
-from avfuse.accel import resolve_channels_last, set_memory_format
+from avfuse.accel import Placement, resolve_channels_last, set_memory_format
 from avfuse.ast_model import frontend_mismatch
 from avfuse.config import save_config, to_dict
 from avfuse.data import EvalWindows, NormStats, WindowDataset, store_window
@@ -115,14 +115,9 @@ def embed_windows(
     out: list[torch.Tensor] = []
     where: list[torch.Tensor] = []
     model.eval()
+    place = Placement(device, amp_dtype, channels_last)
     for x, _, pos in loader:
-        x = x.to(device, non_blocking=True).float().unsqueeze(1)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(
-            device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-        ):
-            z = model.embed(x)  # type: ignore[operator]
+        z = place.forward(model.embed, place.to_device(x))  # type: ignore[arg-type]
         # Kept on the device: one copy back per chunk, not a wait for the GPU per batch.
         out.append(z.float())
         where.append(pos)

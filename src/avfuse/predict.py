@@ -27,16 +27,14 @@ import numpy as np
 
 from avfuse import choice as ch
 from avfuse import distributed as D
-from avfuse.checkpoint import load_checkpoint
+from avfuse.checkpoint import Checkpoint, load_checkpoint
 from avfuse.config import save_config
 from avfuse.manifest import SCORED_STATUSES, load_classes, load_manifest
 from avfuse.model_config import PredictConfig, predict_scores
 from avfuse.models import VGGish
 from avfuse.scores import ScoreFile
 from avfuse.scoring import (
-    checkpoint_short_clips,
-    checkpoint_store,
-    checkpoint_window,
+    input_store,
     model_from_checkpoint,
     resolve_checkpoint,
     score_videos_distributed,
@@ -87,18 +85,16 @@ def _predict(cfg: PredictConfig) -> PredictResult | None:
     e = D.init(device)
     ckpt_path = resolve_checkpoint(work, cfg.run, cfg.checkpoint)
     ckpt = load_checkpoint(ckpt_path)
-    store = checkpoint_store(work, ckpt)
-    window = cfg.window or checkpoint_window(ckpt)
+    store = input_store(work, ckpt.embeddings)
+    window = cfg.window or ckpt.window
     hop = cfg.hop or max(window, 1)
-    store.check_frontend(ckpt["frontend_hash"], what=f"checkpoint {ckpt_path}")
+    store.check_frontend(ckpt.frontend_hash, what=f"checkpoint {ckpt_path}")
     try:
         model, norm, classes = model_from_checkpoint(ckpt)
     except (ValueError, RuntimeError, KeyError, TypeError) as exc:  # load_state_dict: Runtime
         raise ValueError(f"{ckpt_path}: {' '.join(str(exc).split())[:300]}") from None
-    if isinstance(model, VGGish) and window != checkpoint_window(ckpt):
-        raise ValueError(
-            f"VGGish was trained on {checkpoint_window(ckpt)}-frame windows and takes only those"
-        )
+    if isinstance(model, VGGish) and window != ckpt.window:
+        raise ValueError(f"VGGish was trained on {ckpt.window}-frame windows and takes only those")
     if classes != load_classes(work):
         raise ValueError(f"{ckpt_path} was trained on a different class list than {work}")
     model.to(device)
@@ -108,10 +104,10 @@ def _predict(cfg: PredictConfig) -> PredictResult | None:
     rows = man[man["split"] == cfg.split]
     if rows.empty:
         raise ValueError(f"no videos of split {cfg.split!r} in the manifest")
-    short_clips = checkpoint_short_clips(ckpt) if cfg.short_clips == "auto" else cfg.short_clips
+    short_clips = ckpt.short_clips if cfg.short_clips == "auto" else cfg.short_clips
     # A whole clip must still be as long as the windows the model was trained on (or padded).
     status = video_status(
-        rows, store, window if window > 0 else checkpoint_window(ckpt), short_clips=short_clips
+        rows, store, window if window > 0 else ckpt.window, short_clips=short_clips
     )
     ok_ids = sorted(v for v, s in status.items() if s in SCORED_STATUSES)
     kw = {
@@ -123,13 +119,13 @@ def _predict(cfg: PredictConfig) -> PredictResult | None:
         "aggregation": cfg.aggregation,
         "num_workers": cfg.num_workers,
         "short_clips": short_clips,
-        "min_frames": checkpoint_window(ckpt),
+        "min_frames": ckpt.window,
         "progress": cfg.progress,
     }
     scored = score_videos_distributed(model, store, ok_ids, norm, **kw)
     selection: tuple[list[str], np.ndarray, dict[str, tuple[np.ndarray, int]]] | None = None
     if cfg.model_choice != "network":
-        sel = man[man["video_id"].astype(str).isin(set(ckpt.get("selection_videos") or ()))]
+        sel = man[man["video_id"].astype(str).isin(set(ckpt.selection_videos))]
         sel_status = video_status(sel, store, max(window, 1), short_clips=short_clips)
         # A boolean array, not a list: an empty list would select columns instead of rows.
         sel = sel[
@@ -168,14 +164,14 @@ def _predict(cfg: PredictConfig) -> PredictResult | None:
         "producer": "avfuse.predict",
         "checkpoint": str(ckpt_path),
         "run": cfg.run,
-        "model": ckpt["model_spec"]["name"],
-        "epoch": int(ckpt["epoch"]),
+        "model": ckpt.model_spec.name,
+        "epoch": ckpt.epoch,
         "aggregation": cfg.aggregation,
         "hop": hop,
         "window": window,
         "short_clips": short_clips,
         "split": cfg.split,
-        "frontend_hash": ckpt["frontend_hash"],
+        "frontend_hash": ckpt.frontend_hash,
         "amp": D.amp_name(amp_dtype),
     }
     out = predict_scores(cfg)
@@ -195,7 +191,7 @@ def _predict(cfg: PredictConfig) -> PredictResult | None:
 
 def _choose(
     cfg: PredictConfig,
-    ckpt: dict[str, Any],
+    ckpt: Checkpoint,
     man: Any,
     store: Any,
     classes: list[str],
@@ -210,7 +206,7 @@ def _choose(
     fitted, info = ch.fit_baseline_for_choice(
         store,
         man,
-        str((ckpt.get("config") or {}).get("train_split", "train")),
+        ckpt.train_split,
         sel_ids,
         len(classes),
         cfg.baseline_max_train,
@@ -219,7 +215,7 @@ def _choose(
     p_base_sel = fitted.predict_proba(store, sel_ids) if fitted is not None else None
     choice = ch.choose(
         cfg.model_choice,
-        str(ckpt.get("selection_split") or ""),
+        ckpt.selection_split,
         sel_labels,
         p_net_sel,
         p_base_sel,

@@ -21,7 +21,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from avfuse import distributed as D
+from avfuse.accel import Placement
 from avfuse.audio import USABLE
+from avfuse.checkpoint import Checkpoint
 from avfuse.data import (
     WINDOW,
     EvalWindows,
@@ -30,7 +32,7 @@ from avfuse.data import (
     WindowDataset,
 )
 from avfuse.manifest import SCORED_STATUSES
-from avfuse.model_config import SHORT_CLIPS, Aggregation, ShortClips
+from avfuse.model_config import Aggregation, ShortClips
 from avfuse.models import VGGish, build_model
 from avfuse.store import FeatureStore
 from avfuse.workdir import WorkDir
@@ -48,11 +50,6 @@ def resolve_checkpoint(work: Path, run: str, checkpoint: str) -> Path:
     return path
 
 
-def checkpoint_window(ckpt: dict[str, Any]) -> int:
-    """Frames per window the checkpoint's model was trained on (96 in older checkpoints)."""
-    return int(ckpt.get("window", WINDOW))
-
-
 _EMBEDDING_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
@@ -61,41 +58,41 @@ def valid_embedding_name(name: str) -> bool:
     return bool(_EMBEDDING_NAME.fullmatch(name)) and ".." not in name
 
 
-def checkpoint_store(work: Path, ckpt: dict[str, Any]) -> FeatureStore:
-    """The store the checkpoint's model reads: ``WORK/features`` or, for a head trained on
-    embeddings, ``WORK/embeddings/NAME`` (the name is checked: it never leaves WORK)."""
-    name = ckpt.get("embeddings")
-    if not name:
+def input_store(work: Path, embeddings: str) -> FeatureStore:
+    """The store a model reads: ``WORK/features`` or, for a head on embeddings (a
+    checkpoint's ``embeddings``), ``WORK/embeddings/NAME`` (the name is checked: it never
+    leaves WORK)."""
+    if not embeddings:
         return FeatureStore(WorkDir(work).store)
-    if not isinstance(name, str) or not valid_embedding_name(name):
-        raise ValueError(f"checkpoint names an invalid embedding store {name!r}")
-    return FeatureStore(WorkDir(work).embeddings(name))
+    if not valid_embedding_name(embeddings):
+        raise ValueError(f"checkpoint names an invalid embedding store {embeddings!r}")
+    return FeatureStore(WorkDir(work).embeddings(embeddings))
 
 
-def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[nn.Module, NormStats, list[str]]:
+def model_from_checkpoint(ckpt: Checkpoint) -> tuple[nn.Module, NormStats, list[str]]:
     """(model with the checkpoint's weights, normalisation statistics, class list).
 
     The network the checkpoint's ``model_spec`` describes is first built on the ``meta``
     device (no memory): one needing more bytes than the checkpoint's weights hold is refused
     before it is allocated (a spec of absurd sizes is a memory bomb, whatever its fields).
     """
-    spec = ckpt["model_spec"]
+    spec = ckpt.model_spec
 
     def build() -> nn.Module:
         return build_model(
-            spec["name"],
-            len(ckpt["classes"]),
-            spec["width"],
-            spec["dropout"],
-            n_mels=int(spec.get("n_mels", 64)),
-            frames=int(spec.get("frames", WINDOW)),
-            arch=spec.get("arch"),
+            spec.name,
+            len(ckpt.classes),
+            spec.width,
+            spec.dropout,
+            n_mels=spec.n_mels,
+            frames=spec.frames,
+            arch=spec.arch,
         )
 
-    _check_model_size(build, ckpt["model"])
+    _check_model_size(build, ckpt.model)
     model = build()
-    model.load_state_dict(ckpt["model"])
-    return model, NormStats.from_state(ckpt["norm"]), list(ckpt["classes"])
+    model.load_state_dict(ckpt.model)
+    return model, ckpt.norm, list(ckpt.classes)
 
 
 def _tensor_bytes(tensors: Any) -> int:
@@ -176,15 +173,9 @@ def score_videos(
     acc: torch.Tensor | None = None
     count = torch.zeros(n, dtype=torch.float64)
     bar = tqdm(loader, desc="predict", unit="batch", leave=False, disable=not progress)
+    place = Placement(device, amp_dtype, channels_last)
     for x, _, pos in bar:
-        x = x.to(device, non_blocking=True).unsqueeze(1)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(
-            device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-        ):
-            logits = model(x)
-        logits = logits.float().cpu().double()
+        logits = place.forward(model, place.to_device(x)).float().cpu().double()
         if acc is None:
             fill = float("-inf") if aggregation == "max" else 0.0
             acc = torch.full((n, logits.shape[1]), fill, dtype=torch.float64)
@@ -258,9 +249,3 @@ def video_status(
         else:
             out[vid] = "ok"
     return out
-
-
-def checkpoint_short_clips(ckpt: dict[str, Any]) -> ShortClips:
-    """The short-clip policy a checkpoint was trained with (``repeat`` for older checkpoints)."""
-    value = (ckpt.get("config") or {}).get("short_clips", "repeat")
-    return value if value in SHORT_CLIPS else "repeat"  # type: ignore[return-value]

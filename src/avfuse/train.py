@@ -58,7 +58,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,7 @@ from tqdm import tqdm
 
 from avfuse import distributed as D
 from avfuse.accel import (
+    Placement,
     default_batch_size,
     on_for_cuda,
     resolve_channels_last,
@@ -78,8 +79,7 @@ from avfuse.accel import (
     set_memory_format,
 )
 from avfuse.ast_model import frontend_mismatch
-from avfuse.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from avfuse.checkpoint import load_checkpoint
+from avfuse.checkpoint import Checkpoint, ModelSpec, load_checkpoint, save_checkpoint
 from avfuse.config import save_config, to_dict
 from avfuse.data import (
     WINDOW,
@@ -104,7 +104,7 @@ from avfuse.models import (
     load_init,
     model_arch,
 )
-from avfuse.scoring import checkpoint_store, score_videos_distributed, video_status
+from avfuse.scoring import input_store, score_videos_distributed, video_status
 from avfuse.store import FeatureStore
 from avfuse.workdir import WorkDir
 
@@ -588,22 +588,14 @@ def _build(
     store: FeatureStore,
     n_classes: int,
     window: int,
-    ckpt: dict[str, Any] | None,
+    ckpt: Checkpoint | None,
     last_path: Path,
-) -> tuple[nn.Module, dict[str, Any]]:
+) -> tuple[nn.Module, ModelSpec]:
     """The model and its spec: new, ``--init`` weights, or the resumed checkpoint's."""
     model_name = cfg.head if cfg.from_embeddings else cfg.model
-    spec: dict[str, Any] = {
-        "name": model_name,
-        "width": cfg.width,
-        "dropout": cfg.dropout,
-        "n_mels": store.n_mels,
-        "frames": window,
-    }
     # Models configured by their checkpoint (ast) record the architecture for predict/resume.
     arch = None if cfg.from_embeddings else model_arch(model_name, cfg.init, window)
-    if arch is not None:
-        spec["arch"] = arch
+    spec = ModelSpec(model_name, cfg.width, cfg.dropout, store.n_mels, window, arch)
     model = build_model(
         model_name, n_classes, cfg.width, cfg.dropout, n_mels=store.n_mels, frames=window, arch=arch
     )
@@ -617,13 +609,13 @@ def _build(
     if cfg.grad_checkpointing:
         enable_gradient_checkpointing(model)
     if ckpt is not None:
-        if ckpt["model_spec"] != spec:
+        if ckpt.model_spec != spec:
             raise ValueError(
-                f"--resume: {last_path} holds model {ckpt['model_spec']}, the config asks for "
-                f"{spec}; use the run's settings or a new --name"
+                f"--resume: {last_path} holds model {ckpt.model_spec.to_state()}, the config "
+                f"asks for {spec.to_state()}; use the run's settings or a new --name"
             )
-        model.load_state_dict(ckpt["model"])
-        _check_resume_settings(ckpt.get("config") or {}, cfg, last_path)
+        model.load_state_dict(ckpt.model)
+        _check_resume_settings(ckpt.config, cfg, last_path)
     return model, spec
 
 
@@ -707,7 +699,7 @@ def _train(
     if cfg.from_embeddings:
         _refuse_ignored(cfg)
         # A head over one embedding per window: 1-"frame" windows of D "bands".
-        store = checkpoint_store(work, {"embeddings": cfg.from_embeddings})
+        store = input_store(work, cfg.from_embeddings)
         cfg = dataclasses.replace(cfg, specaugment=False, window=1)
     else:
         store = FeatureStore(WorkDir(work).store)
@@ -721,11 +713,13 @@ def _train(
         raise ValueError(f"feature store {store.root} has a different class list than {work}")
     cfg, sel = _select(cfg, load_manifest(work), store, window)
 
-    ckpt: dict[str, Any] | None = None
+    ckpt: Checkpoint | None = None
     if cfg.resume and last_path.exists():
         ckpt = load_checkpoint(last_path)
-        store.check_frontend(ckpt["frontend_hash"], what=f"checkpoint {last_path}")
-        norm = NormStats.from_state(ckpt["norm"])
+        if not ckpt.resumable:
+            raise ValueError(f"--resume: {last_path} holds no optimizer, schedule or RNG state")
+        store.check_frontend(ckpt.frontend_hash, what=f"checkpoint {last_path}")
+        norm = ckpt.norm
     else:
         if cfg.resume:
             log.warning("--resume: %s not found, starting a new run", last_path)
@@ -806,7 +800,7 @@ class _Run:
         device: torch.device,
         amp_dtype: torch.dtype | None,
         model: nn.Module,
-        spec: dict[str, Any],
+        spec: ModelSpec,
         store: FeatureStore,
         classes: list[str],
         norm: NormStats,
@@ -833,6 +827,7 @@ class _Run:
         self.last_path, self.best_path = wd.checkpoint(name, "last"), wd.checkpoint(name, "best")
         self.metrics_path, self.tb_dir = wd.run_metrics(name), wd.run_tensorboard(name)
         self.net: nn.Module = model
+        self.place = Placement(device, self.amp_dtype, cfg.channels_last == "on")
         if e.distributed:
             self.net = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None
@@ -870,21 +865,21 @@ class _Run:
         self.last_metrics: dict[str, Any] = {}
         self.writer: Any = None
 
-    def restore(self, ckpt: dict[str, Any]) -> None:
+    def restore(self, ckpt: Checkpoint) -> None:
         """Continue from ``ckpt``: optimizer, schedule, RNG streams and position."""
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        self.start_epoch, self.skip_steps = int(ckpt["epoch"]), int(ckpt["step_in_epoch"])
-        self.global_step = int(ckpt["global_step"])
-        if "selector" in ckpt:
-            self.selector = EpochSelector.from_state(ckpt["selector"])
+        self.optimizer.load_state_dict(dict(ckpt.optimizer))
+        self.scheduler.load_state_dict(dict(ckpt.scheduler))
+        self.scaler.load_state_dict(dict(ckpt.scaler))
+        self.start_epoch, self.skip_steps = ckpt.epoch, ckpt.step_in_epoch
+        self.global_step = ckpt.global_step
+        if ckpt.selector is not None:
+            self.selector = EpochSelector.from_state(dict(ckpt.selector))
         else:  # written before the selector: it chose by top-1 alone
-            self.selector.best_top1 = float(ckpt["best_top1"])
-        self.last_metrics = dict(ckpt.get("metrics") or {})
-        rngs = ckpt["rng"]
+            self.selector.best_top1 = ckpt.best_top1
+        self.last_metrics = dict(ckpt.metrics)
+        rngs = ckpt.rng
         if len(rngs) == self.e.world_size:
-            _set_rng_state(rngs[self.e.rank], self.aug_rng)
+            _set_rng_state(dict(rngs[self.e.rank]), self.aug_rng)
         else:
             log.warning(
                 "resuming with %d processes instead of %d: RNG streams reseeded",
@@ -932,7 +927,7 @@ class _Run:
         log.info(
             "%s: %d train / %d selection videos, %d classes, %d steps/epoch, effective batch "
             "%d, lr %.3g, device %s, amp %s, %d process(es)",
-            self.spec["name"],
+            self.spec.name,
             len(self.sel.train_ids),
             len(self.sel.val_ids),
             len(self.classes),
@@ -950,46 +945,44 @@ class _Run:
         if not self.e.is_main:
             return
         cfg, sel = self.cfg, self.sel
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "model": self.model.state_dict(),
-            "model_spec": self.spec,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": rngs,
-            "epoch": epoch,
-            "step_in_epoch": step_in_epoch,
-            "global_step": self.global_step,
-            "best_top1": self.selector.best_top1,
-            "selector": self.selector.state(),
-            "config": to_dict(cfg),
-            "classes": list(self.classes),
-            "norm": self.norm.to_state(),
-            "frontend_hash": self.store.frontend_hash,
-            "frontend": self.store.frontend,
-            "window": self.window,
-            "embeddings": cfg.from_embeddings,
-            "world_size": self.e.world_size,
-            "effective_batch_size": self.eff_batch,
-            "batch_size_used": self.batch_size,
-            "windows_per_video_used": self.wpv,
-            "selection_split": sel.label,
-            "selection_videos": list(sel.val_ids),
-            "metrics": dict(self.last_metrics),
-        }
+        ckpt = Checkpoint(
+            model=self.model.state_dict(),
+            model_spec=self.spec,
+            classes=tuple(self.classes),
+            norm=self.norm,
+            frontend_hash=self.store.frontend_hash,
+            frontend=self.store.frontend,
+            window=self.window,
+            embeddings=cfg.from_embeddings,
+            epoch=epoch,
+            step_in_epoch=step_in_epoch,
+            global_step=self.global_step,
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(),
+            rng=tuple(rngs),
+            best_top1=self.selector.best_top1,
+            selector=self.selector.state(),
+            metrics=dict(self.last_metrics),
+            config=to_dict(cfg),
+            world_size=self.e.world_size,
+            effective_batch_size=self.eff_batch,
+            batch_size_used=self.batch_size,
+            windows_per_video_used=self.wpv,
+            selection_split=sel.label,
+            selection_videos=tuple(sel.val_ids),
+        )
         for p in paths:
             try:
-                D.save_on_main(state, p)
+                save_checkpoint(p, ckpt)
             except (RuntimeError, OSError) as exc:
                 raise _save_error(p, exc) from exc
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on a batch; returns (loss, correct) as 0-d tensors on the device
         (reading them waits for the device: the caller does so only where it must)."""
-        cfg, rng = self.cfg, self.aug_rng
-        x = x.to(self.device, non_blocking=True)
-        y = y.to(self.device, non_blocking=True)
+        cfg, rng, place = self.cfg, self.aug_rng, self.place
+        x, y = place.to_device(x), place.to_device(y)
         if self.norm_t is not None:
             x = (x.float() - self.norm_t[0]) / self.norm_t[1]
         if cfg.specaugment and self.raw_inputs:
@@ -999,18 +992,12 @@ class _Run:
             x = spec_augment(x - m, rng, cfg.time_mask, cfg.freq_mask, cfg.num_masks) + m
         elif cfg.specaugment:
             x = spec_augment(x, rng, cfg.time_mask, cfg.freq_mask, cfg.num_masks)
-        x = x.unsqueeze(1)
-        if cfg.channels_last == "on":
-            x = x.contiguous(memory_format=torch.channels_last)
         lam, perm = 1.0, None
         if cfg.mixup_alpha > 0:
             lam = float(rng.beta(cfg.mixup_alpha, cfg.mixup_alpha))
             perm = torch.from_numpy(rng.permutation(len(y))).to(self.device)
             x = lam * x + (1.0 - lam) * x[perm]
-        amp = self.amp_dtype
-        with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = self.net(x)
-        logits = logits.float()
+        logits = place.forward(self.net, x).float()
         loss = self.criterion(logits, y)
         if perm is not None:
             loss = lam * loss + (1.0 - lam) * self.criterion(logits, y[perm])
@@ -1240,7 +1227,7 @@ RESUME_FIXED = (
 )
 
 
-def _check_resume_settings(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
+def _check_resume_settings(saved: Mapping[str, Any], cfg: TrainConfig, path: Path) -> None:
     """Refuse to resume ``path`` (whose config is ``saved``) with other schedule settings."""
     now = to_dict(cfg)
     changed = [
