@@ -22,6 +22,11 @@ the documentation come from one place. Metadata keys understood here:
 ``legacy``      ``{old value: new value}`` applied when a config is made or read (files,
                 checkpoints, code), so a setting whose type changed keeps old uses working
 
+A field naming an entry of a :class:`Registry` (a model, a fusion method, a score format) is
+typed ``Annotated[str, OneOf(REGISTRY)]``: it is checked, offered as CLI choices and
+documented like a ``Literal`` whose values are the registry's names at that moment, so a new
+entry needs no second list.
+
 Config classes derive from :class:`Config`, which checks every field when an instance is made
 (directly, by ``dataclasses.replace`` or by :func:`from_dict`): a ``Literal`` field must hold one
 of its values, a bounded number must lie within its bounds, and no number may be NaN or
@@ -46,14 +51,29 @@ import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import tomli_w
 import yaml
 
 from avfuse.io import atomic_write, require_regular_file
+from avfuse.registry import OneOf
 
 T = TypeVar("T")
+
+
+def _one_of(tp: Any) -> OneOf | None:
+    """The :class:`OneOf` of an ``Annotated[str, OneOf(...)]`` type, else ``None``."""
+    if get_origin(tp) is Annotated:
+        return next((m for m in tp.__metadata__ if isinstance(m, OneOf)), None)
+    return None
+
+
+def allowed_values(tp: Any) -> tuple[Any, ...]:
+    """The values a field of type ``tp`` allows (``Literal``, ``OneOf``; also ``X | None`` and
+    ``tuple[X, ...]``) as they are now; empty for a field of another type."""
+    values, _ = _literal_values(tp)
+    return tuple(values)
 
 
 def num_workers_field() -> Any:
@@ -113,31 +133,35 @@ def _apply_legacy(cfg: Any) -> None:
                 object.__setattr__(cfg, f.name, new)
 
 
-def _literal_values(tp: Any) -> tuple[tuple[Any, ...], bool]:
-    """The values a ``Literal`` (or ``Literal | None``, ``tuple[Literal, ...]``) field allows.
+def _literal_values(tp: Any) -> tuple[tuple[Any, ...] | OneOf, bool]:
+    """The values a ``Literal`` or ``OneOf`` field (or ``X | None``, ``tuple[X, ...]``) allows.
 
-    Returns ``(values, per_item)``; ``values`` is empty for a field of another type.
+    Returns ``(values, per_item)``; ``values`` is empty for a field of another type, and a
+    :class:`OneOf` itself (consulted on each use: a registry may grow) for a registry field.
     """
     tp, _ = _unwrap_optional(tp)
     origin = get_origin(tp)
     if origin is Literal:
         return get_args(tp), False
+    one_of = _one_of(tp)
+    if one_of is not None:
+        return one_of, False
     if origin is tuple:
         args = [a for a in get_args(tp) if a is not Ellipsis]
         if len(args) == 1:
-            inner, _ = _unwrap_optional(args[0])
-            if get_origin(inner) is Literal:
-                return get_args(inner), True
+            values, _ = _literal_values(args[0])
+            if values:
+                return values, True
     return (), False
 
 
-_Check = tuple[str, tuple[Any, ...], bool, Any, Any, Any, bool]
+_Check = tuple[str, tuple[Any, ...] | OneOf, bool, Any, Any, Any, bool]
 
 
 @functools.cache
 def _field_checks(cls: type) -> tuple[_Check, ...]:
     # Resolved once per class: type hints are the costly part.
-    hints = _field_types(cls)
+    hints = field_types(cls)
     checks = []
     for f in dataclasses.fields(cls):
         allowed, per_item = _literal_values(hints.get(f.name))
@@ -149,7 +173,7 @@ def _field_checks(cls: type) -> tuple[_Check, ...]:
     return tuple(checks)
 
 
-def _choices(allowed: tuple[Any, ...]) -> str:
+def _choices(allowed: tuple[Any, ...] | OneOf) -> str:
     return ", ".join(repr(a) for a in allowed)
 
 
@@ -191,8 +215,9 @@ def check_fields(cfg: Any) -> None:
             raise ValueError(f"{name}.{field_name}: {value!r} is out of range; must be {bounds}")
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+def field_types(cls: type) -> dict[str, Any]:
+    """The resolved type of each field of ``cls``, ``Annotated`` metadata (:class:`OneOf`) kept."""
+    return typing.get_type_hints(cls, include_extras=True)
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -222,7 +247,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     A float field holding an int (``shard_mb: float = 256``) comes out as a float, so a config
     and its round trip through a file hash alike.
     """
-    hints = _field_types(type(cfg))
+    hints = field_types(type(cfg))
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cfg):
         if f.metadata.get("omit_default") and getattr(cfg, f.name) == f.default:
@@ -252,6 +277,13 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if value not in get_args(tp):
             raise ValueError(f"{where}: {value!r} is not one of {_choices(get_args(tp))}")
         return value
+    one_of = _one_of(tp)
+    if one_of is not None:
+        if value not in one_of:
+            raise ValueError(f"{where}: {value!r} is not one of {_choices(one_of)}")
+        return value
+    if origin is Annotated:
+        return _coerce(get_args(tp)[0], value, where)
     if origin is tuple:
         args = get_args(tp)
         if isinstance(value, str):
@@ -300,7 +332,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     """Build ``cls`` from a plain dict; unknown keys are an error (typos must not pass silently)."""
-    hints = _field_types(cls)
+    hints = field_types(cls)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - names)
     if unknown:
@@ -532,6 +564,9 @@ def _cli_type(tp: Any) -> tuple[Any, dict[str, Any]]:
     origin = get_origin(tp)
     if origin is Literal:
         return str, {"choices": list(get_args(tp))}
+    one_of = _one_of(tp)
+    if one_of is not None:
+        return str, {"choices": list(one_of)}
     if origin is tuple:
         return str, {"metavar": "A,B,..."}
     if tp is Path:
@@ -543,7 +578,7 @@ def _cli_type(tp: Any) -> tuple[Any, dict[str, Any]]:
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one CLI option per simple field of ``cls`` (nested tables are set with ``--set``)."""
-    hints = _field_types(cls)
+    hints = field_types(cls)
     for f in dataclasses.fields(cls):
         meta = f.metadata
         if meta.get("cli", True) is False:

@@ -33,6 +33,7 @@ import pandas as pd
 from avfuse.config import Config, finished_run_settings, save_config, to_dict
 from avfuse.fusion import (
     LOG_FLOOR,
+    METHODS,
     Kind,
     Method,
     Params,
@@ -45,6 +46,7 @@ from avfuse.fusion import (
     infer_kind,
     log_softmax32,
     masked_true_rank,
+    methods_help,
     pick_weight,
     stratified_folds,
     temper,
@@ -118,7 +120,7 @@ class FuseConfig(Config):
     )
     method: Method = field(
         default="mean",
-        metadata={"help": "mean of probs, logprob (product of experts) or stack (learned)"},
+        metadata={"help": methods_help()},
     )
     weight_selection: Selection = field(
         default="cv",
@@ -569,7 +571,7 @@ def fuse(cfg: FuseConfig, executor: Executor | None = None) -> FuseResult:
             "top1_all": curve_all.tolist(),
             "top1_with_audio": curve_audio.tolist(),
             "heldout_top1": None if heldout_curve is None else heldout_curve.tolist(),
-            "method": "logprob" if cfg.method == "stack" else cfg.method,
+            "method": METHODS.entry(cfg.method).curves,
         },
         "per_class": {
             "classes": classes,
@@ -600,8 +602,11 @@ def _fuse_cv(
     and ``both`` are ``(N,)`` masks. May overwrite ``v.lv`` with the fused scores.
     """
     curve_c, curve_nll = curves
+    weighted = METHODS.entry(cfg.method).weighted
+    # Uncalibrated, a weighted method's weight comes from the precomputed curves.
+    from_curves = weighted and not cfg.calibrate
     fold_of = np.full(len(v.ids), -1, dtype=np.int64)
-    if cfg.method != "stack" and not cfg.calibrate and lab.all():
+    if from_curves and lab.all():
         # Weights come from the precomputed curves and every video is in one test fold:
         # a fold's video log-probabilities are read once, by its own fusion, so its fused
         # scores can take their place (one (N, C) array less at Kinetics scale).
@@ -616,7 +621,7 @@ def _fuse_cv(
     for f in range(k):
         train = lab & (fold_of != f)
         test = fold_of == f
-        if cfg.method != "stack" and not cfg.calibrate:
+        if from_curves:
             # The precomputed curves restricted to the training folds: same choice as a
             # refit, without recomputing the fused scores.
             g = pick_weight(curve_c, curve_nll, fold_of[both] != f)
@@ -629,7 +634,7 @@ def _fuse_cv(
         p = fit_params(v.subset(lab), cfg.method, weights, cfg.calibrate, cfg.stack_l2)
         fused[~lab] = apply_params(p, v.subset(~lab))
     chosen: dict[str, Any] = {"folds": fold_params}
-    if cfg.method != "stack":
+    if weighted:
         ws = [fp["weight"] for fp in fold_params]
         chosen["weight_median"] = float(np.median(ws))
 

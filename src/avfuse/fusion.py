@@ -4,7 +4,8 @@ Scores are ``(N, C)`` arrays (N videos, C classes, class-list order); labels are
 int64 class indices (``-1`` = unlabelled where a function says so). Nothing here reads or
 writes files: :mod:`avfuse.fuse` joins the inputs and writes the outputs.
 
-Methods, with audio weight ``w`` and per-video log-probabilities ``lv`` (video), ``la`` (audio):
+Methods (:data:`METHODS`, the one table of them), with audio weight ``w`` and per-video
+log-probabilities ``lv`` (video), ``la`` (audio):
 
 ``mean``     ``p = (1 - w) exp(lv) + w exp(la)``
 ``logprob``  ``p = softmax((1 - w) lv + w la)`` (a weighted product of experts)
@@ -19,8 +20,9 @@ the one implementation train, evaluate and fuse share; every pass here goes in b
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 import numpy as np
 from scipy import optimize
@@ -31,8 +33,8 @@ from avfuse.metrics import (
     rank_metrics,
     true_rank,
 )
+from avfuse.registry import OneOf, Registry
 
-Method = Literal["mean", "logprob", "stack"]
 Kind = Literal["auto", "logits", "probs"]
 
 
@@ -248,7 +250,7 @@ def stratified_folds(labels: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
 # --------------------------------------------------------------------------- fusion rules
 
 
-def fuse_log_probs(lv: np.ndarray, la: np.ndarray, w: float, method: Method) -> np.ndarray:
+def fuse_log_probs(lv: np.ndarray, la: np.ndarray, w: float, method: str) -> np.ndarray:
     """Fused probabilities ``(N, C)`` of rows that have both views, for audio weight ``w``.
 
     ``w = 0`` returns exactly the video probabilities and ``w = 1`` exactly the audio ones.
@@ -257,12 +259,18 @@ def fuse_log_probs(lv: np.ndarray, la: np.ndarray, w: float, method: Method) -> 
         return np.exp(lv)
     if w == 1.0:
         return np.exp(la)
-    wv, wa = np.float32(1.0 - w), np.float32(w)
-    if method == "mean":
-        return wv * np.exp(lv) + wa * np.exp(la)
-    if method == "logprob":
-        return np.exp(log_softmax32(wv * lv + wa * la))
-    raise ValueError(f"fuse_log_probs: no weight for method {method!r}")
+    rule = METHODS.entry(method).fuse
+    if rule is None:
+        raise ValueError(f"fuse_log_probs: no weight for method {method!r}")
+    return rule(lv, la, np.float32(1.0 - w), np.float32(w))
+
+
+def _mean_rule(lv: np.ndarray, la: np.ndarray, wv: np.float32, wa: np.float32) -> np.ndarray:
+    return wv * np.exp(lv) + wa * np.exp(la)  # type: ignore[no-any-return]
+
+
+def _logprob_rule(lv: np.ndarray, la: np.ndarray, wv: np.float32, wa: np.float32) -> np.ndarray:
+    return np.exp(log_softmax32(wv * lv + wa * la))
 
 
 def weight_curves(
@@ -270,7 +278,7 @@ def weight_curves(
     la: np.ndarray,
     labels: np.ndarray,
     weights: np.ndarray,
-    method: Method,
+    method: str,
     rows: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-video outcome at every weight: ``correct (G, N)`` bool, ``nll (G, N)`` float32.
@@ -280,41 +288,58 @@ def weight_curves(
     weight on one block before the next: the temporaries stay a few MB at any N, and each
     row's figures are those of a full-size computation. ``rows`` (a boolean mask) restricts
     the curves to those rows (N = its count) without a full-size copy of ``lv`` and ``la``.
+    A learned method has no weight: its curves are those of its ``curves`` method.
     """
-    m = "logprob" if method == "stack" else method
+    outcomes = METHODS.entry(METHODS.entry(method).curves).outcomes
+    if outcomes is None:
+        raise ValueError(f"fusion method {method!r} draws no weight curves")
     idx = np.arange(len(labels)) if rows is None else np.flatnonzero(rows)
     correct = np.zeros((len(weights), len(idx)), dtype=bool)
     nll = np.zeros((len(weights), len(idx)), dtype=np.float32)
     for lo in range(0, len(idx), ROW_BLOCK):
         sl = slice(lo, lo + ROW_BLOCK)
         r = idx[sl] if rows is not None else sl
-        _weight_curves_block(lv[r], la[r], labels[r], weights, m, correct[:, sl], nll[:, sl])
+        outcomes(lv[r], la[r], labels[r], weights, correct[:, sl], nll[:, sl])
     return correct, nll
 
 
-def _weight_curves_block(
+def _prob_outcomes(p: np.ndarray, labels: np.ndarray, correct: np.ndarray, nll: np.ndarray) -> None:
+    """Fill one weight's ``correct`` and ``nll`` (N,) from fused probabilities ``p`` (N, C)."""
+    correct[:] = true_rank(p, labels) == 0
+    nll[:] = -np.log(np.maximum(p[np.arange(len(labels)), labels], 1e-30))
+
+
+def _mean_outcomes(
     lv: np.ndarray,
     la: np.ndarray,
     labels: np.ndarray,
     weights: np.ndarray,
-    m: Method,
+    correct: np.ndarray,
+    nll: np.ndarray,
+) -> None:
+    # Both views' probabilities once for every weight.
+    pv, pa = np.exp(lv), np.exp(la)
+    for g, w in enumerate(weights):
+        _prob_outcomes(np.float32(1 - w) * pv + np.float32(w) * pa, labels, correct[g], nll[g])
+
+
+def _logprob_outcomes(
+    lv: np.ndarray,
+    la: np.ndarray,
+    labels: np.ndarray,
+    weights: np.ndarray,
     correct: np.ndarray,
     nll: np.ndarray,
 ) -> None:
     rows = np.arange(len(labels))
-    pv, pa = (np.exp(lv), np.exp(la)) if m == "mean" else (None, None)
     for g, w in enumerate(weights):
-        if m == "logprob" and 0.0 < w < 1.0:
+        if 0.0 < w < 1.0:
+            # Ranks and NLL straight from the unnormalised log scores: no softmax pass.
             s = np.float32(1 - w) * lv + np.float32(w) * la
             correct[g] = true_rank(s, labels) == 0
             nll[g] = logsumexp(s, axis=1) - s[rows, labels]
         else:
-            if pv is not None and pa is not None:
-                p = np.float32(1 - w) * pv + np.float32(w) * pa
-            else:
-                p = fuse_log_probs(lv, la, float(w), m)
-            correct[g] = true_rank(p, labels) == 0
-            nll[g] = -np.log(np.maximum(p[rows, labels], 1e-30))
+            _prob_outcomes(fuse_log_probs(lv, la, float(w), "logprob"), labels, correct[g], nll[g])
 
 
 def pick_weight(correct: np.ndarray, nll: np.ndarray, mask: np.ndarray | None = None) -> int:
@@ -350,6 +375,9 @@ class Stacker:
 
     def predict(self, lv: np.ndarray, la: np.ndarray) -> np.ndarray:
         return softmax(self.logits(lv, la), axis=1)
+
+    def describe(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "beta": self.beta}
 
     @classmethod
     def fit(
@@ -393,6 +421,74 @@ class Stacker:
         return unpack(res.x)
 
 
+# --------------------------------------------------------------------------- the methods
+
+
+class Learned(Protocol):
+    """A fusion model fitted on the selection split (:class:`Stacker`)."""
+
+    def predict(self, lv: np.ndarray, la: np.ndarray) -> np.ndarray:
+        """Fused probabilities ``(N, C)`` of log-probabilities ``lv``, ``la`` ``(N, C)``."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """Its fitted figures for the report (JSON-ready)."""
+        ...
+
+
+# (lv, la, 1 - w, w) -> fused probabilities (N, C)
+WeightedRule = Callable[[np.ndarray, np.ndarray, np.float32, np.float32], np.ndarray]
+# (lv, la, labels, weights, correct (G, N), nll (G, N)) -> None: fills one block's outcomes
+Outcomes = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]
+# (lv, la, labels, l2) -> fitted model
+Fit = Callable[[np.ndarray, np.ndarray, np.ndarray, float], Learned]
+
+
+@dataclass(frozen=True)
+class FusionMethod:
+    """One entry of :data:`METHODS`.
+
+    A weighted method has ``fuse`` (the rule for one audio weight) and ``outcomes`` (every
+    weight's per-video outcome, for choosing the weight); a learned one has ``fit`` instead,
+    run on the selection split. ``curves`` names the weighted method whose accuracy-against-
+    weight curves are drawn for it (its own name for a weighted method). ``display`` says
+    what it is in help text.
+    """
+
+    display: str
+    curves: str
+    fuse: WeightedRule | None = None
+    outcomes: Outcomes | None = None
+    fit: Fit | None = None
+
+    @property
+    def weighted(self) -> bool:
+        """Whether it chooses an audio weight (else it fits a model)."""
+        return self.fit is None
+
+
+# The fusion methods: a new one is one entry; the config field, CLI choices and help read it.
+METHODS: Registry[FusionMethod] = Registry(
+    "fusion method",
+    {
+        "mean": FusionMethod(
+            "weighted average of probabilities", "mean", _mean_rule, _mean_outcomes
+        ),
+        "logprob": FusionMethod(
+            "weighted product of experts", "logprob", _logprob_rule, _logprob_outcomes
+        ),
+        "stack": FusionMethod("learned logistic regression", "logprob", fit=Stacker.fit),
+    },
+)
+Method = Annotated[str, OneOf(METHODS)]
+
+
+def methods_help() -> str:
+    """``name (display)`` of every method, for help text."""
+    items = [f"{name} ({m.display})" for name, m in METHODS.items()]
+    return ", ".join(items[:-1]) + " or " + items[-1] if len(items) > 1 else "".join(items)
+
+
 # --------------------------------------------------------------------------- fitting
 
 
@@ -421,18 +517,19 @@ class Views:
 
 @dataclass
 class Params:
-    """What a fit chooses: temperatures, the audio weight (mean / logprob) or a stacker."""
+    """What a fit chooses: temperatures, and the audio weight (a weighted method) or the
+    fitted model (a learned one)."""
 
     method: Method
     weight: float = 0.0
     t_video: float = 1.0
     t_audio: float = 1.0
-    stacker: Stacker | None = None
+    learned: Learned | None = None
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"t_video": self.t_video, "t_audio": self.t_audio}
-        if self.stacker is not None:
-            out["alpha"], out["beta"] = self.stacker.alpha, self.stacker.beta
+        if self.learned is not None:
+            out.update(self.learned.describe())
         else:
             out["weight"] = self.weight
         return out
@@ -446,7 +543,7 @@ def fit_params(
     l2: float,
     curves: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Params:
-    """Choose temperatures and the weight (or stacker) on the labelled videos of ``v``.
+    """Choose temperatures and the weight (or fit the model) on the labelled videos of ``v``.
 
     ``curves``: precomputed :func:`weight_curves` of ``v``'s labelled videos with audio (only
     valid without calibration, which changes the scores).
@@ -455,9 +552,10 @@ def fit_params(
     both = lab & v.has_audio
     tv = fit_temperature(v.lv[lab], v.labels[lab]) if calibrate else 1.0
     ta = fit_temperature(v.la[both], v.labels[both]) if calibrate else 1.0
-    if method == "stack":
-        st = Stacker.fit(temper(v.lv[both], tv), temper(v.la[both], ta), v.labels[both], l2)
-        return Params(method, t_video=tv, t_audio=ta, stacker=st)
+    fit = METHODS.entry(method).fit
+    if fit is not None:
+        model = fit(temper(v.lv[both], tv), temper(v.la[both], ta), v.labels[both], l2)
+        return Params(method, t_video=tv, t_audio=ta, learned=model)
     if curves is None:
         curves = weight_curves(
             temper(v.lv[both], tv), temper(v.la[both], ta), v.labels[both], weights, method
@@ -490,8 +588,8 @@ def _apply_block(p: Params, lv: np.ndarray, la_all: np.ndarray, m: np.ndarray) -
     out = np.exp(lv)
     if m.any():
         la = temper(la_all[m], p.t_audio)
-        if p.stacker is not None:
-            out[m] = p.stacker.predict(lv[m], la)
+        if p.learned is not None:
+            out[m] = p.learned.predict(lv[m], la)
         else:
             out[m] = fuse_log_probs(lv[m], la, p.weight, p.method)
     return out

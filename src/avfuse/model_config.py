@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from avfuse.config import Config, finished_run_settings
+from avfuse.registry import OneOf, Registry
 from avfuse.workdir import ScoreLayout, WorkDir
 
 # What a clip shorter than one window becomes when its window is cut (the store keeps only its
@@ -23,7 +24,38 @@ ShortClips = Literal["repeat", "zeros", "drop"]
 SHORT_CLIPS: tuple[str, ...] = ("repeat", "zeros", "drop")
 
 Aggregation = Literal["mean_softmax", "mean_logits", "max"]
-ModelName = Literal["vggish", "resnet", "panns", "cnn14", "cnn10", "ast"]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One architecture of :data:`MODELS`.
+
+    ``cls``: the name of its class in :mod:`avfuse.models` (a name, so that the configs stay
+    importable without torch). ``pretrained``: released weights exist for it (``--init``,
+    ``avfuse embed``), and it takes the inputs of their training, so no band standardisation
+    goes in front of it (VGGish saw raw log-mel; PANNs standardise in bn0).
+    """
+
+    cls: str
+    pretrained: bool = False
+
+
+# The model table: a new architecture is a class in avfuse.models and one entry here; the
+# config fields, CLI choices and messages read their names from it.
+MODELS: Registry[ModelEntry] = Registry(
+    "model",
+    {
+        "vggish": ModelEntry("VGGish", pretrained=True),
+        "resnet": ModelEntry("ResNet"),
+        "panns": ModelEntry("PANNsCNN"),
+        "cnn14": ModelEntry("Cnn14", pretrained=True),
+        "cnn10": ModelEntry("Cnn10", pretrained=True),
+        "ast": ModelEntry("AST", pretrained=True),
+    },
+)
+ModelName = Annotated[str, OneOf(MODELS)]
+# The models ``avfuse embed`` can run: those with released weights.
+PretrainedName = Annotated[str, OneOf(MODELS, keep=lambda entry: entry.pretrained)]
 # Steps a run takes at least: with a few hundred clips an epoch is a handful of steps, and 18
 # steps left a generated two-class set (14 clips a class, half under 1 s) at chance, while 300
 # steps reached 11 of 12 val videos (benchmarks/bench_short_clips.py).
@@ -377,9 +409,7 @@ class EmbedConfig(Config):
     work: Path = field(
         metadata={"help": "work folder (manifest + feature store)", "positional": True}
     )
-    model: Literal["cnn14", "cnn10", "vggish", "ast"] = field(
-        default="cnn14", metadata={"help": "pretrained network"}
-    )
+    model: PretrainedName = field(default="cnn14", metadata={"help": "pretrained network"})
     init: Path | None = field(
         default=None,
         metadata={

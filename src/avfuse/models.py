@@ -35,6 +35,7 @@ from torch.nn import functional as F
 
 from avfuse import ast_model
 from avfuse.ast_model import AST
+from avfuse.model_config import MODELS
 from avfuse.safe_pickle import load_torch
 
 log = logging.getLogger(__name__)
@@ -408,21 +409,8 @@ class EmbeddingHead(nn.Module):
         return self.fc(self.dropout(self.body(x)))  # type: ignore[no-any-return]
 
 
-MODELS: dict[str, type[nn.Module]] = {
-    "vggish": VGGish,
-    "resnet": ResNet,
-    "panns": PANNsCNN,
-    "cnn14": Cnn14,
-    "cnn10": Cnn10,
-    "ast": AST,
-}
-
 # Heads over precomputed embeddings (``avfuse train --from-embeddings``): input (B, 1, 1, D).
 HEADS: dict[str, int] = {"linear": 0, "mlp": 512}
-
-# Models whose pretrained weights expect the inputs of their own training: no band
-# standardisation in front of them (VGGish saw raw log-mel; PANNs standardise in bn0).
-PRETRAINED_INPUT = ("vggish", "cnn14", "cnn10", "ast")
 
 # Entries of released checkpoints that are not part of any avfuse model: the PANNs release's
 # waveform front end (avfuse computes log-mel in its own front end) and torchvggish's PCA.
@@ -446,11 +434,10 @@ def build_model(
     """
     if name in HEADS:
         return EmbeddingHead(num_classes, n_mels, hidden=HEADS[name], dropout=dropout)
-    try:
-        cls = MODELS[name]
-    except KeyError:
+    if name not in MODELS:
         known = ", ".join([*MODELS, *HEADS])
-        raise ValueError(f"unknown model {name!r}; choose one of {known}") from None
+        raise ValueError(f"unknown model {name!r}; choose one of {known}")
+    cls = model_class(name)
     if cls is AST:
         arch = dict(arch) if arch is not None else ast_model.base_arch(frames, n_mels)
         if (arch["max_length"], arch["num_mel_bins"]) != (frames, n_mels):
@@ -465,6 +452,15 @@ def build_model(
     if issubclass(cls, _PANNs):
         return cls(num_classes, width, dropout, n_mels=n_mels, frames=frames)
     return cls(num_classes=num_classes, width=width, dropout=dropout)  # type: ignore[call-arg]
+
+
+def model_class(name: str) -> type[nn.Module]:
+    """The class of the :data:`~avfuse.model_config.MODELS` entry ``name``."""
+    entry = MODELS.entry(name)
+    cls = globals().get(entry.cls)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"model {name!r}: avfuse.models has no model class {entry.cls!r}")
+    return cls
 
 
 def head_prefixes(model: nn.Module) -> tuple[str, ...]:
@@ -644,7 +640,6 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 __all__: Sequence[str] = [
     "AST",
     "HEADS",
-    "MODELS",
     "Cnn10",
     "Cnn14",
     "EmbeddingHead",
@@ -656,4 +651,5 @@ __all__: Sequence[str] = [
     "embed_dim",
     "load_init",
     "match_state",
+    "model_class",
 ]

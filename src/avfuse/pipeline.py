@@ -37,7 +37,6 @@ import json
 import logging
 import os
 import time
-import typing
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -56,7 +55,7 @@ import avfuse.features
 import avfuse.fuse
 import avfuse.manifest
 import avfuse.model_config
-from avfuse.config import Config, dumps, from_dict, to_dict
+from avfuse.config import Config, allowed_values, dumps, field_types, from_dict, to_dict
 from avfuse.evaluate import EvaluateConfig
 from avfuse.extract import ExtractConfig
 from avfuse.features import FeaturesConfig
@@ -1312,19 +1311,16 @@ def _toml_value(key: str, value: Any) -> str:
 
 
 def _help(f: dataclasses.Field[Any], hints: dict[str, Any]) -> str:
-    """A field's help text, with the allowed values of a ``Literal`` field."""
+    """A field's help text, with the values a ``Literal`` or registry field allows."""
     help_text = str(f.metadata.get("help", ""))
-    tp = hints.get(f.name)
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if len(args) == 1:  # Optional[Literal[...]]
-        tp = args[0]
-    if typing.get_origin(tp) is Literal:
-        help_text += f" (one of: {', '.join(str(a) for a in typing.get_args(tp))})"
+    values = allowed_values(hints.get(f.name))
+    if values:
+        help_text += f" (one of: {', '.join(str(a) for a in values)})"
     return help_text
 
 
 def _render_table(obj: Any, prefix: str, skip: set[str]) -> list[str]:
-    hints = typing.get_type_hints(type(obj))
+    hints = field_types(type(obj))
     plain = to_dict(obj)
     lines: list[str] = []
     nested: list[tuple[str, Any, str]] = []
@@ -1354,7 +1350,7 @@ def render_config_toml(cfg: RunConfig | None = None) -> str:
     """The documented TOML text of ``cfg`` (default: :class:`RunConfig` defaults)."""
     cfg = cfg or RunConfig()
     sections = {f.name for f in dataclasses.fields(cfg) if f.name in STAGES}
-    hints = typing.get_type_hints(RunConfig)
+    hints = field_types(RunConfig)
     plain = to_dict(cfg)
     lines = [_HEADER]
     for f in dataclasses.fields(cfg):

@@ -739,8 +739,9 @@ def _fusion_accuracy_plots(r: Report, out: FusionLayout, figures: dict[str, Any]
         "them would be tuning on the test videos. Dotted lines: the weight(s) actually used"
         + (" (one per fold)." if ch.get("folds") else ".")
         + (
-            " The stacker has no single weight; the curve shows the product of experts."
-            if figures["method"] == "stack"
+            f" `{figures['method']}` fits a model, not one weight; the curve shows "
+            f"`{cv['method']}`."
+            if figures["method"] != cv["method"]
             else ""
         )
     )

@@ -92,10 +92,8 @@ from avfuse.data import (
 from avfuse.io import DiskFullError, atomic_write, check_inside_work, is_disk_full
 from avfuse.manifest import SCORED_STATUSES, load_classes, load_manifest
 from avfuse.metrics import metrics as score_metrics
-from avfuse.model_config import CARVE, HELDOUT, TrainConfig
+from avfuse.model_config import CARVE, HELDOUT, MODELS, TrainConfig
 from avfuse.models import (
-    MODELS,
-    PRETRAINED_INPUT,
     build_model,
     enable_gradient_checkpointing,
     head_prefixes,
@@ -313,7 +311,7 @@ def resolve_normalize(cfg: TrainConfig) -> str:
     """``band`` or ``none`` for ``cfg.normalize`` (see the field's help)."""
     if cfg.normalize != "auto":
         return cfg.normalize
-    pretrained = cfg.init and cfg.model in PRETRAINED_INPUT and not cfg.from_embeddings
+    pretrained = cfg.init and MODELS.entry(cfg.model).pretrained and not cfg.from_embeddings
     return "none" if pretrained else "band"
 
 
@@ -1264,7 +1262,6 @@ def _trim_metrics(path: Path, start_epoch: int) -> None:
 
 
 __all__ = [
-    "MODELS",
     "StopTraining",
     "TrainConfig",
     "TrainResult",

@@ -5,7 +5,7 @@ float64 matrix and, when the source names them, the class of each column. Nothin
 on row order: :func:`match_ids` joins rows to manifest ``video_id`` values through
 :func:`normalize_id`, and :func:`align_classes` reorders columns by class name.
 
-Formats (chosen by extension, or forced with ``fmt``):
+Formats (:data:`READERS`, the one table of them; chosen by extension, or forced with ``fmt``):
 
 ``.npz`` with ``ids``, ``classes``, ``scores``
     an :class:`avfuse.scores.ScoreFile` (ours), or any npz with a 2-D array (``scores``,
@@ -39,10 +39,10 @@ import re
 import unicodedata
 import zipfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -50,9 +50,8 @@ import pandas as pd
 from avfuse.io import csv_uncell, require_regular_file
 from avfuse.labels import class_key, kinetics_clip_name, match_class_names, nfc, read_label_map
 from avfuse.manifest import SCORED_STATUSES
+from avfuse.registry import OneOf, Registry
 from avfuse.safe_pickle import CorruptPickleError, UnsafePickleError, load_pickle
-
-Format = Literal["auto", "npz", "npy", "csv", "pkl"]
 
 # YouTube ids are 11 characters of [A-Za-z0-9_-]; Kinetics clips append start and end seconds.
 _KINETICS = re.compile(r"^(?P<yt>[A-Za-z0-9_-]{11})_(?P<start>\d+)_(?P<end>\d+)$")
@@ -885,15 +884,36 @@ def _dump_labels(obj: Sequence[Any], path: Path) -> RowLabels | None:
     return RowLabels(str(path), index=np.asarray(out, dtype=np.int64))
 
 
-_READERS = {"npz": _load_npz, "npy": _load_npy, "csv": _load_csv, "pkl": _load_pkl}
+@dataclass(frozen=True)
+class ScoreReader:
+    """One entry of :data:`READERS`: the file extensions (lower case, no dot) it is chosen by,
+    and the function reading such a file within the data set's bounds."""
+
+    extensions: tuple[str, ...]
+    read: Callable[[Path, ScoreBounds], VideoScores]
+
+
+# The score file formats: a new one is one entry; ``--video-format`` and detection read it.
+READERS: Registry[ScoreReader] = Registry(
+    "video score format",
+    {
+        "npz": ScoreReader(("npz",), _load_npz),
+        "npy": ScoreReader(("npy",), _load_npy),
+        "csv": ScoreReader(("csv", "tsv"), _load_csv),
+        "pkl": ScoreReader(("pkl", "pickle"), _load_pkl),
+    },
+)
+# A format name, or ``auto``: by the file's extension.
+Format = Annotated[str, OneOf(READERS, extra=("auto",))]
 
 
 def detect_format(path: str | Path) -> str:
+    """The :data:`READERS` name of ``path`` by its extension."""
     ext = Path(path).suffix.lower().lstrip(".")
-    fmt = {"npz": "npz", "npy": "npy", "csv": "csv", "tsv": "csv", "pkl": "pkl", "pickle": "pkl"}
-    if ext not in fmt:
-        raise VideoScoreError(f"{path}: unknown score file type .{ext}; pass --video-format")
-    return fmt[ext]
+    for name, reader in READERS.items():
+        if ext in reader.extensions:
+            return name
+    raise VideoScoreError(f"{path}: unknown score file type .{ext}; pass --video-format")
 
 
 def read_one(
@@ -915,7 +935,7 @@ def read_one(
     if path.stat().st_size == 0:
         raise VideoScoreError(f"{path}: empty file")
     kind = detect_format(path) if fmt == "auto" else fmt
-    vs = _READERS[kind](path, bounds)
+    vs = READERS.entry(kind).read(path, bounds)
     if "unnamed rows" in vs.notes:
         if ids_file is None:
             raise VideoScoreError(

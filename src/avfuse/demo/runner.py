@@ -12,6 +12,7 @@ from avfuse.config import Config
 from avfuse.demo.baseline import VideoBaselineResult, train_video_baseline
 from avfuse.demo.dataset import CATALOGUE, DatasetInfo, generate_dataset
 from avfuse.io import read_json, write_json
+from avfuse.model_config import ModelName
 from avfuse.workdir import DATASET_INFO, VideoModelLayout, WorkDir
 
 
@@ -79,7 +80,7 @@ class DemoConfig(Config):
     )
     unreadable: int = field(default=2, metadata={"help": "unreadable training files", "min": 0})
     epochs: int = field(default=15, metadata={"min": 1, "help": "audio model training epochs"})
-    model: str = field(default="resnet", metadata={"help": "audio model architecture"})
+    model: ModelName = field(default="resnet", metadata={"help": "audio model architecture"})
     width: float = field(
         default=0.25, metadata={"above": 0, "help": "audio model width multiplier"}
     )
@@ -139,7 +140,7 @@ def demo_run_config(cfg: DemoConfig, video_dir: Path) -> Any:
     train = dataclasses.replace(
         base.train,
         epochs=cfg.epochs,
-        model=cfg.model,  # type: ignore[arg-type]  # checked against the Literal on construction
+        model=cfg.model,
         width=cfg.width,
         # Tiny data: worker start-up would cost more than it saves.
         num_workers=0,
