@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from avfuse.models import MODELS, PANNsCNN, ResNet, VGGish, build_model, load_init
+from avfuse.model_config import MODELS
+from avfuse.models import PANNsCNN, ResNet, VGGish, build_model, load_init
 
 # harritaylor/torchvggish layout, written out by hand from the published architecture:
 # features = [conv64, relu, pool, conv128, relu, pool, conv256, relu, conv256, relu, pool,
