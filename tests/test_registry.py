@@ -23,7 +23,7 @@ from avfuse.config import allowed_values, field_types, from_arguments, from_dict
 from avfuse.demo import DemoConfig
 from avfuse.fuse import FuseConfig, fuse
 from avfuse.fusion import METHODS, FusionMethod, Stacker, fuse_log_probs, weight_curves
-from avfuse.model_config import MODELS, EmbedConfig, ModelEntry, TrainConfig
+from avfuse.model_config import HEADS, MODELS, EmbedConfig, ModelEntry, TrainConfig
 from avfuse.pipeline import render_config_toml
 from avfuse.registry import OneOf, Registry
 from avfuse.scores import ScoreFile
@@ -42,6 +42,7 @@ def _choices(command: str, option: str) -> list[str]:
 # (config class, field, command, option, registry, fixed values first, entry filter)
 FIELDS: list[tuple[type, str, str, str, Registry[Any], tuple[str, ...], Any]] = [
     (TrainConfig, "model", "train", "--model", MODELS, (), None),
+    (TrainConfig, "head", "train", "--head", HEADS, (), None),
     (EmbedConfig, "model", "embed", "--model", MODELS, (), lambda e: e.pretrained),
     (DemoConfig, "model", "demo", "--model", MODELS, (), None),
     (FuseConfig, "method", "fuse", "--method", METHODS, (), None),
@@ -62,6 +63,7 @@ def test_the_tables_hold_what_the_hand_lists_held() -> None:
     # The names the configs spelled out before the tables became their source.
     assert list(MODELS) == ["vggish", "resnet", "panns", "cnn14", "cnn10", "ast"]
     assert {k for k, e in MODELS.items() if e.pretrained} == {"cnn14", "cnn10", "vggish", "ast"}
+    assert dict(HEADS) == {"linear": 0, "mlp": 512}
     assert list(METHODS) == ["mean", "logprob", "stack"]
     assert list(READERS) == ["npz", "npy", "csv", "pkl"]
     # Every model entry names a real model class; every method is either weighted or learned

@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 from avfuse import ast_model
 from avfuse.ast_model import AST
-from avfuse.model_config import MODELS
+from avfuse.model_config import HEADS, MODELS
 from avfuse.safe_pickle import load_torch
 
 log = logging.getLogger(__name__)
@@ -409,9 +409,6 @@ class EmbeddingHead(nn.Module):
         return self.fc(self.dropout(self.body(x)))  # type: ignore[no-any-return]
 
 
-# Heads over precomputed embeddings (``avfuse train --from-embeddings``): input (B, 1, 1, D).
-HEADS: dict[str, int] = {"linear": 0, "mlp": 512}
-
 # Entries of released checkpoints that are not part of any avfuse model: the PANNs release's
 # waveform front end (avfuse computes log-mel in its own front end) and torchvggish's PCA.
 EXTRA_PREFIXES = ("spectrogram_extractor.", "logmel_extractor.", "pproc.")
@@ -639,7 +636,6 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 __all__: Sequence[str] = [
     "AST",
-    "HEADS",
     "Cnn10",
     "Cnn14",
     "EmbeddingHead",
