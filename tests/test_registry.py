@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import pytest
@@ -19,7 +19,14 @@ from torch import nn
 
 from avfuse import models
 from avfuse.cli import build_parser, main
-from avfuse.config import allowed_values, field_types, from_arguments, from_dict
+from avfuse.config import (
+    Config,
+    add_arguments,
+    allowed_values,
+    field_types,
+    from_arguments,
+    from_dict,
+)
 from avfuse.demo import DemoConfig
 from avfuse.fuse import FuseConfig, fuse
 from avfuse.fusion import METHODS, FusionMethod, Stacker, fuse_log_probs, weight_curves
@@ -27,7 +34,14 @@ from avfuse.model_config import HEADS, MODELS, EmbedConfig, ModelEntry, TrainCon
 from avfuse.pipeline import render_config_toml
 from avfuse.registry import OneOf, Registry
 from avfuse.scores import ScoreFile
-from avfuse.video_scores import READERS, ScoreBounds, ScoreReader, VideoScores, read_one
+from avfuse.video_scores import (
+    READERS,
+    ScoreBounds,
+    ScoreReader,
+    VideoScoreError,
+    VideoScores,
+    read_one,
+)
 from tests.test_fuse import cfg_for, make_work
 
 
@@ -220,6 +234,8 @@ def test_a_score_format_added_at_run_time_is_one_entry(
     path.write_text("a 0.25 0.75\nb 1.0 0.0\n")
     with pytest.raises(ValueError, match="not one of 'auto', 'npz'"):
         FuseConfig(tmp_path, audio_scores=tmp_path, video_format="txt")
+    with pytest.raises(VideoScoreError, match=r"type \.txt \(known: \.npz, \.npy, \.csv, \.tsv"):
+        read_one(path)
     monkeypatch.setitem(READERS, "txt", ScoreReader(("txt",), read_txt))
     assert FuseConfig(tmp_path, audio_scores=tmp_path, video_format="txt").video_format == "txt"
     assert _choices("fuse", "--video-format")[-1] == "txt"
@@ -241,3 +257,29 @@ def test_registry_and_one_of() -> None:
     table["d"] = 4
     assert list(odd) == ["auto", "b", "d"] and "d" in odd and "a" not in odd
     assert ["b"] not in odd and 2 not in odd
+
+
+_TABLE: Registry[int] = Registry("colour", {"red": 1, "blue": 2})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Paint(Config):
+    colour: Annotated[str, OneOf(_TABLE)] = "red"
+    accent: Annotated[str, OneOf(_TABLE)] | None = None
+    mix: tuple[Annotated[str, OneOf(_TABLE)], ...] = ()
+
+
+def test_optional_and_tuple_fields_of_a_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert from_dict(_Paint, {"accent": "blue", "mix": ["red", "blue"]}).mix == ("red", "blue")
+    assert from_dict(_Paint, {"mix": "blue,red"}).mix == ("blue", "red")
+    with pytest.raises(ValueError, match=r"_Paint\.accent: 'green' is not one of 'red', 'blue'"):
+        _Paint(accent="green")
+    with pytest.raises(ValueError, match=r"mix: 'green' is not one of 'red', 'blue'"):
+        from_dict(_Paint, {"mix": ["red", "green"]})
+    monkeypatch.setitem(_TABLE, "green", 3)
+    assert _Paint(accent="green", mix=("green",)).mix == ("green",)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, _Paint)
+    assert parser.parse_args(["--accent", "green"]).accent == "green"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--colour", "grey"])

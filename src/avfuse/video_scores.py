@@ -913,7 +913,10 @@ def detect_format(path: str | Path) -> str:
     for name, reader in READERS.items():
         if ext in reader.extensions:
             return name
-    raise VideoScoreError(f"{path}: unknown score file type .{ext}; pass --video-format")
+    known = ", ".join(f".{e}" for reader in READERS.values() for e in reader.extensions)
+    raise VideoScoreError(
+        f"{path}: unknown score file type .{ext} (known: {known}); pass --video-format"
+    )
 
 
 def read_one(
