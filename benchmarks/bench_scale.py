@@ -101,7 +101,8 @@ print("PROCESSED", r.computed, r.skipped)
 """
 
 RUN = """
-from avfuse.pipeline import RunConfig, run
+from avfuse.pipeline import run
+from avfuse.runconfig import RunConfig
 r = run(RunConfig(root={root!r}, work={work!r}, stop_after="features"))
 print("STAGES", [(s.name, s.status) for s in r.stages])
 """

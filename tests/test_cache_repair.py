@@ -18,7 +18,8 @@ from avfuse.config import apply_overrides
 from avfuse.embed import EmbedConfig, embed
 from avfuse.io import read_json, write_json, write_table
 from avfuse.models import Cnn10
-from avfuse.pipeline import RunConfig, stage_configs, stage_keys
+from avfuse.pipeline import stage_keys
+from avfuse.runconfig import RunConfig, stage_configs
 from avfuse.store import CorruptStoreError, FeatureStore, store_problem
 from avfuse.train import TrainConfig, train
 from tests.test_pretrained import _randomise, _save_released, _work

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from avfuse.cli import COMMANDS, build_parser, main
-from avfuse.pipeline import RunConfig, stage_configs
+from avfuse.runconfig import RunConfig, stage_configs
 from tests.synthetic import make_synthetic_work
 
 # The commands whose stages draw progress bars (tqdm in the stage or in map_batches).

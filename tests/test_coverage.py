@@ -274,7 +274,9 @@ def test_baseline_matches_an_independent_fit(tmp_path: Path) -> None:
 
 
 def test_console_line_and_run_report_show_coverage_and_the_baseline(tmp_path: Path) -> None:
-    from avfuse.pipeline import RunConfig, _run_evaluate, stage_configs, write_run_report
+    from avfuse.pipeline import _run_evaluate
+    from avfuse.run_report import write_run_report
+    from avfuse.runconfig import RunConfig, stage_configs
 
     work = tmp_path / "w"
     man = make_synthetic_work(work, n_classes=2, videos_per_class=4, structured=False)
@@ -290,7 +292,8 @@ def test_console_line_and_run_report_show_coverage_and_the_baseline(tmp_path: Pa
     ScoreFile.from_rows(["class_00", "class_01"], rows).save(work / "scores" / "audio_val.npz")
     cfg = RunConfig(root=tmp_path, work=work)
     sc = stage_configs(cfg)
-    detail = _run_evaluate(sc, False, False, None, cfg)
+    detail, said = _run_evaluate(sc, False, False, None, cfg)
+    assert "scored 6/8 videos" in said  # the stage's own summary, for the CLI to print
     assert detail.startswith("val scored 6/8: audio top-1 75.0% over all (100.0% over scored)")
     assert ", baseline " in detail
     md, _ = write_run_report(sc)

@@ -91,7 +91,7 @@ def test_mel_scale_outside_the_literal_is_refused() -> None:
     with pytest.raises(ValueError, match=r"FrontendConfig\.mel_scale: 'bark'"):
         FrontendConfig(mel_scale="bark")  # type: ignore[arg-type]
     # Through a run config's nested table too (TOML files and --set come this way).
-    from avfuse.pipeline import RunConfig
+    from avfuse.runconfig import RunConfig
 
     with pytest.raises(ValueError, match="mel_scale"):
         apply_overrides(RunConfig(), ["features.frontend.mel_scale='bark'"])
@@ -99,8 +99,8 @@ def test_mel_scale_outside_the_literal_is_refused() -> None:
 
 
 def test_bounded_numbers_are_refused_by_name() -> None:
-    from avfuse.pipeline import RunConfig
     from avfuse.predict import PredictConfig
+    from avfuse.runconfig import RunConfig
     from avfuse.train import TrainConfig
 
     work = Path("w")
@@ -318,7 +318,7 @@ def test_stage_functions_leave_no_process_group(
 
 
 def test_run_summary_without_fusion_names_no_none() -> None:
-    from avfuse.pipeline import RunResult, StageOutcome
+    from avfuse.run_report import RunResult, StageOutcome
 
     empty: dict[str, Any] = {"status_counts": {}, "accuracy": {}, "gain": {}}
     report = Path("w/report.md")

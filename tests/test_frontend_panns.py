@@ -215,7 +215,7 @@ def test_result_does_not_depend_on_the_blas_thread_count() -> None:
 
 
 def test_run_extracts_at_the_front_ends_rate() -> None:
-    from avfuse.pipeline import RunConfig, stage_configs
+    from avfuse.runconfig import RunConfig, stage_configs
 
     cfg = RunConfig(root=Path("data"), work=Path("w"))
     assert stage_configs(cfg).extract.sample_rate == 16000

@@ -15,7 +15,10 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "avfuse"
 # every stage reads (its loaders), so it is the one stage others may import.
 STAGES = {"manifest", "extract", "features", "train", "predict", "evaluate", "embed", "fuse"}
 SPINE = {"manifest"}
-ORCHESTRATORS = {"pipeline", "demo", "cli", "__main__"}
+# ``avfuse run``'s own modules: its config (which builds every stage's config) and its report
+# sit beside the orchestrator, below it: they import no orchestrator but each other.
+RUN_PARTS = {"runconfig", "run_report"}
+ORCHESTRATORS = {"pipeline", "demo", "cli", "__main__"} | RUN_PARTS
 
 
 def _module(path: Path) -> str:
@@ -47,7 +50,7 @@ def _graph() -> dict[str, set[str]]:
 
 def test_every_module_is_placed() -> None:
     mods = set(_graph())
-    assert mods >= STAGES and mods >= {"pipeline", "demo", "cli"}
+    assert mods >= STAGES and mods >= {"pipeline", "demo", "cli"} | RUN_PARTS
     library = mods - STAGES - ORCHESTRATORS
     # The floor the stages share: if one of these disappears the lists above are stale.
     assert library >= {
@@ -59,6 +62,7 @@ def test_every_module_is_placed() -> None:
         "workdir",
         "io",
         "config",
+        "fingerprint",
     }
 
 
@@ -84,6 +88,19 @@ def test_library_modules_import_no_stage_or_orchestrator() -> None:
     assert not bad, sorted(bad)
 
 
+def test_the_run_config_and_report_import_no_orchestrator_above_them() -> None:
+    bad = {
+        f"{mod} imports {other}"
+        for mod, deps in _graph().items()
+        if mod in RUN_PARTS
+        for other in deps
+        if other in ORCHESTRATORS - RUN_PARTS
+    }
+    assert not bad, sorted(bad)
+    # The config is read by the report, never the other way round.
+    assert "run_report" not in _graph()["runconfig"]
+
+
 def test_orchestrators_and_torch_free_stages_do_not_import_torch() -> None:
     """``avfuse run`` builds every stage's config on each run, most of which train nothing.
 
@@ -94,6 +111,7 @@ def test_orchestrators_and_torch_free_stages_do_not_import_torch() -> None:
     import sys
 
     modules = ["avfuse.pipeline", "avfuse.cli", "avfuse.demo", "avfuse.fuse", "avfuse.evaluate"]
+    modules += ["avfuse.runconfig", "avfuse.run_report", "avfuse.fingerprint"]
     modules += ["avfuse.extract", "avfuse.features", "avfuse.manifest", "avfuse.model_config"]
     code = (
         "import sys\n"

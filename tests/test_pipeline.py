@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -13,64 +12,14 @@ import pytest
 from avfuse import cli, demo
 from avfuse.config import apply_overrides, to_dict
 from avfuse.io import read_json, write_json
-from avfuse.pipeline import (
+from avfuse.pipeline import run, stage_keys
+from avfuse.runconfig import (
     STAGES,
     RunConfig,
-    default_config_path,
     load_run_config,
-    render_config_toml,
-    run,
+    save_run_config,
     stage_configs,
-    stage_keys,
 )
-
-# ------------------------------------------------------------------------- config file
-
-
-def test_default_file_is_generated_from_the_dataclasses() -> None:
-    text = default_config_path().read_text("utf-8")
-    assert text == render_config_toml(), (
-        "default_run.toml is stale: regenerate it with "
-        "python -c 'from avfuse.pipeline import *; "
-        "default_config_path().write_text(render_config_toml())'"
-    )
-    assert load_run_config(default_config_path()) == RunConfig()
-
-
-def _leaf_paths(d: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k, v in d.items():
-        out += _leaf_paths(v, f"{prefix}{k}.") if isinstance(v, dict) else [prefix + k]
-    return out
-
-
-def test_every_key_of_every_stage_is_documented() -> None:
-    text = default_config_path().read_text("utf-8")
-    lines = text.splitlines()
-    data = tomllib.loads(text)
-    # Every field of every section appears (unset optional ones as a commented-out key).
-    cfg = RunConfig()
-    for section in ("scan", "extract", "features", "train", "predict", "evaluate", "fuse"):
-        fields = {f.name for f in dataclasses.fields(getattr(cfg, section))} - {"work", "root"}
-        present = set(data[section]) | {
-            ln.split()[1] for ln in lines if ln.startswith("# ") and " =   (unset" in ln
-        }
-        assert fields <= present, (section, sorted(fields - present))
-    # Every key line is preceded by a comment explaining it.
-    for i, line in enumerate(lines):
-        if line and not line.startswith(("#", "[", " ", "]")) and "=" in line:
-            assert lines[i - 1].startswith("# ") and len(lines[i - 1]) > 4, line
-    assert len(_leaf_paths(data)) > 80
-
-
-def test_work_is_set_once() -> None:
-    cfg = apply_overrides(RunConfig(root=Path("data")), ['extract.work="elsewhere"'])
-    with pytest.raises(ValueError, match=r"\[extract\]\.work"):
-        stage_configs(cfg)
-    sc = stage_configs(RunConfig(root=Path("data"), work=Path("w")))
-    assert {sc.extract.work, sc.features.work, sc.train.work, sc.scan.work} == {Path("w")}
-    assert sc.scan.root == Path("data").resolve()
-    assert sc.fuse is None  # no video scores: an audio-only run
 
 
 def test_keys_follow_the_dependency_chain() -> None:
@@ -163,14 +112,20 @@ def test_rerun_redoes_only_what_changed(
 ) -> None:
     cfg, tmp = setup
     work = Path(cfg.work)
+    capsys.readouterr()
     first = run(cfg)
     assert set(_statuses(first).values()) == {"ran"}
+    # run() prints nothing: each stage's own summary comes back in its outcome, and the
+    # command line prints them before the run's table.
+    assert capsys.readouterr().out == ""
+    said = {s.name: s.summary for s in first.stages}
+    assert said["extract"].startswith("extract: 18 videos") and said["report"] == ""
+    text = first.summary()
+    assert text.index(said["extract"]) < text.index(said["fuse"]) < text.index("avfuse run ->")
     assert first.report == work / "report.md"
     t1 = _mtimes(work)
 
     # Second run, through the CLI with a config file: nothing is redone, nothing rewritten.
-    from avfuse.pipeline import save_run_config
-
     path = save_run_config(cfg, tmp / "my_run.toml")
     capsys.readouterr()
     assert cli.main(["run", "--config", str(path)]) == 0
@@ -280,42 +235,3 @@ def test_run_level_scheduler_reaches_extract_and_features_unless_overridden(
     # Where to run does not change results: the stage keys ignore it.
     plain = stage_keys(stage_configs(RunConfig(root=tmp_path, work=tmp_path / "w")))
     assert stage_keys(sc) == plain
-
-
-def test_dataset_listing_is_every_file_sorted_and_survives_undecodable_names(tmp_path) -> None:
-    """The fingerprint walk against os.walk, and its hash against the per-row definition."""
-    import hashlib
-    import os
-
-    from avfuse.pipeline import dataset_listing, listing_hash
-
-    root = tmp_path / "data"
-    for rel, size in (("train/b/x.mp4", 3), ("train/a/é.mp4", 5), ("val/a/y.mkv", 0)):
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(b"z" * size)
-    # A name that is not UTF-8 (a Latin-1 file system): listed escaped instead of crashing.
-    # Some file systems (APFS, ZFS with utf8only) refuse such names: then only the rest is checked.
-    bad = os.path.join(os.fsencode(root / "val" / "a"), b"caf\xe9.mp4")
-    try:
-        with open(bad, "wb") as fh:
-            fh.write(b"1234")
-        has_bad = True
-    except OSError:
-        has_bad = False
-    got = dataset_listing(root)
-    want = []
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            p = os.path.join(dirpath, f)
-            st = os.stat(p)
-            rel = os.path.relpath(p, root).replace(os.sep, "/")
-            rel = os.fsencode(rel).decode("utf-8", "backslashreplace")
-            want.append((rel, st.st_size, st.st_mtime_ns))
-    want.sort()
-    cols = [got.column(c).to_pylist() for c in ("path", "size", "mtime_ns")]
-    assert list(zip(*cols, strict=True)) == want
-    assert ("val/a/caf\\xe9.mp4" in set(cols[0])) == has_bad
-    h = hashlib.sha256()
-    for path, size, mtime in want:
-        h.update(f"{path}\0{size}\0{mtime}\n".encode("utf-8", "surrogateescape"))
-    assert listing_hash(got) == h.hexdigest()[:16]

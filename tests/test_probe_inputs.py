@@ -252,7 +252,8 @@ def test_a_hostile_label_map_is_refused_in_one_short_line_naming_it(
 @pytest.mark.parametrize("which", ["train.init", "predict.checkpoint"])
 def test_run_keys_stages_by_the_checkpoint_files_they_read(tmp_path: Path, which: str) -> None:
     from avfuse.config import apply_overrides
-    from avfuse.pipeline import RunConfig, stage_configs, stage_keys
+    from avfuse.pipeline import stage_keys
+    from avfuse.runconfig import RunConfig, stage_configs
 
     ckpt = tmp_path / "weights.pt"
     ckpt.write_bytes(b"first weights")

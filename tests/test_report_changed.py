@@ -246,7 +246,8 @@ def test_report_paragraphs_escape_values_and_keep_their_markup(tmp_path: Path) -
 
 
 def test_run_report_lists_the_changes_with_working_players(tmp_path: Path) -> None:
-    from avfuse.pipeline import FuseSection, RunConfig, stage_configs, write_run_report
+    from avfuse.run_report import write_run_report
+    from avfuse.runconfig import FuseSection, RunConfig, stage_configs
 
     d = make_work(tmp_path, ["dog", "cat", "rain <i>"], n=60, seed=2)
     root = tmp_path / "data [x](javascript:alert(1)) <img src=y onerror=z>"

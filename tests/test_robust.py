@@ -29,7 +29,8 @@ from avfuse.features import FeaturesConfig, compute_features
 from avfuse.io import TMP_MARK, DiskFullError, atomic_dir, read_json, read_table
 from avfuse.lock import WorkFolderBusyError, work_lock
 from avfuse.manifest import ScanConfig, scan
-from avfuse.pipeline import RunConfig, run
+from avfuse.pipeline import run
+from avfuse.runconfig import RunConfig
 from avfuse.store import SHARDS, CorruptStoreError, FeatureStore
 from tests.media import make_dataset, peak_frequency, write_tone_video
 

@@ -149,7 +149,7 @@ def test_sigkill_mid_compaction_then_rerun_records_every_video_once(tmp_path, po
 def test_status_counts_match_a_full_join(tmp_path) -> None:
     from avfuse.io import write_table
     from avfuse.manifest import load_manifest
-    from avfuse.pipeline import status_counts
+    from avfuse.run_report import status_counts
 
     ids = [f"v{i:03d}" for i in range(50)]
     write_table(pd.DataFrame({"video_id": ids, "split": "train"}), tmp_path / "manifest.parquet")
@@ -180,7 +180,7 @@ def test_status_counts_streamed_in_manifest_order_match_a_full_join(tmp_path, or
     look-up it falls back to give the full join's counts."""
     from avfuse.io import write_table
     from avfuse.manifest import load_manifest
-    from avfuse.pipeline import status_counts
+    from avfuse.run_report import status_counts
 
     n = 70_000  # more than one 65,536-row block
     ids = [f"v{i:06d}" for i in range(n)]

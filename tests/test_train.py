@@ -379,7 +379,7 @@ def test_early_saturated_carve_out_keeps_the_later_better_epoch(
     assert f"train carve-out saturated at epoch {first} (top-1 100%)" in log
     assert f"best.pt = epoch 6: {res.best_reason}" in log
     # And the run report, from metrics.jsonl alone.
-    from avfuse.pipeline import _selection_details
+    from avfuse.run_report import _selection_details
 
     text = _selection_details(run / "metrics.jsonl")
     assert f"It has 6 videos and saturated (top-1 100 %) at epoch {first}." in text

@@ -21,7 +21,8 @@ from avfuse.io import TerminalSafeFormatter, terminal_safe
 from avfuse.lock import work_lock
 from avfuse.workdir import WorkDir
 
-# subcommand -> (module, config class, function, one-line help)
+# subcommand -> (module, config class, function, one-line help); a config class named with its
+# module ("avfuse.runconfig.RunConfig") lives outside the function's module.
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "scan": ("avfuse.manifest", "ScanConfig", "scan", "index a dataset into WORK/manifest.parquet"),
     "extract": ("avfuse.extract", "ExtractConfig", "extract", "decode every sound track to FLAC"),
@@ -36,15 +37,21 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "predict": ("avfuse.predict", "PredictConfig", "predict", "write per-video audio scores"),
     "evaluate": ("avfuse.evaluate", "EvaluateConfig", "evaluate", "metrics of a score file"),
     "fuse": ("avfuse.fuse", "FuseConfig", "fuse", "fuse audio and video scores, write a report"),
-    "run": ("avfuse.pipeline", "RunConfig", "run", "run every stage from one config file"),
+    "run": (
+        "avfuse.pipeline",
+        "avfuse.runconfig.RunConfig",
+        "run",
+        "run every stage from one config file",
+    ),
     "demo": ("avfuse.demo", "DemoConfig", "demo", "generate the built-in dataset and run it"),
 }
 
 
 def _load(name: str) -> tuple[type, Any]:
     module, cls_name, fn_name, _ = COMMANDS[name]
+    cls_module, _, cls_name = cls_name.rpartition(".")
     mod = importlib.import_module(module)
-    return getattr(mod, cls_name), getattr(mod, fn_name)
+    return getattr(importlib.import_module(cls_module or module), cls_name), getattr(mod, fn_name)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -110,7 +110,7 @@ class DemoConfig(Config):
 class DemoResult:
     dataset: DatasetInfo
     video: VideoBaselineResult
-    run: Any  # avfuse.pipeline.RunResult
+    run: Any  # avfuse.run_report.RunResult
 
     def summary(self) -> str:
         lines = [self.dataset.summary(), self.video.summary(), self.run.summary()]
@@ -120,12 +120,12 @@ class DemoResult:
 
 
 def demo_run_config(cfg: DemoConfig, video_dir: Path) -> Any:
-    """The :class:`avfuse.pipeline.RunConfig` the demo runs: the base file plus demo sizes.
+    """The :class:`avfuse.runconfig.RunConfig` the demo runs: the base file plus demo sizes.
 
     ``cfg.overrides`` (``KEY=VALUE``, as ``avfuse run --set``) are applied last.
     """
     from avfuse.config import apply_overrides
-    from avfuse.pipeline import RunConfig, default_config_path, load_run_config
+    from avfuse.runconfig import RunConfig, default_config_path, load_run_config
 
     base: RunConfig = load_run_config(cfg.run_config or default_config_path())
     work = Path(cfg.work)
