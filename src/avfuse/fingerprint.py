@@ -23,13 +23,14 @@ import pyarrow.compute as pc
 
 
 def digest(obj: Any) -> str:
-    """16 hex digits of sha256 over ``obj`` as canonical JSON (sorted keys; other types by ``str``)."""
+    """16 hex digits of the sha256 of ``obj`` as canonical JSON (sorted keys, ``str`` of other
+    types)."""
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
 def file_stamp(paths: Any) -> list[Any]:
-    """``[path, size, mtime_ns]`` per path (``-1`` for a missing file); ``None`` entries skipped."""
+    """``[path, size, mtime_ns]`` per path (``-1`` for a missing file), skipping ``None``."""
     out = []
     for p in paths:
         if p is None:

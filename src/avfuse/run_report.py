@@ -1,5 +1,5 @@
-"""What a run reports: ``WORK/report.md`` / ``report.html`` and the result :func:`avfuse.pipeline.run`
-returns, whose :meth:`RunResult.summary` is the console summary ``avfuse run`` prints.
+"""What a run reports: ``WORK/report.md`` / ``report.html``, and the result
+:func:`avfuse.pipeline.run` returns, whose :meth:`RunResult.summary` ``avfuse run`` prints.
 
 Both are read back from the files the stages wrote (the manifest and stage tables, the training
 metrics, the metrics files of ``evaluate`` and ``fuse``), so a skipped stage reports as a
