@@ -175,3 +175,21 @@ def test_metrics_and_fusions_block_wise_ranks_agree_on_ties_and_nan_rows() -> No
     m, a = metrics(s, y), accuracy(s, y)
     assert m["top1"] == a["top1"] == np.mean(want < 1)
     assert m["top5"] == a["top5"] == np.mean(want < 5)
+
+
+def test_outputs_is_done_and_finished_settings_follow_the_metrics(work: Path) -> None:
+    from avfuse import evaluate as stage
+
+    cfg = EvaluateConfig(work)
+    scores = work / "scores" / "audio_val.npz"
+    assert stage.outputs(cfg) == [work / "scores" / "audio_val.metrics.json"]
+    assert not stage.is_done(cfg) and stage.finished_settings(cfg) is None
+    _scores(work, np.arange(12), [0, 1, 2]).save(scores)
+    evaluate(cfg)
+    assert stage.is_done(cfg) and stage.finished_settings(cfg) == cfg
+    # Another score file: its own metrics, not yet written.
+    other = EvaluateConfig(work, scores=work / "scores" / "other.npz")
+    assert stage.outputs(other) == [work / "scores" / "other.metrics.json"]
+    assert not stage.is_done(other) and stage.finished_settings(other) is None
+    (work / "scores" / "audio_val.metrics.json").unlink()
+    assert not stage.is_done(cfg) and stage.finished_settings(cfg) is None

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from avfuse import features
 from avfuse.audio import load_audio, write_audio
 from avfuse.extract import COLUMNS as EXTRACT_COLUMNS
 from avfuse.features import FeaturesConfig, compute_features
@@ -202,6 +203,41 @@ def test_a_damaged_shard_of_a_padded_clip_is_recomputed(work: Path) -> None:
     np.testing.assert_allclose(
         got.astype(np.float32), expected(work, "train/run/c"), rtol=2e-3, atol=4e-3
     )
+
+
+def test_invalidated_videos_are_computed_again_and_nothing_else(work: Path) -> None:
+    """``invalidate`` is how the orchestrator has chosen videos redone (a replaced file): the
+    next run computes exactly those; the store serves their new frames, the rest unchanged."""
+    cfg = FeaturesConfig(work=work, num_workers=0, progress=False)
+    compute_features(cfg)
+    before = store_arrays(work)
+    chosen = ["train/run/a", "train/run/c"]
+    assert features.invalidate(work, chosen, "the video file changed") == 2
+    again = compute_features(cfg)
+    assert (again.computed, again.skipped) == (2, 5)
+    table = read_table(work / "features.parquet").set_index("video_id")
+    assert table.loc[chosen, "feature_status"].tolist() == ["ok", "padded"]
+    after = store_arrays(work)
+    assert after.keys() == before.keys()
+    for vid in after:
+        np.testing.assert_array_equal(after[vid], before[vid])
+
+
+def test_is_done_and_finished_settings_follow_the_files(work: Path) -> None:
+    cfg = FeaturesConfig(work=work, num_workers=0, progress=False)
+    assert features.outputs(cfg) == [work / "features.parquet", work / "features" / "store.json"]
+    assert not features.is_done(cfg) and features.finished_settings(cfg) is None
+    compute_features(cfg)
+    assert features.is_done(cfg) and features.finished_settings(cfg) == cfg
+    # Settings saved after the outputs: a later run started and may not have finished.
+    saved = work / "features" / "config.toml"
+    later = (work / "features.parquet").stat().st_mtime_ns + 10**9
+    os.utime(saved, ns=(later, later))
+    assert features.finished_settings(cfg) is None
+    # A damaged shard: the outputs are there but cannot serve the index.
+    shard = next((work / "features" / "shards").iterdir())
+    shard.write_bytes(shard.read_bytes()[:-10])
+    assert not features.is_done(cfg)
 
 
 def test_float32_store_is_exact(work: Path) -> None:

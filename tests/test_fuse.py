@@ -525,3 +525,19 @@ def test_block_wise_fusion_equals_a_reference_over_several_blocks(tmp_path: Path
         np.testing.assert_allclose(got.scores, want, atol=2e-6)
         top1 = res.figures["metrics"]["all"]["fused"]["top1"]
         assert top1 == pytest.approx(np.mean(want.argmax(1) == y), abs=2 / 4500)
+
+
+def test_outputs_is_done_and_finished_settings_follow_the_fusion_folder(tmp_path: Path) -> None:
+    from avfuse import fuse as stage
+
+    d = make_work(tmp_path, n=60)
+    cfg = cfg_for(d, bootstrap=10)
+    out = cfg.output
+    assert stage.outputs(cfg) == [out / "fusion.json", out / "report.md"]
+    assert not stage.is_done(cfg) and stage.finished_settings(cfg) is None
+    fuse(cfg)
+    assert stage.is_done(cfg) and stage.finished_settings(cfg) == cfg
+    (out / "config.toml").write_text("bootstrap = [")  # unreadable: vouches for nothing
+    assert stage.is_done(cfg) and stage.finished_settings(cfg) is None
+    default = FuseConfig(d["work"], video_scores=cfg.video_scores)
+    assert stage.outputs(default)[0] == d["work"] / "fusion" / "fusion.json"

@@ -168,3 +168,23 @@ def test_predict_on_cuda_matches_cpu(work: Path) -> None:
     margin = np.sort(a.scores[good], 1)
     clear = margin[:, -1] - margin[:, -2] > 1e-2
     assert (a.scores[good].argmax(1) == b.scores[good].argmax(1))[clear].all()
+
+
+def test_predict_outputs_and_finished_settings_follow_the_score_file(tmp_path: Path) -> None:
+    import dataclasses
+
+    from avfuse.config import save_config
+    from avfuse.model_config import predict_finished_settings, predict_is_done, predict_outputs
+
+    cfg = PredictConfig(work=tmp_path, split="val")
+    out = tmp_path / "scores" / "audio_val.npz"
+    assert predict_outputs(cfg) == [out]
+    assert not predict_is_done(cfg) and predict_finished_settings(cfg) is None
+    out.parent.mkdir()
+    out.write_bytes(b"scores")
+    assert predict_is_done(cfg) and predict_finished_settings(cfg) is None  # no saved settings
+    save_config(cfg, tmp_path / "scores" / "audio_val.predict.toml")
+    assert predict_finished_settings(cfg) == cfg
+    elsewhere = dataclasses.replace(cfg, output=tmp_path / "mine.npz")
+    assert predict_outputs(elsewhere) == [tmp_path / "mine.npz"]
+    assert not predict_is_done(elsewhere) and predict_finished_settings(elsewhere) is None

@@ -398,3 +398,24 @@ def test_early_saturated_carve_out_keeps_the_later_better_epoch(
         assert p is not None
         out[tag] = _val_loglik(p.path, work)
     assert -out["kept"] < 0.7 * -out["early"], out  # negative log-likelihoods
+
+
+def test_training_is_finished_only_when_its_metrics_reach_the_last_epoch(tmp_path: Path) -> None:
+    """What ``avfuse run`` asks when ``pipeline.json`` is lost: a run cut short is not done."""
+    from avfuse.config import save_config
+    from avfuse.model_config import train_finished_settings, train_is_done, train_outputs
+    from avfuse.workdir import WorkDir
+
+    cfg = TrainConfig(work=tmp_path, name="r", epochs=3)
+    wd = WorkDir(tmp_path)
+    assert train_outputs(cfg) == [tmp_path / "runs" / "r" / "best.pt"]
+    assert not train_is_done(cfg) and train_finished_settings(cfg) is None
+    wd.checkpoint("r").parent.mkdir(parents=True)
+    wd.checkpoint("r").write_bytes(b"a checkpoint")
+    save_config(cfg, wd.run_config("r"))
+    wd.run_metrics("r").write_text("".join(json.dumps({"epoch": e}) + "\n" for e in (1, 2)))
+    assert train_is_done(cfg) and train_finished_settings(cfg) is None  # stopped at epoch 2
+    with wd.run_metrics("r").open("a") as fh:
+        fh.write(json.dumps({"epoch": 3}) + "\n")
+    assert train_finished_settings(cfg) == cfg
+    assert train_finished_settings(dataclasses.replace(cfg, epochs=4)) is None
