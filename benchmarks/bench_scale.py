@@ -215,11 +215,9 @@ def finish_features(work: Path, ids: list[str], per_part: int = 2000) -> None:
     rows = writer.close()
     write_meta(
         store,
-        frontend=fe.to_dict(),
-        frontend_hash=fe.hash(),
+        frontend=fe,
         classes=[f"class{k:03d}" for k in range(N_CLASSES)],
         dtype=cfg.dtype,
-        n_mels=fe.n_mels,
     )
     commit_index(store, rows)
     records = [

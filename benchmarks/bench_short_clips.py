@@ -102,14 +102,7 @@ def build(
                         "scan_status": "found",
                     }
                 )
-    write_meta(
-        work / "features",
-        frontend=fe.to_dict(),
-        frontend_hash=fe.hash(),
-        classes=names,
-        dtype="float16",
-        n_mels=fe.n_mels,
-    )
+    write_meta(work / "features", frontend=fe, classes=names, dtype="float16")
     commit_index(work / "features", writer.close())
     write_class_list(WorkDir(work).classes, names)
     man = pd.DataFrame(rows).sort_values("video_id").reset_index(drop=True)

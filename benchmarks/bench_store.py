@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from avfuse.melspec import FrontendConfig
 from avfuse.store import FeatureStore, ShardWriter, commit_index, write_meta
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +68,7 @@ def build(root: Path, n_videos: int, seed: int = 0) -> tuple[list[str], list[int
         for k in range(t // CLIP):
             np.save(folder / f"{k:04d}.npy", feats[k * CLIP : (k + 1) * CLIP])
     rows = writer.close()
-    write_meta(store, frontend={}, frontend_hash="bench", classes=[], dtype="float16", n_mels=64)
+    write_meta(store, frontend=FrontendConfig(n_mels=N_MELS), classes=[], dtype="float16")
     commit_index(store, rows)
     print(f"built both layouts in {time.perf_counter() - t0:.1f} s")
     return ids, frames
@@ -103,10 +104,13 @@ def training_reads(store_dir: str, order: str, batch: int, n_windows: int, getit
     from avfuse.data import NormStats, TrainWindowSampler, WindowDataset
 
     st = FeatureStore(store_dir)
-    norm = NormStats(np.zeros(st.n_mels, np.float32), np.ones(st.n_mels, np.float32))
-    ds = WindowDataset(st, st.ids, np.zeros(len(st), np.int64), norm)
+    norm = NormStats(np.zeros(st.feature_dim, np.float32), np.ones(st.feature_dim, np.float32))
+    window = st.frontend.window_frames
+    ds = WindowDataset(st, st.ids, np.zeros(len(st), np.int64), norm, window)
     blocks = st.blocks(st.ids) if order == "blocks" else None
-    sampler = TrainWindowSampler(ds.frames, windows_per_video=4, seed=0, blocks=blocks, group=64)
+    sampler = TrainWindowSampler(
+        ds.frames, windows_per_video=4, window=window, seed=0, blocks=blocks, group=64
+    )
     items = [(int(v), int(s)) for v, s in sampler.epoch_items()[:n_windows]]
     t0 = time.perf_counter()
     for b in range(0, len(items), batch):
@@ -131,7 +135,7 @@ def larger_than_memory(root: Path, limit_mb: int, n_videos: int, n_windows: int,
     ids = [f"train/class{i % 400:03d}/video{i:06d}" for i in range(n_videos)]
     for vid, t in zip(ids, rng.integers(900, 1100, n_videos)):
         writer.add(vid, base[:t])
-    write_meta(store, frontend={}, frontend_hash="bench", classes=[], dtype="float16", n_mels=64)
+    write_meta(store, frontend=FrontendConfig(n_mels=N_MELS), classes=[], dtype="float16")
     commit_index(store, writer.close())
     size_mb = footprint(store)[0] / 2**20
     group = CGROUP / f"avfuse-bench-{os.getpid()}"

@@ -50,8 +50,9 @@ from tests.synthetic import make_synthetic_work
 
 def loader_rate(store: FeatureStore, ids: list[str], workers: int, batches: int) -> float:
     norm = compute_norm_stats(store, ids)
-    ds = WindowDataset(store, ids, np.zeros(len(ids), np.int64), norm)
-    sampler = TrainWindowSampler(ds.frames, windows_per_video=64, seed=0)
+    window = store.frontend.window_frames
+    ds = WindowDataset(store, ids, np.zeros(len(ids), np.int64), norm, window)
+    sampler = TrainWindowSampler(ds.frames, windows_per_video=64, window=window, seed=0)
     dl = DataLoader(ds, batch_size=64, sampler=sampler, num_workers=workers)  # type: ignore[arg-type]
     it = iter(dl)
     next(it)  # worker start-up is not throughput

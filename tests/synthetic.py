@@ -10,6 +10,7 @@ import pandas as pd
 
 from avfuse.io import write_table
 from avfuse.manifest import write_class_list
+from avfuse.melspec import FrontendConfig
 from avfuse.store import ShardWriter, commit_index, write_meta
 from avfuse.workdir import WorkDir
 
@@ -21,13 +22,15 @@ def make_synthetic_work(
     splits: Sequence[str] = ("train", "val"),
     frames_range: tuple[int, int] = (150, 400),
     n_mels: int = 64,
+    example_frames: int = 96,
     noise: float = 1.0,
     seed: int = 0,
-    frontend_hash: str = "synthetic",
     structured: bool = True,
     event_frames: int = 0,
 ) -> pd.DataFrame:
     """Write a small generated work folder: manifest, classes.txt and a feature store.
+
+    The store states a VGGish-like front end of ``n_mels`` bands and ``example_frames``.
 
     For tests without media. Each class is a (band group, pattern)
     pair; with ``structured`` the patterns are an upward sweep, a downward sweep, fast pulses
@@ -88,14 +91,22 @@ def make_synthetic_work(
     index_rows = writer.close()
     write_meta(
         work / "features",
-        frontend={"name": "synthetic", "n_mels": n_mels},
-        frontend_hash=frontend_hash,
+        frontend=FrontendConfig(n_mels=n_mels, example_frames=example_frames),
         classes=classes,
         dtype="float16",
-        n_mels=n_mels,
     )
     commit_index(work / "features", index_rows)
     write_class_list(WorkDir(work).classes, classes)
     manifest = pd.DataFrame(rows).sort_values("video_id").reset_index(drop=True)
     write_table(manifest, WorkDir(work).manifest)
     return manifest
+
+
+def write_store(root: str | Path, frontend: FrontendConfig, feats: dict[str, np.ndarray]) -> None:
+    """A committed feature store at ``root`` of ``{video_id: (frames, n_mels)}`` under
+    ``frontend`` (float32, one class)."""
+    writer = ShardWriter(root, n_mels=frontend.n_mels, dtype="float32")
+    for vid, x in feats.items():
+        writer.add(vid, np.asarray(x, np.float32))
+    write_meta(root, frontend=frontend, classes=["c"], dtype="float32")
+    commit_index(root, writer.close())

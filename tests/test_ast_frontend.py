@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -89,13 +91,15 @@ def test_kaldi_window_options() -> None:
         FrontendConfig(preemphasis=1.5)
 
 
-def test_zero_padding_uses_the_kaldi_floor() -> None:
-    from types import SimpleNamespace
-
-    from avfuse.data import silence_level
+def test_zero_padding_uses_the_kaldi_floor(tmp_path: Path) -> None:
+    from avfuse.data import NormStats, WindowDataset
+    from avfuse.store import FeatureStore
+    from tests.synthetic import write_store
 
     fe = FrontendConfig.ast(mean=-3.0, std=2.0)
-    store = SimpleNamespace(frontend=fe.to_dict())
+    write_store(tmp_path, fe, {"a": np.ones((40, 128))})
+    store = FeatureStore(tmp_path)
+    ds = WindowDataset(store, ["a"], [0], NormStats.identity(128), 100, short_clips="zeros")
     # What an all-zero recording's frames hold: the padding of a short clip is silence.
     zeros = log_mel(np.zeros(SR, dtype=np.float32), fe)
-    assert silence_level(store) == pytest.approx(float(zeros[0, 0]), abs=1e-5)  # type: ignore[arg-type]
+    np.testing.assert_allclose(ds[(0, 0)][0].numpy()[40:], float(zeros[0, 0]), atol=1e-5)

@@ -26,7 +26,7 @@ from avfuse.models import build_model, load_init
 from avfuse.predict import PredictConfig, predict
 from avfuse.safe_pickle import CorruptCheckpointError, OversizeError, load_pickle, load_torch
 from avfuse.scores import ScoreFile
-from avfuse.store import ShardWriter, commit_index
+from avfuse.store import FeatureStore, ShardWriter, commit_index
 from avfuse.video_scores import ScoreBounds, VideoScoreError, read_one
 from tests.checkpoints import make_checkpoint
 from tests.synthetic import make_synthetic_work
@@ -420,7 +420,7 @@ def test_nan_features_never_give_ok_scores(tmp_path: Path) -> None:
         spec=ModelSpec("resnet", 0.25, 0.0, 64, 96),
         classes=("class_00", "class_01"),
         norm=NormStats(np.full(64, -4.0, np.float32), np.ones(64, np.float32)),
-        frontend_hash="synthetic",
+        frontend_hash=FeatureStore(work / "features").frontend_hash,
     )
     path = tmp_path / "c.pt"
     save_checkpoint(path, ckpt)
@@ -461,7 +461,7 @@ def test_our_score_file_loader_checks_headers_first(tmp_path: Path) -> None:
 
 
 def test_deeply_nested_json_in_a_store_is_one_line(tmp_path: Path) -> None:
-    from avfuse.store import CorruptStoreError, FeatureStore
+    from avfuse.store import CorruptStoreError
 
     root = tmp_path / "w" / "features"
     root.mkdir(parents=True)

@@ -114,12 +114,12 @@ def test_drop_policy_leaves_short_clips_unscored(work: Path) -> None:
     store = FeatureStore(work / "features")
     rows = load_manifest(work)
     rows = rows[rows["split"] == "train"]
-    kept = video_status(rows, store)
-    dropped = video_status(rows, store, short_clips="drop")
+    kept = video_status(rows, store, 96)
+    dropped = video_status(rows, store, 96, short_clips="drop")
     short = {v for v in rows["video_id"] if store.frames(v) < 96}
     assert len(short) == 6
     assert {kept[v] for v in short} == {"padded"} and {dropped[v] for v in short} == {"too_short"}
-    ds = WindowDataset(store, sorted(short), np.zeros(len(short)), _identity_norm(store))
+    ds = WindowDataset(store, sorted(short), np.zeros(len(short)), _identity_norm(store), 96)
     x, _, _ = ds[(0, 0)]
     assert x.shape == (96, 64)
 
@@ -127,7 +127,9 @@ def test_drop_policy_leaves_short_clips_unscored(work: Path) -> None:
 def _identity_norm(store: FeatureStore):  # type: ignore[no-untyped-def]
     from avfuse.data import NormStats
 
-    return NormStats(np.zeros(store.n_mels, np.float32), np.ones(store.n_mels, np.float32))
+    return NormStats(
+        np.zeros(store.feature_dim, np.float32), np.ones(store.feature_dim, np.float32)
+    )
 
 
 def test_every_video_with_sound_is_scored_and_figures_cover_the_split(work: Path) -> None:

@@ -15,6 +15,7 @@ from avfuse.data import (
     compute_norm_stats,
     eval_windows,
 )
+from avfuse.melspec import FrontendConfig
 from avfuse.store import FeatureStore, ShardWriter, commit_index, write_meta
 from tests.synthetic import make_synthetic_work
 
@@ -42,7 +43,7 @@ def test_window_dataset_normalises_the_stored_window(work) -> None:
     store = FeatureStore(work / "features")
     ids = store.ids[:3]
     norm = NormStats(np.full(64, 2.0, np.float32), np.full(64, 4.0, np.float32))
-    ds = WindowDataset(store, ids, [0, 1, 2], norm)
+    ds = WindowDataset(store, ids, [0, 1, 2], norm, window=store.frontend.window_frames)
     x, label, pos = ds[(1, 5)]
     raw = np.asarray(store[ids[1]], np.float32)[5:101]
     np.testing.assert_allclose(x.numpy(), (raw - 2.0) / 4.0, rtol=1e-6)
@@ -53,15 +54,15 @@ def test_short_video_is_repeat_padded(tmp_path) -> None:
     w = ShardWriter(tmp_path, n_mels=4, dtype="float32")
     x = np.arange(40 * 4, dtype=np.float32).reshape(40, 4)
     w.add("a", x)
-    write_meta(tmp_path, frontend={}, frontend_hash="h", classes=["c"], dtype="float32", n_mels=4)
+    write_meta(tmp_path, frontend=FrontendConfig(n_mels=4), classes=["c"], dtype="float32")
     commit_index(tmp_path, w.close())
     store = FeatureStore(tmp_path)
     ds = WindowDataset(
-        store, ["a"], [0], NormStats(np.zeros(4, np.float32), np.ones(4, np.float32))
+        store, ["a"], [0], NormStats(np.zeros(4, np.float32), np.ones(4, np.float32)), window=96
     )
     out, _, _ = ds[(0, 0)]
     np.testing.assert_array_equal(out.numpy(), np.concatenate([x, x, x])[:96])
-    assert eval_windows(np.array([40])).tolist() == [[0, 0]]
+    assert eval_windows(np.array([40]), hop=96, window=96).tolist() == [[0, 0]]
 
 
 def test_batch_path_pads_short_clips_by_the_dataset_policy(tmp_path) -> None:
@@ -70,11 +71,13 @@ def test_batch_path_pads_short_clips_by_the_dataset_policy(tmp_path) -> None:
     short = np.arange(40 * 4, dtype=np.float32).reshape(40, 4)
     w.add("a", short)
     w.add("b", np.ones((120, 4), np.float32))
-    write_meta(tmp_path, frontend={}, frontend_hash="h", classes=["c"], dtype="float32", n_mels=4)
+    write_meta(tmp_path, frontend=FrontendConfig(n_mels=4), classes=["c"], dtype="float32")
     commit_index(tmp_path, w.close())
     store = FeatureStore(tmp_path)
     identity = NormStats(np.zeros(4, np.float32), np.ones(4, np.float32))
-    ds = WindowDataset(store, ["a", "b"], [0, 0], identity, short_clips="zeros", raw=True)
+    ds = WindowDataset(
+        store, ["a", "b"], [0, 0], identity, window=96, short_clips="zeros", raw=True
+    )
     batch = ds.__getitems__([(0, 0), (1, 3)])
     single = ds[(0, 0)][0].numpy()
     np.testing.assert_array_equal(batch[0][0].numpy(), single)
@@ -86,7 +89,7 @@ def test_batch_path_pads_short_clips_by_the_dataset_policy(tmp_path) -> None:
 
 def test_train_sampler_covers_every_frame_and_stays_in_bounds() -> None:
     frames = np.array([96, 150, 400, 1000])
-    s = TrainWindowSampler(frames, windows_per_video=20, seed=3)
+    s = TrainWindowSampler(frames, windows_per_video=20, window=96, seed=3)
     covered = [np.zeros(t, bool) for t in frames]
     for epoch in range(10):
         s.set_epoch(epoch)
@@ -102,8 +105,8 @@ def test_train_sampler_covers_every_frame_and_stays_in_bounds() -> None:
 
 def test_train_sampler_is_deterministic_and_skips_for_resume() -> None:
     frames = np.array([200, 300, 500])
-    a = TrainWindowSampler(frames, windows_per_video=4, seed=7)
-    b = TrainWindowSampler(frames, windows_per_video=4, seed=7)
+    a = TrainWindowSampler(frames, windows_per_video=4, window=96, seed=7)
+    b = TrainWindowSampler(frames, windows_per_video=4, window=96, seed=7)
     a.set_epoch(2)
     b.set_epoch(2)
     full = list(a)
@@ -116,12 +119,12 @@ def test_train_sampler_is_deterministic_and_skips_for_resume() -> None:
 
 def test_train_sampler_shards_are_disjoint_and_complete() -> None:
     frames = np.arange(100, 111) * 3  # 11 videos, odd count
-    whole = TrainWindowSampler(frames, windows_per_video=3, seed=1)
+    whole = TrainWindowSampler(frames, windows_per_video=3, window=96, seed=1)
     whole.set_epoch(4)
     ref = whole.epoch_items()
     shards = []
     for r in range(2):
-        s = TrainWindowSampler(frames, windows_per_video=3, seed=1, rank=r, world_size=2)
+        s = TrainWindowSampler(frames, windows_per_video=3, window=96, seed=1, rank=r, world_size=2)
         s.set_epoch(4)
         shards.append(s.epoch_items())
     assert len(shards[0]) == len(shards[1]) == 16  # 33 truncated to 32, equal steps per rank
@@ -132,19 +135,21 @@ def test_train_sampler_shards_are_disjoint_and_complete() -> None:
 
 def test_balanced_sampler_equalises_classes() -> None:
     labels = np.array([0] * 30 + [1] * 5 + [2] * 5)
-    s = TrainWindowSampler(np.full(40, 200), labels, windows_per_video=30, balanced=True, seed=0)
+    s = TrainWindowSampler(
+        np.full(40, 200), labels, windows_per_video=30, window=96, balanced=True, seed=0
+    )
     counts = np.bincount(labels[[v for v, _ in s]], minlength=3)
     assert counts.sum() == 1200
     assert np.all(np.abs(counts / 1200 - 1 / 3) < 0.05), counts
 
 
 def test_eval_windows_hop_and_coverage() -> None:
-    items = eval_windows(np.array([250, 96, 400]), hop=96)
+    items = eval_windows(np.array([250, 96, 400]), hop=96, window=96)
     assert items.tolist() == [[0, 0], [0, 96], [1, 0], [2, 0], [2, 96], [2, 192], [2, 288]]
-    over = eval_windows(np.array([250]), hop=48)
+    over = eval_windows(np.array([250]), hop=48, window=96)
     assert over[:, 1].tolist() == [0, 48, 96, 144]
     for t in (96, 191, 192, 500):
-        starts = eval_windows(np.array([t]))[:, 1]
+        starts = eval_windows(np.array([t]), hop=96, window=96)[:, 1]
         cov = np.zeros(t, bool)
         for s in starts:
             cov[s : s + 96] = True
@@ -155,8 +160,8 @@ def test_dataloader_workers_give_the_same_batches(work) -> None:
     store = FeatureStore(work / "features")
     ids = store.ids
     norm = compute_norm_stats(store, ids)
-    ds = WindowDataset(store, ids, np.arange(len(ids)) % 4, norm)
-    sampler = TrainWindowSampler(ds.frames, windows_per_video=2, seed=0)
+    ds = WindowDataset(store, ids, np.arange(len(ids)) % 4, norm, window=96)
+    sampler = TrainWindowSampler(ds.frames, windows_per_video=2, window=96, seed=0)
     batches = {}
     for nw in (0, 2):
         sampler.set_epoch(1)
@@ -165,5 +170,30 @@ def test_dataloader_workers_give_the_same_batches(work) -> None:
     assert len(batches[0]) == len(batches[2]) == len(ids) * 2 // 8
     for (x0, p0), (x2, p2) in zip(batches[0], batches[2]):
         assert torch.equal(x0, x2) and torch.equal(p0, p2)
-    ev = EvalWindows(ds)
+    ev = EvalWindows(ds, hop=96)
     assert len(ev) == sum(f // 96 for f in ds.frames)
+
+
+@pytest.mark.parametrize("preset", ["vggish", "panns", "ast"])
+def test_zero_padding_is_the_silence_of_the_stores_front_end(tmp_path, preset: str) -> None:
+    from avfuse.melspec import log_mel
+    from tests.synthetic import write_store
+
+    fe = getattr(FrontendConfig, preset)()
+    short = np.ones((fe.example_frames // 3, fe.n_mels), np.float32)
+    write_store(tmp_path, fe, {"a": short})
+    store = FeatureStore(tmp_path)
+    ds = WindowDataset(
+        store,
+        ["a"],
+        [0],
+        NormStats.identity(fe.n_mels),
+        store.frontend.window_frames,
+        short_clips="zeros",
+    )
+    x = ds[(0, 0)][0].numpy()
+    # What a recording of digital silence gives under this front end (PANNs: -100 dB).
+    silence = log_mel(np.zeros(fe.sample_rate, np.float32), fe)
+    assert x.shape == (fe.example_frames, fe.n_mels)
+    np.testing.assert_array_equal(x[: len(short)], short)
+    np.testing.assert_allclose(x[len(short) :], float(silence[1, 0]), rtol=1e-5)

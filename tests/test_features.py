@@ -115,7 +115,7 @@ def test_features_round_trip_and_statuses(work: Path) -> None:
     ok = sorted(v for v, s in status.items() if s in ("ok", "padded"))
     assert st.ids == ok
     assert st.classes == load_classes(work) == ["run", "swim"]
-    assert st.dtype == np.float16 and st.n_mels == 64
+    assert st.dtype == np.float16 and st.frontend == FrontendConfig()
     assert st.frontend_hash == FrontendConfig().hash()
     assert len({p.name for p in (work / "features" / "shards").iterdir()}) > 1
     for vid in ok:
@@ -260,7 +260,7 @@ def test_frontend_mismatch_is_refused_unless_forced(work: Path) -> None:
     assert st.frontend_hash == FrontendConfig().hash()  # untouched
     compute_features(FeaturesConfig(work=work, num_workers=0, frontend=other, force=True))
     st = FeatureStore(work / "features")
-    assert st.frontend_hash == other.hash() and st.n_mels == 80
+    assert st.frontend_hash == other.hash() and st.frontend == other
     want = expected(work, "train/run/a", other)
     assert want.shape == (1 + (2 * SR - 512) // 256, 80)
     np.testing.assert_allclose(st["train/run/a"].astype(np.float32), want, rtol=2e-3, atol=4e-3)
@@ -291,7 +291,7 @@ def test_unfinished_run_of_another_frontend_is_refused_unless_forced(
         FeaturesConfig(work=work, num_workers=0, frontend=other, force=True, progress=False)
     )
     st = FeatureStore(work / "features")
-    assert st.n_mels == 80 and all(st[v].shape[1] == 80 for v in st.ids)
+    assert st.feature_dim == 80 and all(st[v].shape[1] == 80 for v in st.ids)
 
 
 def test_missing_extract_table_is_explained(tmp_path: Path) -> None:

@@ -87,7 +87,15 @@ def test_score_videos_aggregates_windows_per_video(work: Path, aggregation: str)
     model = BandMean(torch.randn(64, 3))
     norm = NormStats(np.full(64, -4.0, np.float32), np.full(64, 2.0, np.float32))
     out = score_videos(
-        model, store, ids, norm, hop=48, batch_size=5, aggregation=aggregation, progress=False
+        model,
+        store,
+        ids,
+        norm,
+        hop=48,
+        window=96,
+        batch_size=5,
+        aggregation=aggregation,
+        progress=False,
     )  # type: ignore[arg-type]
     w = model.w.detach().numpy().astype(np.float64)
     for vid in ids:

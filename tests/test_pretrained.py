@@ -5,6 +5,7 @@ frozen-embedding path end to end."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,11 @@ from avfuse.checkpoint import load_checkpoint
 from avfuse.data import NormStats
 from avfuse.embed import EmbedConfig, embed
 from avfuse.evaluate import EvaluateConfig, evaluate
-from avfuse.io import read_json, write_json
 from avfuse.models import Cnn10, Cnn14, VGGish, build_model, fuse_for_inference, load_init
 from avfuse.predict import PredictConfig, predict
 from avfuse.scores import ScoreFile
 from avfuse.scoring import model_from_checkpoint
-from avfuse.store import FeatureStore
+from avfuse.store import EmbeddingSpec, FeatureStore
 from avfuse.train import TrainConfig, param_groups, resolve_normalize, train
 from tests.synthetic import make_synthetic_work
 from tests.test_train import TINY as TRAIN_TINY
@@ -235,13 +235,15 @@ def test_vggish_matches_torchvggish(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- train / predict
 
 
-def _work(tmp: Path, n_mels: int, example_frames: int | None, frames: tuple[int, int]) -> Path:
-    make_synthetic_work(tmp, n_classes=3, videos_per_class=3, n_mels=n_mels, frames_range=frames)
-    if example_frames is not None:
-        meta_path = tmp / "features" / "store.json"
-        meta = read_json(meta_path)
-        meta["frontend"] = {**meta["frontend"], "example_frames": example_frames}
-        write_json(meta_path, meta)
+def _work(tmp: Path, n_mels: int, example_frames: int, frames: tuple[int, int]) -> Path:
+    make_synthetic_work(
+        tmp,
+        n_classes=3,
+        videos_per_class=3,
+        n_mels=n_mels,
+        example_frames=example_frames,
+        frames_range=frames,
+    )
     return tmp
 
 
@@ -268,7 +270,7 @@ def test_every_model_trains_and_predicts_with_80_bands_64_frames(tmp_path: Path,
 
 
 def test_vggish_init_sees_unstandardised_inputs(tmp_path: Path) -> None:
-    work = _work(tmp_path, n_mels=64, example_frames=None, frames=(96, 200))
+    work = _work(tmp_path, n_mels=64, example_frames=96, frames=(96, 200))
     init = _released_small(VGGish(3, width=0.125), tmp_path, 6)
     cfg = TrainConfig(work, model="vggish", init=init, **{**TINY, "epochs": 1})
     assert resolve_normalize(cfg) == "none"
@@ -296,7 +298,7 @@ def test_vggish_init_sees_unstandardised_inputs(tmp_path: Path) -> None:
 
 
 def test_freeze_backbone_trains_only_the_head(tmp_path: Path) -> None:
-    work = _work(tmp_path, n_mels=64, example_frames=None, frames=(96, 200))
+    work = _work(tmp_path, n_mels=64, example_frames=96, frames=(96, 200))
     src = _randomise(Cnn10(3, width=0.125), 7)
     init = _save_released(src, tmp_path / "init.pth")
     res = train(TrainConfig(work, model="cnn10", init=init, freeze_backbone=True, **TINY))
@@ -325,7 +327,7 @@ def test_backbone_lr_mult_sets_group_rates() -> None:
 
 
 def test_embed_then_head_end_to_end(tmp_path: Path) -> None:
-    work = _work(tmp_path, n_mels=64, example_frames=None, frames=(96, 300))
+    work = _work(tmp_path, n_mels=64, example_frames=96, frames=(96, 300))
     src = _randomise(Cnn10(3, width=0.125), 8).eval()
     init = _save_released(src, tmp_path / "init.pth")
     ecfg = EmbedConfig(
@@ -342,7 +344,16 @@ def test_embed_then_head_end_to_end(tmp_path: Path) -> None:
     res = embed(ecfg)
     store = FeatureStore(work / "features")
     emb = FeatureStore(work / "embeddings" / "cnn10")
-    assert res.embedded == len(store) and emb.n_mels == 64  # width 0.125 of 512
+    assert res.embedded == len(store) and emb.frontend == EmbeddingSpec(
+        model="cnn10",
+        dim=64,  # width 0.125 of 512
+        init_sha256=hashlib.sha256(init.read_bytes()).hexdigest(),
+        window=96,
+        hop=96,
+        per_window=True,
+        source_frontend_hash=store.frontend_hash,
+        width=0.125,
+    )
     vid = emb.ids[0]
     x = np.asarray(store[vid], np.float32)
     starts = range(0, len(x) - 95, 96)
@@ -407,7 +418,7 @@ def test_folded_batch_norms_give_the_same_embeddings() -> None:
 
 
 def test_whole_clip_scoring_is_one_window_per_video(tmp_path: Path) -> None:
-    work = _work(tmp_path, n_mels=64, example_frames=None, frames=(96, 250))
+    work = _work(tmp_path, n_mels=64, example_frames=96, frames=(96, 250))
     res = train(TrainConfig(work, model="cnn10", **TINY))
     assert res is not None
     model, norm, _ = model_from_checkpoint(load_checkpoint(res.last_path))

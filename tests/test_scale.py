@@ -234,7 +234,7 @@ def test_getitems_equals_one_item_at_a_time(store_work) -> None:
     ids = store.ids
     frames = store.frames_array(ids)
     norm = NormStats(np.full(64, -3.0, np.float32), np.full(64, 2.0, np.float32))
-    ds = WindowDataset(store, ids, np.arange(len(ids)) % 4, norm)
+    ds = WindowDataset(store, ids, np.arange(len(ids)) % 4, norm, window=96)
     rng = np.random.default_rng(1)
     pos = rng.integers(0, len(ids), 200)
     pos[:3] = np.flatnonzero(frames < 96)[:3]  # videos shorter than a window are padded
@@ -270,7 +270,7 @@ def test_block_sampler_reads_groups_and_keeps_the_class_mix_random() -> None:
     blocks = np.arange(n) // per_block
 
     def epoch(**kw) -> np.ndarray:
-        s = TrainWindowSampler(frames, labels, windows_per_video=2, seed=3, **kw)
+        s = TrainWindowSampler(frames, labels, windows_per_video=2, window=96, seed=3, **kw)
         s.set_epoch(1)
         return s.epoch_items()
 
@@ -305,11 +305,13 @@ def test_block_sampler_shards_ranks_and_resumes() -> None:
 
     frames = np.full(1000, 500)
     blocks = np.arange(1000) // 10
-    full = TrainWindowSampler(frames, blocks=blocks, group=8, seed=1)
+    full = TrainWindowSampler(frames, window=96, blocks=blocks, group=8, seed=1)
     full.set_epoch(2)
     ranks = []
     for r in range(2):
-        s = TrainWindowSampler(frames, blocks=blocks, group=8, seed=1, rank=r, world_size=2)
+        s = TrainWindowSampler(
+            frames, window=96, blocks=blocks, group=8, seed=1, rank=r, world_size=2
+        )
         s.set_epoch(2, skip=5)
         ranks.append(np.asarray(list(s)))
         assert len(s) == 500 - 5
@@ -326,7 +328,7 @@ def test_getitems_full_batch_gathers_into_one_array(store_work) -> None:
     store = FeatureStore(work / "features")
     frames = store.frames_array(store.ids)
     norm = NormStats(np.zeros(64, np.float32), np.ones(64, np.float32))
-    ds = WindowDataset(store, store.ids, np.zeros(len(store), np.int64), norm)
+    ds = WindowDataset(store, store.ids, np.zeros(len(store), np.int64), norm, window=96)
     long = np.flatnonzero(frames >= 200)[:16]
     items = [(int(p), int(frames[p]) - 96) for p in long]  # last window of each video
     for (x, _, p), (vid_pos, start) in zip(ds.__getitems__(items), items):

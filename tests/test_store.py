@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 from pathlib import Path
@@ -11,12 +12,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from avfuse import __version__
+from avfuse.melspec import FrontendConfig
 from avfuse.store import (
+    CorruptStoreError,
+    EmbeddingSpec,
     FeatureStore,
     FrontendMismatchError,
     ShardWriter,
     commit_index,
+    migrate_meta,
     remove_unreferenced_shards,
+    store_problem,
     write_meta,
 )
 
@@ -31,14 +37,7 @@ def build(root: Path, dtype: str = "float16", max_mb: float = 0.003) -> dict[str
         for vid in sorted(feats)[part::2]:
             w.add(vid, feats[vid].astype(np.float32))
         rows += w.close()
-    write_meta(
-        root,
-        frontend={"n_mels": 8},
-        frontend_hash="abc123",
-        classes=["c0", "c1", "c2"],
-        dtype=dtype,
-        n_mels=8,
-    )
+    write_meta(root, frontend=FrontendConfig(n_mels=8), classes=["c0", "c1", "c2"], dtype=dtype)
     commit_index(root, rows)
     return feats
 
@@ -47,8 +46,9 @@ def test_round_trip_float32(tmp_path: Path) -> None:
     feats = build(tmp_path, "float32")
     st = FeatureStore(tmp_path)
     assert st.ids == sorted(feats)
-    assert st.classes == ["c0", "c1", "c2"] and st.frontend_hash == "abc123"
-    assert st.meta["avfuse_version"] == __version__
+    assert st.classes == ["c0", "c1", "c2"] and st.frontend == FrontendConfig(n_mels=8)
+    assert st.frontend_hash == FrontendConfig(n_mels=8).hash()
+    assert st.meta.avfuse_version == __version__
     for vid, f in feats.items():
         np.testing.assert_array_equal(st[vid], f.astype(np.float32))
         assert st.frames(vid) == len(f)
@@ -72,7 +72,7 @@ def test_readable_with_numpy_and_pyarrow_alone(tmp_path: Path) -> None:
     # Exactly what the README shows, no avfuse import.
     meta = json.loads((tmp_path / "store.json").read_text())
     index = pq.read_table(tmp_path / "index.parquet").to_pandas().set_index("video_id")
-    assert meta["dtype"] == "float16" and meta["n_mels"] == 8
+    assert meta["dtype"] == "float16" and meta["frontend"]["n_mels"] == 8
     for vid, f in feats.items():
         row = index.loc[vid]
         shard = np.load(tmp_path / "shards" / row.shard, mmap_mode="r")
@@ -98,8 +98,9 @@ def test_window_bounds_and_unknown_ids(tmp_path: Path) -> None:
 def test_check_frontend(tmp_path: Path) -> None:
     build(tmp_path)
     st = FeatureStore(tmp_path)
-    st.check_frontend("abc123")
-    with pytest.raises(FrontendMismatchError, match="abc123"):
+    have = FrontendConfig(n_mels=8).hash()
+    st.check_frontend(have)
+    with pytest.raises(FrontendMismatchError, match=have):
         st.check_frontend("ffff", what="checkpoint x.pt")
 
 
@@ -171,3 +172,143 @@ def test_batched_windows_equal_the_source_rows_across_shards(tmp_path: Path) -> 
         st.windows([one] * 3, [0, 5, 9], 20),
         np.stack([feats[one][s : s + 20] for s in (0, 5, 9)]).astype(np.float32),
     )
+
+
+# --------------------------------------------------------------------------- store.json layouts
+
+# The VGGish front end as version 1 of store.json spelled it (every field then hashed).
+V1_VGGISH = {
+    "sample_rate": 16000,
+    "win_length": 400,
+    "hop_length": 160,
+    "n_fft": 512,
+    "n_mels": 64,
+    "fmin": 125.0,
+    "fmax": 7500.0,
+    "log_offset": 0.01,
+    "window": "periodic_hann",
+    "spectrum": "magnitude",
+    "mel_scale": "htk",
+    "example_frames": 96,
+}
+
+
+def _v1_hash(frontend: dict, compact: bool) -> str:
+    """The front-end hash version 1 stored: the features stage hashed compact canonical JSON,
+    the embed stage ``json.dumps`` with its default separators."""
+    text = json.dumps(frontend, sort_keys=True, separators=(",", ":") if compact else None)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def write_v1_store(root: Path, frontend: dict, n_mels: int, frontend_hash: str) -> np.ndarray:
+    """A committed store in the layout of version 1: its store.json spelled out by hand."""
+    x = np.arange(30 * n_mels, dtype=np.float32).reshape(30, n_mels)
+    w = ShardWriter(root, n_mels=n_mels, dtype="float32")
+    w.add("train/c/v0", x)
+    commit_index(root, w.close())
+    meta = {
+        "format": "avfuse-feature-store/1",
+        "avfuse_version": "0.9.0",
+        "dtype": "float32",
+        "n_mels": n_mels,
+        "frontend": frontend,
+        "frontend_hash": frontend_hash,
+        "classes": ["c"],
+    }
+    (root / "store.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return x
+
+
+def test_v1_feature_store_reads_as_its_frontend_config_with_the_same_hash(tmp_path: Path) -> None:
+    stored = _v1_hash(V1_VGGISH, compact=True)
+    x = write_v1_store(tmp_path, V1_VGGISH, 64, stored)
+    st = FeatureStore(tmp_path)
+    assert st.frontend == FrontendConfig.vggish()
+    assert (st.frontend.window_frames, st.frontend.feature_dim) == (96, 64)
+    # The hash is the cache key of every stage after features: it must not move.
+    assert st.frontend_hash == stored == FrontendConfig.vggish().hash()
+    np.testing.assert_array_equal(st.window("train/c/v0", 2, 5), x[2:7])
+    # A store rewritten in the current layout keeps that hash.
+    write_meta(tmp_path, frontend=st.frontend, classes=st.classes, dtype="float32")
+    assert json.loads((tmp_path / "store.json").read_text())["frontend_hash"] == stored
+
+
+def test_v1_front_end_without_example_frames_held_vggish_examples(tmp_path: Path) -> None:
+    write_v1_store(tmp_path, {"n_fft": 512}, 8, "0123456789abcdef")
+    st = FeatureStore(tmp_path)
+    assert st.frontend == FrontendConfig(n_mels=8, example_frames=96)
+    assert st.frontend_hash == "0123456789abcdef"  # what the store states, never recomputed
+    assert migrate_meta(json.loads((tmp_path / "store.json").read_text())) == {
+        "format": "avfuse-feature-store/2",
+        "avfuse_version": "0.9.0",
+        "dtype": "float32",
+        "kind": "logmel",
+        "frontend": {"n_fft": 512, "n_mels": 8, "example_frames": 96},
+        "frontend_hash": "0123456789abcdef",
+        "classes": ["c"],
+    }
+
+
+V1_EMBEDDING = {
+    "name": "embedding",
+    "model": "cnn10",
+    "width": 0.125,
+    "init_sha256": "ab" * 32,
+    "window": 96,
+    "hop": 48,
+    "per_window": True,
+    "features_frontend_hash": "0123456789abcdef",
+    "n_mels": 64,
+    "example_frames": 1,
+}
+SPEC = EmbeddingSpec(
+    model="cnn10",
+    dim=64,
+    init_sha256="ab" * 32,
+    window=96,
+    hop=48,
+    per_window=True,
+    source_frontend_hash="0123456789abcdef",
+    width=0.125,
+)
+
+
+def test_v1_embedding_store_reads_as_an_embedding_spec(tmp_path: Path) -> None:
+    stored = _v1_hash(V1_EMBEDDING, compact=False)
+    write_v1_store(tmp_path, V1_EMBEDDING, 64, stored)
+    st = FeatureStore(tmp_path)
+    assert st.frontend == SPEC and st.frontend_hash == stored == SPEC.hash()
+    assert (st.frontend.window_frames, st.frontend.feature_dim, st.feature_dim) == (1, 64, 64)
+
+
+def test_embedding_store_is_written_as_a_spec_not_a_front_end(tmp_path: Path) -> None:
+    w = ShardWriter(tmp_path, n_mels=64, dtype="float32")
+    w.add("v", np.ones((3, 64)))
+    commit_index(tmp_path, w.close())
+    write_meta(tmp_path, frontend=SPEC, classes=["c"], dtype="float32")
+    meta = json.loads((tmp_path / "store.json").read_text())
+    assert meta["format"] == "avfuse-feature-store/2" and meta["kind"] == "embedding"
+    assert "n_mels" not in meta and "n_mels" not in meta["frontend"]
+    assert meta["frontend"]["dim"] == 64
+    # Embeddings made before the layout changed keep their hash: no recomputation.
+    assert meta["frontend_hash"] == _v1_hash(V1_EMBEDDING, compact=False)
+    assert FeatureStore(tmp_path).frontend == SPEC
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"format": "avfuse-feature-store/3"},
+        {"format": "something-else/2"},
+        {"kind": "waveform"},
+        {"frontend": {"n_mels": 8, "mel_scale": "bark"}},
+    ],
+)
+def test_unusable_store_json_is_named(tmp_path: Path, change: dict) -> None:
+    build(tmp_path)
+    meta = json.loads((tmp_path / "store.json").read_text())
+    (tmp_path / "store.json").write_text(json.dumps({**meta, **change}))
+    with pytest.raises(CorruptStoreError, match=r"store\.json: unusable") as info:
+        FeatureStore(tmp_path)
+    assert "avfuse features" in str(info.value)
+    assert "store.json: unusable" in store_problem(tmp_path)

@@ -60,7 +60,7 @@ def band_statistics(
 ) -> np.ndarray:
     """``(videos, k * n_mels)`` float64: :func:`video_statistics` of each video's frames."""
     k = 5 if stats == "dynamics" else 2
-    out = np.zeros((len(ids), k * store.n_mels), dtype=np.float64)
+    out = np.zeros((len(ids), k * store.feature_dim), dtype=np.float64)
     for i, vid in enumerate(ids):
         out[i] = video_statistics(store[vid], stats)
     return out

@@ -1,6 +1,7 @@
 """Torch datasets and samplers over the feature store.
 
-Training examples are 96-frame windows (0.96 s) of a video's full log-mel sequence, drawn
+Training examples are windows of a video's full log-mel sequence (``window`` frames: the store's
+``frontend.window_frames`` unless a model fixes its own, 96 frames = 0.96 s for VGGish), drawn
 anywhere in the video; evaluation enumerates every window with a hop. Videos are addressed by
 ``video_id``; positions are only used inside one dataset object and mapped back to ids.
 
@@ -12,7 +13,6 @@ run (the sampler skips the samples already consumed) and easy to shard across ra
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -22,28 +22,6 @@ from torch.utils.data import Dataset, Sampler
 
 from avfuse.model_config import SHORT_CLIPS, ShortClips
 from avfuse.store import FeatureStore
-
-WINDOW = 96  # frames of a VGGish example; a store's own front end says what its examples are
-
-
-def store_window(store: FeatureStore) -> int:
-    """Frames per model example of ``store``'s front end (``example_frames``; 96 if unstated)."""
-    return int(store.frontend.get("example_frames", WINDOW))
-
-
-def silence_level(store: FeatureStore) -> float:
-    """The feature value of digital silence in ``store``: ``log(log_offset)`` of its front end
-    (Kaldi-style front ends: the normalised log of their mel floor)."""
-    if store.frontend.get("log") == "floor":
-        amin = float(store.frontend.get("amin", 1e-10))
-        std = float(store.frontend.get("norm_std", 0.0))
-        v = math.log(amin)
-        return (v - float(store.frontend.get("norm_mean", 0.0))) / (2 * std) if std > 0 else v
-    offset = store.frontend.get("log_offset", 0.01)
-    try:
-        return math.log(float(offset))
-    except (TypeError, ValueError):
-        return math.log(0.01)
 
 
 def pad_window(x: np.ndarray, length: int, short_clips: str, floor: float) -> np.ndarray:
@@ -106,8 +84,8 @@ def compute_norm_stats(
         rng = np.random.default_rng(seed)
         ids = [ids[i] for i in sorted(rng.choice(len(ids), max_videos, replace=False))]
     n = 0
-    s = np.zeros(store.n_mels, np.float64)
-    s2 = np.zeros(store.n_mels, np.float64)
+    s = np.zeros(store.feature_dim, np.float64)
+    s2 = np.zeros(store.feature_dim, np.float64)
     for vid in ids:
         x = np.asarray(store[vid], dtype=np.float64)
         n += len(x)
@@ -125,8 +103,8 @@ def _window(
     vid: str,
     start: int,
     length: int,
-    short_clips: str = "repeat",
-    floor: float = math.log(0.01),
+    short_clips: str,
+    floor: float,
 ) -> np.ndarray:
     frames = store.frames(vid)
     if frames >= start + length:
@@ -136,7 +114,7 @@ def _window(
 
 
 class WindowDataset(Dataset[tuple[torch.Tensor, int, int]]):
-    """Map-style dataset: ``ds[(video_pos, start)] -> (x (96, n_mels) float32, label, video_pos)``.
+    """Map-style dataset: ``ds[(video_pos, start)] -> (x (window, n_mels) float32, label, video_pos)``.
 
     Used with :class:`TrainWindowSampler` (random windows) or through :class:`EvalWindows`
     (every window). ``labels`` is aligned with ``ids``; -1 for unlabelled videos.
@@ -148,7 +126,7 @@ class WindowDataset(Dataset[tuple[torch.Tensor, int, int]]):
         ids: Sequence[str],
         labels: Sequence[int] | np.ndarray,
         norm: NormStats,
-        window: int = WINDOW,
+        window: int,
         short_clips: ShortClips = "repeat",
         raw: bool = False,
     ) -> None:
@@ -159,7 +137,9 @@ class WindowDataset(Dataset[tuple[torch.Tensor, int, int]]):
         # standardises them on the GPU after a copy of half the bytes for a float16 store).
         self.raw = raw
         self.short_clips = short_clips
-        self.floor = silence_level(store)
+        # Padding with zeros means padding with what digital silence gives under the store's
+        # front end (dB, offset log or normalised Kaldi log alike).
+        self.floor = store.frontend.silence_value()
         self.ids = list(ids)
         self.labels = np.asarray(labels, dtype=np.int64)
         if len(self.labels) != len(self.ids):
@@ -183,7 +163,7 @@ class WindowDataset(Dataset[tuple[torch.Tensor, int, int]]):
         normalised in one pass instead of a Python call chain per window."""
         arr = np.asarray(items, dtype=np.int64).reshape(-1, 2)
         pos, starts = arr[:, 0], arr[:, 1]
-        x = np.empty((len(arr), self.window, self.store.n_mels), dtype=self.store.dtype)
+        x = np.empty((len(arr), self.window, self.store.feature_dim), dtype=self.store.dtype)
         fits = self.frames[pos] >= starts + self.window
         if fits.all():  # the usual batch: gather straight into x
             self.store.windows([self.ids[p] for p in pos], starts, self.window, out=x)
@@ -229,7 +209,8 @@ class TrainWindowSampler(Sampler[tuple[int, int]]):
         frames: np.ndarray,
         labels: np.ndarray | None = None,
         windows_per_video: int = 1,
-        window: int = WINDOW,
+        *,
+        window: int,
         balanced: bool = False,
         seed: int = 0,
         rank: int = 0,
@@ -302,7 +283,7 @@ class TrainWindowSampler(Sampler[tuple[int, int]]):
         return iter([(int(v), int(s)) for v, s in items])
 
 
-def eval_windows(frames: np.ndarray, hop: int = WINDOW, window: int = WINDOW) -> np.ndarray:
+def eval_windows(frames: np.ndarray, hop: int, window: int) -> np.ndarray:
     """Every window start of each video: (items, 2) int64 of (video_pos, start).
 
     Starts are ``0, hop, 2*hop, ...`` while the window fits; a video shorter than one window
@@ -320,9 +301,9 @@ def eval_windows(frames: np.ndarray, hop: int = WINDOW, window: int = WINDOW) ->
 
 
 class EvalWindows(Dataset[tuple[torch.Tensor, int, int]]):
-    """Every window of every video: ``ds[i] -> (x (96, n_mels), label, video_pos)``."""
+    """Every window of every video: ``ds[i] -> (x (window, n_mels), label, video_pos)``."""
 
-    def __init__(self, base: WindowDataset, hop: int = WINDOW) -> None:
+    def __init__(self, base: WindowDataset, hop: int) -> None:
         self.base = base
         self.items = eval_windows(base.frames, hop, base.window)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,18 +32,21 @@ from avfuse import distributed as D
 from avfuse.accel import Placement, resolve_channels_last, set_memory_format
 from avfuse.ast_model import frontend_mismatch
 from avfuse.config import save_config, to_dict
-from avfuse.data import EvalWindows, NormStats, WindowDataset, store_window
-from avfuse.io import read_json, read_table
+from avfuse.data import EvalWindows, NormStats, WindowDataset
+from avfuse.io import read_table
 from avfuse.manifest import SCORED_STATUSES, load_classes, load_manifest
 from avfuse.model_config import EmbedConfig
 from avfuse.models import build_model, embed_dim, fuse_for_inference, load_init, model_arch
 from avfuse.scoring import valid_embedding_name, video_status
 from avfuse.store import (
+    CorruptStoreError,
+    EmbeddingSpec,
     FeatureStore,
     ShardWriter,
     check_shards,
     commit_index,
     needed_rows,
+    read_meta,
     remove_unreferenced_shards,
     write_meta,
 )
@@ -106,7 +108,7 @@ def embed_windows(
     # raw: the store's own dtype crosses to the device (half the bytes of float32 for a
     # float16 store); the identity standardisation is then a cast there.
     base = WindowDataset(
-        store, ids, np.full(len(ids), -1), NormStats.identity(store.n_mels), window, raw=True
+        store, ids, np.full(len(ids), -1), NormStats.identity(store.feature_dim), window, raw=True
     )
     ds = EvalWindows(base, hop=hop)
     loader = DataLoader(
@@ -129,9 +131,7 @@ def embed_windows(
     return {vid: np.stack(parts[i]).astype(np.float32) for i, vid in enumerate(ids)}
 
 
-def _open_output(
-    root: Path, meta: dict[str, Any], frontend_hash: str, force: bool
-) -> list[dict[str, Any]]:
+def _open_output(root: Path, spec: EmbeddingSpec, force: bool) -> list[dict[str, Any]]:
     """Index rows already committed in ``root`` (a resumed run), after checking it holds
     embeddings of the same network, weights and windows. Rows in a truncated or damaged shard
     are dropped (their videos are embedded again), as is an unreadable index (every video
@@ -144,17 +144,17 @@ def _open_output(
     if not StoreLayout(root).meta.exists():
         return []
     try:
-        old = read_json(StoreLayout(root).meta)
-    except (ValueError, OSError) as exc:
-        log.warning("%s unreadable (%s): embedding every video again", StoreLayout(root).meta, exc)
-        old = {"frontend_hash": frontend_hash}
+        old = read_meta(root)
+    except CorruptStoreError as exc:
+        log.warning("%s: embedding every video again", exc)
         with contextlib.suppress(FileNotFoundError):
             StoreLayout(root).index.unlink()
-    if old.get("frontend_hash") != frontend_hash:
-        raise ValueError(
-            f"{root} holds embeddings of other settings ({old.get('frontend', {})}); "
-            "pass --force to replace them, or choose another --name"
-        )
+    else:
+        if old.frontend_hash != spec.hash():
+            raise ValueError(
+                f"{root} holds embeddings of other settings ({old.frontend}); "
+                "pass --force to replace them, or choose another --name"
+            )
     rows: list[dict[str, Any]] = []
     if StoreLayout(root).index.exists():
         try:
@@ -168,7 +168,7 @@ def _open_output(
             )
     if rows:
         index = pd.DataFrame(rows)
-        bad = check_shards(root, needed_rows(index), int(meta["n_mels"]), "float32")
+        bad = check_shards(root, needed_rows(index), spec.dim, "float32")
         for name, why in sorted(bad.items()):
             log.warning(
                 "shard %s: %s; embedding its videos again", StoreLayout(root).shard(name), why
@@ -194,11 +194,13 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
     classes = load_classes(work)
     arch = model_arch(cfg.model, cfg.init, cfg.window)
     # A checkpoint-configured model (ast) takes windows of its own length only.
-    window = int(arch["max_length"]) if arch else cfg.window or store_window(store)
+    window = int(arch["max_length"]) if arch else cfg.window or store.frontend.window_frames
     hop = cfg.hop or window
     if arch and (why := frontend_mismatch(store.frontend_hash, cfg.init)):
         log.warning("%s", why)
-    model = build_model(cfg.model, 2, cfg.width, 0.0, n_mels=store.n_mels, frames=window, arch=arch)
+    model = build_model(
+        cfg.model, 2, cfg.width, 0.0, n_mels=store.feature_dim, frames=window, arch=arch
+    )
     load_init(model, cfg.init)
     dim = embed_dim(model)
     # Inference only: batch norms folded into the convolutions (~1.3x on CPU).
@@ -206,24 +208,19 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
     channels_last = resolve_channels_last(cfg.channels_last, device, model)
     set_memory_format(model, device, channels_last)
 
-    frontend = {
-        "name": "embedding",
-        "model": cfg.model,
-        "width": cfg.width,
-        "init_sha256": _file_sha256(Path(cfg.init)),
-        "window": window,
-        "hop": hop,
-        "per_window": cfg.per_window,
-        "features_frontend_hash": store.frontend_hash,
-        "n_mels": dim,
-        "example_frames": 1,
-    }
-    fhash = hashlib.sha256(json.dumps(frontend, sort_keys=True).encode()).hexdigest()[:16]
-    root = WorkDir(work).embeddings(name)
-    rows = _open_output(root, frontend, fhash, cfg.force)
-    write_meta(
-        root, frontend=frontend, frontend_hash=fhash, classes=classes, dtype="float32", n_mels=dim
+    spec = EmbeddingSpec(
+        model=cfg.model,
+        dim=dim,
+        init_sha256=_file_sha256(Path(cfg.init)),
+        window=window,
+        hop=hop,
+        per_window=cfg.per_window,
+        source_frontend_hash=store.frontend_hash,
+        width=cfg.width,
     )
+    root = WorkDir(work).embeddings(name)
+    rows = _open_output(root, spec, cfg.force)
+    write_meta(root, frontend=spec, classes=classes, dtype="float32")
 
     man = load_manifest(work)
     if cfg.splits:

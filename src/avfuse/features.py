@@ -732,15 +732,7 @@ def _commit(
     )
     if missing:  # a logged shard vanished while this run went on: never commit a dangling index
         raise RuntimeError(f"shard file(s) missing from {shard_dir}: {sorted(missing)[:3]}")
-    fe = cfg.frontend
-    write_meta(
-        store,
-        frontend=fe.to_dict(),
-        frontend_hash=fe.hash(),
-        classes=classes,
-        dtype=cfg.dtype,
-        n_mels=fe.n_mels,
-    )
+    write_meta(store, frontend=cfg.frontend, classes=classes, dtype=cfg.dtype)
     index = commit_index(store, index_rows)
     frames = [
         pd.DataFrame(logged, columns=list(COLUMNS)) if len(logged) else None,
@@ -756,7 +748,7 @@ def _commit(
         raise RuntimeError(
             f"{len(lost)} video(s) have no feature record, e.g. {sorted(lost.tolist())[:3]}"
         )
-    meta = {"avfuse_version": __version__, "frontend_hash": fe.hash(), "dtype": cfg.dtype}
+    meta = {"avfuse_version": __version__, "frontend_hash": cfg.frontend.hash(), "dtype": cfg.dtype}
     meta[INPUTS] = inputs
     write_table(table, WorkDir(work).features_table, meta)
     keep = set(index["shard"].astype(str))

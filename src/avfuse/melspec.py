@@ -282,6 +282,17 @@ class FrontendConfig(Config):
         return num_frames(num_samples, self)
 
     @property
+    def window_frames(self) -> int:
+        """Rows of the store per model example (what :class:`avfuse.store.EmbeddingSpec` also
+        answers): ``example_frames``."""
+        return self.example_frames
+
+    @property
+    def feature_dim(self) -> int:
+        """Values per row of the store: ``n_mels``."""
+        return self.n_mels
+
+    @property
     def min_samples(self) -> int:
         """Shortest recording that yields one full example (15600 samples = 0.975 s)."""
         if self.center:

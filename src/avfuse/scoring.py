@@ -25,7 +25,6 @@ from avfuse.accel import Placement
 from avfuse.audio import USABLE
 from avfuse.checkpoint import Checkpoint
 from avfuse.data import (
-    WINDOW,
     EvalWindows,
     NormStats,
     WholeClips,
@@ -125,8 +124,8 @@ def score_videos(
     ids: Sequence[str],
     norm: NormStats,
     *,
-    hop: int = WINDOW,
-    window: int = WINDOW,
+    hop: int,
+    window: int,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     amp_dtype: torch.dtype | None = None,
@@ -224,7 +223,7 @@ def score_videos_distributed(
 def video_status(
     manifest_rows: Any,
     store: FeatureStore,
-    window: int = WINDOW,
+    window: int,
     short_clips: str = "repeat",
 ) -> dict[str, str]:
     """``{video_id: status}`` for manifest rows: ``ok``, ``padded`` (shorter than one window,

@@ -2,9 +2,16 @@
 
 On disk (``WORK/features/``)::
 
-    store.json               dtype, n_mels, front-end config and its hash, class list, version
+    store.json               format, dtype, kind, front end and its hash, class list, version
     index.parquet            video_id, shard, offset, frames   (committed index)
     shards/shard-XXXXX.npy   2-D array (rows, n_mels), rows of many videos back to back
+
+``store.json`` names what made the rows: ``kind = "logmel"`` with the
+:class:`~avfuse.melspec.FrontendConfig` of a feature store, or ``kind = "embedding"`` with the
+:class:`EmbeddingSpec` of an embedding store (``WORK/embeddings/NAME``, rows of ``dim`` values
+per window). :attr:`FeatureStore.frontend` returns that record; both kinds answer
+``window_frames`` (rows per model example) and ``feature_dim`` (values per row). A store.json
+of an older layout is brought to the current one by :func:`migrate_meta` when it is read.
 
 A video's features are rows ``offset : offset + frames`` of its shard. Shards are plain ``.npy``
 files, so reading needs numpy alone::
@@ -23,15 +30,19 @@ unreferenced shard files, which a rerun removes.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 
 from avfuse import __version__
+from avfuse.config import Config, from_dict, to_dict
 from avfuse.io import (
     DiskFullError,
     atomic_write,
@@ -41,7 +52,176 @@ from avfuse.io import (
     write_json,
     write_table,
 )
+from avfuse.melspec import FrontendConfig
 from avfuse.workdir import StoreLayout
+
+# store.json's layout: version 1 held a front-end dict and ``n_mels`` (an embedding store a
+# made-up front end whose ``n_mels`` was the embedding size); version 2 names its ``kind``.
+FORMAT_NAME = "avfuse-feature-store"
+VERSION = 2
+FORMAT = f"{FORMAT_NAME}/{VERSION}"
+
+
+@dataclass(frozen=True)
+class EmbeddingSpec(Config):
+    """What the rows of an embedding store are: ``dim`` values of network ``model``'s
+    embedding layer per window of ``window`` rows, every ``hop`` rows, of the feature store
+    whose front end hashes to ``source_frontend_hash``.
+
+    A row is one window's embedding (``per_window``) or the mean over a video's windows, so a
+    model example is one row (:attr:`window_frames` = 1) of :attr:`feature_dim` = ``dim``.
+    """
+
+    model: str = field(metadata={"help": "network whose embedding layer made the rows"})
+    dim: int = field(metadata={"help": "embedding size: values per row", "min": 1})
+    init_sha256: str = field(metadata={"help": "sha256 of the weights (file or model folder)"})
+    window: int = field(metadata={"help": "feature-store frames per embedded window", "min": 1})
+    hop: int = field(metadata={"help": "feature-store frames between windows", "min": 1})
+    per_window: bool = field(metadata={"help": "a row per window, or one (their mean) per video"})
+    source_frontend_hash: str = field(metadata={"help": "front-end hash of the feature store"})
+    width: float = field(default=1.0, metadata={"help": "the network's width multiplier"})
+
+    @property
+    def window_frames(self) -> int:
+        """Rows per model example: one embedding."""
+        return 1
+
+    @property
+    def feature_dim(self) -> int:
+        """Values per row: the embedding size."""
+        return self.dim
+
+    def silence_value(self) -> float:
+        """The value a row is padded with: rows are never shorter than one example (a video
+        has at least one embedding), so only a head of longer windows would pad; zeros, the
+        embedding space's origin."""
+        return 0.0
+
+    def hash(self) -> str:
+        """Stable hash of the settings, in the layout the first embedding stores were hashed
+        in: it is the cache key of the stores and heads already made from them."""
+        legacy = {
+            "name": "embedding",
+            "model": self.model,
+            "width": float(self.width),
+            "init_sha256": self.init_sha256,
+            "window": self.window,
+            "hop": self.hop,
+            "per_window": self.per_window,
+            "features_frontend_hash": self.source_frontend_hash,
+            "n_mels": self.dim,
+            "example_frames": 1,
+        }
+        return hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+StoreFrontend = FrontendConfig | EmbeddingSpec
+StoreKind = Literal["logmel", "embedding"]
+
+
+def frontend_kind(frontend: StoreFrontend) -> StoreKind:
+    return "embedding" if isinstance(frontend, EmbeddingSpec) else "logmel"
+
+
+def frontend_from_dict(kind: str, data: Mapping[str, Any]) -> StoreFrontend:
+    """The record of ``kind`` (``logmel`` / ``embedding``) from its current-layout dict."""
+    if kind == "logmel":
+        return from_dict(FrontendConfig, dict(data), "frontend")
+    if kind == "embedding":
+        return from_dict(EmbeddingSpec, dict(data), "frontend")
+    raise ValueError(f"unknown store kind {kind!r}; known: logmel, embedding")
+
+
+def frontend_from_v1(data: Mapping[str, Any], n_mels: int | None = None) -> dict[str, Any]:
+    """``{"kind": ..., "frontend": dict}`` of the current layout from a version-1 front end.
+
+    Version 1 wrote an embedding store's settings as a front end named ``embedding`` whose
+    ``n_mels`` was the embedding size. ``n_mels``: the store's row width, which version 1
+    kept beside the front end (a front end that omits it has that many bands).
+    """
+    fe = dict(data)
+    if fe.get("name") == "embedding":
+        return {
+            "kind": "embedding",
+            "frontend": {
+                "model": fe["model"],
+                "dim": fe["n_mels"],
+                "init_sha256": fe["init_sha256"],
+                "window": fe["window"],
+                "hop": fe["hop"],
+                "per_window": fe["per_window"],
+                "source_frontend_hash": fe["features_frontend_hash"],
+                "width": fe["width"],
+            },
+        }
+    if n_mels is not None:
+        fe.setdefault("n_mels", n_mels)
+    # Every store made by ``avfuse features`` states ``example_frames``; one that does not
+    # holds examples of the VGGish front end it was written for: 96 frames.
+    fe.setdefault("example_frames", 96)
+    return {"kind": "logmel", "frontend": fe}
+
+
+def _v1_to_v2(meta: dict[str, Any]) -> dict[str, Any]:
+    n_mels = meta.pop("n_mels", None)
+    meta.update(frontend_from_v1(meta["frontend"], None if n_mels is None else int(n_mels)))
+    meta["format"] = f"{FORMAT_NAME}/2"
+    return meta
+
+
+# version -> the step that brings a store.json of that version to the next.
+_MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
+
+
+def meta_version(meta: Mapping[str, Any]) -> int:
+    """The layout version of a store.json (``format = "avfuse-feature-store/N"``)."""
+    fmt = meta.get("format")
+    name, _, number = str(fmt).rpartition("/")
+    if name != FORMAT_NAME or not number.isdigit():
+        raise ValueError(f"format {fmt!r} is not {FORMAT_NAME}/N")
+    version = int(number)
+    if version > VERSION:
+        raise ValueError(f"format {fmt!r} is newer than this avfuse reads ({FORMAT})")
+    return version
+
+
+def migrate_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """A store.json of any version this code reads, in the current layout (a new dict)."""
+    out = dict(meta)
+    version = meta_version(out)
+    while version < VERSION:
+        out = _MIGRATIONS[version](out)
+        version += 1
+    return out
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    """store.json, read: the record of what made the rows and what a store holds."""
+
+    dtype: str
+    frontend: StoreFrontend
+    frontend_hash: str
+    classes: tuple[str, ...]
+    avfuse_version: str = ""
+
+    @classmethod
+    def from_json(cls, meta: Mapping[str, Any]) -> StoreMeta:
+        """Parse a store.json of any readable version (migrated first)."""
+        data = migrate_meta(meta)
+        classes = data["classes"]
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            raise ValueError("classes is not a list of names")
+        return cls(
+            dtype=str(np.dtype(data["dtype"])),
+            frontend=frontend_from_dict(str(data["kind"]), data["frontend"]),
+            frontend_hash=str(data["frontend_hash"]),
+            classes=tuple(classes),
+            avfuse_version=str(data.get("avfuse_version", "")),
+        )
 
 
 class FrontendMismatchError(ValueError):
@@ -109,8 +289,9 @@ def rebuild_command(root: str | Path) -> str:
     return "avfuse embed" if root.parent.name == "embeddings" else "avfuse features"
 
 
-def read_committed(root: str | Path) -> tuple[dict[str, Any], pd.DataFrame]:
-    """``store.json`` and ``index.parquet`` of the store at ``root``.
+def read_committed(root: str | Path) -> tuple[StoreMeta, pd.DataFrame]:
+    """``store.json`` (parsed, of any readable version) and ``index.parquet`` of the store at
+    ``root``.
 
     Raises ``FileNotFoundError`` when either is missing and :class:`CorruptStoreError` naming
     the file when it cannot be read, each saying which command rebuilds it.
@@ -120,14 +301,7 @@ def read_committed(root: str | Path) -> tuple[dict[str, Any], pd.DataFrame]:
     if not StoreLayout(root).meta.exists() or not StoreLayout(root).index.exists():
         what = "embedding store" if fix == "avfuse embed" else "feature store"
         raise FileNotFoundError(f"{root} is not a committed {what} (run `{fix}` first)")
-    try:
-        meta = read_json(StoreLayout(root).meta)
-        if not isinstance(meta, dict):
-            raise ValueError("not a JSON object")
-    except (ValueError, OSError) as exc:
-        raise CorruptStoreError(
-            f"{StoreLayout(root).meta}: unreadable ({_reason(exc)}); run `{fix}` again to rewrite it"
-        ) from None
+    meta = read_meta(root)
     try:
         index = read_table(StoreLayout(root).index)
         missing = {"video_id", "shard", "offset", "frames"} - set(index.columns)
@@ -138,6 +312,28 @@ def read_committed(root: str | Path) -> tuple[dict[str, Any], pd.DataFrame]:
             f"{StoreLayout(root).index}: unreadable ({_reason(exc)}); run `{fix}` again to rebuild it"
         ) from None
     return meta, index
+
+
+def read_meta(root: str | Path) -> StoreMeta:
+    """The parsed ``store.json`` of the store at ``root``; :class:`CorruptStoreError` naming
+    the file (and the command that rewrites it) when it cannot be read or parsed."""
+    root = Path(root)
+    try:
+        raw = read_json(StoreLayout(root).meta)
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, OSError) as exc:
+        raise CorruptStoreError(
+            f"{StoreLayout(root).meta}: unreadable ({_reason(exc)}); "
+            f"run `{rebuild_command(root)}` again to rewrite it"
+        ) from None
+    try:
+        return StoreMeta.from_json(raw)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptStoreError(
+            f"{StoreLayout(root).meta}: unusable ({_reason(exc)}); "
+            f"run `{rebuild_command(root)}` again to rewrite it"
+        ) from None
 
 
 def _reason(exc: BaseException) -> str:
@@ -153,10 +349,7 @@ def store_problem(root: str | Path) -> str:
         meta, index = read_committed(root)
     except (FileNotFoundError, CorruptStoreError) as exc:
         return str(exc)
-    try:
-        bad = check_shards(root, needed_rows(index), int(meta["n_mels"]), meta["dtype"])
-    except (KeyError, TypeError, ValueError) as exc:
-        return f"{StoreLayout(root).meta}: unusable ({_reason(exc)})"
+    bad = check_shards(root, needed_rows(index), meta.frontend.feature_dim, meta.dtype)
     if bad:
         name, why = next(iter(sorted(bad.items())))
         return (
@@ -251,23 +444,18 @@ class ShardWriter:
 
 
 def write_meta(
-    root: str | Path,
-    *,
-    frontend: Mapping[str, Any],
-    frontend_hash: str,
-    classes: list[str],
-    dtype: str,
-    n_mels: int,
+    root: str | Path, *, frontend: StoreFrontend, classes: Sequence[str], dtype: str
 ) -> None:
+    """Write ``store.json``: what made the rows (``frontend``, and its hash) and the classes."""
     write_json(
         StoreLayout(root).meta,
         {
-            "format": "avfuse-feature-store/1",
+            "format": FORMAT,
             "avfuse_version": __version__,
-            "dtype": dtype,
-            "n_mels": n_mels,
-            "frontend": dict(frontend),
-            "frontend_hash": frontend_hash,
+            "dtype": str(np.dtype(dtype)),
+            "kind": frontend_kind(frontend),
+            "frontend": frontend.to_dict(),
+            "frontend_hash": frontend.hash(),
             "classes": list(classes),
         },
     )
@@ -329,7 +517,7 @@ class FeatureStore:
         }
         self._maps: list[np.ndarray | None] = [None] * len(self._shard_names)
         # A truncated shard would only fail (or read garbage) deep inside a training loop.
-        bad = check_shards(self.root, needed_rows(index), self.n_mels, self.dtype)
+        bad = check_shards(self.root, needed_rows(index), self.feature_dim, self.dtype)
         if bad:
             name, why = next(iter(sorted(bad.items())))
             raise CorruptStoreError(
@@ -359,7 +547,7 @@ class FeatureStore:
         Videos with equal numbers sit next to each other on disk, so reading them together is
         served by one read-ahead; a sampler uses this to keep its working set in the page cache.
         """
-        row_bytes = self.n_mels * self.dtype.itemsize
+        row_bytes = self.feature_dim * self.dtype.itemsize
         rows = max(1, int(block_mb * 2**20 // row_bytes))
         return np.asarray(
             [(self._loc[v][0] << 32) | (self._loc[v][1] // rows) for v in ids], dtype=np.int64
@@ -367,23 +555,27 @@ class FeatureStore:
 
     @property
     def classes(self) -> list[str]:
-        return list(self.meta["classes"])
+        return list(self.meta.classes)
 
     @property
     def frontend_hash(self) -> str:
-        return str(self.meta["frontend_hash"])
+        """The hash store.json states (the one its rows were computed under)."""
+        return self.meta.frontend_hash
 
     @property
-    def frontend(self) -> dict[str, Any]:
-        return dict(self.meta["frontend"])
+    def frontend(self) -> StoreFrontend:
+        """What made the rows: a :class:`~avfuse.melspec.FrontendConfig` (log-mel) or an
+        :class:`EmbeddingSpec`; ``window_frames`` and ``feature_dim`` size a model's input."""
+        return self.meta.frontend
 
     @property
-    def n_mels(self) -> int:
-        return int(self.meta["n_mels"])
+    def feature_dim(self) -> int:
+        """Values per row (mel bands or embedding size)."""
+        return self.meta.frontend.feature_dim
 
     @property
     def dtype(self) -> np.dtype:
-        return np.dtype(self.meta["dtype"])
+        return np.dtype(self.meta.dtype)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -411,7 +603,7 @@ class FeatureStore:
         shard, o, n = self._loc[video_id]
         return self._map(shard)[o : o + n]
 
-    def window(self, video_id: str, start: int, length: int = 96) -> np.ndarray:
+    def window(self, video_id: str, start: int, length: int) -> np.ndarray:
         shard, o, n = self._loc[video_id]
         if start < 0 or start + length > n:
             raise IndexError(f"{video_id}: window [{start}, {start + length}) outside {n} frames")
@@ -424,7 +616,7 @@ class FeatureStore:
         self,
         video_ids: Sequence[str],
         starts: Sequence[int] | np.ndarray,
-        length: int = 96,
+        length: int,
         out: np.ndarray | None = None,
     ) -> np.ndarray:
         """Many windows at once: ``(n,)`` ids and starts -> ``(n, length, n_mels)``.
@@ -445,7 +637,7 @@ class FeatureStore:
                 f"{video_ids[i]}: window [{start[i]}, {start[i] + length}) outside {frames[i]} frames"
             )
         if out is None:
-            out = np.empty((n, length, self.n_mels), dtype=self.dtype)
+            out = np.empty((n, length, self.feature_dim), dtype=self.dtype)
         rows = (offset + start)[:, None] + np.arange(length)
         first = int(shard[0]) if n else 0
         if n and (shard == first).all():

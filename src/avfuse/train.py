@@ -82,12 +82,10 @@ from avfuse.ast_model import frontend_mismatch
 from avfuse.checkpoint import Checkpoint, ModelSpec, load_checkpoint, save_checkpoint
 from avfuse.config import save_config, to_dict
 from avfuse.data import (
-    WINDOW,
     NormStats,
     TrainWindowSampler,
     WindowDataset,
     compute_norm_stats,
-    store_window,
 )
 from avfuse.io import DiskFullError, atomic_write, check_inside_work, is_disk_full
 from avfuse.manifest import SCORED_STATUSES, load_classes, load_manifest
@@ -376,7 +374,7 @@ def _usable_ids(
     man: Any,
     split: str,
     store: FeatureStore,
-    window: int = WINDOW,
+    window: int,
     short_clips: str = "repeat",
 ) -> tuple[list[str], np.ndarray]:
     have = sorted(set(man["split"].astype(str)))
@@ -593,9 +591,15 @@ def _build(
     model_name = cfg.head if cfg.from_embeddings else cfg.model
     # Models configured by their checkpoint (ast) record the architecture for predict/resume.
     arch = None if cfg.from_embeddings else model_arch(model_name, cfg.init, window)
-    spec = ModelSpec(model_name, cfg.width, cfg.dropout, store.n_mels, window, arch)
+    spec = ModelSpec(model_name, cfg.width, cfg.dropout, store.feature_dim, window, arch)
     model = build_model(
-        model_name, n_classes, cfg.width, cfg.dropout, n_mels=store.n_mels, frames=window, arch=arch
+        model_name,
+        n_classes,
+        cfg.width,
+        cfg.dropout,
+        n_mels=store.feature_dim,
+        frames=window,
+        arch=arch,
     )
     if cfg.init and ckpt is None:
         ignored = load_init(model, cfg.init, partial=cfg.init_partial)
@@ -703,7 +707,7 @@ def _train(
         store = FeatureStore(WorkDir(work).store)
     arch = None if cfg.from_embeddings else model_arch(cfg.model, cfg.init, cfg.window)
     # A checkpoint-configured model (ast) fixes the window: its position embeddings' length.
-    window = int(arch["max_length"]) if arch else cfg.window or store_window(store)
+    window = int(arch["max_length"]) if arch else cfg.window or store.frontend.window_frames
     if arch and cfg.init and (why := frontend_mismatch(store.frontend_hash, cfg.init)):
         log.warning("%s", why)
     classes = load_classes(work)
@@ -722,7 +726,7 @@ def _train(
         if cfg.resume:
             log.warning("--resume: %s not found, starting a new run", last_path)
         if resolve_normalize(cfg) == "none":
-            norm = NormStats.identity(store.n_mels)
+            norm = NormStats.identity(store.feature_dim)
         else:
             norm = compute_norm_stats(store, sel.train_ids, cfg.norm_videos, cfg.seed)
     model, spec = _build(cfg, store, len(classes), window, ckpt, last_path)
@@ -949,7 +953,7 @@ class _Run:
             classes=tuple(self.classes),
             norm=self.norm,
             frontend_hash=self.store.frontend_hash,
-            frontend=self.store.frontend,
+            frontend=self.store.frontend.to_dict(),
             window=self.window,
             embeddings=cfg.from_embeddings,
             epoch=epoch,
