@@ -58,7 +58,7 @@ def _cnn10_weights(seed: int, path: Path) -> Path:
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, EmbedConfig]:
     tmp = tmp_path_factory.mktemp("emb")
-    work = _work(tmp / "w", n_mels=64, example_frames=None, frames=(96, 300))
+    work = _work(tmp / "w", n_mels=64, example_frames=96, frames=(96, 300))
     init = _cnn10_weights(8, tmp / "i.pth")
     cfg = EmbedConfig(
         work,
@@ -163,7 +163,7 @@ def test_from_embeddings_refuses_settings_it_would_ignore_and_records_none(
 
 
 def test_run_does_not_call_a_truncated_feature_store_up_to_date(tmp_path: Path) -> None:
-    work = _work(tmp_path / "w", n_mels=64, example_frames=None, frames=(96, 300))
+    work = _work(tmp_path / "w", n_mels=64, example_frames=96, frames=(96, 300))
     sc = stage_configs(RunConfig(root=tmp_path / "data", work=work))
     assert not features.is_done(sc.features)  # the store without the stage's table
     ids = FeatureStore(work / "features").ids
@@ -175,7 +175,7 @@ def test_run_does_not_call_a_truncated_feature_store_up_to_date(tmp_path: Path) 
     assert str(shard) in store_problem(work / "features")
     for name in ("index.parquet", "store.json"):
         shutil.rmtree(work)
-        work = _work(tmp_path / "w", n_mels=64, example_frames=None, frames=(96, 300))
+        work = _work(tmp_path / "w", n_mels=64, example_frames=96, frames=(96, 300))
         (work / "features" / name).write_text("garbage")
         problem = store_problem(work / "features")
         assert str(work / "features" / name) in problem and "avfuse features" in problem
@@ -205,7 +205,7 @@ def test_ctrl_c_in_train_says_resume(
 def test_full_disk_while_saving_a_checkpoint_is_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    work = _work(tmp_path / "w", n_mels=64, example_frames=None, frames=(96, 300))
+    work = _work(tmp_path / "w", n_mels=64, example_frames=96, frames=(96, 300))
 
     def full(obj: object, f: object, *a: object, **k: object) -> None:
         raise RuntimeError(
