@@ -28,7 +28,7 @@ def make_checkpoint(
         "norm": norm
         or NormStats(np.zeros(spec.n_mels, np.float32), np.ones(spec.n_mels, np.float32)),
         "frontend_hash": "abc",
-        "frontend": {},
+        "frontend": None,
         "window": spec.frames,
         "embeddings": "",
         "epoch": 1,

@@ -20,6 +20,8 @@ from avfuse.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from avfuse.melspec import FrontendConfig
+from avfuse.store import EmbeddingSpec
 from tests.checkpoints import make_checkpoint
 
 
@@ -58,6 +60,23 @@ def test_a_record_reads_back_equal(tmp_path: Path) -> None:
     assert got.rng[0]["python"] == (3, (1, 2), None) and got.resumable
 
 
+# A front end as train copied it from store.json before either was typed.
+V1_FRONTEND = {
+    "sample_rate": 16000,
+    "win_length": 400,
+    "hop_length": 160,
+    "n_fft": 512,
+    "n_mels": 4,
+    "fmin": 125.0,
+    "fmax": 7500.0,
+    "log_offset": 0.01,
+    "window": "periodic_hann",
+    "spectrum": "magnitude",
+    "mel_scale": "htk",
+    "example_frames": 8,
+}
+
+
 def _v1_layout() -> dict[str, Any]:
     """A checkpoint as train wrote it before the record was typed: a dict, format 1, every
     entry spelled here as it was written (not through the code under test)."""
@@ -80,7 +99,7 @@ def _v1_layout() -> dict[str, Any]:
         "classes": ["cat", "dog"],
         "norm": {"mean": torch.full((4,), -2.0), "std": torch.full((4,), 3.0)},
         "frontend_hash": "f00d",
-        "frontend": {"name": "logmel", "n_mels": 4},
+        "frontend": V1_FRONTEND,
         "window": 8,
         "embeddings": "",
         "world_size": 1,
@@ -104,7 +123,8 @@ def test_the_v1_dict_layout_is_migrated(tmp_path: Path) -> None:
     assert ck.scheduler == {"last_epoch": 12, "base_lrs": [0.01]} and ck.resumable
     assert ck.selector is not None and ck.selector["kept_epoch"] == 2
     assert ck.selection_split == "val" and ck.selection_videos == ("v1", "v7")
-    assert ck.frontend == {"name": "logmel", "n_mels": 4} and ck.metrics == {"val_top1": 0.75}
+    assert ck.frontend == FrontendConfig(n_mels=4, example_frames=8)
+    assert ck.metrics == {"val_top1": 0.75}
     assert torch.equal(ck.model["fc.weight"], torch.full((2, 3), 0.5))
     # Saved again, it is written in the current layout and reads back the same.
     save_checkpoint(tmp_path / "v2.pt", ck)
@@ -201,4 +221,53 @@ def test_layout_2_has_no_defaults(tmp_path: Path, key: str) -> None:
 def test_a_foreign_file_is_not_a_checkpoint(tmp_path: Path, fmt: object) -> None:
     torch.save({"state_dict": {}, "format": fmt}, tmp_path / "c.pt")
     with pytest.raises(ValueError, match="not an avfuse training checkpoint"):
+        load_checkpoint(tmp_path / "c.pt")
+
+
+SPEC = EmbeddingSpec(
+    model="cnn10",
+    dim=4,
+    init_sha256="ab" * 32,
+    window=96,
+    hop=48,
+    per_window=True,
+    source_frontend_hash="0123456789abcdef",
+    width=0.125,
+)
+
+
+def test_a_head_on_embeddings_keeps_its_embedding_spec(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path / "c.pt", make_checkpoint(frontend=SPEC, embeddings="cnn10"))
+    state = torch.load(tmp_path / "c.pt")
+    assert state["frontend"]["dim"] == 4 and "n_mels" not in state["frontend"]
+    assert load_checkpoint(tmp_path / "c.pt").frontend == SPEC
+    save_checkpoint(tmp_path / "m.pt", make_checkpoint(frontend=FrontendConfig.panns()))
+    assert load_checkpoint(tmp_path / "m.pt").frontend == FrontendConfig.panns()
+
+
+def test_an_embedding_head_of_layout_2_gets_its_spec(tmp_path: Path) -> None:
+    """Layout 2 copied the store's made-up front end: named embedding, n_mels = its size."""
+    state = make_checkpoint(embeddings="cnn10").to_state()
+    state["format"] = "avfuse-checkpoint/2"
+    state["frontend"] = {
+        "name": "embedding",
+        "model": "cnn10",
+        "width": 0.125,
+        "init_sha256": "ab" * 32,
+        "window": 96,
+        "hop": 48,
+        "per_window": True,
+        "features_frontend_hash": "0123456789abcdef",
+        "n_mels": 4,
+        "example_frames": 1,
+    }
+    torch.save(state, tmp_path / "v2.pt")
+    ck = load_checkpoint(tmp_path / "v2.pt")
+    assert ck.format == 2 and ck.frontend == SPEC
+
+
+def test_a_front_end_no_record_reads_is_named(tmp_path: Path) -> None:
+    state = _complete() | {"frontend": {"n_mels": 4, "mel_scale": "bark"}}
+    torch.save(state, tmp_path / "c.pt")
+    with pytest.raises(ValueError, match=r"bad entries: frontend .*bark"):
         load_checkpoint(tmp_path / "c.pt")

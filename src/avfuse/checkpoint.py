@@ -10,7 +10,12 @@ On disk a checkpoint is a ``torch.save`` of a plain dict of tensors, numbers, st
 dicts, so :func:`avfuse.safe_pickle.load_torch` reads it with ``weights_only`` (a dataclass
 would need its class trusted). Its ``format`` entry, ``avfuse-checkpoint/N``, names the layout:
 
-* 2 (:data:`VERSION`, written now): every entry of :class:`Checkpoint` present;
+* 3 (:data:`VERSION`, written now): every entry of :class:`Checkpoint` present, ``frontend``
+  the fields of the store's typed record (:class:`~avfuse.melspec.FrontendConfig`, or for a
+  head on embeddings :class:`~avfuse.store.EmbeddingSpec`; ``{}``: not recorded);
+* 2: the same, but a head on embeddings kept its store's settings as a made-up front end
+  named ``embedding`` whose ``n_mels`` was the embedding size; :func:`migrate_v2` rewrites
+  them as an embedding spec;
 * 1: the same entries, but files written before some of them existed lack them, and a
   ``config.channels_last`` may be a boolean; :func:`migrate_v1` fills them in with what those
   older runs did, the one place such defaults live.
@@ -43,6 +48,7 @@ from avfuse.model_config import (
     ShortClips,
 )
 from avfuse.safe_pickle import load_torch
+from avfuse.store import StoreFrontend, frontend_from_dict, frontend_from_v1
 
 __all__ = [
     "FORMAT",
@@ -52,10 +58,11 @@ __all__ = [
     "ModelSpec",
     "load_checkpoint",
     "migrate_v1",
+    "migrate_v2",
     "save_checkpoint",
 ]
 
-VERSION = 2
+VERSION = 3
 _FORMAT_NAME = "avfuse-checkpoint"
 FORMAT = f"{_FORMAT_NAME}/{VERSION}"
 _FORMAT_RE = re.compile(rf"{_FORMAT_NAME}/([0-9]{{1,6}})")
@@ -100,7 +107,9 @@ class Checkpoint:
     classes: tuple[str, ...]  # output order of the network's logits
     norm: NormStats  # per-band standardisation applied to every window
     frontend_hash: str  # the feature store's front-end hash: a reader's store must match
-    frontend: Mapping[str, Any]  # the store's front-end record, for people reading the file
+    # What made the store's rows: a FrontendConfig, an EmbeddingSpec for a head on
+    # embeddings, None in files from before it was recorded.
+    frontend: StoreFrontend | None
     window: int  # frames per training window (1 for a head on embeddings)
     embeddings: str  # "" (log-mel features) or NAME of WORK/embeddings/NAME
     # Where training stopped: epochs finished, and steps into the next one.
@@ -153,7 +162,7 @@ class Checkpoint:
             model_spec=self.model_spec.to_state(),
             classes=list(self.classes),
             norm=self.norm.to_state(),
-            frontend=dict(self.frontend),
+            frontend={} if self.frontend is None else self.frontend.to_dict(),
             rng=list(self.rng),
             selector=None if self.selector is None else dict(self.selector),
             metrics=dict(self.metrics),
@@ -239,7 +248,7 @@ def migrate_v1(state: Mapping[str, Any]) -> dict[str, Any]:
     of :data:`REQUIRED` get no default.
     """
     out = dict(state)
-    out["format"] = FORMAT
+    out["format"] = f"{_FORMAT_NAME}/2"
     for key, value in V1_DEFAULTS.items():
         if key not in out or (key == "embeddings" and out[key] is None):
             out[key] = value
@@ -263,8 +272,20 @@ def migrate_v1(state: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def migrate_v2(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A layout-2 checkpoint dict as layout 3: a head on embeddings' ``frontend``, spelled as
+    a front end named ``embedding`` (``n_mels`` the embedding size, ``features_frontend_hash``
+    the source store's), becomes the fields of its :class:`~avfuse.store.EmbeddingSpec`."""
+    out = dict(state)
+    out["format"] = f"{_FORMAT_NAME}/3"
+    fe = out.get("frontend")
+    if isinstance(fe, Mapping) and fe.get("name") == "embedding":
+        out["frontend"] = frontend_from_v1(fe)["frontend"]
+    return out
+
+
 # Layout version -> the function bringing it to the next one.
-_MIGRATIONS = {1: migrate_v1}
+_MIGRATIONS = {1: migrate_v1, 2: migrate_v2}
 
 
 def _int_in(value: Any, lo: int, hi: int) -> bool:
@@ -347,7 +368,20 @@ def _value_problems(state: Mapping[str, Any]) -> list[str]:
     rng = state.get("rng")
     if isinstance(rng, list) and not all(isinstance(r, Mapping) for r in rng):
         out.append("rng (not all per-rank states)")
+    if isinstance(state.get("frontend"), Mapping) and isinstance(state.get("embeddings"), str):
+        try:
+            _frontend(state)
+        except (KeyError, TypeError, ValueError) as exc:
+            out.append(f"frontend ({' '.join(str(exc).split())[:160]})")
     return out
+
+
+def _frontend(state: Mapping[str, Any]) -> StoreFrontend | None:
+    """The typed record of a layout-3 ``frontend`` entry (``None`` when empty)."""
+    fe = state["frontend"]
+    if not fe:
+        return None
+    return frontend_from_dict("embedding" if state["embeddings"] else "logmel", fe)
 
 
 def _version(state: Any) -> int | None:
@@ -400,7 +434,7 @@ def _record(state: Mapping[str, Any], version: int) -> Checkpoint:
         classes=tuple(state["classes"]),
         norm=NormStats.from_state(state["norm"]),
         frontend_hash=state["frontend_hash"],
-        frontend=dict(state["frontend"]),
+        frontend=_frontend(state),
         window=state["window"],
         embeddings=state["embeddings"],
         epoch=state["epoch"],

@@ -953,7 +953,7 @@ class _Run:
             classes=tuple(self.classes),
             norm=self.norm,
             frontend_hash=self.store.frontend_hash,
-            frontend=self.store.frontend.to_dict(),
+            frontend=self.store.frontend,
             window=self.window,
             embeddings=cfg.from_embeddings,
             epoch=epoch,
