@@ -109,3 +109,12 @@ def test_load_init_other_models_by_name_and_shape(tmp_path) -> None:
     with pytest.raises(ValueError, match="no parameter"):
         torch.save({"x": torch.zeros(1)}, path)
         load_init(dst, path)
+
+
+def test_ast_refuses_an_architecture_of_another_window() -> None:
+    from avfuse.ast_model import base_arch
+
+    with pytest.raises(
+        ValueError, match="takes windows of 1024 frames x 128 bands, the run has 96"
+    ):
+        build_model("ast", 3, n_mels=64, frames=96, arch=base_arch(1024, 128))

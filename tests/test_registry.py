@@ -127,6 +127,18 @@ class TinyNet(nn.Module):
         return self.fc(x.mean(dim=(1, 2, 3)).unsqueeze(1))
 
 
+class SizedNet(nn.Module):
+    """A model whose layer depends on the window: one linear layer over all its cells."""
+
+    def __init__(self, num_classes: int, cells: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cells, num_classes)
+
+    @classmethod
+    def build(cls, num_classes: int, *, n_mels: int, frames: int, **_: Any) -> SizedNet:
+        return cls(num_classes, n_mels * frames)
+
+
 def test_a_model_added_at_run_time_is_one_entry(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -149,6 +161,11 @@ def test_a_model_added_at_run_time_is_one_entry(
     net = models.build_model(cfg.model, num_classes=3, n_mels=8, frames=4)
     assert isinstance(net, TinyNet)
     assert net(torch.ones(2, 1, 4, 8)).shape == (2, 3)
+    # A model sized by the window says so with a ``build`` classmethod: still one entry.
+    monkeypatch.setattr(models, "SizedNet", SizedNet, raising=False)
+    monkeypatch.setitem(MODELS, "sized", ModelEntry("SizedNet"))
+    sized = models.build_model("sized", num_classes=5, width=0.5, n_mels=8, frames=4)
+    assert isinstance(sized, SizedNet) and sized.fc.in_features == 32 and sized.fc.out_features == 5
     monkeypatch.undo()
     # Gone from the table, gone from the config: nothing kept a copy of the names.
     with pytest.raises(ValueError, match="'tiny' is not one of"):

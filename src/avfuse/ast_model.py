@@ -297,6 +297,28 @@ class AST(nn.Module):
     # for other classes is only the final linear layer.
     HEAD = ("classifier.dense.",)
 
+    @classmethod
+    def build(
+        cls,
+        num_classes: int,
+        *,
+        width: float,
+        dropout: float,
+        n_mels: int,
+        frames: int,
+        arch: Mapping[str, Any] | None,
+    ) -> AST:
+        """AST of ``arch`` (AST-base when ``None``), which must take windows of ``frames`` x
+        ``n_mels``; ``width`` unused (see :func:`avfuse.models.build_model`)."""
+        arch = dict(arch) if arch is not None else base_arch(frames, n_mels)
+        if (arch["max_length"], arch["num_mel_bins"]) != (frames, n_mels):
+            raise ValueError(
+                f"the AST checkpoint takes windows of {arch['max_length']} frames x "
+                f"{arch['num_mel_bins']} bands, the run has {frames} x {n_mels} (use the "
+                "checkpoint's window and FrontendConfig.ast() features)"
+            )
+        return cls(num_classes, arch, dropout)
+
     def __init__(self, num_classes: int, arch: Mapping[str, Any], dropout: float = 0.0) -> None:
         super().__init__()
         mod = _transformers_ast()

@@ -77,6 +77,20 @@ class VGGish(nn.Module):
     HEAD = ("classifier.",)
     EMBED_DIM = 128
 
+    @classmethod
+    def build(
+        cls,
+        num_classes: int,
+        *,
+        width: float,
+        dropout: float,
+        n_mels: int,
+        frames: int,
+        arch: Mapping[str, Any] | None,
+    ) -> VGGish:
+        """Sized by the window (``frames`` x ``n_mels``); ``arch`` unused (see :func:`build_model`)."""
+        return cls(num_classes, width, dropout, n_mels=n_mels, frames=frames)
+
     def __init__(
         self,
         num_classes: int,
@@ -301,6 +315,20 @@ class _PANNs(nn.Module):
     HEAD = ("fc_audioset.",)
     AUDIOSET_CLASSES = 527
 
+    @classmethod
+    def build(
+        cls,
+        num_classes: int,
+        *,
+        width: float,
+        dropout: float,
+        n_mels: int,
+        frames: int,
+        arch: Mapping[str, Any] | None,
+    ) -> _PANNs:
+        """Sized by the window (``frames`` x ``n_mels``); ``arch`` unused (see :func:`build_model`)."""
+        return cls(num_classes, width, dropout, n_mels=n_mels, frames=frames)
+
     def __init__(
         self,
         num_classes: int,
@@ -428,6 +456,9 @@ def build_model(
     For ``linear`` / ``mlp`` (heads over embeddings) ``n_mels`` is the embedding size. ``arch``
     is the architecture of models configured by their checkpoint (``ast``: see
     :func:`model_arch`; AST-base when not given); it must agree with ``frames`` x ``n_mels``.
+    A model class with a ``build`` classmethod (keyword arguments ``width``, ``dropout``,
+    ``n_mels``, ``frames``, ``arch``) is made by it; any other by
+    ``cls(num_classes=, width=, dropout=)``.
     """
     if name in HEADS:
         return EmbeddingHead(num_classes, n_mels, hidden=HEADS[name], dropout=dropout)
@@ -435,20 +466,14 @@ def build_model(
         known = ", ".join([*MODELS, *HEADS])
         raise ValueError(f"unknown model {name!r}; choose one of {known}")
     cls = model_class(name)
-    if cls is AST:
-        arch = dict(arch) if arch is not None else ast_model.base_arch(frames, n_mels)
-        if (arch["max_length"], arch["num_mel_bins"]) != (frames, n_mels):
-            raise ValueError(
-                f"the AST checkpoint takes windows of {arch['max_length']} frames x "
-                f"{arch['num_mel_bins']} bands, the run has {frames} x {n_mels} (use the "
-                "checkpoint's window and FrontendConfig.ast() features)"
-            )
-        return AST(num_classes, arch, dropout)
-    if cls is VGGish:
-        return VGGish(num_classes, width, dropout, n_mels=n_mels, frames=frames)
-    if issubclass(cls, _PANNs):
-        return cls(num_classes, width, dropout, n_mels=n_mels, frames=frames)
-    return cls(num_classes=num_classes, width=width, dropout=dropout)  # type: ignore[call-arg]
+    build = getattr(cls, "build", None)
+    if build is None:
+        # The common constructor, for models that adapt to any window size.
+        return cls(num_classes=num_classes, width=width, dropout=dropout)  # type: ignore[call-arg]
+    model: nn.Module = build(
+        num_classes, width=width, dropout=dropout, n_mels=n_mels, frames=frames, arch=arch
+    )
+    return model
 
 
 def model_class(name: str) -> type[nn.Module]:
