@@ -31,8 +31,8 @@ from avfuse.demo import DemoConfig
 from avfuse.fuse import FuseConfig, fuse
 from avfuse.fusion import METHODS, FusionMethod, Stacker, fuse_log_probs, weight_curves
 from avfuse.model_config import HEADS, MODELS, EmbedConfig, ModelEntry, TrainConfig
-from avfuse.pipeline import render_config_toml
 from avfuse.registry import OneOf, Registry
+from avfuse.runconfig import render_config_toml
 from avfuse.scores import ScoreFile
 from avfuse.video_scores import (
     READERS,
@@ -274,6 +274,10 @@ def test_registry_and_one_of() -> None:
     table["d"] = 4
     assert list(odd) == ["auto", "b", "d"] and "d" in odd and "a" not in odd
     assert ["b"] not in odd and 2 not in odd
+    # Made alike, equal (an annotation resolved twice); another table or filter is not.
+    assert OneOf(table) == OneOf(table) and hash(OneOf(table)) == hash(OneOf(table))
+    assert OneOf(table) != OneOf(Registry("thing", {"b": 2, "a": 1}))
+    assert OneOf(table) != OneOf(table, extra=("auto",))
 
 
 _TABLE: Registry[int] = Registry("colour", {"red": 1, "blue": 2})

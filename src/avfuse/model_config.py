@@ -57,6 +57,7 @@ ModelName = Annotated[str, OneOf(MODELS)]
 # Heads over precomputed embeddings (``avfuse train --from-embeddings``, input (B, 1, 1, D)):
 # name -> hidden width (0: a linear layer alone).
 HEADS: Registry[int] = Registry("head", {"linear": 0, "mlp": 512})
+HeadName = Annotated[str, OneOf(HEADS)]
 # The models ``avfuse embed`` can run: those with released weights.
 PretrainedName = Annotated[str, OneOf(MODELS, keep=lambda entry: entry.pretrained)]
 # Steps a run takes at least: with a few hundred clips an epoch is a handful of steps, and 18
@@ -156,7 +157,7 @@ class TrainConfig(Config):
         default="",
         metadata={"help": "train a head on WORK/embeddings/NAME (from `avfuse embed`)"},
     )
-    head: Annotated[str, OneOf(HEADS)] = field(
+    head: HeadName = field(
         default="linear", metadata={"help": "head over embeddings (with --from-embeddings)"}
     )
     epochs: int = field(default=30, metadata={"help": "training epochs", "min": 1})

@@ -78,5 +78,15 @@ class OneOf:
     def __contains__(self, value: object) -> bool:
         return isinstance(value, str) and value in tuple(self)
 
+    def __eq__(self, other: object) -> bool:
+        # Equal when made alike: an annotation resolved twice gives two OneOf objects.
+        return isinstance(other, OneOf) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def _key(self) -> tuple[int, tuple[str, ...], Callable[[Any], bool] | None]:
+        return (id(self.registry), self.extra, self.keep)
+
     def __repr__(self) -> str:
         return f"OneOf({tuple(self)})"
