@@ -31,7 +31,8 @@ from avfuse.lock import WorkFolderBusyError, work_lock
 from avfuse.manifest import ScanConfig, scan
 from avfuse.pipeline import run
 from avfuse.runconfig import RunConfig
-from avfuse.store import SHARDS, CorruptStoreError, FeatureStore
+from avfuse.store import CorruptStoreError, FeatureStore
+from avfuse.workdir import StoreLayout
 from tests.media import make_dataset, peak_frequency, write_tone_video
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,7 +207,7 @@ def test_full_disk_stops_features_and_the_rerun_ends_as_a_clean_run(
     monkeypatch.setattr(np, "save", filling_save)
     with pytest.raises(DiskFullError, match="no space left") as info:
         compute_features(_fcfg(work, **small))
-    assert str(work / "features" / SHARDS) in str(info.value)
+    assert str(StoreLayout(work / "features").shards) in str(info.value)
     assert calls["n"] == 3
     assert not (work / "features.parquet").exists()
 
@@ -234,7 +235,7 @@ def test_truncated_shard_is_named_and_a_plain_rerun_repairs_it(tmp_path: Path) -
     index = read_table(store / "index.parquet")
     shard = str(index["shard"].iloc[0])
     in_shard = set(index.loc[index["shard"] == shard, "video_id"])
-    path = store / SHARDS / shard
+    path = StoreLayout(store).shard(shard)
     os.truncate(path, path.stat().st_size - 100)
 
     with pytest.raises(CorruptStoreError, match=shard) as info:
