@@ -403,7 +403,12 @@ def test_early_saturated_carve_out_keeps_the_later_better_epoch(
 def test_training_is_finished_only_when_its_metrics_reach_the_last_epoch(tmp_path: Path) -> None:
     """What ``avfuse run`` asks when ``pipeline.json`` is lost: a run cut short is not done."""
     from avfuse.config import save_config
-    from avfuse.model_config import train_finished_settings, train_is_done, train_outputs
+    from avfuse.model_config import (
+        train_finished_settings,
+        train_is_done,
+        train_outputs,
+        train_resumable,
+    )
     from avfuse.workdir import WorkDir
 
     cfg = TrainConfig(work=tmp_path, name="r", epochs=3)
@@ -419,3 +424,6 @@ def test_training_is_finished_only_when_its_metrics_reach_the_last_epoch(tmp_pat
         fh.write(json.dumps({"epoch": 3}) + "\n")
     assert train_finished_settings(cfg) == cfg
     assert train_finished_settings(dataclasses.replace(cfg, epochs=4)) is None
+    assert not train_resumable(cfg)  # best.pt alone: nothing to resume from
+    wd.checkpoint("r", "last").write_bytes(b"the last epoch")
+    assert train_resumable(cfg)

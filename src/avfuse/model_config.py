@@ -371,6 +371,11 @@ def train_is_done(cfg: TrainConfig) -> bool:
     return all(p.exists() for p in train_outputs(cfg))
 
 
+def train_resumable(cfg: TrainConfig) -> bool:
+    """Whether the run folder holds the ``last.pt`` an interrupted training resumes from."""
+    return WorkDir(cfg.work).checkpoint(cfg.name, "last").exists()
+
+
 def train_finished_settings(cfg: TrainConfig) -> TrainConfig | None:
     """The settings of the finished training in the run folder: ``None`` when there is none,
     or its ``metrics.jsonl`` stops before the configured last epoch (a run cut short)."""

@@ -41,6 +41,7 @@ import avfuse.features
 import avfuse.fuse
 import avfuse.manifest
 import avfuse.model_config
+import avfuse.run_report
 from avfuse.config import to_dict
 from avfuse.fingerprint import (
     changed_paths,
@@ -159,10 +160,6 @@ class _StageFiles:
     finished_settings: Callable[[Any], Any]  # settings of the finished run that made them
 
 
-def _report_outputs(work: Path) -> list[Path]:
-    return [WorkDir(work).report_md, WorkDir(work).report_html]
-
-
 _FILES: dict[str, _StageFiles] = {
     "scan": _StageFiles(
         avfuse.manifest.outputs, avfuse.manifest.is_done, avfuse.manifest.finished_settings
@@ -187,9 +184,11 @@ _FILES: dict[str, _StageFiles] = {
         avfuse.evaluate.outputs, avfuse.evaluate.is_done, avfuse.evaluate.finished_settings
     ),
     "fuse": _StageFiles(avfuse.fuse.outputs, avfuse.fuse.is_done, avfuse.fuse.finished_settings),
-    # The run report is this module's own: rewritten by every run that reaches it.
+    # The run report is rewritten by every run that reaches it: no settings to recognise.
     "report": _StageFiles(
-        _report_outputs, lambda work: all(p.exists() for p in _report_outputs(work)), lambda _: None
+        avfuse.run_report.outputs,
+        lambda work: all(p.exists() for p in avfuse.run_report.outputs(work)),
+        lambda _: None,
     ),
 }
 
@@ -457,8 +456,8 @@ def _run_train(
     from avfuse.train import train
 
     # Resume only an interrupted run of this very config; anything else trains afresh.
-    last = WorkDir(sc.train.work).checkpoint(sc.train.name, "last")
-    res = train(dataclasses.replace(sc.train, resume=resume and last.exists()))
+    can = resume and avfuse.model_config.train_resumable(sc.train)
+    res = train(dataclasses.replace(sc.train, resume=can))
     if res is None:
         return "(not rank 0)", ""
     return f"{res.epochs} epochs; {res.selection_summary()}", res.summary()

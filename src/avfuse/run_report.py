@@ -103,6 +103,11 @@ def fusion_figures(sc: StageConfigs) -> dict[str, Any] | None:
     return read_json(path) if path.exists() else None
 
 
+def outputs(work: Path) -> list[Path]:
+    """The files the run report leaves: ``WORK/report.md`` and ``WORK/report.html``."""
+    return [WorkDir(work).report_md, WorkDir(work).report_html]
+
+
 def write_run_report(sc: StageConfigs) -> tuple[Path, Path]:
     """``WORK/report.md`` + ``.html``: stage outcomes, training curves, audio and fused results."""
     import pandas as pd
