@@ -235,3 +235,22 @@ def test_run_level_scheduler_reaches_extract_and_features_unless_overridden(
     # Where to run does not change results: the stage keys ignore it.
     plain = stage_keys(stage_configs(RunConfig(root=tmp_path, work=tmp_path / "w")))
     assert stage_keys(sc) == plain
+
+
+def test_the_orchestrator_leaves_record_logs_and_their_columns_to_the_stages() -> None:
+    """Each stage writes its own record log and knows its columns: the orchestrator asks the
+    stage (``invalidate``, ``is_done``, ...) instead of writing records by hand."""
+    import ast
+
+    import avfuse.pipeline
+
+    tree = ast.parse(Path(avfuse.pipeline.__file__).read_text("utf-8"))
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    names |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert not names & {"RecordLog", "extract_parts", "features_parts", "store_problem"}
+    strings = {
+        n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+    }
+    columns = {"status", "reason", "audio_path", "feature_status", "feature_reason", "shard"}
+    assert not strings & (columns | {"offset", "num_frames", "epoch"})
