@@ -77,19 +77,8 @@ class VGGish(nn.Module):
     HEAD = ("classifier.",)
     EMBED_DIM = 128
 
-    @classmethod
-    def build(
-        cls,
-        num_classes: int,
-        *,
-        width: float,
-        dropout: float,
-        n_mels: int,
-        frames: int,
-        arch: Mapping[str, Any] | None,
-    ) -> VGGish:
-        """Sized by the window (``frames`` x ``n_mels``); ``arch`` unused (see :func:`build_model`)."""
-        return cls(num_classes, width, dropout, n_mels=n_mels, frames=frames)
+    # Its layers depend on the window: build_model passes ``n_mels`` and ``frames``.
+    SIZED_BY_WINDOW = True
 
     def __init__(
         self,
@@ -315,19 +304,8 @@ class _PANNs(nn.Module):
     HEAD = ("fc_audioset.",)
     AUDIOSET_CLASSES = 527
 
-    @classmethod
-    def build(
-        cls,
-        num_classes: int,
-        *,
-        width: float,
-        dropout: float,
-        n_mels: int,
-        frames: int,
-        arch: Mapping[str, Any] | None,
-    ) -> _PANNs:
-        """Sized by the window (``frames`` x ``n_mels``); ``arch`` unused (see :func:`build_model`)."""
-        return cls(num_classes, width, dropout, n_mels=n_mels, frames=frames)
+    # Its layers depend on the window: build_model passes ``n_mels`` and ``frames``.
+    SIZED_BY_WINDOW = True
 
     def __init__(
         self,
@@ -457,7 +435,8 @@ def build_model(
     is the architecture of models configured by their checkpoint (``ast``: see
     :func:`model_arch`; AST-base when not given); it must agree with ``frames`` x ``n_mels``.
     A model class with a ``build`` classmethod (keyword arguments ``width``, ``dropout``,
-    ``n_mels``, ``frames``, ``arch``) is made by it; any other by
+    ``n_mels``, ``frames``, ``arch``) is made by it; one whose ``SIZED_BY_WINDOW`` is true by
+    ``cls(num_classes, width, dropout, n_mels=, frames=)``; any other by
     ``cls(num_classes=, width=, dropout=)``.
     """
     if name in HEADS:
@@ -467,13 +446,15 @@ def build_model(
         raise ValueError(f"unknown model {name!r}; choose one of {known}")
     cls = model_class(name)
     build = getattr(cls, "build", None)
-    if build is None:
-        # The common constructor, for models that adapt to any window size.
-        return cls(num_classes=num_classes, width=width, dropout=dropout)  # type: ignore[call-arg]
-    model: nn.Module = build(
-        num_classes, width=width, dropout=dropout, n_mels=n_mels, frames=frames, arch=arch
-    )
-    return model
+    if build is not None:
+        model: nn.Module = build(
+            num_classes, width=width, dropout=dropout, n_mels=n_mels, frames=frames, arch=arch
+        )
+        return model
+    if getattr(cls, "SIZED_BY_WINDOW", False):
+        return cls(num_classes, width, dropout, n_mels=n_mels, frames=frames)  # type: ignore[call-arg]
+    # The common constructor, for models that adapt to any window size.
+    return cls(num_classes=num_classes, width=width, dropout=dropout)  # type: ignore[call-arg]
 
 
 def model_class(name: str) -> type[nn.Module]:

@@ -51,13 +51,18 @@ def folder_name(kind: str, name: str) -> str:
 
 
 @dataclass(frozen=True)
-class WorkDir:
-    """Paths of one work folder. ``WorkDir("work").manifest == Path("work/manifest.parquet")``."""
+class _Folder:
+    """A folder whose names a layout owns; made from a ``str`` or a ``Path``. Frozen, compared
+    and hashed by ``root``; the layouts below add names only."""
 
     root: Path
 
     def __init__(self, root: str | Path) -> None:
         object.__setattr__(self, "root", Path(root))
+
+
+class WorkDir(_Folder):
+    """Paths of one work folder. ``WorkDir("work").manifest == Path("work/manifest.parquet")``."""
 
     # scan
     @property
@@ -245,8 +250,7 @@ class WorkDir:
         )
 
 
-@dataclass(frozen=True)
-class RecordLogLayout:
+class RecordLogLayout(_Folder):
     """Part files of a record log (``WORK/extract/parts``, ``WORK/features/parts``).
 
     A part's name sorts by the time it was written, so "newest wins" is a plain sort on names.
@@ -254,11 +258,6 @@ class RecordLogLayout:
 
     # Ends the name of a part that replaced many ("~" sorts after the "." of a plain part).
     COMPACTED: ClassVar[str] = "~compact"
-
-    root: Path
-
-    def __init__(self, root: str | Path) -> None:
-        object.__setattr__(self, "root", Path(root))
 
     def part(self, time_ns: int, tag: str) -> Path:
         """A new part written at ``time_ns`` (``tag`` tells apart parts of one nanosecond)."""
@@ -283,15 +282,9 @@ class RecordLogLayout:
         return part.with_name(part.name + ".corrupt")
 
 
-@dataclass(frozen=True)
-class StoreLayout:
+class StoreLayout(_Folder):
     """Files of a feature store (``WORK/features``) or an embedding store
     (``WORK/embeddings/NAME``): ``StoreLayout(p).index == p / "index.parquet"``."""
-
-    root: Path
-
-    def __init__(self, root: str | Path) -> None:
-        object.__setattr__(self, "root", Path(root))
 
     @property
     def meta(self) -> Path:
@@ -374,17 +367,11 @@ class ScoreLayout:
         return self._beside(f".{name}.npz")
 
 
-@dataclass(frozen=True)
-class FusionLayout:
+class FusionLayout(_Folder):
     """Files of a fusion output folder (``WORK/fusion`` or ``--output``)."""
 
     # Marks a folder as a fusion output: only such a folder (or an empty one) is replaced.
     MARKER: ClassVar[str] = "fusion.json"
-
-    root: Path
-
-    def __init__(self, root: str | Path) -> None:
-        object.__setattr__(self, "root", Path(root))
 
     @property
     def figures(self) -> Path:
@@ -428,14 +415,8 @@ class FusionLayout:
         return f"audio/changed_{number:03d}.ogg"
 
 
-@dataclass(frozen=True)
-class VideoModelLayout:
+class VideoModelLayout(_Folder):
     """The demo's stand-in video model folder (``WORK/video_model``)."""
-
-    root: Path
-
-    def __init__(self, root: str | Path) -> None:
-        object.__setattr__(self, "root", Path(root))
 
     @property
     def model(self) -> Path:
