@@ -25,14 +25,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from avfuse.features import FeaturesConfig, _done_ids
 from avfuse.io import RecordLog
 from avfuse.manifest import SCORED_STATUSES
-from avfuse.store import ShardWriter, check_shards, commit_index, needed_rows, write_meta
+from avfuse.store import check_shards, needed_rows
 from avfuse.workdir import StoreLayout, WorkDir
+from benchmarks.bench_scale import one_frame_store
 
 
 def pandas_done_ids(store: Path, prior: pd.DataFrame, cfg: FeaturesConfig) -> pd.Series:
@@ -55,39 +55,12 @@ def pandas_done_ids(store: Path, prior: pd.DataFrame, cfg: FeaturesConfig) -> pd
 def build(work: Path, n: int) -> FeaturesConfig:
     """A committed store of ``n`` one-frame videos in shards of 2,000, its log, 1 % errors,
     1 % ``too_short`` clips with frames (one each below 100 videos), one shard truncated."""
-    cfg = FeaturesConfig(work=work)
-    fe = cfg.frontend
-    store = WorkDir(work).store
-    # 2,000 one-frame videos a shard, as bench_scale's 256 MB shards hold 2,000 10 s clips.
-    writer = ShardWriter(store, fe.n_mels, dtype=cfg.dtype, max_mb=2000 * fe.n_mels * 2 / 2**20)
     ids = [f"train/class{i % 600:03d}/v{i:07d}" for i in range(n)]
-    x = np.zeros((1, fe.n_mels), np.float32)
-    for vid in ids:
-        writer.add(vid, x)
-    rows = writer.close()
-    write_meta(
-        store,
-        frontend=fe.to_dict(),
-        frontend_hash=fe.hash(),
-        classes=["a"],
-        dtype=cfg.dtype,
-        n_mels=fe.n_mels,
-    )
-    commit_index(store, rows)
+    # 2,000 one-frame videos a shard, as bench_scale's 256 MB shards hold 2,000 10 s clips.
+    fe = FeaturesConfig(work=work).frontend
+    cfg, _ = one_frame_store(work, ids, per_part=2000, max_mb=2000 * fe.n_mels * 2 / 2**20)
+    store = WorkDir(work).store
     rlog = RecordLog(WorkDir(work).features_parts)
-    records = [
-        {
-            "video_id": r["video_id"],
-            "feature_status": "ok",
-            "feature_reason": "",
-            "num_frames": 1,
-            "shard": r["shard"],
-            "offset": int(r["offset"]),
-        }
-        for r in rows
-    ]
-    for lo in range(0, len(records), 2000):
-        rlog.write(records[lo : lo + 2000])
     step = n if n < 200 else n // 100  # below 200 videos: one of each
     redo = [
         {"video_id": v, "feature_status": "error", "feature_reason": "x", "num_frames": 0}

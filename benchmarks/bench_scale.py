@@ -47,6 +47,7 @@ from avfuse.extract import _record, write_audio
 from avfuse.features import FeaturesConfig
 from avfuse.io import RecordLog, read_table, write_table
 from avfuse.store import ShardWriter, commit_index, write_meta
+from avfuse.workdir import WorkDir
 from tests.media import write_tone_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,24 +204,29 @@ def finish_extract(work: Path, ids: list[str], per_part: int = 32) -> None:
     )
 
 
-def finish_features(work: Path, ids: list[str], per_part: int = 2000) -> None:
-    """A committed store (one frame per video), its record log and features.parquet."""
+def one_frame_store(
+    work: Path, ids: list[str], per_part: int = 2000, max_mb: float = 256
+) -> tuple[FeaturesConfig, list[dict[str, object]]]:
+    """A committed store holding one frame per video of ``ids`` (shards of ``max_mb``) and its
+    record log in parts of ``per_part`` records; returns the config and the ``ok`` records."""
     cfg = FeaturesConfig(work=work)
     fe = cfg.frontend
-    store = work / "features"
-    writer = ShardWriter(store, fe.n_mels, dtype=cfg.dtype, max_mb=256, prefix="synthetic")
+    layout = WorkDir(work)
+    writer = ShardWriter(
+        layout.store, fe.n_mels, dtype=cfg.dtype, max_mb=max_mb, prefix="synthetic"
+    )
     x = np.zeros((1, fe.n_mels), np.float32)
     for vid in ids:
         writer.add(vid, x)
     rows = writer.close()
     write_meta(
-        store,
+        layout.store,
         frontend=fe,
         classes=[f"class{k:03d}" for k in range(N_CLASSES)],
         dtype=cfg.dtype,
     )
-    commit_index(store, rows)
-    records = [
+    commit_index(layout.store, rows)
+    records: list[dict[str, object]] = [
         {
             "video_id": r["video_id"],
             "feature_status": "ok",
@@ -231,14 +237,20 @@ def finish_features(work: Path, ids: list[str], per_part: int = 2000) -> None:
         }
         for r in rows
     ]
-    rlog = RecordLog(work / "features" / "parts")
+    rlog = RecordLog(layout.features_parts)
     for i in range(0, len(records), per_part):
         rlog.write(records[i : i + per_part])
+    return cfg, records
+
+
+def finish_features(work: Path, ids: list[str], per_part: int = 2000) -> None:
+    """A committed store (one frame per video), its record log and features.parquet."""
+    cfg, records = one_frame_store(work, ids, per_part)
     table = pd.DataFrame(records)[["video_id", "feature_status", "feature_reason", "num_frames"]]
     write_table(
         table.sort_values("video_id").reset_index(drop=True),
-        work / "features.parquet",
-        {"avfuse_version": __version__, "frontend_hash": fe.hash(), "dtype": cfg.dtype},
+        WorkDir(work).features_table,
+        {"avfuse_version": __version__, "frontend_hash": cfg.frontend.hash(), "dtype": cfg.dtype},
     )
 
 
