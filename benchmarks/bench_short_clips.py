@@ -161,7 +161,7 @@ def main() -> None:
             )
             assert res is not None
             out = work / "scores" / f"{policy}_val.npz"
-            predict(PredictConfig(work, run=policy, output=out))
+            predict(PredictConfig(work, run=policy, output=out, progress=False))
             ev = evaluate(EvaluateConfig(work, scores=out, split="val"))
             m, cov = ev.metrics, ev.coverage
             b = m.get("baseline") or {}
