@@ -114,7 +114,8 @@ def main() -> None:
             for pwindow in (SHORT, -1):
                 out = tmp / f"{name}_{pwindow}.npz"
                 predict(PredictConfig(work=target, run=name, split="val", window=pwindow,
-                                      hop=SHORT if pwindow > 0 else 0, output=out))  # fmt: skip
+                                      hop=SHORT if pwindow > 0 else 0, output=out,
+                                      progress=False))  # fmt: skip
                 tops.append(_top1(target, out))
             start = "AudioSet-style pretext" if init else "random"
             rows.append((start, wname, train_s, *tops))
