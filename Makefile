@@ -24,7 +24,8 @@ lint: $(STAMP)
 # The training and predict tests again at 16 torch threads: oneDNN defects that corrupt the heap
 # show with many threads, whatever the core count (tests/conftest.py reads AVFUSE_TEST_THREADS).
 THREADED_TESTS := tests/test_predict.py \
-	tests/test_floor.py::test_best_checkpoint_only_from_validated_epochs \
+	tests/test_scoring.py::test_score_videos_aggregates_windows_per_video \
+	tests/test_train.py::test_best_checkpoint_only_from_validated_epochs \
 	tests/test_train.py::test_killed_run_resumes_to_identical_weights
 
 test: lint

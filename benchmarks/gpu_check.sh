@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/gpu_check.sh                         # from the repository root
 #   STEPS="sweep e2e" bash benchmarks/gpu_check.sh       # some steps only (names below)
-#   STEPS=tests TESTS="tests/test_devices.py" bash benchmarks/gpu_check.sh
+#   STEPS=tests TESTS="tests/test_accel.py" bash benchmarks/gpu_check.sh
 #
 # Step limits add up to 9.5 min; expected ~7-9 min on an H200 (not yet run on one). Where a
 # caller has a hard 10-minute limit per command, run STEPS="sweep compiled e2e demo embed" and

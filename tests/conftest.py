@@ -1,4 +1,8 @@
-"""Shared fixtures. Media helpers live in :mod:`tests.media` (``from tests.media import ...``)."""
+"""Shared fixtures. The helpers test files share are modules of this package:
+``tests.media`` (generated media files), ``tests.synthetic`` (synthetic feature stores),
+``tests.workfolders`` (small scanned work folders), ``tests.commands`` (running avfuse and
+reading its one-line errors), ``tests.checkpoints`` (checkpoint records) and
+``tests.released`` (networks in their released checkpoint layouts)."""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from avfuse.checkpoint import (
     save_checkpoint,
 )
 from avfuse.melspec import FrontendConfig
+from avfuse.safe_pickle import CorruptCheckpointError, OversizeError
 from avfuse.store import EmbeddingSpec
 from tests.checkpoints import make_checkpoint
 
@@ -271,3 +273,64 @@ def test_a_front_end_no_record_reads_is_named(tmp_path: Path) -> None:
     torch.save(state, tmp_path / "c.pt")
     with pytest.raises(ValueError, match=r"bad entries: frontend .*bark"):
         load_checkpoint(tmp_path / "c.pt")
+
+
+def _checkpoint(**change: Any) -> dict[str, Any]:
+    """A checkpoint file's dict with entries changed as a damaged or hostile file would."""
+    return make_checkpoint(spec=ModelSpec("resnet", 1.0, 0.3, 4, 8)).to_state() | change
+
+
+def test_checkpoint_zip_with_compressed_records_is_refused_before_loading(tmp_path: Path) -> None:
+    good = tmp_path / "good.pt"
+    torch.save(_checkpoint(), good)
+    # Re-pack: the weights record grows to 64 MB of zeros, deflated to ~64 KB.
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("data/0"):
+                data = data + bytes(64 << 20)
+            dst.writestr(info.filename, data)
+    assert bomb.stat().st_size < 1 << 20
+    with pytest.raises(OversizeError, match="declare") as info:
+        load_checkpoint(bomb)
+    assert str(bomb) in str(info.value)
+    assert load_checkpoint(good).classes == ("a", "b")
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"window": 10**9}, "window (1000000000; must be 1 to 65536)"),
+        ({"window": True}, "window (True"),
+        ({"model_spec": {"name": "resnet", "width": 1e6, "dropout": 0.1}}, "model_spec.width"),
+        ({"model_spec": {"name": "resnet", "width": 0.0, "dropout": 0.1}}, "model_spec.width"),
+        (
+            {"model_spec": {"name": "resnet", "width": 1, "dropout": 0, "n_mels": 10**9}},
+            "model_spec.n_mels",
+        ),
+        ({"norm": {"mean": torch.zeros(4), "std": torch.tensor([1.0, 0.0, 1, 1])}}, "norm.std"),
+        ({"norm": {"mean": torch.zeros(4), "std": -torch.ones(4)}}, "norm.std"),
+    ],
+)
+def test_absurd_checkpoint_values_are_refused(
+    tmp_path: Path, change: dict[str, Any], says: str
+) -> None:
+    path = tmp_path / "c.pt"
+    torch.save(_checkpoint(**change), path)
+    with pytest.raises(ValueError) as info:
+        load_checkpoint(path)
+    assert says in str(info.value) and str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("where", ["model", "norm"])
+def test_non_finite_checkpoint_tensors_are_refused(tmp_path: Path, bad: float, where: str) -> None:
+    w = torch.ones(2, 3)
+    std = torch.ones(4)
+    (w if where == "model" else std)[1, ...] = bad
+    path = tmp_path / "c.pt"
+    torch.save(_checkpoint(model={"fc.weight": w}, norm={"mean": torch.zeros(4), "std": std}), path)
+    with pytest.raises(CorruptCheckpointError, match="NaN or infinite") as info:
+        load_checkpoint(path)
+    assert ("fc.weight" if where == "model" else "norm.std") in str(info.value)

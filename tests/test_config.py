@@ -1,20 +1,30 @@
-"""Config dataclasses: TOML round trip, overrides, CLI flags generated from the fields, hashes."""
+"""Config dataclasses: TOML round trip, overrides, CLI flags generated from the fields, hashes;
+every value checked when a config is made; hostile config files are one-line refusals."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
+import importlib
 import json
+import pkgutil
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, get_args, get_origin
 
 import pytest
 
+import avfuse
+from avfuse import cli
 from avfuse.config import (
+    Config,
+    _literal_values,
     add_arguments,
     apply_overrides,
+    check_fields,
     config_hash,
     from_arguments,
     from_dict,
@@ -24,6 +34,8 @@ from avfuse.config import (
     to_dict,
 )
 from avfuse.extract import ExtractConfig
+from avfuse.model_config import TrainConfig
+from tests.commands import stderr_line
 
 
 @dataclass(frozen=True)
@@ -195,3 +207,233 @@ def test_cli_reports_a_bad_config_file_key_in_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert err[0].startswith("avfuse extract: error: unknown key(s) for ExtractConfig: bogus_key")
+
+
+# ----------------------------------------------------------------------------- hostile config files
+
+
+_YAML_BOMB = 'a: &a ["x","x","x","x","x","x","x","x","x"]\n' + "".join(
+    f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi", strict=True)
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "says"),
+    [
+        ("bomb.yaml", _YAML_BOMB, "aliases"),
+        ("tag.yaml", 'work: !!python/object/apply:os.system ["true"]\n', "python/object"),
+        ("tag2.yaml", "work: !!python/name:os.system\n", "python/name"),
+        ("deep.json", '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested deeper"),
+        ("deep2.json", '{"a": ' + "[" * 500 + "]" * 500 + "}", "nested deeper"),
+        ("deep.yaml", "a: " + "[" * 5000 + "]" * 5000 + "\n", "nested deeper"),
+        ("deep.toml", "a = " + "[" * 100_000 + "]" * 100_000 + "\n", "nested deeper"),
+        ("bin.toml", "work = '\xff'", "not"),
+    ],
+)
+def test_hostile_config_files_are_one_line_refusals(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, text: str, says: str
+) -> None:
+    path = tmp_path / name
+    if name == "bin.toml":
+        path.write_bytes(b"work = '\xff'\n")
+    else:
+        path.write_text(text, "utf-8")
+    with pytest.raises(ValueError, match=says) as info:
+        read_mapping(path)
+    assert str(path) in str(info.value)
+    assert cli.main(["train", str(tmp_path / "w"), "--config", str(path)]) == 2
+    line = stderr_line(capsys)
+    assert str(path) in line and says in line
+
+
+def test_oversized_config_file_is_refused_unread(tmp_path: Path) -> None:
+    path = tmp_path / "big.toml"
+    path.write_text("# " + "x" * (5 << 20) + "\n", "utf-8")
+    with pytest.raises(ValueError, match="MiB"):
+        read_mapping(path)
+
+
+def test_yaml_anchor_without_alias_and_plain_yaml_still_load(tmp_path: Path) -> None:
+    path = tmp_path / "ok.yaml"
+    path.write_text("work: w\ntrain: &t {epochs: 3}\n", "utf-8")
+    assert read_mapping(path) == {"work": "w", "train": {"epochs": 3}}
+
+
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        ("lr=nan", "lr: nan is not a finite number"),
+        ("lr=inf", "lr: inf is not a finite number"),
+        ("weight_decay=-inf", "weight_decay: -inf is not a finite number"),
+        ("epochs=true", "epochs: True is not an integer"),
+        ("lr=true", "lr: True is not a number"),
+        ("width=0", "width: 0.0 is out of range"),
+        ("width=-1", "width: -1.0 is out of range"),
+        ("window=1000000000", "window: 1000000000 is out of range"),
+        ('epochs="3"', None),
+    ],
+)
+def test_non_finite_boolean_and_absurd_numbers_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], override: str, says: str | None
+) -> None:
+    (tmp_path / "w").mkdir()
+    rc = cli.main(["train", str(tmp_path / "w"), "--set", override])
+    line = stderr_line(capsys)
+    if says is None:  # a number written as text is still that number: fails later, on WORK
+        assert "epochs" not in line and "not an avfuse work folder" in line
+        return
+    assert rc == 2
+    assert says in line
+
+
+def test_non_finite_number_in_a_config_file_and_direct_construction(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(f"work = '{tmp_path / 'w'}'\ntolerance = nan\n", "utf-8")
+    assert cli.main(["fuse", "--config", str(path), "--video-scores", "v.npz"]) == 2
+    assert "tolerance: nan is not a finite number" in stderr_line(capsys)
+    with pytest.raises(ValueError, match="dropout: nan is not a finite"):
+        TrainConfig(work=Path("w"), dropout=float("nan"))
+    with pytest.raises(ValueError, match="epochs: True is a boolean"):
+        TrainConfig(work=Path("w"), epochs=True)
+
+
+# ------------------------------------------------------------------- values checked on construction
+
+
+def _config_classes() -> list[type]:
+    """Every config dataclass avfuse defines (frozen dataclasses named *Config or *Section)."""
+    found: dict[str, type] = {}
+    for mod in pkgutil.walk_packages(avfuse.__path__, "avfuse."):
+        if mod.name.endswith("__main__"):
+            continue
+        module = importlib.import_module(mod.name)
+        for obj in vars(module).values():
+            if (
+                isinstance(obj, type)
+                and dataclasses.is_dataclass(obj)
+                and obj.__module__.startswith("avfuse")
+                and obj.__name__.endswith(("Config", "Section"))
+            ):
+                found[f"{obj.__module__}.{obj.__qualname__}"] = obj
+    return [found[k] for k in sorted(found)]
+
+
+def _instance(cls: type) -> Any:
+    """A default instance: required fields (paths) get a placeholder."""
+    hints = typing.get_type_hints(cls)
+    required = {
+        f.name: Path("w") if hints[f.name] is Path else "x"
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+    return cls(**required)
+
+
+CLASSES = _config_classes()
+
+
+def test_every_config_class_checks_on_construction() -> None:
+    names = {c.__name__ for c in CLASSES}
+    # The discovery finds the stage configs (and the test below would be vacuous otherwise).
+    assert {"FrontendConfig", "TrainConfig", "FuseConfig", "RunConfig", "DemoConfig"} <= names
+    for cls in CLASSES:
+        assert issubclass(cls, Config), cls
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_literal_fields_refuse_other_values(cls: type) -> None:
+    base = _instance(cls)
+    hints = typing.get_type_hints(cls)
+    checked = 0
+    for f in dataclasses.fields(cls):
+        allowed, per_item = _literal_values(hints[f.name])
+        if not allowed:
+            continue
+        bad: Any = ("bogus-value",) if per_item else "bogus-value"
+        with pytest.raises(ValueError) as err:
+            dataclasses.replace(base, **{f.name: bad})
+        msg = str(err.value)
+        assert f"{cls.__name__}.{f.name}" in msg and "bogus-value" in msg
+        assert all(repr(a) in msg for a in allowed), msg
+        for good in allowed:  # every allowed value still constructs
+            dataclasses.replace(base, **{f.name: (good,) if per_item else good})
+        checked += 1
+    if cls.__name__ in ("FrontendConfig", "TrainConfig", "PredictConfig", "FuseConfig"):
+        assert checked >= 2
+
+
+def test_mel_scale_outside_the_literal_is_refused() -> None:
+    from avfuse.melspec import FrontendConfig
+
+    allowed = get_args(typing.get_type_hints(FrontendConfig)["mel_scale"])
+    with pytest.raises(ValueError, match=r"FrontendConfig\.mel_scale: 'bark'"):
+        FrontendConfig(mel_scale="bark")  # type: ignore[arg-type]
+    # Through a run config's nested table too (TOML files and --set come this way).
+    from avfuse.runconfig import RunConfig
+
+    with pytest.raises(ValueError, match="mel_scale"):
+        apply_overrides(RunConfig(), ["features.frontend.mel_scale='bark'"])
+    assert "bark" not in allowed
+
+
+def test_bounded_numbers_are_refused_by_name() -> None:
+    from avfuse.predict import PredictConfig
+    from avfuse.runconfig import RunConfig
+    from avfuse.train import TrainConfig
+
+    work = Path("w")
+    cases: list[tuple[Any, str]] = [
+        (lambda: TrainConfig(work, epochs=0), "TrainConfig.epochs: 0"),
+        (lambda: TrainConfig(work, batch_size=-4), "TrainConfig.batch_size: -4"),
+        (lambda: TrainConfig(work, eval_every=-1), "TrainConfig.eval_every: -1"),
+        (lambda: PredictConfig(work, batch_size=0), "PredictConfig.batch_size: 0"),
+        (
+            lambda: dataclasses.replace(RunConfig().fuse, tolerance=-0.01),
+            "FuseSection.tolerance: -0.01",
+        ),
+        (lambda: dataclasses.replace(RunConfig().fuse, tolerance=1.5), "tolerance: 1.5"),
+        (lambda: dataclasses.replace(RunConfig().fuse, folds=1), "folds: 1"),
+        (
+            lambda: dataclasses.replace(RunConfig().fuse, label_tolerance=-1.0),
+            "FuseSection.label_tolerance: -1.0",
+        ),
+        (lambda: apply_overrides(RunConfig(), ["train.epochs=-3"]), "TrainSection.epochs: -3"),
+    ]
+    for make, text in cases:
+        with pytest.raises(ValueError, match="out of range") as err:
+            make()
+        assert text in str(err.value)
+    # The edges themselves are allowed.
+    assert TrainConfig(work, epochs=1, eval_every=0).epochs == 1
+    assert dataclasses.replace(RunConfig().fuse, tolerance=0.0).tolerance == 0.0
+
+
+@dataclass(frozen=True)
+class _Probe(Config):
+    kind: Literal["a", "b"] | None = None
+    stages: tuple[Literal["x", "y"], ...] = ()
+    rate: float = field(default=0.5, metadata={"min": 0, "max": 1})
+    seen: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # Runs after the field check: it never sees an invalid value.
+        self.seen.append(f"{self.kind}")
+
+
+def test_generic_check_handles_optional_tuples_bounds_and_own_post_init() -> None:
+    assert _Probe().kind is None and _Probe(kind="b").seen == ["b"]
+    assert _Probe(stages=("y", "x")).stages == ("y", "x")
+    with pytest.raises(ValueError, match=r"_Probe\.kind: 'c' is not one of 'a', 'b'"):
+        _Probe(kind="c")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"_Probe\.stages: 'z' is not one of 'x', 'y'"):
+        _Probe(stages=("x", "z"))  # type: ignore[arg-type]
+    with pytest.raises(
+        ValueError, match=r"_Probe\.rate: 1\.5 is out of range; must be >= 0 and <= 1"
+    ):
+        _Probe(rate=1.5)
+    with pytest.raises(ValueError, match="kind"):
+        from_dict(_Probe, {"kind": "c"})
+    check_fields(_Probe(rate=0.0))  # the bounds are inclusive
+    assert get_origin(typing.get_type_hints(_Probe)["kind"]) is not Literal  # an Optional

@@ -1,4 +1,5 @@
-"""Datasets and samplers over the feature store: windows, coverage, sharding, normalisation."""
+"""Datasets and samplers over the feature store: windows, coverage, sharding, normalisation,
+short-clip padding, block sampling."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from avfuse.data import (
     WindowDataset,
     compute_norm_stats,
     eval_windows,
+    pad_window,
 )
 from avfuse.melspec import FrontendConfig
 from avfuse.store import FeatureStore, ShardWriter, commit_index, write_meta
@@ -197,3 +199,143 @@ def test_zero_padding_is_the_silence_of_the_stores_front_end(tmp_path, preset: s
     assert x.shape == (fe.example_frames, fe.n_mels)
     np.testing.assert_array_equal(x[: len(short)], short)
     np.testing.assert_allclose(x[len(short) :], float(silence[1, 0]), rtol=1e-5)
+
+
+def test_pad_window_policies() -> None:
+    x = np.arange(3 * 2, dtype=np.float32).reshape(3, 2)
+    rep = pad_window(x, 8, "repeat", -4.6)
+    np.testing.assert_array_equal(rep, np.concatenate([x, x, x[:2]]))
+    zer = pad_window(x, 8, "zeros", -4.6)
+    np.testing.assert_array_equal(zer[:3], x)
+    assert (zer[3:] == np.float32(-4.6)).all()
+    with pytest.raises(ValueError, match="drop"):
+        pad_window(x, 8, "drop", 0.0)
+
+
+def test_identity_norm_is_exact() -> None:
+    x = np.random.default_rng(0).standard_normal((7, 5)).astype(np.float16)
+    assert np.array_equal(NormStats.identity(5).apply(x), x.astype(np.float32))
+
+
+# ------------------------------------------------------------------ block reads and batched gathers
+
+
+@pytest.fixture
+def store_work(tmp_path):
+    from tests.synthetic import make_synthetic_work
+
+    work = tmp_path / "w"
+    man = make_synthetic_work(work, n_classes=4, videos_per_class=40, frames_range=(60, 300))
+    return work, man
+
+
+def test_getitems_equals_one_item_at_a_time(store_work) -> None:
+    from avfuse.data import NormStats, WindowDataset
+    from avfuse.store import FeatureStore
+
+    work, _ = store_work
+    store = FeatureStore(work / "features")
+    ids = store.ids
+    frames = store.frames_array(ids)
+    norm = NormStats(np.full(64, -3.0, np.float32), np.full(64, 2.0, np.float32))
+    ds = WindowDataset(store, ids, np.arange(len(ids)) % 4, norm, window=96)
+    rng = np.random.default_rng(1)
+    pos = rng.integers(0, len(ids), 200)
+    pos[:3] = np.flatnonzero(frames < 96)[:3]  # videos shorter than a window are padded
+    assert (frames[pos[:3]] < 96).all()
+    items = [(int(p), int(rng.integers(0, max(int(frames[p]) - 96, 0) + 1))) for p in pos]
+    assert len({store._loc[ids[p]][0] for p, _ in items}) > 1  # several shards in one batch
+    batch = ds.__getitems__(items)
+    one = [ds[i] for i in items]
+    assert len(batch) == len(one)
+    for (xb, yb, pb), (xo, yo, po) in zip(batch, one):
+        assert (yb, pb) == (yo, po) and xb.dtype == xo.dtype and xb.shape == (96, 64)
+        np.testing.assert_array_equal(xb.numpy(), xo.numpy())
+
+
+def _chi2_per_batch(labels: np.ndarray, n_classes: int, batch: int) -> np.ndarray:
+    """Pearson chi-square of each batch's class histogram against equal class shares."""
+    n = len(labels) // batch
+    hist = np.stack(
+        [np.bincount(b, minlength=n_classes) for b in labels[: n * batch].reshape(n, batch)]
+    )
+    e = batch / n_classes
+    return ((hist - e) ** 2 / e).sum(1)
+
+
+def test_block_sampler_reads_groups_and_keeps_the_class_mix_random() -> None:
+    from avfuse.data import TrainWindowSampler
+
+    # Worst case for locality: the store holds the classes one after the other.
+    n_classes, per_class, per_block, group, batch = 64, 64, 4, 256, 32
+    n = n_classes * per_class
+    labels = np.repeat(np.arange(n_classes), per_class)
+    frames = np.random.default_rng(0).integers(100, 1000, n)
+    blocks = np.arange(n) // per_block
+
+    def epoch(**kw) -> np.ndarray:
+        s = TrainWindowSampler(frames, labels, windows_per_video=2, window=96, seed=3, **kw)
+        s.set_epoch(1)
+        return s.epoch_items()
+
+    plain, local = epoch(), epoch(blocks=blocks, group=group)
+    # The same windows, only reordered.
+    assert sorted(map(tuple, plain)) == sorted(map(tuple, local))
+    # Working set: at no point are more than `group` blocks between their first and last read.
+    b = blocks[local[:, 0]]
+    first = np.full(blocks.max() + 1, len(b)), np.zeros(blocks.max() + 1, np.int64)
+    np.minimum.at(first[0], b, np.arange(len(b)))
+    np.maximum.at(first[1], b, np.arange(len(b)))
+    active = np.zeros(len(b) + 1, np.int64)
+    np.add.at(active, first[0], 1)
+    np.add.at(active, first[1] + 1, -1)
+    assert np.cumsum(active).max() <= group
+
+    # Class mix: random sampling gives E[chi2] = C - 1; grouping adds about C (B - 1) / group
+    # (two items of a batch share a block with probability ~1 / group). The standard error of
+    # a mean over 256 batches is about sqrt(2 (C - 1) / 256) ~ 0.7, so 3 is a wide margin.
+    c = n_classes
+    random_chi2 = _chi2_per_batch(labels[plain[:, 0]], c, batch).mean()
+    local_chi2 = _chi2_per_batch(labels[local[:, 0]], c, batch).mean()
+    assert abs(random_chi2 - (c - 1)) < 3
+    assert local_chi2 < c - 1 + c * (batch - 1) / group + 3
+    # Reading the blocks one at a time (no grouping) would fail the same bound badly.
+    one_block = epoch(blocks=blocks, group=1)
+    assert _chi2_per_batch(labels[one_block[:, 0]], c, batch).mean() > 5 * c
+
+
+def test_block_sampler_shards_ranks_and_resumes() -> None:
+    from avfuse.data import TrainWindowSampler
+
+    frames = np.full(1000, 500)
+    blocks = np.arange(1000) // 10
+    full = TrainWindowSampler(frames, window=96, blocks=blocks, group=8, seed=1)
+    full.set_epoch(2)
+    ranks = []
+    for r in range(2):
+        s = TrainWindowSampler(
+            frames, window=96, blocks=blocks, group=8, seed=1, rank=r, world_size=2
+        )
+        s.set_epoch(2, skip=5)
+        ranks.append(np.asarray(list(s)))
+        assert len(s) == 500 - 5
+    items = full.epoch_items()
+    np.testing.assert_array_equal(ranks[0], items[0::2][5:])
+    np.testing.assert_array_equal(ranks[1], items[1::2][5:])
+
+
+def test_getitems_full_batch_gathers_into_one_array(store_work) -> None:
+    from avfuse.data import NormStats, WindowDataset
+    from avfuse.store import FeatureStore
+
+    work, _ = store_work
+    store = FeatureStore(work / "features")
+    frames = store.frames_array(store.ids)
+    norm = NormStats(np.zeros(64, np.float32), np.ones(64, np.float32))
+    ds = WindowDataset(store, store.ids, np.zeros(len(store), np.int64), norm, window=96)
+    long = np.flatnonzero(frames >= 200)[:16]
+    items = [(int(p), int(frames[p]) - 96) for p in long]  # last window of each video
+    for (x, _, p), (vid_pos, start) in zip(ds.__getitems__(items), items):
+        want = np.asarray(store[store.ids[vid_pos]][start : start + 96], np.float32)
+        np.testing.assert_array_equal(x.numpy(), want)
+        assert p == vid_pos

@@ -347,3 +347,28 @@ def test_demo_plan_counts() -> None:
     assert len({s.label for s in specs if s.defect == "short"}) == 3
     assert len({s.label for s in specs if s.defect in ("silent", "hiss")}) == 3
     assert all(0.3 <= s.duration <= 0.9 for s in specs if s.defect == "short")
+
+
+def test_demo_refuses_an_odd_frame_size_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from avfuse.cli import main
+
+    assert main(["demo", "-o", str(tmp_path / "w"), "--size", "17", "--classes", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "size" in err[0] and "even" in err[0], err
+
+
+def test_demo_force_cleans_only_a_folder_a_scan_wrote(tmp_path: Path) -> None:
+    from avfuse.demo.runner import _clean_work
+
+    theirs = tmp_path / "home"
+    (theirs / "audio").mkdir(parents=True)
+    (theirs / "audio" / "song.flac").write_bytes(b"fLaC")
+    (theirs / "report.md").write_text("my report", "utf-8")
+    _clean_work(theirs)
+    assert (theirs / "audio" / "song.flac").read_bytes() == b"fLaC"
+    assert (theirs / "report.md").read_text("utf-8") == "my report"
+    (theirs / "manifest.parquet").touch()  # a work folder: its outputs are the demo's to redo
+    _clean_work(theirs)
+    assert not (theirs / "audio").exists() and not (theirs / "report.md").exists()

@@ -1,13 +1,17 @@
-"""torchrun with 2 CPU processes (gloo on loopback): train, resume, predict once per video."""
+"""torchrun: 2 CPU processes (gloo on loopback) train, resume and predict once per video; each
+local rank binds its own GPU; stages leave the process group they joined."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,6 +23,7 @@ from avfuse.predict import PredictConfig, predict
 from avfuse.scores import ScoreFile
 from avfuse.scoring import model_from_checkpoint
 from tests.synthetic import make_synthetic_work
+from tests.test_train import SCHEDULE_TINY
 
 SCRIPT = """
 import atexit, json, sys
@@ -149,3 +154,137 @@ def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
     assert a.status.tolist() == b.status.tolist()
     np.testing.assert_array_equal(a.n_windows, b.n_windows)
     np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch: pytest.MonkeyPatch) -> Callable[..., list[object]]:
+    """``fake_gpus(count, local_rank, world_size)``: a host with ``count`` GPUs as seen by a
+    torchrun rank; returns the list that records ``set_device`` and the group's backend."""
+    from avfuse import distributed as D
+
+    calls: list[object] = []
+
+    def setup(count: int, local_rank: int, world_size: int = 1) -> list[object]:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(torch.device(d)))
+        monkeypatch.setattr(D.dist, "is_initialized", lambda: False)
+        monkeypatch.setattr(
+            D.dist, "init_process_group", lambda backend: calls.append(f"group:{backend}")
+        )
+        monkeypatch.setattr(D.atexit, "register", lambda f: None)
+        monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+        monkeypatch.setenv("RANK", str(local_rank))
+        monkeypatch.setenv("WORLD_SIZE", str(world_size))
+        monkeypatch.delenv(D.SHARE_GPUS_ENV, raising=False)
+        return calls
+
+    return setup
+
+
+def test_each_local_rank_binds_its_own_gpu_everywhere(
+    fake_gpus: Callable[..., list[object]],
+) -> None:
+    from avfuse import distributed as D
+
+    calls = fake_gpus(count=2, local_rank=1, world_size=2)
+    assert D.resolve_device("cuda") == torch.device("cuda", 1)
+    assert D.resolve_device("auto") == torch.device("cuda", 1)
+    D.init(D.resolve_device("auto"))
+    assert calls == [torch.device("cuda", 1), "group:nccl"]
+    calls.clear()
+    D.init("cuda")  # a bare type resolves by the same rule
+    assert calls[0] == torch.device("cuda", 1)
+
+
+def test_fewer_gpus_than_local_ranks_is_refused(fake_gpus: Callable[..., list[object]]) -> None:
+    from avfuse import distributed as D
+
+    calls = fake_gpus(count=1, local_rank=1, world_size=2)
+    with pytest.raises(RuntimeError, match=r"local rank 1 .* 1 GPU"):
+        D.resolve_device("cuda")
+    with pytest.raises(RuntimeError, match="nproc_per_node=1"):
+        D.init("cuda")
+    assert calls == []  # nothing bound, no group joined
+
+
+def test_sharing_gpus_on_purpose_is_logged(
+    fake_gpus: Callable[..., list[object]],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from avfuse import distributed as D
+
+    calls = fake_gpus(count=1, local_rank=1, world_size=2)
+    monkeypatch.setenv(D.SHARE_GPUS_ENV, "1")
+    with caplog.at_level("WARNING"):
+        assert D.resolve_device("cuda") == torch.device("cuda", 0)
+    assert "shares cuda:0" in caplog.text
+    D.init(D.resolve_device("cuda"))
+    # NCCL refuses two ranks on one GPU: a shared GPU runs the group on gloo
+    assert calls == [torch.device("cuda", 0), "group:gloo"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.synthetic import make_synthetic_work
+
+    w = tmp_path_factory.mktemp("floor")
+    # 12 train videos x 2 windows = 24 windows -> 3 steps of 8 per epoch
+    make_synthetic_work(w, n_classes=3, videos_per_class=4, frames_range=(100, 200), seed=2)
+    return w
+
+
+def test_stage_functions_leave_no_process_group(
+    work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under torchrun (world size > 1) stages join the group once; it is left at exit."""
+    import torch.distributed as dist
+
+    from avfuse import distributed as D
+    from avfuse.predict import PredictConfig, predict
+    from avfuse.train import StopTraining, TrainConfig, train
+
+    calls: list[str] = []
+    state = {"on": False}
+
+    def fake_init(backend: str) -> None:
+        calls.append(f"init {backend}")
+        state["on"] = True
+
+    def fake_destroy() -> None:
+        calls.append("destroy")
+        state["on"] = False
+
+    # One process posing as rank 0 of 1: the collectives degrade to local ones.
+    monkeypatch.setattr(D, "_initialized", lambda: state["on"])
+    monkeypatch.setattr(dist, "init_process_group", fake_init)
+    monkeypatch.setattr(dist, "destroy_process_group", fake_destroy)
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 1)
+    monkeypatch.setattr(dist, "barrier", lambda: None)
+    monkeypatch.setattr(D, "all_gather_object", lambda obj: [obj])
+    monkeypatch.setattr(D, "all_reduce_sum", lambda values, device="cpu": list(values))
+    monkeypatch.setattr(D, "broadcast_buffers", lambda module, src=0: None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+
+    at_exit: list[Any] = []
+    monkeypatch.setattr(D.atexit, "register", at_exit.append)
+
+    cfg = TrainConfig(work, name="pg", epochs=1, val_split="", **SCHEDULE_TINY)  # type: ignore[arg-type]
+    train(cfg)
+    # Joined once, and left at process exit: re-joining under torchrun would block.
+    assert calls == ["init gloo"] and D.destroy in at_exit
+    predict(PredictConfig(work, run="pg", checkpoint="last", amp="off", device="cpu"))
+    assert calls == ["init gloo"]  # the next stage reuses the group
+
+    # A failing stage keeps the group for what the script does next.
+    def stop(step: int) -> None:
+        raise StopTraining
+
+    with pytest.raises(StopTraining):
+        train(dataclasses.replace(cfg, name="pg2"), on_step=stop)
+    assert calls == ["init gloo"] and state["on"]
+    D.destroy()  # what the interpreter runs at exit
+    assert calls == ["init gloo", "destroy"] and not state["on"]

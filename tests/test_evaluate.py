@@ -1,4 +1,5 @@
-"""Metrics: AP against brute force, top-k by hand, joins by video_id, coverage, outputs."""
+"""The evaluate stage: joins by video_id, videos missing from the score file, other splits,
+classes without a scored video."""
 
 from __future__ import annotations
 
@@ -12,56 +13,8 @@ import pytest
 from avfuse.evaluate import EvaluateConfig, evaluate
 from avfuse.io import write_table
 from avfuse.manifest import write_class_list
-from avfuse.metrics import average_precision, metrics
 from avfuse.scores import ScoreFile
-
-
-def brute_force_ap(scores: np.ndarray, positive: np.ndarray) -> float:
-    # For each positive: precision among all items scoring at least as high.
-    precisions = []
-    for i in range(len(scores)):
-        if positive[i]:
-            above = [j for j in range(len(scores)) if scores[j] >= scores[i]]
-            precisions.append(sum(positive[j] for j in above) / len(above))
-    return sum(precisions) / len(precisions)
-
-
-def test_average_precision_matches_brute_force_with_ties() -> None:
-    rng = np.random.default_rng(0)
-    for _ in range(50):
-        n = int(rng.integers(2, 40))
-        s = rng.integers(0, 6, n).astype(float)  # many ties
-        pos = rng.random(n) < 0.4
-        if not pos.any():
-            pos[0] = True
-        assert average_precision(s, pos) == pytest.approx(brute_force_ap(s, pos))
-    assert average_precision(np.array([0.9, 0.8, 0.1]), np.array([1, 0, 1])) == pytest.approx(
-        (1 / 1 + 2 / 3) / 2
-    )
-    assert np.isnan(average_precision(np.array([0.1, 0.2]), np.array([0, 0])))
-
-
-def test_metrics_by_hand() -> None:
-    scores = np.array(
-        [
-            [0.7, 0.2, 0.1],  # label 0, correct
-            [0.5, 0.4, 0.1],  # label 1, predicted 0
-            [0.1, 0.3, 0.6],  # label 2, correct
-            [0.2, 0.5, 0.3],  # label 2, predicted 1
-        ]
-    )
-    labels = np.array([0, 1, 2, 2])
-    m = metrics(scores, labels, top_confused=5)
-    assert m["top1"] == 0.5 and m["top5"] == 1.0 and m["n"] == 4
-    assert m["per_class"]["accuracy"] == [1.0, 0.0, 0.5]
-    assert m["mean_class_accuracy"] == pytest.approx(0.5)
-    # AP: class0 scores [.7,.5,.1,.2] positive row 0 -> 1; class1 [.2,.4,.3,.5] pos row1 (0.4,
-    # second highest) -> 1/2; class2 [.1,.1,.6,.3] pos rows 2,3 -> 1, 1
-    assert m["per_class"]["ap"] == pytest.approx([1.0, 0.5, 1.0])
-    assert m["mAP"] == pytest.approx(2.5 / 3)
-    assert sorted(m["confused"]) == [(1, 0, 1), (2, 1, 1)]
-    top2 = metrics(scores[:, :2], np.array([0, 1, 1, 0]))
-    assert top2["top5"] == 1.0  # k = min(5, C)
+from tests.synthetic import make_synthetic_work
 
 
 @pytest.fixture
@@ -159,24 +112,6 @@ def test_evaluate_ignores_scored_videos_outside_the_split(work: Path) -> None:
     assert saved["ignored_ids_not_in_split"] == 2
 
 
-def test_metrics_and_fusions_block_wise_ranks_agree_on_ties_and_nan_rows() -> None:
-    """One top-k rule: ``metrics`` (train, evaluate) and the rank helpers fuse uses."""
-    from avfuse.metrics import accuracy, metrics, true_rank
-
-    rng = np.random.default_rng(3)
-    # Coarse scores: many exact ties, so the tie rule (lower index first) is exercised.
-    s = rng.integers(0, 4, size=(1500, 9)).astype(np.float64)
-    s[::97, 2] = np.nan
-    y = rng.integers(0, 9, size=1500)
-    order = np.argsort(-np.where(np.isnan(s), -np.inf, s), axis=1, kind="stable")
-    want = np.argmax(order == y[:, None], axis=1)
-    want[np.isnan(s).any(axis=1)] = 9
-    np.testing.assert_array_equal(true_rank(s, y), want)
-    m, a = metrics(s, y), accuracy(s, y)
-    assert m["top1"] == a["top1"] == np.mean(want < 1)
-    assert m["top5"] == a["top5"] == np.mean(want < 5)
-
-
 def test_outputs_is_done_and_finished_settings_follow_the_metrics(work: Path) -> None:
     from avfuse import evaluate as stage
 
@@ -193,3 +128,26 @@ def test_outputs_is_done_and_finished_settings_follow_the_metrics(work: Path) ->
     assert not stage.is_done(other) and stage.finished_settings(other) is None
     (work / "scores" / "audio_val.metrics.json").unlink()
     assert not stage.is_done(cfg) and stage.finished_settings(cfg) is None
+
+
+def test_mean_class_accuracy_counts_classes_without_a_scored_video(tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    man = make_synthetic_work(work, n_classes=3, videos_per_class=2, splits=("val",))
+    classes = ["class_00", "class_01", "class_02"]
+    rows = {}
+    for r in man.itertuples(index=False):
+        k = int(r.label_index)
+        if k == 2:
+            rows[r.video_id] = (None, 0, "silent")  # no scored video of class_02
+        else:
+            s = np.full(3, 0.1, np.float32)
+            s[k] = 0.8
+            rows[r.video_id] = (s, 1, "ok")
+    sf = ScoreFile.from_rows(classes, rows)
+    sf.save(work / "scores" / "audio_val.npz")
+    ev = evaluate(EvaluateConfig(work, baseline=False))
+    assert ev.metrics["top1"] == 1.0 and ev.metrics["top1_all"] == pytest.approx(4 / 6)
+    assert ev.metrics["mean_class_accuracy"] == pytest.approx(2 / 3)
+    pc = pd.read_csv(ev.per_class_path).set_index("class")
+    assert pc.loc["class_02", "n"] == 0 and pc.loc["class_02", "n_all"] == 2
+    assert pc.loc["class_02", "accuracy_all"] == 0

@@ -1,249 +1,55 @@
-"""Stage 1: decoding sound tracks (content, levels, bad files) and the resumable extract stage."""
+"""The extract stage: resumable, parallel (processes or a Dask cluster), safe after kill -9 and a
+full disk; every input has a fate (FIFOs, files still being written, the time limit), and nothing
+is written outside WORK."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
 import pandas as pd
 import pytest
 
+import avfuse.extract as extract_mod
 from avfuse.config import load_config
 from avfuse.extract import (
     COLUMNS,
     ExtractConfig,
-    decode_audio,
+    ExtractResult,
     extract,
     finished_settings,
     invalidate,
     is_done,
     load_audio,
     outputs,
-    write_audio,
 )
-from avfuse.io import TMP_MARK, read_table
-from avfuse.manifest import ScanConfig, scan
-from tests.media import AudioTrack, peak_frequency, rms, tone, write_media, write_tone_video
+from avfuse.io import TMP_MARK, DiskFullError, csv_uncell, read_table, write_table
+from avfuse.manifest import ScanConfig, scan, write_class_list
+from tests.media import peak_frequency, write_media, write_tone_video
+from tests.test_io import _assert_inert, _cells
+from tests.test_manifest import _files_outside, _video
+from tests.workfolders import extract_cfg, scanned_tones, stage_status, tree_bytes
+
+try:
+    import distributed
+except ImportError:  # optional: only the tests that need it are skipped
+    distributed = None
+
+needs_distributed = pytest.mark.skipif(distributed is None, reason="needs distributed")
 
 REPO = Path(__file__).resolve().parents[1]
 SR = 16000
 AVFUSE = [sys.executable, "-m", "avfuse"]
-
-
-def _assert_tone(
-    x: np.ndarray, freq: float, seconds: float, amplitude: float, tol_s: float
-) -> None:
-    assert x.dtype == np.float32 and x.ndim == 1
-    assert abs(len(x) / SR - seconds) <= tol_s, len(x) / SR
-    # Skip the edges: codec priming and resampler ramps.
-    mid = x[len(x) // 10 : len(x) - len(x) // 10]
-    assert abs(peak_frequency(mid, SR) - freq) < 2.5 * SR / len(mid) + 1
-    assert rms(mid) == pytest.approx(amplitude / np.sqrt(2), rel=0.06)
-
-
-# --- decode_audio on formats ---------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("name", "codec", "rate", "channels", "decoded_codec"),
-    [
-        ("stereo44k.mp4", "aac", 44100, 2, "aac"),  # planar float
-        ("five1_48k.mp4", "aac", 48000, 6, "aac"),
-        ("mono8k.mp4", "aac", 8000, 1, "aac"),
-        ("opus.mkv", "libopus", 48000, 2, "opus"),
-        ("opus.webm", "libopus", 48000, 2, "opus"),
-        ("vorbis.webm", "vorbis", 44100, 2, "vorbis"),
-        ("mp3.avi", "libmp3lame", 44100, 2, "mp3float"),
-        ("pcm16.avi", "pcm_s16le", 44100, 2, "pcm_s16le"),  # packed int16
-        ("pcmf32_22k.mkv", "pcm_f32le", 22050, 2, "pcm_f32le"),  # packed float
-        ("flac96k.mkv", "flac", 96000, 2, "flac"),
-        ("u8_5ch.mkv", "pcm_u8", 11025, 6, "pcm_u8"),  # unsigned, offset 128
-    ],
-)
-def test_decode_formats_give_the_tone(tmp_path, name, codec, rate, channels, decoded_codec) -> None:
-    sig = np.tile(tone(440, 1.0, rate, 0.5), (channels, 1))
-    if channels == 6:
-        sig[3] = 0  # the LFE channel: AAC low-passes it, so leave it silent; mean = 5/6 level
-    level = 0.5 * (5 / 6 if channels == 6 else 1)
-    p = write_media(tmp_path / name, [AudioTrack(sig, rate, codec=codec)])
-    res = decode_audio(p, SR)
-    assert res.status == "ok", res.reason
-    assert (res.codec, res.source_sample_rate, res.channels) == (decoded_codec, rate, channels)
-    assert res.sample_rate == SR and res.n_audio_streams == 1
-    assert res.stream_index == 1  # the video stream comes first in these files
-    _assert_tone(res.samples, 440, 1.0, level, tol_s=0.08)
-
-
-@pytest.mark.parametrize(("codec", "ext"), [("aac", ".mp4"), ("pcm_s16le", ".avi")])
-def test_downmix_is_the_mean_of_channels(tmp_path, codec, ext) -> None:
-    # aac decodes to planar float, pcm_s16le to packed int16: both paths are checked.
-    left = tone(440, 1.0, 44100, 0.5)
-    opposite = decode_audio(
-        write_media(
-            tmp_path / f"lr{ext}", [AudioTrack(np.stack([left, -left]), 44100, codec=codec)]
-        )
-    )
-    assert rms(opposite.samples) < 2e-3  # L = -R cancels: mean, not a sum or left-only
-    one_side = decode_audio(
-        write_media(
-            tmp_path / f"l0{ext}", [AudioTrack(np.stack([left, 0 * left]), 44100, codec=codec)]
-        )
-    )
-    # Mean: half the amplitude (0.25). FFmpeg's float downmix 0.707*(L+R) would give 0.354.
-    assert rms(one_side.samples) == pytest.approx(0.25 / np.sqrt(2), rel=0.03)
-
-
-def test_51_downmix_level(tmp_path) -> None:
-    # Tone on the front-left channel only, 6 channels: mean = amplitude / 6.
-    sig = np.zeros((6, 48000), np.float32)
-    sig[0] = tone(1000, 1.0, 48000, 0.6)
-    res = decode_audio(write_media(tmp_path / "fl.mkv", [AudioTrack(sig, 48000, codec="flac")]))
-    assert res.channels == 6
-    assert rms(res.samples[1000:-1000]) == pytest.approx(0.1 / np.sqrt(2), rel=0.01)
-    assert peak_frequency(res.samples, SR) == pytest.approx(1000, abs=2)
-
-
-def test_resampling_keeps_frequency_and_length(tmp_path) -> None:
-    p = write_tone_video(tmp_path / "a.mkv", freq=3000, duration=2.0, rate=44100, codec="pcm_s16le")
-    for target in (8000, 16000, 22050):
-        res = decode_audio(p, target)
-        assert res.sample_rate == target
-        assert len(res.samples) == pytest.approx(2 * target, abs=2)
-        assert peak_frequency(res.samples, target) == pytest.approx(3000, abs=1)
-    # A rate already at the target is passed through sample-exactly (s16 -> /32768).
-    same = decode_audio(
-        write_tone_video(tmp_path / "b.mkv", rate=16000, channels=1, codec="pcm_s16le"), 16000
-    )
-    expected = np.rint(tone(440, 1.0, 16000, 0.5) * 32767) / 32768  # swr's float->s16 rounding
-    np.testing.assert_allclose(same.samples, expected, atol=1.5 / 32768)
-
-
-def test_short_and_long_clips(tmp_path) -> None:
-    short = decode_audio(write_tone_video(tmp_path / "short.mkv", duration=0.3, codec="pcm_s16le"))
-    assert short.status == "ok"
-    assert len(short.samples) == pytest.approx(0.3 * SR, abs=2)
-    assert peak_frequency(short.samples, SR) == pytest.approx(440, abs=8)
-
-    # 3 minutes: 440 Hz for the first half, 880 Hz for the second; mono 8 kHz PCM keeps it cheap.
-    half = 90.0
-    sig = np.concatenate([tone(440, half, 8000, 0.5), tone(880, half, 8000, 0.5)])
-    p = write_media(
-        tmp_path / "long.mkv",
-        [AudioTrack(sig, 8000, codec="pcm_s16le", frame_samples=32768)],
-        fps=1,
-    )
-    res = decode_audio(p)
-    assert res.status == "ok"
-    assert len(res.samples) == pytest.approx(180 * SR, abs=4)
-    x = res.samples
-    assert peak_frequency(x[10 * SR : 11 * SR], SR) == pytest.approx(440, abs=1)
-    assert peak_frequency(x[100 * SR : 101 * SR], SR) == pytest.approx(880, abs=1)
-    assert peak_frequency(x[-SR:], SR) == pytest.approx(880, abs=1)  # no drift at the end
-
-
-def test_two_audio_streams_take_the_default(tmp_path) -> None:
-    a = AudioTrack(np.stack([tone(440, 1, 44100)] * 2), 44100, codec="aac", default=False)
-    b = AudioTrack(tone(880, 1, 48000)[None], 48000, codec="libopus", default=True)
-    res = decode_audio(write_media(tmp_path / "two.mkv", [a, b]))
-    assert res.n_audio_streams == 2
-    assert res.stream_index == 2 and res.codec == "opus"
-    assert peak_frequency(res.samples, SR) == pytest.approx(880, abs=2)
-    # Without a default flag the first audio stream is taken.
-    a0 = AudioTrack(a.signal, 44100, codec="aac", default=False)
-    b0 = AudioTrack(b.signal, 48000, codec="libopus", default=False)
-    first = decode_audio(write_media(tmp_path / "two0.mkv", [a0, b0]))
-    assert first.stream_index == 1
-    assert peak_frequency(first.samples, SR) == pytest.approx(440, abs=2)
-
-
-def test_non_ascii_and_spaces_in_names(tmp_path) -> None:
-    p = write_tone_video(tmp_path / "jüdo çlass" / "clip 日本 ñ.mp4", freq=660)
-    res = decode_audio(p)
-    assert res.status == "ok"
-    assert peak_frequency(res.samples, SR) == pytest.approx(660, abs=2)
-
-
-# --- bad inputs -----------------------------------------------------------------------------
-
-
-def test_bad_files_get_a_status_and_reason(tmp_path) -> None:
-    (tmp_path / "zero.mp4").write_bytes(b"")
-    (tmp_path / "random.mp4").write_bytes(np.random.default_rng(0).bytes(20000))
-    (tmp_path / "text.mp4").write_text("this is not a video\n" * 100)
-    (tmp_path / "notes.txt").write_text("this is not a video either\n" * 100)
-    noaudio = write_media(tmp_path / "noaudio.mp4", [], duration=1.0)
-    for name in ("zero.mp4", "random.mp4", "text.mp4"):
-        res = decode_audio(tmp_path / name)
-        assert res.status == "unreadable", name
-        assert res.reason and "\n" not in res.reason
-        assert len(res.samples) == 0
-    res = decode_audio(noaudio)
-    assert (res.status, res.n_audio_streams) == ("no_audio", 0)
-    assert "no audio stream" in res.reason and "video" in res.reason
-    # FFmpeg opens a .txt as an ANSI-art "video": still no audio, never a crash.
-    assert decode_audio(tmp_path / "notes.txt").status in ("no_audio", "unreadable")
-    # A file that cannot be opened (here: gone) is a read failure, retried by a rerun.
-    assert decode_audio(tmp_path / "absent.mp4").status == "error"
-
-
-def test_audio_stream_without_samples_is_empty_audio(tmp_path) -> None:
-    p = write_media(
-        tmp_path / "e.mkv",
-        [AudioTrack(np.zeros((2, 0), np.float32), 44100, codec="aac")],
-        duration=1.0,
-    )
-    res = decode_audio(p)
-    assert res.status == "empty_audio"
-    assert res.n_audio_streams == 1 and res.reason
-
-
-@pytest.mark.parametrize(("ext", "options"), [(".mp4", {"movflags": "faststart"}), (".mkv", None)])
-def test_truncated_file_is_partial_with_the_audio_before_the_damage(tmp_path, ext, options) -> None:
-    full = write_tone_video(
-        tmp_path / f"full{ext}", duration=4.0, codec="aac", container_options=options
-    )
-    data = full.read_bytes()
-    cut = tmp_path / f"cut{ext}"
-    cut.write_bytes(data[: len(data) // 2])
-    res = decode_audio(cut)
-    assert res.status == "partial", res.reason
-    assert "\n" not in res.reason and res.reason
-    assert 1.0 < res.duration_s < 3.5
-    assert peak_frequency(res.samples, SR) == pytest.approx(440, abs=2)
-    assert rms(res.samples[SR // 10 : -SR // 10]) == pytest.approx(0.5 / np.sqrt(2), rel=0.06)
-
-
-# --- writing and reading extracted audio ---------------------------------------------------
-
-
-@pytest.mark.parametrize("suffix", [".flac", ".wav"])
-def test_write_then_load_audio_round_trip(tmp_path, suffix) -> None:
-    rng = np.random.default_rng(1)
-    x = (0.3 * rng.standard_normal(12345)).astype(np.float32)
-    x[0] = 1.5  # clipped, not wrapped around
-    p = write_audio(tmp_path / f"a{suffix}", x, 16000)
-    y = load_audio(p)
-    assert y.dtype == np.float32 and y.shape == x.shape
-    expected = np.clip(np.rint(x * 32768), -32768, 32767) / 32768
-    np.testing.assert_array_equal(y, expected.astype(np.float32))
-    with av.open(str(p)) as c:
-        s = c.streams.audio[0]
-        assert (s.rate, s.codec_context.channels) == (16000, 1)
-    assert len(load_audio(p, sample_rate=8000)) == pytest.approx(12345 / 2, abs=2)
-    assert not [q for q in tmp_path.iterdir() if TMP_MARK in q.name]
-
-
-def test_load_audio_refuses_a_file_without_audio(tmp_path) -> None:
-    (tmp_path / "x.flac").write_bytes(b"junk")
-    with pytest.raises(ValueError, match=r"empty_audio|unreadable"):
-        load_audio(tmp_path / "x.flac")
 
 
 # --- the stage ------------------------------------------------------------------------------
@@ -557,25 +363,6 @@ def test_cli_extract_and_sigkill_then_resume(tmp_path) -> None:
     assert not [p for p in work.rglob("*") if TMP_MARK in p.name]
 
 
-def test_decoding_in_threads_keeps_files_apart(tmp_path) -> None:
-    # Dask workers may run several batches in threads of one process: buffers must not be shared.
-    from concurrent.futures import ThreadPoolExecutor
-
-    freqs = [300.0, 500.0, 700.0, 900.0, 1100.0, 1300.0]
-    paths = [
-        write_tone_video(
-            tmp_path / f"{int(f)}.mkv", freq=f, duration=2.0, codec="pcm_s16le", video=False
-        )
-        for f in freqs
-    ]
-    with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda p: decode_audio(p), paths * 3))
-    for res, f in zip(results, freqs * 3, strict=True):
-        assert len(res.samples) == 2 * SR
-        assert peak_frequency(res.samples, SR) == pytest.approx(f, abs=1)
-        assert rms(res.samples) == pytest.approx(0.5 / np.sqrt(2), rel=0.01)
-
-
 def test_an_unexpected_error_fails_one_video_not_the_batch(tmp_path, monkeypatch) -> None:
     import avfuse.extract as ex
 
@@ -598,3 +385,383 @@ def test_an_unexpected_error_fails_one_video_not_the_batch(tmp_path, monkeypatch
     }
     assert recs["a/good"]["status"] == "ok"
     assert recs["a/odd"]["status"] == "unreadable" and "simulated" in recs["a/odd"]["reason"]
+
+
+# -------------------------------------------------------------------------------- on a Dask cluster
+
+
+def _slow_decode(delay: float) -> None:
+    """Run on every worker: make each decode take ``delay`` s longer, so a kill lands mid-run."""
+    import avfuse.extract as e
+
+    orig = getattr(e, "_unpatched_decode_audio", e.decode_audio)
+    e._unpatched_decode_audio = orig  # type: ignore[attr-defined]
+
+    def slow(*args, **kwargs):  # type: ignore[no-untyped-def]
+        time.sleep(delay)
+        return orig(*args, **kwargs)
+
+    e.decode_audio = slow
+
+
+def _cluster_dataset(root: Path, n: int = 10) -> dict[str, tuple[str, float]]:
+    expect: dict[str, tuple[str, float]] = {}
+    for i in range(n):
+        cls = f"class {i % 2}"
+        f = 400.0 + 200 * (i % 2)
+        write_tone_video(root / "train" / cls / f"c{i:02d}.mkv", freq=f, duration=0.6, codec="pcm_s16le", rate=22050, channels=2, video=False)  # fmt: skip
+        expect[f"train/{cls}/c{i:02d}"] = ("ok", f)
+    write_media(root / "train" / "class 0" / "novoice.mp4", [])
+    expect["train/class 0/novoice"] = ("no_audio", 0)
+    (root / "train" / "class 1" / "broken.mp4").write_bytes(b"\x00" * 100)
+    expect["train/class 1/broken"] = ("unreadable", 0)
+    return expect
+
+
+@needs_distributed
+def test_cluster_extraction_equals_local(cluster, client, tmp_path) -> None:
+    expect = _cluster_dataset(tmp_path / "data")
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    scan(ScanConfig(root=tmp_path / "data", work=local))
+    scan(ScanConfig(root=tmp_path / "data", work=remote))
+    extract(ExtractConfig(work=local, num_workers=0, progress=False))
+    with distributed.get_task_stream(client) as stream:
+        res = extract(
+            ExtractConfig(
+                work=remote, scheduler=cluster.scheduler_address, batch_size=2, progress=False
+            )
+        )
+    assert res.processed == len(expect)
+    table = _check_outputs(remote, expect)
+    pd.testing.assert_frame_equal(table, read_table(local / "extract.parquet"))
+    for rel in table["audio_path"]:
+        if rel:
+            assert (remote / rel).read_bytes() == (local / rel).read_bytes()
+    # The batches really ran on the cluster and were spread over both workers.
+    assert {t["worker"] for t in stream.data} == set(client.scheduler_info()["workers"])
+
+
+def test_cluster_survives_a_worker_killed_mid_run(cluster, client, tmp_path) -> None:
+    expect = _cluster_dataset(tmp_path / "data", n=16)
+    work = tmp_path / "work"
+    scan(ScanConfig(root=tmp_path / "data", work=work))
+    client.run(_slow_decode, 0.25)
+    pids = client.run(os.getpid)
+    cfg = ExtractConfig(
+        work=work, scheduler=cluster.scheduler_address, batch_size=1, progress=False
+    )
+    out: dict[str, ExtractResult | BaseException] = {}
+
+    def run() -> None:
+        try:
+            out["res"] = extract(cfg)
+        except BaseException as exc:  # surfaced by the assertion below
+            out["res"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    parts = work / "extract" / "parts"
+    victim = None
+    deadline = time.monotonic() + 60
+    while victim is None and time.monotonic() < deadline:
+        busy = {w: ks for w, ks in client.processing().items() if ks}
+        if len(list(parts.glob("part-*.parquet"))) >= 2 and busy:
+            victim = next(iter(busy))
+        time.sleep(0.02)
+    assert victim is not None, "the run never got going"
+    os.kill(pids[victim], signal.SIGKILL)
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    res = out["res"]
+    assert isinstance(res, ExtractResult), res
+    assert pids[victim] not in client.run(os.getpid).values()  # it really died (and restarted)
+    assert len(list(parts.glob("part-*.parquet"))) < len(expect) + 3  # no runaway retries
+    table = _check_outputs(work, expect)  # every video once, right status, valid audio
+    assert table["video_id"].is_unique
+    assert not [p for p in work.rglob("*") if TMP_MARK in p.name]
+    # A rerun resumes: nothing left to do.
+    again = extract(cfg)
+    assert (again.processed, again.skipped) == (0, len(expect))
+
+
+# --------------------------------------------------------------- CSV files a spreadsheet cannot run
+
+
+def test_extract_failures_and_scan_warnings_are_inert(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    write_tone_video(root / "train" / "a" / "x.mp4", duration=0.5, rate=16000, channels=1, fps=2)
+    bad = root / "=1+1" / "a" / "@evil.mp4"  # a split named like a formula
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not a video at all" * 100)
+    (root / "+loose.mp4").write_bytes(b"x")  # outside any split: a scan warning
+    work = tmp_path / "w"
+    scan(ScanConfig(root=tmp_path / "data", work=work, splits=()))
+    warn = work / "scan_warnings.csv"
+    assert any(Path(c).name == "+loose.mp4" for c in map(csv_uncell, _cells(warn)))
+    _assert_inert(warn)
+    res = extract(ExtractConfig(work=work, num_workers=0, progress=False))
+    assert res.counts.get("unreadable") == 1
+    failures = work / "extract_failures.csv"
+    _assert_inert(failures)
+    ids = [csv_uncell(v) for v in pd.read_csv(failures, keep_default_na=False)["video_id"]]
+    assert ids == ["=1+1/a/@evil"]
+
+
+# --------------------------------------------------------------- inputs that are not finished files
+
+
+def _input_video(path: Path, freq: float, duration: float = 1.5) -> Path:
+    return write_tone_video(path, freq=freq, duration=duration, rate=16000, channels=1, fps=2)
+
+
+def _scanned_pair(tmp: Path) -> tuple[Path, Path]:
+    root = tmp / "data"
+    _input_video(root / "train" / "a" / "x.mp4", 440.0)
+    victim = _input_video(root / "train" / "b" / "y.mp4", 880.0)
+    work = tmp / "w"
+    scan(ScanConfig(root=root, work=work))
+    return work, victim
+
+
+def _records(work: Path) -> dict[str, tuple[str, str]]:
+    t = read_table(work / "extract.parquet")
+    return {v: (s, r) for v, s, r in zip(t["video_id"], t["status"], t["reason"], strict=True)}
+
+
+def _cli_extract(work: Path) -> subprocess.CompletedProcess[str]:
+    # In a child with a timeout: a hang fails the test instead of stopping the suite.
+    return subprocess.run(
+        [*AVFUSE, "extract", str(work), "--num-workers", "0", "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO)])),
+        timeout=180,
+    )
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_fifo_or_device_in_place_of_a_video_is_unreadable_not_a_hang(
+    tmp_path: Path, kind: str
+) -> None:
+    work, victim = _scanned_pair(tmp_path)
+    real = victim.read_bytes()
+    victim.unlink()
+    if kind == "fifo":
+        os.mkfifo(victim)
+    else:
+        victim.symlink_to("/dev/zero")
+    out = _cli_extract(work)
+    assert out.returncode == 0, out.stderr
+    status, reason = _records(work)["train/b/y"]
+    assert status == "unreadable"
+    assert ("FIFO" if kind == "fifo" else "character device") in reason
+    assert _records(work)["train/a/x"][0] == "ok"
+    # The video back in its place: a plain rerun extracts it.
+    victim.unlink()
+    victim.write_bytes(real)
+    out = _cli_extract(work)
+    assert out.returncode == 0, out.stderr
+    assert _records(work)["train/b/y"][0] == "ok"
+    audio = load_audio(work / "audio" / "train" / "b" / "y.flac")
+    assert peak_frequency(audio, 16000) == pytest.approx(880, abs=10)
+
+
+def test_decoding_has_a_time_limit_per_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    work, _ = _scanned_pair(tmp_path)
+    assert extract_mod.decode_time_limit(10**9) > extract_mod.decode_time_limit(10**6) > 0
+    # No time at all: every file is past its limit at the first packet.
+    monkeypatch.setattr(extract_mod, "DECODE_BASE_S", 0.0)
+    monkeypatch.setattr(extract_mod, "DECODE_S_PER_MB", 0.0)
+    extract(ExtractConfig(work=work, num_workers=0, progress=False))
+    for status, reason in _records(work).values():
+        assert status == "unreadable" and "time limit" in reason
+
+
+def test_a_file_read_while_still_being_written_is_redone_once_complete(tmp_path: Path) -> None:
+    work, victim = _scanned_pair(tmp_path)
+    whole = victim.read_bytes()
+    victim.write_bytes(whole[: len(whole) // 3])  # the download is a third done
+    os.utime(victim, ns=(1_000_000_000, 1_000_000_000))
+    extract(ExtractConfig(work=work, num_workers=0, progress=False))
+    first, _ = _records(work)["train/b/y"]
+    assert first != "ok"
+    victim.write_bytes(whole)  # the download finished
+    res = extract(ExtractConfig(work=work, num_workers=0, progress=False))
+    assert (res.processed, res.skipped) == (1, 1)
+    assert _records(work)["train/b/y"][0] == "ok"
+    audio = load_audio(work / "audio" / "train" / "b" / "y.flac")
+    assert peak_frequency(audio, 16000) == pytest.approx(880, abs=10)
+    # Unchanged since: nothing is redone.
+    res = extract(ExtractConfig(work=work, num_workers=0, progress=False))
+    assert (res.processed, res.skipped) == (0, 2)
+
+
+def _wav(path: Path, seconds: float, freq: float = 440.0) -> None:
+    import wave
+
+    import numpy as np
+
+    t = np.arange(int(16000 * seconds)) / 16000
+    pcm = (0.5 * np.sin(2 * np.pi * freq * t) * 32767).astype("<i2")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(pcm.tobytes())
+
+
+def test_a_file_that_changed_between_scan_and_extract_is_redone_when_it_changes_again(
+    tmp_path: Path,
+) -> None:
+    """A download that decodes cleanly at every stage (WAV): scanned at 0.2 s, extracted at
+    0.5 s, complete at 1.5 s. Its record is ``ok``, but the file it came from is not the one
+    scanned, and it changed since: a plain rerun redoes it."""
+    root = tmp_path / "data"
+    clip = root / "train" / "a" / "x.wav"
+    _wav(clip, 0.2)
+    _wav(root / "train" / "b" / "y.wav", 1.0, 880.0)
+    work = tmp_path / "w"
+    scan(ScanConfig(root=root, work=work))
+    _wav(clip, 0.5)
+    extract(ExtractConfig(work=work, num_workers=0, progress=False))
+    t = read_table(work / "extract.parquet").set_index("video_id")
+    assert t.loc["train/a/x", "status"] == "ok" and t.loc["train/a/x", "num_samples"] == 8000
+    # Unchanged since it was read: a rerun redoes nothing, though the manifest is older.
+    res = extract(ExtractConfig(work=work, num_workers=0, progress=False))
+    assert (res.processed, res.skipped) == (0, 2)
+    _wav(clip, 1.5)
+    res = extract(ExtractConfig(work=work, num_workers=0, progress=False))
+    assert (res.processed, res.skipped) == (1, 1)
+    assert len(load_audio(work / "audio" / "train" / "a" / "x.flac")) == 24000
+
+
+# --------------------------------------------------------------- transient failures and a full disk
+
+
+def test_read_and_write_failures_are_error_and_retried_by_a_plain_rerun(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    work = scanned_tones(tmp_path)
+    junk = tmp_path / "data" / "val" / "a" / "junk.mp4"
+    junk.write_bytes(np.random.default_rng(0).bytes(5000))  # content FFmpeg cannot decode
+    work = scanned_tones(tmp_path)
+    x1 = str(tmp_path / "data" / "train" / "a" / "x1.mp4")
+    real_open, real_write = av.open, extract_mod.write_audio
+
+    def refusing_open(path: Any, *a: Any, **k: Any) -> Any:
+        if str(path) == x1:
+            raise PermissionError(errno.EACCES, "Permission denied", x1)
+        return real_open(path, *a, **k)
+
+    def failing_write(path: Path, *a: Any, **k: Any) -> Path:
+        if Path(path).stem == "y1":
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real_write(path, *a, **k)
+
+    monkeypatch.setattr(av, "open", refusing_open)
+    monkeypatch.setattr(extract_mod, "write_audio", failing_write)
+    extract(extract_cfg(work))
+    status = stage_status(work)
+    reasons = read_table(work / "extract.parquet").set_index("video_id")["reason"]
+    assert status["train/a/x1"] == "error" and "Permission denied" in reasons["train/a/x1"]
+    assert status["train/b/y1"] == "error" and "Input/output error" in reasons["train/b/y1"]
+    assert status["val/a/junk"] == "unreadable"  # a decoding failure stays what it is
+    assert status["train/a/x2"] == "ok"
+
+    monkeypatch.undo()
+    res = extract(extract_cfg(work))
+    assert res.processed == 2  # exactly the two failed videos, no --force
+    status = stage_status(work)
+    assert status["train/a/x1"] == status["train/b/y1"] == "ok"
+    assert status["val/a/junk"] == "unreadable"
+    y1 = load_audio(work / "audio" / "train" / "b" / "y1.flac")
+    assert peak_frequency(y1, 16000) == pytest.approx(880.0, abs=5)
+
+
+def test_full_disk_stops_extract_and_the_rerun_ends_as_a_clean_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clean, work = scanned_tones(tmp_path, "clean"), scanned_tones(tmp_path, "work")
+    extract(extract_cfg(clean))
+    real_open = av.open
+    calls = {"w": 0}
+
+    def filling_open(path: Any, mode: str = "r", *a: Any, **k: Any) -> Any:
+        if mode == "w":
+            calls["w"] += 1
+            if calls["w"] >= 3:  # the disk fills up mid-run, mid-file
+                Path(path).write_bytes(b"fLaC\0\0\0")
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, mode, *a, **k)
+
+    monkeypatch.setattr(av, "open", filling_open)
+    with pytest.raises(DiskFullError) as info:
+        extract(extract_cfg(work, batch_size=2))
+    assert calls["w"] == 3  # stopped at once: no later video was tried
+    assert str(work / "audio" / "train") in str(info.value)
+    assert not (work / "extract.parquet").exists()
+    assert not [p for p in work.rglob("*") if TMP_MARK in p.name]
+
+    monkeypatch.undo()  # space freed
+    extract(extract_cfg(work))
+    pd.testing.assert_frame_equal(
+        read_table(work / "extract.parquet"), read_table(clean / "extract.parquet")
+    )
+    assert tree_bytes(work / "audio") == tree_bytes(clean / "audio")
+
+
+# -------------------------------------------------------------------- a manifest with duplicate ids
+
+
+def test_extract_refuses_a_manifest_with_duplicate_ids(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from avfuse.io import read_table, write_table
+
+    root = tmp_path / "data"
+    _video(root / "train" / "a" / "x.mp4", 440.0)
+    _video(root / "train" / "a" / "y.mp4", 700.0)
+    work = tmp_path / "w"
+    scan(ScanConfig(root=root, work=work))
+    man = read_table(work / "manifest.parquet")
+    man.loc[1, "video_id"] = man.loc[0, "video_id"]  # what an older scan could write
+    write_table(pd.DataFrame(man), work / "manifest.parquet")
+    with pytest.raises(ValueError, match=r"manifest\.parquet lists video ids twice"):
+        extract(ExtractConfig(work=work, num_workers=0, progress=False))
+
+
+# ------------------------------------------------------------------ nothing is written outside WORK
+
+
+def test_extract_never_writes_outside_work(tmp_path: Path) -> None:
+    """A manifest edited by hand (scan would refuse the id) still cannot place files."""
+    src = write_tone_video(tmp_path / "src" / "v.mp4", duration=0.5)
+    work = tmp_path / "deep" / "work"
+    work.mkdir(parents=True)
+    ids = ["../../../escaped", "train/a/fine"]
+    write_table(
+        pd.DataFrame(
+            {
+                "video_id": ids,
+                "split": ["train", "train"],
+                "label": ["a", "a"],
+                "label_index": [0, 0],
+                "path": [str(src), str(src)],
+                "size_bytes": [src.stat().st_size] * 2,
+                "scan_status": ["found", "found"],
+            }
+        ),
+        work / "manifest.parquet",
+    )
+    write_class_list(work / "classes.txt", ["a"])
+    before = _files_outside(tmp_path, work)
+    res = extract(ExtractConfig(work=work, num_workers=0, progress=False))
+    assert _files_outside(tmp_path, work) == before
+    table = res.table.set_index("video_id")
+    assert table.loc["train/a/fine", "status"] == "ok"
+    assert (work / "audio/train/a/fine.flac").is_file()
+    assert table.loc["../../../escaped", "status"] != "ok"
+    assert "leaves" in table.loc["../../../escaped", "reason"]

@@ -1,26 +1,34 @@
-"""The features stage: statuses, store contents, resume after kill -9, front-end checks."""
+"""The features stage: statuses, store contents, resume after kill -9, front-end checks, a Dask
+cluster, a full disk, damaged tables and shards rebuilt by a plain rerun."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from avfuse import features
+import avfuse.features as features_mod
+from avfuse import cli, features
 from avfuse.audio import load_audio, write_audio
 from avfuse.extract import COLUMNS as EXTRACT_COLUMNS
+from avfuse.extract import extract
 from avfuse.features import FeaturesConfig, compute_features
-from avfuse.io import read_table, write_table
+from avfuse.io import DiskFullError, read_json, read_table, write_table
 from avfuse.manifest import ScanConfig, load_classes, scan
 from avfuse.melspec import FrontendConfig, log_mel
-from avfuse.store import FeatureStore, FrontendMismatchError, store_problem
+from avfuse.store import CorruptStoreError, FeatureStore, FrontendMismatchError, store_problem
+from avfuse.workdir import StoreLayout
+from tests.commands import error_line
+from tests.workfolders import copy_work, extract_cfg, features_cfg, scanned_tones, store_rows
 
 SR = 16000
 REPO = Path(__file__).resolve().parents[1]
@@ -428,3 +436,276 @@ def test_from_video_in_one_pass(tmp_path: Path) -> None:
         band = int(np.argmax(got.mean(axis=0)))
         centre_f = 700 * np.expm1((lo_mel + (band + 1) * (hi_mel - lo_mel) / 65) / 1127)
         assert abs(centre_f - f) < 0.1 * f, (vid, centre_f)
+
+
+# ------------------------------------------------------------------- damaged tables and a full disk
+
+
+@pytest.fixture(scope="module")
+def featured(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A scanned, extracted and featurised work folder of five short tone videos."""
+    from avfuse.extract import ExtractConfig, extract
+    from avfuse.features import FeaturesConfig, compute_features
+    from avfuse.manifest import ScanConfig, scan
+    from tests.media import make_dataset
+
+    tmp = tmp_path_factory.mktemp("feat")
+    layout = {"train": {"a": ["x1.mp4", "x2.mp4"], "b": ["y1.mp4"]}}
+    make_dataset(tmp / "data", {**layout, "val": {"a": ["z1.mp4"], "b": ["z2.mp4"]}}, 1.5)
+    work = tmp / "w"
+    scan(ScanConfig(tmp / "data", work))
+    extract(ExtractConfig(work, num_workers=0, progress=False))
+    compute_features(FeaturesConfig(work, num_workers=0, progress=False))
+    return work
+
+
+def _features(work: Path) -> object:
+    from avfuse.features import FeaturesConfig, compute_features
+
+    return compute_features(FeaturesConfig(work, num_workers=0, progress=False))
+
+
+def _state(work: Path) -> tuple[dict[str, np.ndarray], list[list[object]]]:
+    table = pd.read_parquet(work / "features.parquet")
+    cols = ["video_id", "feature_status", "num_frames"]
+    return store_rows(FeatureStore(work / "features")), table[cols].values.tolist()
+
+
+@pytest.mark.parametrize(
+    "damaged",
+    ["features/index.parquet", "features/store.json", "features.parquet", "log part"],
+)
+def test_a_damaged_table_or_log_part_is_rebuilt_by_a_plain_rerun(
+    featured: Path, tmp_path: Path, damaged: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    work = copy_work(featured, tmp_path)
+    want_rows, want_table = _state(work)
+    if damaged == "log part":
+        target = sorted((work / "features" / "parts").glob("part-*.parquet"))[0]
+    else:
+        target = work / damaged
+    target.write_bytes(b"garbage")
+    _features(work)
+    got_rows, got_table = _state(work)
+    assert got_table == want_table
+    assert got_rows.keys() == want_rows.keys()
+    for v in want_rows:
+        np.testing.assert_array_equal(got_rows[v], want_rows[v])
+    assert str(target) in caplog.text  # the rerun says what it rebuilt
+
+
+def test_a_damaged_extract_table_is_named_with_the_command_that_rebuilds_it(
+    featured: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    work = copy_work(featured, tmp_path)
+    (work / "extract.parquet").write_bytes(b"garbage")
+    assert cli.main(["features", str(work), "--num-workers", "0", "--force"]) == 2
+    line = error_line(capsys)
+    assert f"{work / 'extract.parquet'}: unreadable" in line and "avfuse extract" in line
+
+
+def test_a_full_disk_while_writing_a_shard_is_one_line_naming_the_folder(
+    featured: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    work = copy_work(featured, tmp_path)
+
+    def short_write(fh: object, arr: np.ndarray, *a: object, **k: object) -> None:
+        raise OSError(f"{arr.nbytes} requested and 4096 written")
+
+    monkeypatch.setattr(np, "save", short_write)
+    assert cli.main(["features", str(work), "--num-workers", "0", "--force"]) == 2
+    line = error_line(capsys)
+    assert f"no space left on the device holding {work / 'features' / 'shards'}" in line
+    assert "requested and" in line and "Traceback" not in line
+    monkeypatch.undo()
+    _features(work)  # space freed: a rerun completes with the same features
+    assert _state(work)[1] == _state(featured)[1]
+
+
+# -------------------------------------------------------------------------------- on a Dask cluster
+
+
+def assert_same_store(a_work: Path, b_work: Path) -> None:
+    a, b = store_arrays(a_work), store_arrays(b_work)
+    assert a.keys() == b.keys() and len(a) == 7  # 6 ok and 1 padded short clip
+    for vid in a:
+        np.testing.assert_array_equal(a[vid], b[vid])
+    pd.testing.assert_frame_equal(
+        read_table(a_work / "features.parquet"), read_table(b_work / "features.parquet")
+    )
+    assert read_json(a_work / "features/store.json") == read_json(b_work / "features/store.json")
+    # every shard file is referenced by the index: no duplicate or half-written output
+    index = read_table(b_work / "features/index.parquet")
+    shards = {p.name for p in (b_work / "features/shards").iterdir()}
+    assert len(shards) > 1 and shards == set(index["shard"])
+
+
+def test_features_on_local_cluster_match_local_run(tmp_path: Path, client: Any) -> None:
+    local = make_work(tmp_path / "local")
+    remote = make_work(tmp_path / "cluster")
+    # Local reference through the process pool (2 workers), the default executor.
+    compute_features(FeaturesConfig(work=local, num_workers=2, batch_size=2, progress=False))
+    pids = set(client.run(os.getpid).values())
+    res = compute_features(
+        FeaturesConfig(work=remote, batch_size=2, progress=False), executor=client.get_executor()
+    )
+    assert res.computed == 7
+    assert os.getpid() not in pids and len(pids) == 2  # the work ran in the worker processes
+    assert_same_store(local, remote)
+
+
+def crash_once(tasks: list[dict[str, Any]], **kw: Any) -> list[dict[str, Any]]:
+    """Write this batch's shards, then kill the worker process before it returns (once).
+
+    Runs only in worker processes, where ``features._feature_batch`` is still the real
+    function (the test replaces it in the client process only), so a worker the nanny
+    restarts finds it too. The marker is created with O_EXCL: when two workers reach this
+    point together, exactly one of them dies.
+    """
+    real = features._feature_batch
+    if real is crash_once:
+        raise RuntimeError("crash_once must run in a worker process")
+    out = real(tasks, **kw)
+    marker = Path(kw["store"]).parent / "crashed-once"
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return out
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    os._exit(1)
+
+
+def test_run_survives_a_worker_dying(
+    tmp_path: Path, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local = make_work(tmp_path / "local")
+    remote = make_work(tmp_path / "cluster")
+    compute_features(FeaturesConfig(work=local, num_workers=0, batch_size=2, progress=False))
+    monkeypatch.setattr(features, "_feature_batch", crash_once)
+    before = set(client.scheduler_info()["workers"])
+    res = compute_features(
+        FeaturesConfig(work=remote, batch_size=2, progress=False), executor=client.get_executor()
+    )
+    assert (remote / "crashed-once").exists()  # a worker really died mid-batch
+    client.wait_for_workers(2, timeout=60)
+    assert set(client.scheduler_info()["workers"]) != before  # and was replaced
+    assert res.counts == {"ok": 6, "padded": 1, "not_extracted": 1}
+    assert_same_store(local, remote)  # the dead worker's orphan shard was removed
+
+
+def test_options_reach_the_features_config_from_the_command_line() -> None:
+    from avfuse.config import apply_overrides
+    from avfuse.features import FeaturesConfig
+
+    base = FeaturesConfig(work=Path("w"))
+    cfg = apply_overrides(base, ["frontend.center=true", 'frontend.mel_scale="slaney"'])
+    assert cfg.frontend.center and cfg.frontend.mel_scale == "slaney"
+    assert cfg.frontend.hash() == FrontendConfig(center=True, mel_scale="slaney").hash()
+    with pytest.raises(ValueError, match="mel_norm"):
+        apply_overrides(base, ['frontend.mel_norm="area"'])
+
+
+# ------------------------------------------------- a full disk, damaged shards, non-finite features
+
+
+def test_full_disk_stops_features_and_the_rerun_ends_as_a_clean_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clean, work = scanned_tones(tmp_path, "clean"), scanned_tones(tmp_path, "work")
+    for w in (clean, work):
+        extract(extract_cfg(w))
+    small = {"shard_mb": 0.005, "batch_size": 2}  # a shard per video: several writes
+    compute_features(features_cfg(clean, **small))
+    real_save = np.save
+    calls = {"n": 0}
+
+    def filling_save(fh: Any, arr: Any, *a: Any, **k: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] >= 3:
+            fh.write(b"\x93NUMPY half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(fh, arr, *a, **k)
+
+    monkeypatch.setattr(np, "save", filling_save)
+    with pytest.raises(DiskFullError, match="no space left") as info:
+        compute_features(features_cfg(work, **small))
+    assert str(StoreLayout(work / "features").shards) in str(info.value)
+    assert calls["n"] == 3
+    assert not (work / "features.parquet").exists()
+
+    monkeypatch.undo()
+    compute_features(features_cfg(work, **small))
+    a, b = read_table(work / "features.parquet"), read_table(clean / "features.parquet")
+    pd.testing.assert_frame_equal(a, b)
+    sa, sb = FeatureStore(work / "features"), FeatureStore(clean / "features")
+    assert sa.ids == sb.ids and len(sa.ids) == 6
+    for v in sa.ids:
+        np.testing.assert_array_equal(sa[v], sb[v])
+
+
+def test_truncated_shard_is_named_and_a_plain_rerun_repairs_it(tmp_path: Path) -> None:
+    work = scanned_tones(tmp_path)
+    extract(extract_cfg(work))
+    cfg = features_cfg(work, shard_mb=0.005, batch_size=2)
+    compute_features(cfg)
+    store = work / "features"
+    before = FeatureStore(store)
+    kept = {v: np.array(before[v]) for v in before.ids}
+    index = read_table(store / "index.parquet")
+    shard = str(index["shard"].iloc[0])
+    in_shard = set(index.loc[index["shard"] == shard, "video_id"])
+    path = StoreLayout(store).shard(shard)
+    os.truncate(path, path.stat().st_size - 100)
+
+    with pytest.raises(CorruptStoreError, match=shard) as info:
+        FeatureStore(store)
+    assert info.value.shards == [shard]
+
+    res = compute_features(cfg)
+    assert res.computed == len(in_shard)
+    after = FeatureStore(store)
+    assert sorted(after.ids) == sorted(kept)
+    for v, x in kept.items():
+        np.testing.assert_array_equal(after[v], x)
+    assert not path.exists()
+
+
+def test_nan_or_inf_features_make_the_video_an_error_never_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    work = scanned_tones(tmp_path)
+    extract(extract_cfg(work))
+    real_load, real_mel = features_mod.load_audio, features_mod.log_mel
+    last: dict[str, str] = {}
+
+    def load(path: Any, *a: Any, **k: Any) -> np.ndarray:
+        last["stem"] = Path(path).stem
+        return real_load(path, *a, **k)
+
+    def mel(x: np.ndarray, fe: Any) -> np.ndarray:
+        out = real_mel(x, fe)
+        if last["stem"] == "x1":
+            out[5, 3] = np.nan
+        if last["stem"] == "y2":
+            out[0, 0] = np.inf
+        return out
+
+    monkeypatch.setattr(features_mod, "load_audio", load)
+    monkeypatch.setattr(features_mod, "log_mel", mel)
+    compute_features(features_cfg(work))
+    table = read_table(work / "features.parquet").set_index("video_id")
+    assert table.loc["train/a/x1", "feature_status"] == "error"
+    assert table.loc["train/b/y2", "feature_status"] == "error"
+    assert "NaN or infinite" in table.loc["train/a/x1", "feature_reason"]
+    assert (table["feature_status"] == "ok").sum() == 4
+    store = FeatureStore(work / "features")
+    assert "train/a/x1" not in store and "train/b/y2" not in store
+    assert all(np.isfinite(np.asarray(store[v], np.float32)).all() for v in store.ids)
+
+    monkeypatch.undo()
+    res = compute_features(features_cfg(work))
+    assert res.computed == 2 and res.counts == {"ok": 6}

@@ -1,8 +1,10 @@
-"""Late fusion: numerics against brute force, honest weight selection, end-to-end outputs."""
+"""The fuse stage: honest weight selection, every video-score format aligned by key and class name,
+outputs replaced together, silent videos keep their video score."""
 
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -12,24 +14,14 @@ import pandas as pd
 import pytest
 
 from avfuse.fuse import FuseConfig, fuse
-from avfuse.fusion import (
-    Params,
-    Stacker,
-    Views,
-    apply_params,
-    detect_kind,
-    fit_temperature,
-    fuse_log_probs,
-    paired_bootstrap_ci,
-    pick_weight,
-    stratified_folds,
-    to_log_probs,
-)
-from avfuse.io import write_table
+from avfuse.fusion import infer_kind, stratified_folds
+from avfuse.io import read_json, write_table
 from avfuse.manifest import write_class_list
-from avfuse.metrics import accuracy, true_rank
+from avfuse.metrics import true_rank
 from avfuse.scores import ScoreFile
-from avfuse.video_scores import VideoScoreError
+from avfuse.video_scores import VideoScoreError, read_annotations
+from tests.synthetic import make_synthetic_work
+from tests.workfolders import tree_bytes
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -105,138 +97,6 @@ def cfg_for(d: dict[str, Any], split: str = "val", **kw: Any) -> FuseConfig:
     }
     base.update(kw)
     return FuseConfig(work, **base)
-
-
-# --------------------------------------------------------------------------- numerics
-
-
-def test_true_rank_matches_stable_argsort() -> None:
-    rng = np.random.default_rng(0)
-    s = rng.integers(0, 4, size=(200, 7)).astype(np.float32)  # many ties on purpose
-    y = rng.integers(0, 7, 200)
-    want = [int(np.flatnonzero(np.argsort(-s[i], kind="stable") == y[i])[0]) for i in range(200)]
-    assert true_rank(s, y).tolist() == want
-
-
-def test_accuracy_against_brute_force() -> None:
-    rng = np.random.default_rng(1)
-    s = rng.normal(size=(300, 12))
-    y = rng.integers(0, 12, 300)
-    top = np.argsort(-s, axis=1)
-    top1 = np.mean([top[i, 0] == y[i] for i in range(300)])
-    top5 = np.mean([y[i] in top[i, :5] for i in range(300)])
-    per = [np.mean([top[i, 0] == k for i in range(300) if y[i] == k]) for k in np.unique(y)]
-    got = accuracy(s, y)
-    assert got["top1"] == pytest.approx(top1)
-    assert got["top5"] == pytest.approx(top5)
-    assert got["mean_class"] == pytest.approx(np.mean(per))
-    assert got["n"] == 300
-
-
-def test_weight_endpoints_are_exact_and_mean_by_hand() -> None:
-    _, zv, za = views_data(50, 6, 2)
-    lv, _ = to_log_probs(zv, "logits")
-    la, _ = to_log_probs(softmax(za), "probs")
-    for method in ("mean", "logprob"):
-        np.testing.assert_array_equal(fuse_log_probs(lv, la, 0.0, method), np.exp(lv))
-        np.testing.assert_array_equal(fuse_log_probs(lv, la, 1.0, method), np.exp(la))
-    pv, pa = softmax(zv), softmax(za)
-    np.testing.assert_allclose(fuse_log_probs(lv, la, 0.3, "mean"), 0.7 * pv + 0.3 * pa, atol=1e-6)
-    poe = pv**0.7 * pa**0.3
-    np.testing.assert_allclose(
-        fuse_log_probs(lv, la, 0.3, "logprob"), poe / poe.sum(1, keepdims=True), atol=1e-6
-    )
-    # Through apply_params: rows without audio are the video's, w=0 is video-only everywhere.
-    has = np.arange(50) % 4 != 0
-    la_nan = la.copy()
-    la_nan[~has] = np.nan
-    v = Views(np.arange(50).astype(str), np.zeros(50, int), lv, la_nan, has, np.zeros(50))
-    np.testing.assert_array_equal(apply_params(Params("mean", 0.0), v), np.exp(lv))
-    got = apply_params(Params("logprob", 1.0), v)
-    np.testing.assert_array_equal(got[has], np.exp(la[has]))
-    np.testing.assert_array_equal(got[~has], np.exp(lv[~has]))
-
-
-def test_detect_kind_and_scale() -> None:
-    _, zv, _ = views_data(40, 5, 3)
-    assert detect_kind(zv) == "logits"
-    assert detect_kind(softmax(zv)) == "probs"
-    assert detect_kind(softmax(zv) * 0.5) == "logits"  # rows not summing to 1
-    a, k1 = to_log_probs(zv)
-    b, k2 = to_log_probs(softmax(zv))
-    assert (k1, k2) == ("logits", "probs")
-    np.testing.assert_allclose(a, b, atol=1e-5)
-
-
-def test_fit_temperature_recovers_overconfidence() -> None:
-    rng = np.random.default_rng(4)
-    z = rng.normal(scale=2.0, size=(4000, 8))
-    # Labels drawn from softmax(z / 2): the scores are over-confident by a factor of 2.
-    p = softmax(z / 2.0)
-    y = (p.cumsum(1) > rng.random((4000, 1))).argmax(1)
-    t = fit_temperature(np.log(softmax(z)), y)
-    assert t == pytest.approx(2.0, rel=0.1)
-
-
-def test_stratified_folds_balanced() -> None:
-    y = np.repeat(np.arange(7), 23)
-    f = stratified_folds(y, 5, seed=3)
-    counts = np.array([[np.sum((y == k) & (f == j)) for j in range(5)] for k in range(7)])
-    assert counts.sum() == len(y)
-    assert (counts.max(1) - counts.min(1) <= 1).all()
-    assert not np.array_equal(f, stratified_folds(y, 5, seed=4))
-
-
-def test_cv_weight_never_sees_its_own_fold() -> None:
-    # Fold 0 would pick weight index 0 for itself, every other fold prefers index 1.
-    folds = np.repeat(np.arange(4), 10)
-    correct = np.zeros((2, 40), dtype=bool)
-    correct[0, folds == 0] = True
-    correct[1, folds != 0] = True
-    nll = np.zeros((2, 40), dtype=np.float32)
-    assert pick_weight(correct, nll, folds == 0) == 0  # optimistic, on fold 0 itself
-    assert pick_weight(correct, nll, folds != 0) == 1  # what CV uses for fold 0
-    # Ties in accuracy go to the lower loss.
-    assert pick_weight(np.ones((3, 5), bool), np.array([[3.0] * 5, [1.0] * 5, [2.0] * 5])) == 1
-
-
-def test_paired_bootstrap_ci() -> None:
-    rng = np.random.default_rng(5)
-
-    def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
-        base = rng.random(n) < 0.6
-        new = np.where(rng.random(n) < 0.15, ~base, base) | (rng.random(n) < 0.05)
-        return new, base
-
-    new, base = sample(500)
-    g, lo, hi = paired_bootstrap_ci(new, base, 4000, seed=1)
-    assert g == pytest.approx(new.mean() - base.mean())
-    assert lo < g < hi
-    # Brute force: resample video indices.
-    idx = rng.integers(0, 500, size=(4000, 500))
-    brute = (new[idx].astype(float) - base[idx]).mean(1)
-    b_lo, b_hi = np.quantile(brute, [0.025, 0.975])
-    assert lo == pytest.approx(b_lo, abs=0.006) and hi == pytest.approx(b_hi, abs=0.006)
-    # 16x the videos: the interval shrinks about 4x.
-    g2, lo2, hi2 = paired_bootstrap_ci(*sample(8000), 4000, seed=1)
-    assert 2.5 < (hi - lo) / (hi2 - lo2) < 6
-    assert lo2 < g2 < hi2
-
-
-def test_stacker_beats_single_views_and_shrinks_with_l2() -> None:
-    y, zv, za = views_data(3000, 8, 6)
-    lv, _ = to_log_probs(zv, "logits")
-    la, _ = to_log_probs(za, "logits")
-    tr, te = slice(0, 2000), slice(2000, None)
-    st = Stacker.fit(lv[tr], la[tr], y[tr], l2=1.0)
-    acc = accuracy(st.predict(lv[te], la[te]), y[te])["top1"]
-    assert acc > accuracy(lv[te], y[te])["top1"] + 0.1
-    assert acc > accuracy(la[te], y[te])["top1"] + 0.1
-    # The per-class terms follow each class's strength: video matters more on classes 0-3.
-    assert st.a[:4].mean() > st.a[4:].mean() and st.b[4:].mean() > st.b[:4].mean()
-    stiff = Stacker.fit(lv[tr], la[tr], y[tr], l2=1e6)
-    assert np.abs(np.concatenate([stiff.a, stiff.b, stiff.d])).max() < 1e-2
-    assert stiff.alpha > 0.3 and stiff.beta > 0.3
 
 
 # --------------------------------------------------------------------------- end to end
@@ -541,3 +401,342 @@ def test_outputs_is_done_and_finished_settings_follow_the_fusion_folder(tmp_path
     assert stage.is_done(cfg) and stage.finished_settings(cfg) is None
     default = FuseConfig(d["work"], video_scores=cfg.video_scores)
     assert stage.outputs(default)[0] == d["work"] / "fusion" / "fusion.json"
+
+
+# ------------------------------------------------------- video scores aligned by key and class name
+
+
+def dump(path: Path, scores: np.ndarray, gt: np.ndarray | None = None) -> Path:
+    """An mmaction2 ``--dump`` file: a list of dicts with ``pred_score`` (and ``gt_label``)."""
+    items: list[Any] = []
+    for i, row in enumerate(scores):
+        item: dict[str, Any] = {"pred_score": row.astype(np.float32)}
+        if gt is not None:
+            item["gt_label"] = np.array([gt[i]], dtype=np.int64)
+        items.append(item)
+    with open(path, "wb") as fh:
+        pickle.dump(items, fh)
+    return path
+
+
+@pytest.fixture(scope="module")
+def d(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return make_work(tmp_path_factory.mktemp("align"), n=400, c=10, seed=11)
+
+
+def test_dump_and_list_in_the_same_order_are_fused(d: dict[str, Any]) -> None:
+    w, val = d["work"], d["val"]
+    p = dump(w / "ok.pkl", val["zv"], val["y"])
+    res = fuse(cfg_for(d, video_scores=(p,), output=w / "f_ok"))
+    ref = fuse(cfg_for(d, output=w / "f_ref"))  # the same scores as an unnamed .npy
+    v = res.figures["counts"]["video"]
+    assert v["labels"]["checked"] == 400 and v["labels"]["disagree"] == 0
+    assert v["chance"]["above_chance"] and v["chance"]["top1"] > 0.4
+    got = ScoreFile.load(res.fused_path).select(val["ids"])
+    want = ScoreFile.load(ref.fused_path).select(val["ids"])
+    np.testing.assert_allclose(got.scores, want.scores, atol=1e-6)
+
+
+def test_list_in_another_order_than_the_dump_is_refused(d: dict[str, Any]) -> None:
+    w, val = d["work"], d["val"]
+    # The dump was written in list order; the list given now is sorted another way.
+    order = np.random.default_rng(0).permutation(400)
+    lines = (w / "video_val.txt").read_text().splitlines()
+    (w / "shuffled.txt").write_text("\n".join(np.asarray(lines)[order]))
+    with_gt = dump(w / "gt.pkl", val["zv"], val["y"])
+    with pytest.raises(VideoScoreError, match=r"disagree with the manifest for 3\d\d of 400"):
+        fuse(cfg_for(d, video_scores=(with_gt,), annotations=w / "shuffled.txt"))
+    # Without gt_label in the dump the list's own labels agree (they travel with its lines):
+    # the video model's top-1 falls to chance, and that is refused.
+    no_gt = dump(w / "nogt.pkl", val["zv"])
+    with pytest.raises(VideoScoreError, match=r"no better than chance.*list.*label-map"):
+        fuse(cfg_for(d, video_scores=(no_gt,), annotations=w / "shuffled.txt"))
+    # Explicitly allowed: fused, and the record says how low the video model was.
+    res = fuse(
+        cfg_for(
+            d,
+            video_scores=(no_gt,),
+            annotations=w / "shuffled.txt",
+            allow_low_video_accuracy=True,
+            output=w / "f_allowed",
+        )
+    )
+    ch = res.figures["counts"]["video"]["chance"]
+    assert not ch["above_chance"] and ch["top1"] < 0.2
+    saved = json.loads((res.output / "fusion.json").read_text())
+    assert saved["counts"]["video"]["chance"]["above_chance"] is False
+
+
+def test_label_map_in_another_class_order_omitted_is_refused(d: dict[str, Any]) -> None:
+    w, val, classes = d["work"], d["val"], d["classes"]
+    perm = np.random.default_rng(1).permutation(10)  # model column j is class perm[j]
+    inv = np.argsort(perm)
+    model_scores = val["zv"][:, perm]
+    np.save(w / "model.npy", model_scores.astype(np.float32))
+    # mmaction2 list: labels are indices into the model's class order.
+    (w / "model_list.txt").write_text(
+        "\n".join(
+            f"{classes[val['y'][i]]}/{val['stems'][i]}.mp4 {inv[val['y'][i]]}" for i in range(400)
+        )
+    )
+    (w / "label_map.txt").write_text("\n".join(classes[k] for k in perm) + "\n")
+    base = {"video_scores": (w / "model.npy",), "annotations": w / "model_list.txt"}
+    with pytest.raises(VideoScoreError, match=r"disagree with the manifest for \d+ of 400"):
+        fuse(cfg_for(d, **base))
+    # The same without labels in the list: caught by the chance test.
+    (w / "model_ids.txt").write_text("\n".join(val["stems"]))
+    with pytest.raises(VideoScoreError, match="no better than chance"):
+        fuse(cfg_for(d, video_scores=(w / "model.npy",), annotations=w / "model_ids.txt"))
+    # With the label map: accepted, and identical to fusing the columns in class order.
+    res = fuse(cfg_for(d, **base, video_label_map=w / "label_map.txt", output=w / "f_map"))
+    assert res.figures["counts"]["video"]["labels"]["disagree"] == 0
+    ref = fuse(cfg_for(d, output=w / "f_ref2"))
+    np.testing.assert_allclose(
+        ScoreFile.load(res.fused_path).select(val["ids"]).scores,
+        ScoreFile.load(ref.fused_path).select(val["ids"]).scores,
+        atol=1e-6,
+    )
+
+
+def test_kinetics_csv_labels_are_checked_by_class_name(tmp_path: Path) -> None:
+    d = make_work(tmp_path, n=300, c=6, seed=12)
+    w, val, classes = d["work"], d["val"], d["classes"]
+    rows = []
+    for i, stem in enumerate(val["stems"]):
+        yt, a, b = stem.rsplit("_", 2)
+        # Kinetics CSVs spell names with blanks or underscores, quoted or not.
+        rows.append([classes[val["y"][i]].replace(" ", "_"), yt, int(a), int(b), "val"])
+    df = pd.DataFrame(rows, columns=["label", "youtube_id", "time_start", "time_end", "split"])
+    df.to_csv(w / "k.csv", index=False)
+    ids, labels = read_annotations(w / "k.csv")
+    assert ids == val["stems"]
+    assert labels is not None and labels.names is not None
+    assert labels.names[:2] == [classes[val["y"][0]].replace(" ", "_"), rows[1][0]]
+    res = fuse(cfg_for(d, annotations=w / "k.csv", output=w / "f_k"))
+    assert res.figures["counts"]["video"]["labels"]["checked"] == 300
+    # 5 % of the rows labelled with another class: beyond the 0.5 % tolerance.
+    bad = df.copy()
+    flip = np.arange(0, 300, 20)
+    bad.loc[flip, "label"] = [classes[(val["y"][i] + 1) % 6] for i in flip]
+    bad.to_csv(w / "bad.csv", index=False)
+    with pytest.raises(VideoScoreError, match=r"for 15 of 300 videos .*says"):
+        fuse(cfg_for(d, annotations=w / "bad.csv"))
+    res = fuse(cfg_for(d, annotations=w / "bad.csv", label_tolerance=0.1, output=w / "f_b"))
+    assert res.figures["counts"]["video"]["labels"]["disagree"] == 15
+
+
+def _tiny_work(tmp: Path, classes: list[str], audio_classes: list[str]) -> dict[str, Any]:
+    """Work folder with n videos whose audio file names its classes ``audio_classes``."""
+    work = tmp / "work"
+    write_class_list(work / "classes.txt", classes)
+    c, n = len(classes), 200
+    rng = np.random.default_rng(5)
+    y = np.arange(n) % c
+    ids = [f"val/{classes[k]}/clip{i:04d}" for i, k in enumerate(y)]
+    write_table(
+        pd.DataFrame(
+            {
+                "video_id": ids,
+                "split": "val",
+                "label": [classes[k] for k in y],
+                "label_index": y,
+                "path": "",
+                "size_bytes": 1,
+                "scan_status": "found",
+            }
+        ),
+        work / "manifest.parquet",
+    )
+    za = rng.normal(size=(n, c))
+    za[np.arange(n), y] += 2
+    ScoreFile(np.array(ids), audio_classes, softmax(za), np.full(n, 3), np.full(n, "ok")).save(
+        work / "scores" / "audio_val.npz"
+    )
+    zv = rng.normal(size=(n, c))
+    zv[np.arange(n), y] += 2
+    return {"work": work, "ids": ids, "y": y, "zv": zv, "za": za}
+
+
+def test_classes_differing_only_in_case_fuse(tmp_path: Path) -> None:
+    classes = ["Jogging", "jogging", "air drumming", "zumba"]
+    t = _tiny_work(tmp_path, classes, classes)
+    # Named in another order and spelling: Jogging is column 1 of the file, jogging column 0.
+    df = pd.DataFrame(
+        t["zv"][:, [1, 0, 2, 3]], columns=["jogging", "Jogging", "air_drumming", "zumba"]
+    )
+    df.insert(0, "video_id", t["ids"])
+    df.to_csv(t["work"] / "v.csv", index=False)
+    res = fuse(
+        fuse_cfg(t["work"], video_scores=(t["work"] / "v.csv",), weight_selection="optimistic")
+    )
+    assert res.figures["counts"]["video"]["classes"]["by_name"]
+    w = res.figures["chosen"]["weight"]
+    want = (1 - w) * softmax(t["zv"]) + w * softmax(t["za"])
+    np.testing.assert_allclose(ScoreFile.load(res.fused_path).scores, want, atol=1e-5)
+
+
+def fuse_cfg(work: Path, **kw: Any) -> Any:
+    from avfuse.fuse import FuseConfig
+
+    return FuseConfig(work, bootstrap=200, **kw)
+
+
+def test_overflowing_logits_are_an_error_naming_the_row(d: dict[str, Any]) -> None:
+    w, val = d["work"], d["val"]
+    z = val["zv"].astype(np.float64)
+    z[37, 4] = 5e38  # finite in float64, inf in float32
+    np.save(w / "huge.npy", z)
+    with pytest.raises(VideoScoreError, match=r"huge\.npy: 1 row\(s\) .*float32 .*row 37"):
+        fuse(cfg_for(d, video_scores=(w / "huge.npy",)))
+
+
+def test_fuse_counts_a_nan_audio_row_as_a_miss(d: dict[str, Any]) -> None:
+    # Fused NaN cannot come from valid inputs; the rank helper is what every figure uses.
+    lv = np.log(softmax(d["val"]["zv"][:5]))
+    lv[2] = np.nan
+    assert (true_rank(lv, d["val"]["y"][:5]) == 10).sum() == 1
+
+
+@pytest.mark.parametrize("decimals", [2, 3])
+def test_rounded_probabilities_are_probabilities(d: dict[str, Any], decimals: int) -> None:
+    w, val = d["work"], d["val"]
+    p = softmax(val["zv"]).round(decimals)
+    g = infer_kind(p)
+    assert g.kind == "probs" and g.resolution == f"{decimals} decimals"
+    assert g.tolerance == pytest.approx(10 * 0.5 * 10.0**-decimals)
+    df = pd.DataFrame(p, columns=d["classes"])
+    df.insert(0, "video_id", val["ids"])
+    df.to_csv(w / f"r{decimals}.csv", index=False)
+    res = fuse(
+        cfg_for(d, video_scores=(w / f"r{decimals}.csv",), annotations=None, output=w / "f_r")
+    )
+    assert res.figures["counts"]["video"]["kind"] == "probs"
+    assert "video scores read as probs" in res.summary()
+    saved = json.loads((res.output / "fusion.json").read_text())
+    assert saved["counts"]["video"]["kind"] == "probs"
+
+
+def test_ambiguous_scores_are_refused_in_auto_mode(d: dict[str, Any]) -> None:
+    w, val, classes = d["work"], d["val"], d["classes"]
+    sig = 1 / (1 + np.exp(-val["zv"]))  # sigmoid outputs: in [0, 1], rows do not sum to 1
+    assert infer_kind(sig).kind is None
+    neg = softmax(val["zv"]).round(3)
+    neg[::7, 0] = -0.001  # probability-like rows with a tiny negative value
+    assert infer_kind(neg).kind is None
+    assert infer_kind(val["zv"]).kind == "logits"
+    for name, arr in (("sig", sig), ("neg", neg)):
+        df = pd.DataFrame(arr, columns=classes)
+        df.insert(0, "video_id", val["ids"])
+        df.to_csv(w / f"{name}.csv", index=False)
+        with pytest.raises(VideoScoreError, match="--video-kind"):
+            fuse(cfg_for(d, video_scores=(w / f"{name}.csv",), annotations=None))
+    res = fuse(
+        cfg_for(
+            d,
+            video_scores=(w / "sig.csv",),
+            annotations=None,
+            video_kind="probs",
+            output=w / "f_sig",
+        )
+    )
+    assert res.figures["counts"]["video"]["kind"] == "probs"
+    assert "given" in res.figures["counts"]["video"]["kind_how"]
+
+
+def test_fusion_keeps_the_video_score_of_silent_videos_like_no_audio(tmp_path: Path) -> None:
+    from avfuse.fuse import FuseConfig, fuse
+
+    work = tmp_path / "w"
+    man = make_synthetic_work(work, n_classes=2, videos_per_class=6, splits=("val",))
+    rng = np.random.default_rng(0)
+    ids = man["video_id"].tolist()
+    labels = man["label_index"].to_numpy()
+    video = rng.dirichlet([1.0, 1.0], len(ids)).astype(np.float32)
+    np.savez(
+        tmp_path / "video.npz", scores=video, ids=np.asarray(ids), classes=["class_00", "class_01"]
+    )
+    rows = {}
+    for i, vid in enumerate(ids):
+        if i in (0, 6):
+            rows[vid] = (None, 0, "silent")
+        elif i in (1, 7):
+            rows[vid] = (None, 0, "no_audio")
+        else:
+            s = np.full(2, 0.3, np.float32)
+            s[labels[i]] = 0.7
+            rows[vid] = (s, 1, "ok")
+    ScoreFile.from_rows(["class_00", "class_01"], rows).save(work / "scores" / "audio_val.npz")
+    res = fuse(
+        FuseConfig(
+            work,
+            video_scores=(tmp_path / "video.npz",),
+            weight_selection="optimistic",
+            bootstrap=20,
+            folds=2,
+        )
+    )
+    fused = ScoreFile.load(res.fused_path)
+    got = dict(zip(fused.ids.tolist(), fused.scores))
+    for i in (0, 6, 1, 7):  # silent and no_audio alike: the video model's scores, unchanged
+        np.testing.assert_allclose(got[ids[i]], video[i], atol=1e-6)
+    assert not np.allclose(got[ids[2]], video[2], atol=1e-3)
+
+
+def test_fuse_output_naming_someones_folder_is_refused_and_left_whole(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from avfuse.cli import main
+    from avfuse.io import atomic_dir
+
+    mine = tmp_path / "Documents"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "thesis.txt").write_text("years of work", "utf-8")
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "manifest.parquet").touch()
+    args = ["fuse", str(work), "--video-scores", str(tmp_path / "v.csv"), "--output", str(mine)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(mine) in err[0] and "refusing to replace" in err[0], err
+    with pytest.raises(FileExistsError), atomic_dir(mine, "fusion.json") as tmp:
+        (tmp / "fusion.json").write_text("{}", "utf-8")
+    assert (mine / "thesis.txt").read_text("utf-8") == "years of work"
+    assert sorted(p.name for p in mine.iterdir()) == ["sub", "thesis.txt"]
+    # An earlier fusion output (or an empty folder) is replaced as before.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with atomic_dir(empty, "fusion.json") as tmp:
+        (tmp / "fusion.json").write_text("{}", "utf-8")
+    with atomic_dir(empty, "fusion.json") as tmp:
+        (tmp / "fusion.json").write_text('{"second": 1}', "utf-8")
+    assert json.loads((empty / "fusion.json").read_text("utf-8")) == {"second": 1}
+
+
+def test_fuse_outputs_are_replaced_together_or_not_at_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import avfuse.fuse as fuse_mod
+
+    d = make_work(tmp_path, n=200, seed=3)
+    out = tmp_path / "work" / "fusion"
+    fuse_mod.fuse(cfg_for(d, method="mean", output=out, bootstrap=50))
+    old = tree_bytes(out)
+    assert read_json(out / "fusion.json")["method"] == "mean"
+
+    real_report = fuse_mod.write_fusion_report
+
+    def dying_report(folder: Path, figures: dict[str, Any]) -> Any:
+        real_report(folder, figures)  # every new file is written ...
+        raise KeyboardInterrupt  # ... and the run is stopped before it returns
+
+    monkeypatch.setattr(fuse_mod, "write_fusion_report", dying_report)
+    with pytest.raises(KeyboardInterrupt):
+        fuse_mod.fuse(cfg_for(d, method="logprob", output=out, bootstrap=50))
+    assert tree_bytes(out) == old  # no new fusion.json beside the old report
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) == []
+
+    monkeypatch.undo()
+    res = fuse_mod.fuse(cfg_for(d, method="logprob", output=out, bootstrap=50))
+    assert read_json(out / "fusion.json")["method"] == "logprob"
+    assert "`logprob`" in (out / "report.md").read_text("utf-8")
+    assert res.fused_path.parent == out and res.fused_path.exists()

@@ -1,3 +1,8 @@
+"""One class-name rule: exact, else case- and underscore-insensitive when unambiguous;
+label maps."""
+
+from pathlib import Path
+
 import pytest
 
 from avfuse.labels import ClassNameError, class_key, match_class_names, read_label_map
@@ -34,3 +39,25 @@ def test_label_map_forms(tmp_path):
     p.write_text("", "utf-8")
     with pytest.raises(ClassNameError, match="empty"):
         read_label_map(p)
+
+
+@pytest.mark.parametrize("kind", ["long_index", "oversize", "long_bad_name", "long_duplicate"])
+def test_a_hostile_label_map_is_refused_in_one_short_line_naming_it(
+    tmp_path: Path, kind: str
+) -> None:
+    from avfuse.labels import ClassNameError, read_label_map
+
+    path = tmp_path / "label_map.txt"
+    if kind == "long_index":
+        path.write_text("9" * 100_000 + " abseiling\n1 zumba\n", "utf-8")
+    elif kind == "oversize":
+        with open(path, "wb") as fh:  # sparse: a size on paper, nothing to read
+            fh.truncate(200 << 20)
+    elif kind == "long_bad_name":
+        path.write_text("a\n" + "\x01" * 1_000_000 + "\n", "utf-8")
+    else:
+        path.write_text(("y" * 1_000_000 + "\n") * 2, "utf-8")
+    with pytest.raises(ClassNameError) as err:
+        read_label_map(path)
+    message = str(err.value)
+    assert str(path) in message and len(message) < 1000, message[:300]

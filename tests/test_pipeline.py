@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from avfuse import cli, demo
+from avfuse import cli, demo, features
 from avfuse.config import apply_overrides, to_dict
-from avfuse.io import read_json, write_json
+from avfuse.embed import EmbedConfig, embed
+from avfuse.extract import load_audio
+from avfuse.io import read_json, write_json, write_table
 from avfuse.pipeline import run, stage_keys
-from avfuse.runconfig import (
-    STAGES,
-    RunConfig,
-    load_run_config,
-    save_run_config,
-    stage_configs,
-)
+from avfuse.runconfig import STAGES, RunConfig, load_run_config, save_run_config, stage_configs
+from avfuse.store import CorruptStoreError, FeatureStore, store_problem
+from tests.media import peak_frequency, write_tone_video
+from tests.released import cnn10_weights, finetune_work
+from tests.workfolders import copy_work, stage_status, tone_dataset, truncate
 
 
 def test_keys_follow_the_dependency_chain() -> None:
@@ -254,3 +256,177 @@ def test_the_orchestrator_leaves_record_logs_and_their_columns_to_the_stages() -
     }
     columns = {"status", "reason", "audio_path", "feature_status", "feature_reason", "shard"}
     assert not strings & (columns | {"offset", "num_frames", "epoch"})
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, EmbedConfig]:
+    tmp = tmp_path_factory.mktemp("emb")
+    work = finetune_work(tmp / "w", n_mels=64, example_frames=96, frames=(96, 300))
+    init = cnn10_weights(8, tmp / "i.pth")
+    cfg = EmbedConfig(
+        work,
+        model="cnn10",
+        init=init,
+        width=0.125,
+        device="cpu",
+        amp="off",
+        channels_last=False,
+        progress=False,
+        chunk_videos=3,
+    )
+    embed(cfg)
+    return work, cfg
+
+
+def test_run_keys_training_by_the_embeddings_it_reads(
+    embedded: tuple[Path, EmbedConfig], tmp_path: Path
+) -> None:
+    work0, _ = embedded
+    work = copy_work(work0, tmp_path)
+    cfg = apply_overrides(
+        RunConfig(root=tmp_path / "data", work=work), ['train.from_embeddings="cnn10"']
+    )
+    k0 = stage_keys(stage_configs(cfg))
+    meta_path = work / "embeddings" / "cnn10" / "store.json"
+    meta = read_json(meta_path)
+    write_json(meta_path, {**meta, "frontend_hash": "other-weights"})  # rebuilt elsewhere
+    k1 = stage_keys(stage_configs(cfg))
+    changed = [s for s in k0 if k0[s]["key"] != k1[s]["key"]]
+    assert changed[0] == "train" and "predict" in changed and "features" not in changed
+    assert k0["train"]["config"] != k1["train"]["config"]  # a redo, not a resume
+    plain = RunConfig(root=tmp_path / "data", work=work)  # no embeddings: keys unaffected
+    assert stage_keys(stage_configs(plain))["train"] == stage_keys(stage_configs(plain))["train"]
+
+
+def test_run_does_not_call_a_truncated_feature_store_up_to_date(tmp_path: Path) -> None:
+    work = finetune_work(tmp_path / "w", n_mels=64, example_frames=96, frames=(96, 300))
+    sc = stage_configs(RunConfig(root=tmp_path / "data", work=work))
+    assert not features.is_done(sc.features)  # the store without the stage's table
+    ids = FeatureStore(work / "features").ids
+    write_table(pd.DataFrame({"video_id": ids, "feature_status": "ok"}), work / "features.parquet")
+    assert store_problem(work / "features") == "" and features.is_done(sc.features)
+    shard = sorted((work / "features" / "shards").iterdir())[0]
+    truncate(shard)
+    assert not features.is_done(sc.features)
+    assert str(shard) in store_problem(work / "features")
+    for name in ("index.parquet", "store.json"):
+        shutil.rmtree(work)
+        work = finetune_work(tmp_path / "w", n_mels=64, example_frames=96, frames=(96, 300))
+        (work / "features" / name).write_text("garbage")
+        problem = store_problem(work / "features")
+        assert str(work / "features" / name) in problem and "avfuse features" in problem
+        with pytest.raises(CorruptStoreError, match=name):
+            FeatureStore(work / "features")
+
+
+@pytest.mark.parametrize("which", ["train.init", "predict.checkpoint"])
+def test_run_keys_stages_by_the_checkpoint_files_they_read(tmp_path: Path, which: str) -> None:
+    from avfuse.config import apply_overrides
+    from avfuse.pipeline import stage_keys
+    from avfuse.runconfig import RunConfig, stage_configs
+
+    ckpt = tmp_path / "weights.pt"
+    ckpt.write_bytes(b"first weights")
+    cfg = apply_overrides(
+        RunConfig(root=tmp_path / "data", work=tmp_path / "w"), [f'{which}="{ckpt}"']
+    )
+    k0 = stage_keys(stage_configs(cfg))
+    assert stage_keys(stage_configs(cfg)) == k0  # nothing changed: nothing to redo
+    ckpt.write_bytes(b"other weights, same path")
+    os.utime(ckpt, ns=(10**18, 10**18))
+    k1 = stage_keys(stage_configs(cfg))
+    changed = [s for s in k0 if k0[s]["key"] != k1[s]["key"]]
+    stage = which.split(".")[0]
+    assert changed[0] == stage and "fuse" in changed and "features" not in changed
+
+
+# ---------------------------------------------------------- a lost pipeline.json, a changed dataset
+
+
+def _run_cfg(tmp: Path, *extra: str) -> RunConfig:
+    return apply_overrides(
+        RunConfig(root=tmp / "data", work=tmp / "work"),
+        [
+            "extract.num_workers=0",
+            "extract.progress=false",
+            "features.num_workers=0",
+            "features.progress=false",
+            "train.epochs=1",
+            "train.width=0.25",
+            "train.batch_size=4",
+            "train.num_workers=0",
+            "train.progress=false",
+            "train.min_steps=0",  # bookkeeping is under test, not learning: one epoch
+            *extra,
+        ],
+    )
+
+
+def test_corrupt_pipeline_json_is_reported_and_finished_stages_are_reused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tone_dataset(tmp_path / "data")
+    cfg = _run_cfg(tmp_path, "stop_after='evaluate'")
+    first = _statuses(run(cfg))
+    assert first["train"] == "ran"
+    work = tmp_path / "work"
+    best = (work / "runs" / "audio" / "best.pt").stat().st_mtime_ns
+    state = work / "pipeline.json"
+    state.write_text(state.read_text()[:40])  # a write cut short
+
+    with caplog.at_level("WARNING", logger="avfuse"):
+        st = _statuses(run(cfg))
+    assert any(str(state) in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert [s for s, v in st.items() if v == "skipped"] == [
+        "scan",
+        "extract",
+        "features",
+        "train",
+        "predict",
+        "evaluate",
+    ]
+    assert (work / "runs" / "audio" / "best.pt").stat().st_mtime_ns == best  # not retrained
+    assert read_json(state)["stages"]["train"]["state"] == "done"
+
+    # Settings that differ from the saved ones are not reused.
+    state.unlink()
+    st = _statuses(run(apply_overrides(cfg, ["train.seed=5"])))
+    assert st["features"] == "skipped" and st["train"] == "ran"
+
+
+def test_a_changed_dataset_is_noticed_and_only_what_changed_is_redone(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    tone_dataset(data)
+    cfg = _run_cfg(tmp_path, "stop_after='features'")
+    work = tmp_path / "work"
+    assert set(_statuses(run(cfg)).values()) == {"ran", "not run"}
+    assert _statuses(run(cfg))["scan"] == "skipped"
+
+    def rerun() -> dict[str, str]:
+        st = _statuses(run(cfg))
+        assert st["scan"] == st["extract"] == st["features"] == "ran", st
+        return stage_status(work, "features.parquet", "feature_status")
+
+    # Added.
+    write_tone_video(data / "val" / "a" / "new.mp4", freq=440, duration=1.3, rate=16000, fps=2)
+    status = rerun()
+    assert status["val/a/new"] == "ok"
+    assert "val/a/new" in FeatureStore(work / "features")
+
+    # Deleted.
+    (data / "train" / "a" / "x2.mp4").unlink()
+    status = rerun()
+    assert "train/a/x2" not in status and "train/a/x2" not in FeatureStore(work / "features")
+
+    # Replaced in place: same name, other sound.
+    before = np.array(FeatureStore(work / "features")["train/b/y1"], np.float32)
+    y1 = data / "train" / "b" / "y1.mp4"
+    y1.unlink()
+    write_tone_video(y1, freq=220, duration=1.3, rate=16000, channels=1, fps=2)
+    status = rerun()
+    audio = load_audio(work / "audio" / "train" / "b" / "y1.flac")
+    assert peak_frequency(audio, 16000) == pytest.approx(220, abs=5)
+    after = np.array(FeatureStore(work / "features")["train/b/y1"], np.float32)
+    assert before.shape[1] == after.shape[1] and not np.allclose(before[:10], after[:10])
+    assert set(status.values()) == {"ok"}
+    assert read_json(work / "pipeline.json")["dataset"]

@@ -15,6 +15,7 @@ from avfuse.extract import ExtractConfig
 from avfuse.features import FeaturesConfig
 from avfuse.fuse import FuseConfig
 from avfuse.manifest import ScanConfig
+from avfuse.melspec import FrontendConfig
 from avfuse.model_config import PredictConfig, TrainConfig
 from avfuse.runconfig import (
     RunConfig,
@@ -200,3 +201,18 @@ def test_the_command_line_builds_a_run_config() -> None:
     cfg = from_arguments(RunConfig, ns)
     assert (cfg.root, cfg.work, cfg.progress) == (Path("data"), Path("w"), False)
     assert stage_configs(cfg).train.progress is False
+
+
+PANNS = FrontendConfig.panns()
+
+
+def test_run_extracts_at_the_front_ends_rate() -> None:
+    from avfuse.runconfig import RunConfig, stage_configs
+
+    cfg = RunConfig(root=Path("data"), work=Path("w"))
+    assert stage_configs(cfg).extract.sample_rate == 16000
+    panns = dataclasses.replace(cfg, features=dataclasses.replace(cfg.features, frontend=PANNS))
+    assert stage_configs(panns).extract.sample_rate == 32000
+    clash = dataclasses.replace(panns, extract=dataclasses.replace(cfg.extract, sample_rate=22050))
+    with pytest.raises(ValueError, match="sample_rate"):
+        stage_configs(clash)

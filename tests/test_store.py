@@ -312,3 +312,39 @@ def test_unusable_store_json_is_named(tmp_path: Path, change: dict) -> None:
         FeatureStore(tmp_path)
     assert "avfuse features" in str(info.value)
     assert "store.json: unusable" in store_problem(tmp_path)
+
+
+def test_deeply_nested_json_in_a_store_is_one_line(tmp_path: Path) -> None:
+    from avfuse.store import CorruptStoreError
+
+    root = tmp_path / "w" / "features"
+    root.mkdir(parents=True)
+    (root / "store.json").write_text("[" * 100_000 + "]" * 100_000)
+    (root / "index.parquet").write_bytes(b"x")
+    with pytest.raises(CorruptStoreError, match="nested too deeply") as info:
+        FeatureStore(root)
+    assert str(root / "store.json") in str(info.value)
+
+
+@pytest.fixture
+def store_work(tmp_path):
+    from tests.synthetic import make_synthetic_work
+
+    work = tmp_path / "w"
+    man = make_synthetic_work(work, n_classes=4, videos_per_class=40, frames_range=(60, 300))
+    return work, man
+
+
+def test_store_pickles_as_its_path_and_reopens(store_work) -> None:
+    from avfuse.store import FeatureStore
+
+    work, man = store_work
+    store = FeatureStore(work / "features")
+    assert len(store) == len(man) == 320
+    blob = pickle.dumps(store)
+    # The look-up table stays behind: the pickle does not grow with the number of videos.
+    assert len(blob) < 1024
+    again = pickle.loads(blob)
+    assert again.ids == store.ids
+    for vid in store.ids[::37]:
+        np.testing.assert_array_equal(again[vid], store[vid])

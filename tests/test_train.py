@@ -1,4 +1,5 @@
-"""Training: the loop learns, checkpoints round-trip, a killed run resumes to identical weights."""
+"""Training: the loop learns, checkpoints round-trip, a killed run resumes to identical weights;
+epoch selection, the carve-out, fine-tuning options and device settings."""
 
 from __future__ import annotations
 
@@ -6,27 +7,46 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import subprocess
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from torch import nn
 
+from avfuse import cli
 from avfuse.checkpoint import load_checkpoint
 from avfuse.config import load_config, to_dict
 from avfuse.data import compute_norm_stats
+from avfuse.embed import EmbedConfig, embed
 from avfuse.evaluate import EvaluateConfig, evaluate
-from avfuse.io import read_json, write_json
+from avfuse.io import read_json, write_json, write_table
 from avfuse.manifest import load_classes
-from avfuse.models import VGGish
+from avfuse.models import Cnn10, VGGish
 from avfuse.predict import PredictConfig, predict
 from avfuse.scoring import model_from_checkpoint
-from avfuse.store import FeatureStore, FrontendMismatchError
-from avfuse.train import TrainConfig, lr_factor, spec_augment, train
+from avfuse.store import FeatureStore, FrontendMismatchError, ShardWriter, commit_index
+from avfuse.train import (
+    TrainConfig,
+    carve_selection,
+    fit_schedule,
+    lr_factor,
+    param_groups,
+    resolve_normalize,
+    spec_augment,
+    train,
+)
+from tests.commands import error_line, stderr_line
+from tests.released import cnn10_weights, finetune_work, randomise, save_released
 from tests.synthetic import make_synthetic_work
+from tests.workfolders import copy_work
 
 TINY = dict(
     model="panns",
@@ -427,3 +447,455 @@ def test_training_is_finished_only_when_its_metrics_reach_the_last_epoch(tmp_pat
     assert not train_resumable(cfg)  # best.pt alone: nothing to resume from
     wd.checkpoint("r", "last").write_bytes(b"the last epoch")
     assert train_resumable(cfg)
+
+
+# ------------------------------------------------------------------------------ non-finite features
+
+
+def _work_with_a_nan_video(work: Path, split: str) -> str:
+    """A generated work folder plus one video of ``split`` whose features hold a NaN."""
+    man = make_synthetic_work(work, n_classes=2, videos_per_class=3, frames_range=(100, 200))
+    vid = f"{split}/class_01/nan"
+    x = np.full((150, 64), -4.0, np.float32)
+    x[70, 5] = np.nan
+    sw = ShardWriter(work / "features", n_mels=64, prefix="extra")
+    sw.add(vid, x)
+    index = pd.read_parquet(work / "features" / "index.parquet")
+    commit_index(work / "features", index.to_dict("records") + sw.close())
+    row = man.iloc[[-1]].assign(video_id=vid, split=split, label="class_01", label_index=1)
+    write_table(pd.concat([man, row], ignore_index=True), work / "manifest.parquet")
+    return vid
+
+
+def test_training_on_nan_features_stops_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    work = tmp_path / "w"
+    _work_with_a_nan_video(work, "train")
+    args = ["train", str(work), "--model", "resnet", "--width", "0.125", "--epochs", "2"]
+    args += ["--device", "cpu", "--amp", "off", "--num-workers", "0", "--no-progress"]
+    args += ["--set", "min_steps=1", "--set", "batch_size=4"]
+    assert cli.main(args) == 2
+    line = stderr_line(capsys)
+    assert "training stopped" in line and "loss nan" in line and "NaN or infinite features" in line
+    assert not (work / "runs" / "audio" / "best.pt").exists()
+
+
+# ----------------------------------------------------------------- heads on embeddings, a full disk
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, EmbedConfig]:
+    tmp = tmp_path_factory.mktemp("emb")
+    work = finetune_work(tmp / "w", n_mels=64, example_frames=96, frames=(96, 300))
+    init = cnn10_weights(8, tmp / "i.pth")
+    cfg = EmbedConfig(
+        work,
+        model="cnn10",
+        init=init,
+        width=0.125,
+        device="cpu",
+        amp="off",
+        channels_last=False,
+        progress=False,
+        chunk_videos=3,
+    )
+    embed(cfg)
+    return work, cfg
+
+
+def test_from_embeddings_refuses_settings_it_would_ignore_and_records_none(
+    embedded: tuple[Path, EmbedConfig], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    work0, _ = embedded
+    work = copy_work(work0, tmp_path)
+    for extra in (["--model", "cnn14"], ["--window", "64"]):
+        rc = cli.main(["train", str(work), "--from-embeddings", "cnn10", *extra])
+        assert rc == 2
+        line = error_line(capsys)
+        assert f"--{extra[0][2:]} {extra[1]} would be ignored" in line
+    opts = {k: v for k, v in TINY.items() if k != "model"}
+    out = train(TrainConfig(work, name="head", from_embeddings="cnn10", **{**opts, "epochs": 1}))
+    assert out is not None
+    saved = tomllib.loads((work / "runs" / "head" / "config.toml").read_text("utf-8"))
+    assert saved["from_embeddings"] == "cnn10" and "model" not in saved and "window" not in saved
+
+
+def test_full_disk_while_saving_a_checkpoint_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    work = finetune_work(tmp_path / "w", n_mels=64, example_frames=96, frames=(96, 300))
+
+    def full(obj: object, f: object, *a: object, **k: object) -> None:
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:626] . unexpected pos 1536 vs 1472"
+        )
+
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 0))  # type: ignore[attr-defined]
+    args = ["train", str(work), "--model", "resnet", "--width", "0.125", "--epochs", "1"]
+    args += ["--device", "cpu", "--amp", "off", "--num-workers", "0", "--no-progress"]
+    args += ["--set", "min_steps=1", "--set", "batch_size=4"]
+    assert cli.main(args) == 2
+    line = error_line(capsys)
+    assert "no space left on the device holding" in line and str(work / "runs" / "audio") in line
+    assert "inline_container" in line  # what torch said, kept as the detail
+
+
+# ----------------------------------------------------------------- the carve-out and small datasets
+
+
+# The shared tiny settings (tests.test_train), at the default windows per video.
+TWO_EPOCHS = {
+    k: v for k, v in TINY.items() if k not in ("deterministic", "windows_per_video")
+} | dict(epochs=2)
+
+
+def test_carve_out_is_stratified_seeded_and_never_overlaps_val(tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    man = make_synthetic_work(work, n_classes=3, videos_per_class=10, frames_range=(100, 150))
+    res = train(TrainConfig(work, name="c", **TWO_EPOCHS))  # type: ignore[arg-type]
+    assert res is not None and res.selection_split == "train carve-out"
+    ck = load_checkpoint(work / "runs" / "c" / "best.pt")
+    carved = set(ck.selection_videos)
+    train_ids = set(man.loc[man["split"] == "train", "video_id"])
+    val_ids = set(man.loc[man["split"] == "val", "video_id"])
+    assert carved <= train_ids and not carved & val_ids
+    per_class = pd.Series([v.split("/")[1] for v in carved]).value_counts()
+    assert per_class.to_dict() == {"class_00": 1, "class_01": 1, "class_02": 1}
+    assert ck.config["val_split"] == "carve"
+    ids = sorted(train_ids)
+    labels = np.array([int(v.split("/")[1][-2:]) for v in ids])
+    again, _ = carve_selection(ids, labels, 0.1, 0)
+    assert {v for v, h in zip(ids, again) if h} == carved
+    lines = [
+        json.loads(x) for x in (work / "runs" / "c" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert {m["selection_split"] for m in lines} == {"train carve-out"}
+    assert 'val_split = "carve"' in (work / "runs" / "c" / "config.toml").read_text()
+    # The carved videos were not trained on: the band statistics exclude them.
+    store = FeatureStore(work / "features")
+    kept = [v for v in ids if v not in carved]
+    frames = np.concatenate([np.asarray(store[v], np.float64) for v in kept])
+    np.testing.assert_allclose(ck.norm.mean, frames.mean(0), rtol=1e-4, atol=1e-4)
+
+
+def test_small_dataset_trains_with_a_clamped_batch(tmp_path: Path) -> None:
+    # 2 classes x 3 videos, 1 window each: 6 windows per epoch, a batch of 64 must still train.
+    work = tmp_path / "w"
+    make_synthetic_work(work, n_classes=2, videos_per_class=3, frames_range=(100, 120))
+    cfg = {**TWO_EPOCHS, "batch_size": 64, "windows_per_video": 1}
+    res = train(TrainConfig(work, name="s", val_split="", **cfg))  # type: ignore[arg-type]
+    assert res is not None
+    ck = load_checkpoint(work / "runs" / "s" / "last.pt")
+    assert ck.batch_size_used == 6 and ck.global_step == 2  # one step per epoch
+    assert fit_schedule(1, 6, 64, 2, 0, 1) == (1, 6)
+    # min_steps: more windows per video, the batch kept, at least min_steps steps.
+    wpv, batch = fit_schedule(4, 28, 64, 30, 300, 1)
+    assert batch == 64 and 30 * (28 * wpv // 64) >= 300
+
+
+def test_one_video_per_class_trains(tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    make_synthetic_work(work, n_classes=2, videos_per_class=1, splits=("train",))
+    cfg = {**TWO_EPOCHS, "batch_size": 64, "windows_per_video": 1, "epochs": 1}
+    res = train(TrainConfig(work, name="one", **cfg))  # type: ignore[arg-type]
+    assert res is not None and res.selection_split == ""  # nothing to carve from
+    ck = load_checkpoint(work / "runs" / "one" / "last.pt")
+    assert ck.batch_size_used == 2 and ck.global_step == 1
+
+
+# ---------------------------------------------------------------------------------- device settings
+
+
+@pytest.mark.cuda
+def test_train_steps_on_cuda(tmp_path: Path) -> None:
+    from avfuse.checkpoint import load_checkpoint
+    from avfuse.train import train
+    from tests.synthetic import make_synthetic_work
+
+    make_synthetic_work(tmp_path, n_classes=2, videos_per_class=3, frames_range=(100, 200))
+    res = train(
+        TrainConfig(
+            tmp_path,
+            name="gpu",
+            model="resnet",
+            width=0.25,
+            epochs=2,
+            batch_size=8,
+            num_workers=0,
+            device="cuda",
+            progress=False,
+            min_steps=0,
+            val_split="",
+        )
+    )
+    assert res is not None
+    ck = load_checkpoint(tmp_path / "runs" / "gpu" / "last.pt")
+    assert ck.config["device"] == "cuda" and ck.config["channels_last"] == "on"
+    assert ck.global_step > 0
+    weights = [v for v in ck.model.values() if v.is_floating_point()]
+    assert all(torch.isfinite(v).all() for v in weights)
+
+
+def _tiny(work: Path, name: str, **kw: object) -> TrainConfig:
+    opts: dict[str, object] = dict(
+        model="panns",
+        width=0.125,
+        batch_size=8,
+        epochs=2,
+        windows_per_video=4,
+        num_workers=0,
+        amp="off",
+        device="cpu",
+        progress=False,
+        min_steps=0,
+        val_split="",
+        deterministic=True,
+        checkpoint_every=0,
+    )
+    return TrainConfig(work, name=name, **{**opts, **kw})  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.synthetic import make_synthetic_work
+
+    work = tmp_path_factory.mktemp("small")
+    make_synthetic_work(work, n_classes=2, videos_per_class=4, frames_range=(100, 200), seed=3)
+    return work
+
+
+def test_data_wait_share_is_the_loader_part_of_the_epoch(
+    small: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+    import types
+
+    import avfuse.train as T
+
+    # A clock that only moves when a batch is read (3 units) or a step is taken (1 unit).
+    clock = [0.0]
+    monkeypatch.setattr(T, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    class SlowData(T.WindowDataset):
+        def __getitems__(self, items):  # type: ignore[no-untyped-def]
+            clock[0] += 3.0
+            return super().__getitems__(items)
+
+    step = T._Run.step
+
+    def timed_step(self, x, y):  # type: ignore[no-untyped-def]
+        clock[0] += 1.0
+        return step(self, x, y)
+
+    monkeypatch.setattr(T, "WindowDataset", SlowData)
+    monkeypatch.setattr(T._Run, "step", timed_step)
+    T.train(_tiny(small, "wait"))
+    lines = [
+        json.loads(x) for x in (small / "runs" / "wait" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [m["epoch"] for m in lines] == [1, 2]
+    for m in lines:
+        assert m["data_wait_share"] == pytest.approx(0.75)
+
+
+def test_normalising_on_the_device_trains_the_same_weights(small: Path) -> None:
+    from avfuse.checkpoint import load_checkpoint
+    from avfuse.train import train
+
+    for name, where in (("host", "off"), ("dev", "on")):
+        train(_tiny(small, name, device_normalize=where))
+    a = load_checkpoint(small / "runs" / "host" / "last.pt").model
+    b = load_checkpoint(small / "runs" / "dev" / "last.pt").model
+    for k, v in a.items():
+        torch.testing.assert_close(b[k], v, msg=k)
+
+
+def test_the_fused_optimizer_takes_the_same_step(small: Path) -> None:
+    # One step (8 windows, batch 8): AdamW turns last-bit differences of near-zero gradients
+    # into steps of +-lr, so only the first step can be compared, at any thread count.
+    from avfuse.checkpoint import load_checkpoint
+    from avfuse.train import train
+
+    for name, where in (("unfused", "off"), ("fused", "on")):
+        train(_tiny(small, name, fused_optimizer=where, epochs=1, windows_per_video=1))
+    a = load_checkpoint(small / "runs" / "unfused" / "last.pt")
+    b = load_checkpoint(small / "runs" / "fused" / "last.pt")
+    assert a.global_step == b.global_step == 1
+    for k, v in a.model.items():
+        torch.testing.assert_close(b.model[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+# ------------------------------------------------------ best.pt from validated epochs, resume rules
+
+
+# The shared tiny settings (tests.test_train), with the schedule these tests count steps of.
+SCHEDULE_TINY = {k: v for k, v in TINY.items() if k != "deterministic"} | dict(
+    model="resnet", windows_per_video=2, checkpoint_every=0, specaugment=False
+)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.synthetic import make_synthetic_work
+
+    w = tmp_path_factory.mktemp("floor")
+    # 12 train videos x 2 windows = 24 windows -> 3 steps of 8 per epoch
+    make_synthetic_work(w, n_classes=3, videos_per_class=4, frames_range=(100, 200), seed=2)
+    return w
+
+
+def _epoch(path: Path) -> int:
+    from avfuse.checkpoint import load_checkpoint
+
+    return int(load_checkpoint(path).epoch)
+
+
+def test_best_checkpoint_only_from_validated_epochs(work: Path) -> None:
+    from avfuse.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        work,
+        name="every2",
+        epochs=4,
+        eval_every=2,
+        val_split="val",
+        selection="top1",
+        **SCHEDULE_TINY,
+    )  # type: ignore[arg-type]
+    best = work / "runs" / "every2" / "best.pt"
+    seen: dict[int, int | None] = {}
+
+    def look(step: int) -> None:
+        # First step of each epoch: what best.pt holds after the epochs before it.
+        if step % 3 == 1:
+            seen[step // 3 + 1] = _epoch(best) if best.exists() else None
+
+    res = train(cfg, on_step=look)
+    assert res is not None
+    # Epoch 1 is not validated: no best.pt yet. Epoch 2 is; epoch 3 is not and must not
+    # replace it.
+    assert seen == {1: None, 2: None, 3: 2, 4: 2}
+    lines = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    top1 = {m["epoch"]: m["val_top1"] for m in lines if m["val_top1"] is not None}
+    assert sorted(top1) == [2, 4]
+    expect = 4 if top1[4] > top1[2] else 2
+    assert _epoch(best) == expect
+    assert res.best_top1 == pytest.approx(max(top1.values()))
+
+
+def test_best_checkpoint_without_validation_is_the_final_one(work: Path) -> None:
+    from avfuse.checkpoint import load_checkpoint
+    from avfuse.train import TrainConfig, train
+
+    cfg = TrainConfig(work, name="noval", epochs=2, val_split="", **SCHEDULE_TINY)  # type: ignore[arg-type]
+    best = work / "runs" / "noval" / "best.pt"
+    existed: list[bool] = []
+    train(cfg, on_step=lambda step: existed.append(best.exists()))
+    assert existed == [False] * 6  # never written mid-run
+    a, b = load_checkpoint(best), load_checkpoint(best.with_name("last.pt"))
+    assert a.epoch == b.epoch == 2
+    for k, v in a.model.items():
+        assert torch.equal(v, b.model[k]), k
+
+
+def test_resume_refuses_changed_schedule(work: Path) -> None:
+    from avfuse.train import StopTraining, TrainConfig, train
+
+    cfg = TrainConfig(work, name="sched", epochs=3, val_split="", **SCHEDULE_TINY)  # type: ignore[arg-type]
+
+    def stop(step: int) -> None:
+        if step == 4:  # after epoch 1's checkpoint
+            raise StopTraining
+
+    with pytest.raises(StopTraining):
+        train(cfg, on_step=stop)
+    last = work / "runs" / "sched" / "last.pt"
+    assert _epoch(last) == 1
+    before = last.read_bytes()
+    for changes, expect in (
+        ({"epochs": 5}, ["epochs: 3 -> 5"]),
+        ({"batch_size": 4}, ["batch_size: 8 -> 4"]),
+        ({"windows_per_video": 3, "epochs": 4}, ["epochs: 3 -> 4", "windows_per_video: 2 -> 3"]),
+    ):
+        changed = dataclasses.replace(cfg, resume=True, **changes)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="--resume") as err:
+            train(changed)
+        for text in expect:
+            assert text in str(err.value)
+        assert last.read_bytes() == before  # the refused run wrote nothing
+    # The same settings resume and finish the run.
+    res = train(dataclasses.replace(cfg, resume=True))
+    assert res is not None and _epoch(last) == 3
+
+
+# ------------------------------------------------------------------ fine-tuning pretrained networks
+
+
+# The shared tiny settings (tests.test_train) without a model.
+# min_steps 0 (as in test_train): these tests check loading, shapes and plumbing, which one
+# epoch shows; the 300-step floor of small datasets made each run ~5 s.
+PRETRAINED_TINY: dict[str, Any] = {k: v for k, v in TINY.items() if k != "model"} | dict(
+    windows_per_video=2, channels_last="off", epochs=1
+)
+
+
+def _released_small(model: nn.Module, tmp: Path, seed: int) -> Path:
+    return save_released(randomise(model, seed), tmp / "init.pth")
+
+
+def test_vggish_init_sees_unstandardised_inputs(tmp_path: Path) -> None:
+    work = finetune_work(tmp_path, n_mels=64, example_frames=96, frames=(96, 200))
+    init = _released_small(VGGish(3, width=0.125), tmp_path, 6)
+    cfg = TrainConfig(work, model="vggish", init=init, **{**PRETRAINED_TINY, "epochs": 1})
+    assert resolve_normalize(cfg) == "none"
+    assert resolve_normalize(TrainConfig(work, model="vggish")) == "band"
+    assert (
+        resolve_normalize(TrainConfig(work, model="vggish", init=init, normalize="band")) == "band"
+    )
+    res = train(cfg)
+    assert res is not None
+    model, norm, _ = model_from_checkpoint(load_checkpoint(res.last_path))
+    model.eval()
+    # Scores must be those of the network on the store's raw log-mel windows.
+    out = predict(
+        PredictConfig(work, run="audio", checkpoint="last", split="val", device="cpu", amp="off")
+    )
+    assert out is not None
+    store = FeatureStore(work / "features")
+    vid = str(out.scores.ids[0])
+    x = np.asarray(store[vid], np.float32)
+    wins = np.stack([x[s : s + 96] for s in range(0, len(x) - 95, 96)])
+    with torch.no_grad():
+        expect = torch.softmax(model(torch.from_numpy(wins)), 1).mean(0).numpy()
+    assert np.allclose(out.scores.scores[0], expect, atol=1e-5)
+    assert np.array_equal(norm.apply(x), x)
+
+
+def test_freeze_backbone_trains_only_the_head(tmp_path: Path) -> None:
+    work = finetune_work(tmp_path, n_mels=64, example_frames=96, frames=(96, 200))
+    src = randomise(Cnn10(3, width=0.125), 7)
+    init = save_released(src, tmp_path / "init.pth")
+    res = train(
+        TrainConfig(work, model="cnn10", init=init, freeze_backbone=True, **PRETRAINED_TINY)
+    )
+    assert res is not None
+    after = load_checkpoint(res.last_path).model
+    for k, v in src.state_dict().items():
+        if k.startswith("fc_audioset"):
+            assert not torch.equal(after[k], v), k
+        else:  # weights and batch-norm statistics alike
+            assert torch.equal(after[k], v), k
+
+
+def test_backbone_lr_mult_sets_group_rates() -> None:
+    model = Cnn10(5, width=0.125)
+    groups = param_groups(model, 0.05, lr=1e-3, backbone_lr_mult=0.1)
+    head = {id(p) for p in model.fc_audioset.parameters()}
+    seen = 0
+    for g in groups:
+        for p in g["params"]:
+            seen += 1
+            assert g["lr"] == pytest.approx(1e-3 if id(p) in head else 1e-4)
+    assert seen == len(list(model.parameters()))

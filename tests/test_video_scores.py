@@ -1,8 +1,11 @@
-"""Readers of external video score formats, id normalisation and id / class alignment."""
+"""Readers of external video score formats, id normalisation and id / class alignment; every
+read bounded before it allocates."""
 
 from __future__ import annotations
 
+import io
 import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,7 @@ import pytest
 from avfuse.scores import ScoreFile
 from avfuse.video_scores import (
     AmbiguousIdError,
+    ScoreBounds,
     VideoScoreError,
     align_classes,
     check_finite,
@@ -23,6 +27,7 @@ from avfuse.video_scores import (
     read_one,
     read_video_scores,
 )
+from tests.test_safe_pickle import _dump_items
 
 CLASSES = ["abseiling", "air drumming", "playing bass guitar", "tai chi", "zumba"]
 YT = ["ZzW2b8ZfnHM", "-a_b-c_d-ef", "AAAAAAAAAAA", "v_bcdefghij", "0123456789_"]
@@ -430,3 +435,145 @@ def test_csv_rows_of_padded_short_clips_are_kept(tmp_path: Path) -> None:
     (tmp_path / "b.csv").write_text("\n".join(lines) + "\n")
     with pytest.raises(VideoScoreError, match="data row 2"):
         read_one(tmp_path / "b.csv")
+
+
+# --------------------------------------------------------------- reads bounded before they allocate
+
+
+def _npy_header_only(shape: tuple[int, ...], dtype: str = "<f4") -> bytes:
+    """An .npy stream declaring ``shape`` followed by a few bytes: what a compressed bomb's
+    first kilobyte looks like (its zeros need not be written for the header to be read)."""
+    buf = io.BytesIO()
+    header = {"descr": dtype, "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(buf, header)
+    return buf.getvalue() + bytes(64)
+
+
+@pytest.mark.parametrize(
+    ("shape", "bounds", "says"),
+    [
+        ((1 << 20, 400), ScoreBounds.for_dataset(100, 400), "rows"),
+        ((50, 1 << 20), ScoreBounds.for_dataset(100, 400), "columns"),
+        ((10, 1 << 20), ScoreBounds(), "columns"),
+    ],
+)
+@pytest.mark.parametrize("kind", ["npz", "npy"])
+def test_score_arrays_are_bounded_from_their_header(
+    tmp_path: Path, shape: tuple[int, int], bounds: ScoreBounds, says: str, kind: str
+) -> None:
+    path = tmp_path / f"scores.{kind}"
+    if kind == "npz":
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr("ids.npy", _npy_header_only((shape[0],), "<U8"))
+            zf.writestr("scores.npy", _npy_header_only(shape))
+    else:
+        path.write_bytes(_npy_header_only(shape))
+    with pytest.raises(VideoScoreError, match=f"declares shape .*{says}") as info:
+        read_one(path, ids_file=tmp_path / "ids.txt", bounds=bounds)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_score_npz_with_long_strings_or_objects_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "s.npz"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("ids.npy", _npy_header_only((10,), "<U100000000"))
+        zf.writestr("scores.npy", _npy_header_only((10, 3)))
+    with pytest.raises(VideoScoreError, match="strings over"):
+        read_one(path)
+
+
+def test_csv_with_a_huge_cell_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "s.csv"
+    rows = ["video_id,a,b"] + [f"v{i},0.1,0.9" for i in range(1500)]
+    rows[1200] = "v1199," + "9" * (5 << 20) + ",0.5"
+    path.write_text("\n".join(rows) + "\n", "utf-8")
+    bounds = ScoreBounds.for_dataset(2000, 2)
+    with pytest.raises(VideoScoreError, match="line 1201 is over") as info:
+        read_one(path, bounds=bounds)
+    assert len(str(info.value)) < 300
+    with pytest.raises(VideoScoreError, match="non-numeric") as info:  # generous bounds
+        read_one(path)
+    assert len(str(info.value)) < 300
+    # In the first rows the csv module's own limit would raise a bare csv.Error.
+    rows[1200] = "v1199,0.1,0.9"
+    rows[3] = "v2," + "7" * (5 << 20) + ",0.5"
+    path.write_text("\n".join(rows) + "\n", "utf-8")
+    with pytest.raises(VideoScoreError, match="line 4 is over"):
+        read_one(path, bounds=bounds)
+    with pytest.raises(VideoScoreError, match=r"malformed CSV \(field larger") as info:
+        read_one(path)
+    assert len(str(info.value)) < 300
+
+
+def test_csv_with_more_columns_than_the_classes_need_is_refused_from_its_header(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.csv"
+    cols = [f"c{j}" for j in range(3000)]
+    path.write_text("video_id," + ",".join(cols) + "\nv0," + ",".join(["0"] * 3000) + "\n")
+    with pytest.raises(VideoScoreError, match="3001 columns, over the 1005"):
+        read_one(path, bounds=ScoreBounds.for_dataset(10, 5))
+    wide = tmp_path / "wide.csv"  # 10^6 columns: the header line alone is refused
+    with open(wide, "w") as fh:
+        fh.write("video_id," + ",".join(f"c{j}" for j in range(10**6)) + "\n")
+    with pytest.raises(VideoScoreError, match="line 1 is over"):
+        read_one(wide)
+
+
+def test_annotation_file_with_a_huge_cell_is_one_line(tmp_path: Path) -> None:
+    scores = tmp_path / "s.npy"
+    np.save(scores, np.zeros((2, 3), np.float32))
+    ann = tmp_path / "ann.csv"
+    ann.write_text("video_id,label\nv0,a\nv1," + "x" * (5 << 20) + "\n", "utf-8")
+    with pytest.raises(VideoScoreError, match="field larger than") as info:
+        read_one(scores, ids_file=ann)
+    assert str(ann) in str(info.value) and len(str(info.value)) < 300
+    ann.write_text("video_id,label\nv0,a\nv1," + "x" * (8 << 20) + "\n", "utf-8")
+    with pytest.raises(VideoScoreError, match="line 3 is over") as info:
+        read_one(scores, ids_file=ann)
+    assert len(str(info.value)) < 300
+
+
+def test_csv_rows_are_bounded_before_pandas_reads_them(tmp_path: Path) -> None:
+    bounds = ScoreBounds.for_dataset(10, 3)  # at most 10020 rows
+    wide = tmp_path / "wide.csv"
+    wide.write_text("video_id,a,b,c\n" + "v,0,0,1\n" * 10_100)
+    with pytest.raises(VideoScoreError, match="10100 data lines, over the 10020"):
+        read_one(wide, bounds=bounds)
+    long = tmp_path / "long.csv"  # a line per (video, class): bounded by rows x columns
+    long.write_text("video_id,class,score\n" + "".join(f"v{i},a,0.5\n" for i in range(10_100)))
+    assert len(read_one(long, bounds=bounds).ids) == 10_100
+    ann = tmp_path / "ids.txt"
+    ann.write_text("v\n" * 10_100)
+    np.save(tmp_path / "s.npy", np.zeros((10_100, 3), np.float32))
+    assert len(read_one(tmp_path / "s.npy", ids_file=ann).ids) == 10_100  # default bounds
+
+
+def test_label_map_is_bounded_before_it_is_read(tmp_path: Path) -> None:
+    scores = tmp_path / "s.npy"
+    np.save(scores, np.zeros((2, 3), np.float32))
+    ids = tmp_path / "ids.txt"
+    ids.write_text("v0\nv1\n")
+    big = tmp_path / "labels.txt"
+    big.write_text("".join(f"c{i}\n" for i in range(5000)))
+    with pytest.raises(VideoScoreError, match="5000 lines, over the 1003 classes"):
+        read_one(scores, ids_file=ids, label_map=big, bounds=ScoreBounds.for_dataset(2, 3))
+    long = tmp_path / "long.txt"
+    long.write_text("a\nb\n" + "c" * (1 << 20) + "\n")
+    with pytest.raises(VideoScoreError, match="line 3 is over"):
+        read_one(scores, ids_file=ids, label_map=long)
+    ok = tmp_path / "ok.txt"
+    ok.write_text("a\nb\nc\n")
+    assert read_one(scores, ids_file=ids, label_map=ok).classes == ["a", "b", "c"]
+
+
+# ------------------------------------------------------------------------------- a truncated pickle
+
+
+def test_truncated_pickle_is_a_clean_error(tmp_path: Path) -> None:
+    blob = pickle.dumps(_dump_items(), protocol=2)
+    path = tmp_path / "cut.pkl"
+    path.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(VideoScoreError, match=r"cut\.pkl") as err:
+        read_one(path, ids_file=tmp_path / "ids.txt")
+    assert "\n" not in str(err.value)

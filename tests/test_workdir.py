@@ -339,3 +339,27 @@ def test_the_rule_catches_path_spellings(source: str) -> None:
 )
 def test_the_rule_leaves_prose_and_format_checks_alone(source: str) -> None:
     assert not list(_path_literals({"m.py": source}))
+
+
+_BAD_NAMES = ["../../outside", "/tmp/elsewhere", "a/b", "..", ".hidden", "", "a\x1b[2J", "x" * 200]
+
+
+@pytest.mark.parametrize("bad", _BAD_NAMES)
+def test_run_and_embedding_names_never_leave_their_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], bad: str
+) -> None:
+    from avfuse.cli import main
+    from avfuse.workdir import WorkDir
+
+    work = tmp_path / "deep" / "w"
+    work.mkdir(parents=True)
+    (work / "manifest.parquet").touch()
+    for call in (lambda: WorkDir(work).run(bad), lambda: WorkDir(work).embeddings(bad)):
+        with pytest.raises(ValueError, match="name"):
+            call()
+    for args in (["train", str(work), "--name", bad], ["predict", str(work), "--run-name", bad]):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "invalid run name" in err[0], err
+    assert sorted(p.name for p in (tmp_path / "deep").iterdir()) == ["w"]
+    assert WorkDir(work).run("ñame-2.b") == work / "runs" / "ñame-2.b"
