@@ -88,3 +88,27 @@ def client(cluster: Any) -> Iterator[Any]:
     distributed = pytest.importorskip("distributed")
     with distributed.Client(cluster) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """A fine-tuning work folder embedded by a tiny Cnn10 (module-scoped: tests copy it)."""
+    from avfuse.embed import EmbedConfig, embed
+    from tests.released import cnn10_weights, finetune_work
+
+    tmp = tmp_path_factory.mktemp("emb")
+    work = finetune_work(tmp / "w", n_mels=64, example_frames=96, frames=(96, 300))
+    init = cnn10_weights(8, tmp / "i.pth")
+    cfg = EmbedConfig(
+        work,
+        model="cnn10",
+        init=init,
+        width=0.125,
+        device="cpu",
+        amp="off",
+        channels_last=False,
+        progress=False,
+        chunk_videos=3,
+    )
+    embed(cfg)
+    return work, cfg

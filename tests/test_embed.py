@@ -24,26 +24,6 @@ from tests.test_train import PRETRAINED_TINY
 from tests.workfolders import copy_work, store_rows, truncate
 
 
-@pytest.fixture(scope="module")
-def embedded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, EmbedConfig]:
-    tmp = tmp_path_factory.mktemp("emb")
-    work = finetune_work(tmp / "w", n_mels=64, example_frames=96, frames=(96, 300))
-    init = cnn10_weights(8, tmp / "i.pth")
-    cfg = EmbedConfig(
-        work,
-        model="cnn10",
-        init=init,
-        width=0.125,
-        device="cpu",
-        amp="off",
-        channels_last=False,
-        progress=False,
-        chunk_videos=3,
-    )
-    embed(cfg)
-    return work, cfg
-
-
 def test_truncated_embedding_shard_names_embed_and_a_plain_rerun_repairs_it(
     embedded: tuple[Path, EmbedConfig], tmp_path: Path
 ) -> None:

@@ -13,14 +13,14 @@ import pytest
 
 from avfuse import cli, demo, features
 from avfuse.config import apply_overrides, to_dict
-from avfuse.embed import EmbedConfig, embed
+from avfuse.embed import EmbedConfig
 from avfuse.extract import load_audio
 from avfuse.io import read_json, write_json, write_table
 from avfuse.pipeline import run, stage_keys
 from avfuse.runconfig import STAGES, RunConfig, load_run_config, save_run_config, stage_configs
 from avfuse.store import CorruptStoreError, FeatureStore, store_problem
 from tests.media import peak_frequency, write_tone_video
-from tests.released import cnn10_weights, finetune_work
+from tests.released import finetune_work
 from tests.workfolders import copy_work, stage_status, tone_dataset, truncate
 
 
@@ -256,26 +256,6 @@ def test_the_orchestrator_leaves_record_logs_and_their_columns_to_the_stages() -
     }
     columns = {"status", "reason", "audio_path", "feature_status", "feature_reason", "shard"}
     assert not strings & (columns | {"offset", "num_frames", "epoch"})
-
-
-@pytest.fixture(scope="module")
-def embedded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, EmbedConfig]:
-    tmp = tmp_path_factory.mktemp("emb")
-    work = finetune_work(tmp / "w", n_mels=64, example_frames=96, frames=(96, 300))
-    init = cnn10_weights(8, tmp / "i.pth")
-    cfg = EmbedConfig(
-        work,
-        model="cnn10",
-        init=init,
-        width=0.125,
-        device="cpu",
-        amp="off",
-        channels_last=False,
-        progress=False,
-        chunk_videos=3,
-    )
-    embed(cfg)
-    return work, cfg
 
 
 def test_run_keys_training_by_the_embeddings_it_reads(

@@ -38,11 +38,10 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
-@pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    w = tmp_path_factory.mktemp("pred")
+def predict_work(w: Path) -> Path:
+    """A trained tiny ResNet over 3 classes, with three extra val videos: one too short (in the
+    store), one without audio, one never featurised."""
     make_synthetic_work(w, n_classes=3, videos_per_class=3, frames_range=(100, 300), seed=2)
-    # extra val videos: one too short (in the store), one without audio, one never featurised
     man = read_table(w / "manifest.parquet")
     store = FeatureStore(w / "features")
     index = read_table(w / "features" / "index.parquet")
@@ -77,6 +76,11 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     opts = {**TINY, "model": "resnet"}
     train(TrainConfig(w, name="p", epochs=1, val_split="", **opts))  # type: ignore[arg-type]
     return w
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return predict_work(tmp_path_factory.mktemp("pred"))
 
 
 def test_predict_writes_every_video_of_the_split(work: Path) -> None:

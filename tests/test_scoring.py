@@ -8,66 +8,26 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
 from avfuse.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
 from avfuse.data import NormStats
-from avfuse.io import read_table, write_table
 from avfuse.models import build_model
 from avfuse.predict import PredictConfig, predict
 from avfuse.scores import ScoreFile
 from avfuse.scoring import model_from_checkpoint, score_videos
-from avfuse.store import FeatureStore, ShardWriter, commit_index
+from avfuse.store import FeatureStore
 from avfuse.train import TrainConfig, train
 from tests.checkpoints import make_checkpoint
 from tests.released import finetune_work
-from tests.synthetic import make_synthetic_work
-from tests.test_predict import BandMean, _softmax
+from tests.test_predict import BandMean, _softmax, predict_work
 from tests.test_train import PRETRAINED_TINY, _work_with_a_nan_video
-from tests.test_train import TINY as TRAIN_TINY
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    w = tmp_path_factory.mktemp("pred")
-    make_synthetic_work(w, n_classes=3, videos_per_class=3, frames_range=(100, 300), seed=2)
-    # extra val videos: one too short (in the store), one without audio, one never featurised
-    man = read_table(w / "manifest.parquet")
-    store = FeatureStore(w / "features")
-    index = read_table(w / "features" / "index.parquet")
-    sw = ShardWriter(w / "features", n_mels=64, prefix="extra")
-    sw.add("val/class_00/short", np.zeros((50, 64), np.float32))
-    commit_index(w / "features", index.to_dict("records") + sw.close())
-    extra = [("val/class_00/short", 0), ("val/class_01/silent", 1), ("val/class_02/lost", 2)]
-    rows = [
-        {
-            "video_id": v,
-            "split": "val",
-            "label": f"class_{k:02d}",
-            "label_index": k,
-            "path": "",
-            "size_bytes": 0,
-            "scan_status": "found",
-        }
-        for v, k in extra
-    ]
-    man = pd.concat([man, pd.DataFrame(rows)], ignore_index=True)
-    write_table(man, w / "manifest.parquet")
-    ids = man["video_id"].tolist()
-    ext = pd.DataFrame({"video_id": ids, "status": ["ok"] * len(ids)})
-    ext.loc[ext["video_id"] == "val/class_01/silent", "status"] = "no_audio"
-    ext = ext[ext["video_id"] != "val/class_02/lost"]
-    write_table(ext, w / "extract.parquet")
-    feat = pd.DataFrame({"video_id": ids, "feature_status": ["ok"] * len(ids)})
-    feat.loc[feat["video_id"] == "val/class_00/short", "feature_status"] = "too_short"
-    feat.loc[feat["video_id"] == "val/class_01/silent", "feature_status"] = "not_extracted"
-    write_table(feat, w / "features.parquet")
-    assert len(store) == 18
-    opts = {**TRAIN_TINY, "model": "resnet"}
-    train(TrainConfig(w, name="p", epochs=1, val_split="", **opts))  # type: ignore[arg-type]
-    return w
+    return predict_work(tmp_path_factory.mktemp("pred"))
 
 
 @pytest.mark.parametrize("aggregation", ["mean_softmax", "mean_logits", "max"])

@@ -25,7 +25,7 @@ from avfuse import cli
 from avfuse.checkpoint import load_checkpoint
 from avfuse.config import load_config, to_dict
 from avfuse.data import compute_norm_stats
-from avfuse.embed import EmbedConfig, embed
+from avfuse.embed import EmbedConfig
 from avfuse.evaluate import EvaluateConfig, evaluate
 from avfuse.io import read_json, write_json, write_table
 from avfuse.manifest import load_classes
@@ -44,7 +44,7 @@ from avfuse.train import (
     train,
 )
 from tests.commands import error_line, stderr_line
-from tests.released import cnn10_weights, finetune_work, randomise, save_released
+from tests.released import finetune_work, randomise, save_released
 from tests.synthetic import make_synthetic_work
 from tests.workfolders import copy_work
 
@@ -482,26 +482,6 @@ def test_training_on_nan_features_stops_with_exit_2(
 
 
 # ----------------------------------------------------------------- heads on embeddings, a full disk
-
-
-@pytest.fixture(scope="module")
-def embedded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, EmbedConfig]:
-    tmp = tmp_path_factory.mktemp("emb")
-    work = finetune_work(tmp / "w", n_mels=64, example_frames=96, frames=(96, 300))
-    init = cnn10_weights(8, tmp / "i.pth")
-    cfg = EmbedConfig(
-        work,
-        model="cnn10",
-        init=init,
-        width=0.125,
-        device="cpu",
-        amp="off",
-        channels_last=False,
-        progress=False,
-        chunk_videos=3,
-    )
-    embed(cfg)
-    return work, cfg
 
 
 def test_from_embeddings_refuses_settings_it_would_ignore_and_records_none(
