@@ -112,3 +112,14 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     )
     embed(cfg)
     return work, cfg
+
+
+@pytest.fixture
+def store_work(tmp_path: Path) -> tuple[Path, Any]:
+    """A synthetic feature store of 4 classes x 40 videos a split, 60-300 frames each:
+    ``(work folder, manifest)``."""
+    from tests.synthetic import make_synthetic_work
+
+    work = tmp_path / "w"
+    man = make_synthetic_work(work, n_classes=4, videos_per_class=40, frames_range=(60, 300))
+    return work, man

@@ -220,15 +220,6 @@ def test_identity_norm_is_exact() -> None:
 # ------------------------------------------------------------------ block reads and batched gathers
 
 
-@pytest.fixture
-def store_work(tmp_path):
-    from tests.synthetic import make_synthetic_work
-
-    work = tmp_path / "w"
-    man = make_synthetic_work(work, n_classes=4, videos_per_class=40, frames_range=(60, 300))
-    return work, man
-
-
 def test_getitems_equals_one_item_at_a_time(store_work) -> None:
     from avfuse.data import NormStats, WindowDataset
     from avfuse.store import FeatureStore

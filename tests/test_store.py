@@ -326,15 +326,6 @@ def test_deeply_nested_json_in_a_store_is_one_line(tmp_path: Path) -> None:
     assert str(root / "store.json") in str(info.value)
 
 
-@pytest.fixture
-def store_work(tmp_path):
-    from tests.synthetic import make_synthetic_work
-
-    work = tmp_path / "w"
-    man = make_synthetic_work(work, n_classes=4, videos_per_class=40, frames_range=(60, 300))
-    return work, man
-
-
 def test_store_pickles_as_its_path_and_reopens(store_work) -> None:
     from avfuse.store import FeatureStore
 
