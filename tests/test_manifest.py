@@ -6,8 +6,6 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import subprocess
-import sys
 import unicodedata
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ from avfuse.manifest import (
     write_class_list,
 )
 from avfuse.workdir import WorkDir
+from tests.commands import one_line_error, run_avfuse
 from tests.media import peak_frequency, write_tone_video
 
 
@@ -366,7 +365,6 @@ def test_scan_warnings_csv_holds_no_terminal_escape(tmp_path: Path) -> None:
 # --------------------------------------------------------- files whose ids would meet, hidden files
 
 
-REPO = Path(__file__).resolve().parents[1]
 NFC = unicodedata.normalize("NFC", "café")
 NFD = unicodedata.normalize("NFD", "café")
 
@@ -513,15 +511,8 @@ def test_a_dot_label_or_split_in_a_kinetics_csv_is_refused_naming_the_line(
     with pytest.raises(AnnotationError, match=r"train\.csv:3: (label|split|empty split)"):
         scan(ScanConfig(root=root, work=tmp_path / "w", annotations=(table,)))
     args = ["--annotations", str(table)]
-    out = subprocess.run(
-        [sys.executable, "-m", "avfuse", "scan", str(root), "-o", str(tmp_path / "w"), *args],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO)])),
-        timeout=120,
-    )
-    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
-    assert "train.csv:3" in out.stderr
+    out = run_avfuse(["scan", str(root), "-o", str(tmp_path / "w"), *args], tmp_path)
+    assert "train.csv:3" in one_line_error(out)
     assert not (tmp_path / "w" / "manifest.parquet").exists()
 
 
@@ -534,15 +525,9 @@ def test_a_fifo_as_annotation_or_class_file_is_refused_not_waited_on(
     fifo = tmp_path / "named.pipe"
     os.mkfifo(fifo)
     args = ["--annotations", str(fifo)] if which == "annotations" else ["--classes", str(fifo)]
-    out = subprocess.run(
-        [sys.executable, "-m", "avfuse", "scan", str(root), "-o", str(tmp_path / "w"), *args],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO)])),
-        timeout=120,
-    )
-    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
-    assert "named.pipe" in out.stderr and "not a regular file" in out.stderr
+    out = run_avfuse(["scan", str(root), "-o", str(tmp_path / "w"), *args], tmp_path)
+    line = one_line_error(out)
+    assert "named.pipe" in line and "not a regular file" in line
 
 
 # ----------------------------------------------- unsafe names, what scan cannot use, Kinetics files
