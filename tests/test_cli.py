@@ -353,15 +353,11 @@ def test_verbose_shows_the_traceback(featured: Path, tmp_path: Path) -> None:
     assert out.returncode == 2 and "Traceback" in out.stderr
 
 
-@pytest.mark.skipif(
-    subprocess.run(
-        [sys.executable, "-c", "import torch, sys; sys.exit(torch.cuda.is_available())"]
-    ).returncode
-    != 0,
-    reason="a GPU is present",
-)
 def test_cuda_without_a_gpu_is_one_line(featured: Path, tmp_path: Path) -> None:
-    out = run_avfuse(["train", str(featured), "--device", "cuda", "--no-progress"], tmp_path)
+    # Hiding every GPU makes this machine one without CUDA, also where a GPU is present.
+    env = dict(avfuse_env(), CUDA_VISIBLE_DEVICES="")
+    args = ["train", str(featured), "--device", "cuda", "--no-progress"]
+    out = run_avfuse(args, tmp_path, env)
     assert "CUDA" in one_line_error(out)
 
 
