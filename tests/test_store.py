@@ -339,3 +339,22 @@ def test_store_pickles_as_its_path_and_reopens(store_work) -> None:
     assert again.ids == store.ids
     for vid in store.ids[::37]:
         np.testing.assert_array_equal(again[vid], store[vid])
+
+
+@pytest.mark.parametrize("name", ["../outside.npy", "{tmp}/outside.npy", "sub/x.npy", "shard"])
+def test_index_shard_names_outside_shards_are_refused(tmp_path: Path, name: str) -> None:
+    root = tmp_path / "features"
+    build(root)
+    name = name.format(tmp=tmp_path)
+    index = pq.read_table(root / "index.parquet").to_pandas()
+    first = str(index["shard"].iloc[0])
+    # A complete shard planted where the odd name leads: reading it would otherwise succeed.
+    target = root / "shards" / name  # an absolute name replaces the folder
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes((root / "shards" / first).read_bytes())
+    index.loc[index["shard"] == first, "shard"] = name
+    commit_index(root, index.to_dict("records"))
+    with pytest.raises(CorruptStoreError, match="not a file name in shards/") as info:
+        FeatureStore(root)
+    assert info.value.shards == [name]
+    assert "not a file name in shards/" in store_problem(root)

@@ -276,7 +276,12 @@ def check_shards(
     shard_dir = StoreLayout(root).shards
     out = {}
     for name, n in rows.items():
-        why = shard_problem(shard_dir / name, int(n), n_mels, dtype)
+        # The index is read from disk: a name that is not a plain file name would open a
+        # file outside shards/.
+        if not StoreLayout.is_shard_name(name):
+            why = "not a file name in shards/"
+        else:
+            why = shard_problem(shard_dir / name, int(n), n_mels, dtype)
         if why:
             out[name] = why
     return out

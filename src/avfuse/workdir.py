@@ -299,8 +299,14 @@ class StoreLayout(_Folder):
         return self.root / "shards"
 
     def shard(self, name: str) -> Path:
-        """A shard the index names (``name`` as the index records it)."""
+        """A shard the index names (``name`` as the index records it; see
+        :meth:`is_shard_name` before opening it)."""
         return self.shards / name
+
+    @staticmethod
+    def is_shard_name(name: str) -> bool:
+        """Whether ``name`` (read from an index) names a file directly inside ``shards/``."""
+        return name.endswith(".npy") and "/" not in name and "\\" not in name and "\0" not in name
 
     @staticmethod
     def shard_name(prefix: str, number: int) -> str:
