@@ -79,9 +79,10 @@ def section(cls: type[C], filled: tuple[str, ...] = ("work",), **defaults: Any) 
     return made
 
 
-def _defaults(cls: type[C]) -> Callable[[], C]:
-    """``cls`` as a field's default factory: every field of a section has a default."""
-    return cls
+def _table(cls: type[C], stage: str) -> C:
+    """The run config's ``[stage]`` field: a ``cls`` section, built from its defaults."""
+    factory: Callable[[], C] = cls  # every field of a section has a default
+    return field(default_factory=factory, metadata={"help": f"avfuse {stage}"})
 
 
 if typing.TYPE_CHECKING:  # a section has its stage config's fields, and so its type
@@ -139,27 +140,13 @@ class RunConfig(Config):
         default=True,
         metadata={"help": "progress bars; false (--no-progress) turns off every stage's"},
     )
-    scan: ScanSection = field(
-        default_factory=_defaults(ScanSection), metadata={"help": "avfuse scan"}
-    )
-    extract: ExtractSection = field(
-        default_factory=_defaults(ExtractSection), metadata={"help": "avfuse extract"}
-    )
-    features: FeaturesSection = field(
-        default_factory=_defaults(FeaturesSection), metadata={"help": "avfuse features"}
-    )
-    train: TrainSection = field(
-        default_factory=_defaults(TrainSection), metadata={"help": "avfuse train"}
-    )
-    predict: PredictSection = field(
-        default_factory=_defaults(PredictSection), metadata={"help": "avfuse predict"}
-    )
-    evaluate: EvaluateSection = field(
-        default_factory=_defaults(EvaluateSection), metadata={"help": "avfuse evaluate"}
-    )
-    fuse: FuseSection = field(
-        default_factory=_defaults(FuseSection), metadata={"help": "avfuse fuse"}
-    )
+    scan: ScanSection = _table(ScanSection, "scan")
+    extract: ExtractSection = _table(ExtractSection, "extract")
+    features: FeaturesSection = _table(FeaturesSection, "features")
+    train: TrainSection = _table(TrainSection, "train")
+    predict: PredictSection = _table(PredictSection, "predict")
+    evaluate: EvaluateSection = _table(EvaluateSection, "evaluate")
+    fuse: FuseSection = _table(FuseSection, "fuse")
 
 
 # ---------------------------------------------------------------------------------------------
