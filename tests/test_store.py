@@ -301,6 +301,8 @@ def test_embedding_store_is_written_as_a_spec_not_a_front_end(tmp_path: Path) ->
         {"format": "avfuse-feature-store/3"},
         {"format": "something-else/2"},
         {"kind": "waveform"},
+        {"dtype": "object"},
+        {"dtype": "V0"},
         {"frontend": {"n_mels": 8, "mel_scale": "bark"}},
     ],
 )

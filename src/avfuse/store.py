@@ -60,6 +60,9 @@ from avfuse.workdir import StoreLayout
 FORMAT_NAME = "avfuse-feature-store"
 VERSION = 2
 FORMAT = f"{FORMAT_NAME}/{VERSION}"
+# The dtypes a store's rows are written in; store.json is read from disk, and another dtype
+# (an object, a zero-size void) would reach the memory maps and the row arithmetic.
+STORE_DTYPES = ("float16", "float32")
 
 
 @dataclass(frozen=True)
@@ -215,8 +218,11 @@ class StoreMeta:
         classes = data["classes"]
         if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
             raise ValueError("classes is not a list of names")
+        dtype = str(np.dtype(data["dtype"]))
+        if dtype not in STORE_DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {', '.join(STORE_DTYPES)}")
         return cls(
-            dtype=str(np.dtype(data["dtype"])),
+            dtype=dtype,
             frontend=frontend_from_dict(str(data["kind"]), data["frontend"]),
             frontend_hash=str(data["frontend_hash"]),
             classes=tuple(classes),
