@@ -302,6 +302,7 @@ def test_embedding_store_is_written_as_a_spec_not_a_front_end(tmp_path: Path) ->
         {"format": "something-else/2"},
         {"kind": "waveform"},
         {"dtype": "object"},
+        {"format": "avfuse-feature-store/0"},
         {"dtype": "V0"},
         {"frontend": {"n_mels": 8, "mel_scale": "bark"}},
     ],
@@ -313,6 +314,8 @@ def test_unusable_store_json_is_named(tmp_path: Path, change: dict) -> None:
     with pytest.raises(CorruptStoreError, match=r"store\.json: unusable") as info:
         FeatureStore(tmp_path)
     assert "avfuse features" in str(info.value)
+    if "format" in change:  # the message names the layout it cannot read
+        assert change["format"] in str(info.value)
     assert "store.json: unusable" in store_problem(tmp_path)
 
 

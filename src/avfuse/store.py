@@ -186,6 +186,8 @@ def meta_version(meta: Mapping[str, Any]) -> int:
     if name != FORMAT_NAME or not number.isdigit():
         raise ValueError(f"format {fmt!r} is not {FORMAT_NAME}/N")
     version = int(number)
+    if version < min(_MIGRATIONS, default=VERSION):
+        raise ValueError(f"format {fmt!r} is older than any layout this avfuse reads")
     if version > VERSION:
         raise ValueError(f"format {fmt!r} is newer than this avfuse reads ({FORMAT})")
     return version
