@@ -351,15 +351,16 @@ def _run_locked(
             outcomes.append(StageOutcome(name, "not configured", detail="no fuse.video_scores"))
             continue
         rec = state.get(name) or {}
-        complete = _is_done(name, sc)
         forced = name in cfg.force or "all" in cfg.force or (name == "scan" and dataset_changed)
         same_key = rec.get("key") == keys[name]["key"]
+        # The outputs are checked last: features reads its store's index and shard headers,
+        # needless for a stage that runs anyway.
         if (
             rec.get("state") == "done"
             and same_key
-            and complete
             and not forced
             and not changed_outside
+            and _is_done(name, sc)
         ):
             outcomes.append(StageOutcome(name, "skipped", detail="up to date"))
             if rec.get("outputs") not in (None, _outputs_stamp(name, sc)):
