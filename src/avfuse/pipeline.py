@@ -237,10 +237,9 @@ def _read_state(work: Path) -> tuple[dict[str, Any], str]:
     return data, ""
 
 
-def _save_state(work: Path, stages: dict[str, Any], dataset: str | None = None) -> None:
+def _save_state(work: Path, stages: dict[str, Any], dataset: str | None) -> None:
+    """Write ``pipeline.json``: the stage records and the dataset fingerprint (``None``: none)."""
     doc: dict[str, Any] = {"stages": stages}
-    if dataset is None:  # keep the recorded fingerprint
-        dataset = _read_state(work)[0].get("dataset")
     if dataset is not None:
         doc["dataset"] = dataset
     write_json(WorkDir(work).pipeline_state, doc)
@@ -311,6 +310,7 @@ def _run_locked(
     save_run_config(cfg, WorkDir(work).run_settings)
     doc, problem = _read_state(work)
     state: dict[str, Any] = dict(doc.get("stages", {}))
+    saved = doc.get("dataset")  # the fingerprint pipeline.json holds, kept by every save
     keys = stage_keys(sc)
     if problem:
         log.warning(
@@ -328,7 +328,7 @@ def _run_locked(
         state[name] = {**keys[name], "state": "done", "recognised": True}
         recognised = True
     if problem or recognised:
-        _save_state(work, state)  # a readable record again, even if every stage is skipped
+        _save_state(work, state, saved)  # a readable record again, even if every stage is skipped
     listing = dataset_listing(sc.scan.root, (*(sc.scan.annotations or ()), sc.scan.classes))
     fingerprint = listing_hash(listing)
     files = WorkDir(work).dataset_files
@@ -371,6 +371,7 @@ def _run_locked(
             if name == "scan" and recorded != fingerprint:  # first run that fingerprints
                 write_table(listing, files, {"fingerprint": fingerprint})
                 _save_state(work, state, fingerprint)
+                saved = fingerprint
             continue
         # A config change (this stage's or an earlier one's, scan aside) invalidates the
         # old outputs: redo with force. Same config, unfinished: resume where it stopped.
@@ -381,7 +382,7 @@ def _run_locked(
             if later in state:
                 state[later]["state"] = "stale"
         state[name] = {**keys[name], "state": "running"}
-        _save_state(work, state)
+        _save_state(work, state, saved)
         t0 = time.perf_counter()
         log.info("stage %s (%s)", name, "redo" if redo else "resume" if resume else "run")
         detail, said = _RUNNERS[name](sc, redo, resume, executor, cfg)
@@ -400,8 +401,9 @@ def _run_locked(
                 _invalidate_replaced(sc, read_table(files), listing.to_pandas())
             write_table(listing, files, {"fingerprint": fingerprint})
             _save_state(work, state, fingerprint)
+            saved = fingerprint
             continue
-        _save_state(work, state)
+        _save_state(work, state, saved)
 
     # What every finished stage's outputs are now, so the next run notices a stage rerun by hand.
     stamped = False
@@ -411,7 +413,7 @@ def _run_locked(
             rec["outputs"] = now
             stamped = True
     if stamped:  # a run that changed nothing leaves pipeline.json as it was
-        _save_state(work, state)
+        _save_state(work, state, saved)
     del listing  # ~70 MB at 420k files: not held while the summary reads the stage tables
     return run_result(work, sc, outcomes)
 
