@@ -6,6 +6,8 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -109,42 +111,42 @@ def _enter(work: Path, **env: str) -> Any:
     )
 
 
-def test_a_stray_rank_variable_does_not_skip_the_lock(tmp_path: Path) -> None:
-    work = tmp_path / "w"
-    work.mkdir()
+@contextmanager
+def _held(work: Path, **env: str) -> Iterator[subprocess.Popen[str]]:
+    """Another process holds ``work``'s lock (with ``env``) for the duration of the block."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLD, str(work)], stdout=subprocess.PIPE, text=True, env=env_alone()
+        [sys.executable, "-c", _HOLD, str(work)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env_alone(**env),
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-        for env in ({"RANK": "1"}, {"RANK": "3", "WORLD_SIZE": "4"}, {"RANK": "1", **_JOB}):
-            # No job, or not the holder's job: the lock is taken as by anyone, and refused.
-            out = _enter(work, **env)
-            assert out.stdout.strip() == "" and "WorkFolderBusyError" in out.stderr, env
-            assert str(holder.pid) in out.stderr
+        yield holder
     finally:
         holder.kill()
         holder.wait()
 
 
+def test_a_stray_rank_variable_does_not_skip_the_lock(tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    work.mkdir()
+    with _held(work) as holder:
+        for env in ({"RANK": "1"}, {"RANK": "3", "WORLD_SIZE": "4"}, {"RANK": "1", **_JOB}):
+            # No job, or not the holder's job: the lock is taken as by anyone, and refused.
+            out = _enter(work, **env)
+            assert out.stdout.strip() == "" and "WorkFolderBusyError" in out.stderr, env
+            assert str(holder.pid) in out.stderr
+
+
 def test_the_other_ranks_of_a_torchrun_job_share_rank_0s_lock(tmp_path: Path) -> None:
     work = tmp_path / "w"
     work.mkdir()
-    rank0 = subprocess.Popen(
-        [sys.executable, "-c", _HOLD, str(work)],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env_alone(RANK="0", **_JOB),
-    )
-    try:
-        assert rank0.stdout is not None and rank0.stdout.readline().strip() == "locked"
+    with _held(work, RANK="0", **_JOB):
         out = _enter(work, RANK="1", **_JOB)
         assert out.stdout.strip() == "in", out.stderr
         # Anyone else is still refused.
         assert "WorkFolderBusyError" in _enter(work).stderr
-    finally:
-        rank0.kill()
-        rank0.wait()
 
 
 def _dead_pid() -> int:
@@ -206,14 +208,7 @@ def test_a_lock_kept_by_an_orphaned_child_of_a_dead_run_is_taken_over(
 def test_a_live_holder_is_obeyed(tmp_path: Path) -> None:
     work = tmp_path / "w"
     work.mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLD, str(work)], stdout=subprocess.PIPE, text=True, env=env_alone()
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    with _held(work) as holder:
         with pytest.raises(WorkFolderBusyError) as info, work_lock(work):
             pass
         assert info.value.pid == holder.pid
-    finally:
-        holder.kill()
-        holder.wait()
