@@ -32,9 +32,9 @@ import pandas as pd
 
 from avfuse.fuse import FuseConfig, fuse
 from avfuse.fusion import paired_bootstrap_ci
-from avfuse.io import write_table
 from avfuse.manifest import write_class_list
 from avfuse.scores import ScoreFile
+from tests.synthetic import write_val_manifest
 
 
 def make(work: Path, n: int, c: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -44,20 +44,7 @@ def make(work: Path, n: int, c: int, seed: int = 0) -> tuple[np.ndarray, np.ndar
     y = rng.integers(0, c, n)
     stems = [f"{i:011d}_{i % 300:06d}_{i % 300 + 10:06d}" for i in range(n)]
     ids = [f"val/{classes[k]}/{s}" for k, s in zip(y, stems, strict=True)]
-    write_table(
-        pd.DataFrame(
-            {
-                "video_id": ids,
-                "split": "val",
-                "label": [classes[k] for k in y],
-                "label_index": y,
-                "path": "",
-                "size_bytes": 1,
-                "scan_status": "found",
-            }
-        ),
-        work / "manifest.parquet",
-    )
+    write_val_manifest(work, ids, classes, y)
     strong = np.where(np.arange(c) < c // 2, 3.0, 1.0)
     zv = rng.normal(size=(n, c)).astype(np.float32)
     zv[np.arange(n), y] += strong[y]

@@ -110,3 +110,24 @@ def write_store(root: str | Path, frontend: FrontendConfig, feats: dict[str, np.
         writer.add(vid, np.asarray(x, np.float32))
     write_meta(root, frontend=frontend, classes=["c"], dtype="float32")
     commit_index(root, writer.close())
+
+
+def write_val_manifest(
+    work: Path, ids: Sequence[str], classes: Sequence[str], y: np.ndarray
+) -> None:
+    """A manifest of found ``val`` videos ``ids`` (n) labelled ``classes[y]`` (y: (n,) class
+    indices), with no media files behind them: for stages that start from scores."""
+    write_table(
+        pd.DataFrame(
+            {
+                "video_id": ids,
+                "split": "val",
+                "label": [classes[k] for k in y],
+                "label_index": y,
+                "path": "",
+                "size_bytes": 1,
+                "scan_status": "found",
+            }
+        ),
+        WorkDir(work).manifest,
+    )

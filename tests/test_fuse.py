@@ -20,7 +20,7 @@ from avfuse.manifest import write_class_list
 from avfuse.metrics import true_rank
 from avfuse.scores import ScoreFile
 from avfuse.video_scores import VideoScoreError, read_annotations
-from tests.synthetic import make_synthetic_work
+from tests.synthetic import make_synthetic_work, write_val_manifest
 from tests.workfolders import tree_bytes
 
 
@@ -533,20 +533,7 @@ def _tiny_work(tmp: Path, classes: list[str], audio_classes: list[str]) -> dict[
     rng = np.random.default_rng(5)
     y = np.arange(n) % c
     ids = [f"val/{classes[k]}/clip{i:04d}" for i, k in enumerate(y)]
-    write_table(
-        pd.DataFrame(
-            {
-                "video_id": ids,
-                "split": "val",
-                "label": [classes[k] for k in y],
-                "label_index": y,
-                "path": "",
-                "size_bytes": 1,
-                "scan_status": "found",
-            }
-        ),
-        work / "manifest.parquet",
-    )
+    write_val_manifest(work, ids, classes, y)
     za = rng.normal(size=(n, c))
     za[np.arange(n), y] += 2
     ScoreFile(np.array(ids), audio_classes, softmax(za), np.full(n, 3), np.full(n, "ok")).save(
