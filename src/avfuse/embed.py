@@ -136,19 +136,20 @@ def _open_output(root: Path, spec: EmbeddingSpec, force: bool) -> list[dict[str,
     embeddings of the same network, weights and windows. Rows in a truncated or damaged shard
     are dropped (their videos are embedded again), as is an unreadable index (every video
     is); unreferenced shards are removed. ``force`` starts afresh."""
+    layout = StoreLayout(root)
     if force:
-        for path in (StoreLayout(root).meta, StoreLayout(root).index):
+        for path in (layout.meta, layout.index):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         remove_unreferenced_shards(root, set())
-    if not StoreLayout(root).meta.exists():
+    if not layout.meta.exists():
         return []
     try:
         old = read_meta(root)
     except CorruptStoreError as exc:
         log.warning("%s: embedding every video again", exc)
         with contextlib.suppress(FileNotFoundError):
-            StoreLayout(root).index.unlink()
+            layout.index.unlink()
     else:
         if old.frontend_hash != spec.hash():
             raise ValueError(
@@ -156,23 +157,19 @@ def _open_output(root: Path, spec: EmbeddingSpec, force: bool) -> list[dict[str,
                 "pass --force to replace them, or choose another --name"
             )
     rows: list[dict[str, Any]] = []
-    if StoreLayout(root).index.exists():
+    if layout.index.exists():
         try:
             rows = [
                 {str(k): v for k, v in r.items()}
-                for r in read_table(StoreLayout(root).index).to_dict("records")
+                for r in read_table(layout.index).to_dict("records")
             ]
         except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-            log.warning(
-                "%s unreadable (%s): embedding every video again", StoreLayout(root).index, exc
-            )
+            log.warning("%s unreadable (%s): embedding every video again", layout.index, exc)
     if rows:
         index = pd.DataFrame(rows)
         bad = check_shards(root, needed_rows(index), spec.dim, "float32")
         for name, why in sorted(bad.items()):
-            log.warning(
-                "shard %s: %s; embedding its videos again", StoreLayout(root).shard(name), why
-            )
+            log.warning("shard %s: %s; embedding its videos again", layout.shard(name), why)
         rows = [r for r in rows if str(r["shard"]) not in bad]
     removed = remove_unreferenced_shards(root, {str(r["shard"]) for r in rows})
     if removed:
