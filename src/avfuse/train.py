@@ -1164,7 +1164,7 @@ class _Run:
             batch_size=self.batch_size * 4,
             device=self.device,
             amp_dtype=self.amp_dtype,
-            channels_last=cfg.channels_last == "on",
+            channels_last=self.place.channels_last,
             progress=cfg.progress,
             short_clips=cfg.short_clips,
         )
