@@ -190,7 +190,7 @@ REQUIRED: dict[str, type | tuple[type, ...]] = {
     "frontend_hash": str,
     "epoch": int,
 }
-# Every other entry of layout 2 -> its type.
+# Every other entry of layouts 2 and 3 (checked after migration) -> its type.
 _OTHER: dict[str, type | tuple[type, ...]] = {
     "frontend": Mapping,
     "window": int,
@@ -419,7 +419,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def _record(state: Mapping[str, Any], version: int) -> Checkpoint:
-    """The record of a validated layout-2 dict."""
+    """The record of a validated dict, migrated to layout :data:`VERSION`."""
     spec = state["model_spec"]
     return Checkpoint(
         model=dict(state["model"]),
